@@ -1,0 +1,190 @@
+"""What differs between distributions and releases, in one place.
+
+A stage asks the profile (init system, kernel package, filesystem features, how modules
+are loaded at boot, where the archive is) instead of testing suite names itself.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BakeError
+
+# Ubuntu ran upstart from 9.10 to 14.10; 15.04 (vivid) switched to systemd.
+UBUNTU_UPSTART = ("karmic", "lucid", "maverick", "natty", "oneiric", "precise", "quantal",
+                  "raring", "saucy", "trusty", "utopic")
+# Debian releases whose security suite is "<suite>/updates" rather than "<suite>-security".
+DEBIAN_OLD_SECURITY = ("jessie", "stretch", "buster")
+DEBIAN_SYSTEMD_SINCE = ("jessie", "stretch", "buster", "bullseye", "bookworm", "trixie", "forky", "sid", "testing", "unstable")
+
+# ext4 features Linux 2.6.32 and e2fsprogs 1.41 (Lucid) understand: no 64bit, no
+# metadata_csum, no orphan_file; uninit_bg instead of metadata_csum's group checksums.
+EXT4_LEGACY = ["has_journal", "ext_attr", "resize_inode", "dir_index", "filetype", "extent",
+               "flex_bg", "sparse_super", "large_file", "huge_file", "uninit_bg", "dir_nlink", "extra_isize"]
+EXT4_CURRENT = ["has_journal", "ext_attr", "resize_inode", "dir_index", "filetype", "extent",
+                "64bit", "flex_bg", "sparse_super", "large_file", "huge_file", "dir_nlink",
+                "extra_isize", "metadata_csum"]
+EXT3 = ["has_journal", "ext_attr", "resize_inode", "dir_index", "filetype", "sparse_super", "large_file"]
+
+DEB_ARCH = {"x86_64": "amd64", "i386": "i386"}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The facts of one distribution release that stages need."""
+
+    distro: str
+    suite: str
+    init_system: str            # "systemd" or "upstart"
+    modules_at_boot: str        # "etc-modules" or "modules-load.d"
+    legacy_kernel: bool         # 2.6-era kernel and e2fsprogs: conservative filesystem features
+    keyrings: tuple[str, ...] = field(default=())
+
+    def kernel_package(self, arch: str) -> str:
+        """The virtual-machine kernel this release ships for `arch`."""
+        if self.distro == "ubuntu":
+            return "linux-image-virtual"
+        return "linux-image-cloud-amd64" if arch == "x86_64" else "linux-image-686-pae"
+
+    def mkfs_features(self, filesystem: str) -> list[str]:
+        """Filesystem features the target's kernel and e2fsck understand."""
+        if filesystem == "ext3":
+            return list(EXT3)
+        return list(EXT4_LEGACY if self.legacy_kernel else EXT4_CURRENT)
+
+    def inode_size(self) -> int:
+        return 256
+
+    def security_suite(self) -> str | None:
+        if self.distro == "ubuntu":
+            return f"{self.suite}-security"
+        if self.suite in ("sid", "unstable"):
+            return None
+        if self.suite in DEBIAN_OLD_SECURITY:
+            return f"{self.suite}/updates"
+        return f"{self.suite}-security"
+
+    def updates_suite(self) -> str | None:
+        if self.distro == "debian" and self.suite in ("sid", "unstable"):
+            return None
+        return f"{self.suite}-updates"
+
+    def apt_sources(self, mirror: str, security_mirror: str | None, components: list[str]) -> str:
+        """The image's /etc/apt/sources.list."""
+        comps = " ".join(components)
+        lines = [f"deb {mirror} {self.suite} {comps}"]
+        if self.updates_suite():
+            lines.append(f"deb {mirror} {self.updates_suite()} {comps}")
+        sec = self.security_suite()
+        if security_mirror and sec:
+            lines.append(f"deb {security_mirror} {sec} {comps}")
+        return "\n".join(lines) + "\n"
+
+    def debootstrap_keyring(self) -> str | None:
+        for k in self.keyrings:
+            if os.path.exists(k):
+                return k
+        return None
+
+
+def profile_for(release: str) -> Profile:
+    """The profile of `distro/suite`; a BakeError for a release bake does not know."""
+    distro, _, suite = release.partition("/")
+    if distro == "ubuntu":
+        upstart = suite in UBUNTU_UPSTART
+        legacy = suite in ("karmic", "lucid", "maverick")
+        return Profile("ubuntu", suite, "upstart" if upstart else "systemd",
+                       "etc-modules" if upstart else "modules-load.d", legacy,
+                       ("/usr/share/keyrings/ubuntu-archive-removed-keys.gpg",
+                        "/usr/share/keyrings/ubuntu-archive-keyring.gpg"))
+    if distro == "debian":
+        if suite not in DEBIAN_SYSTEMD_SINCE:
+            raise BakeError(f"release {release}: Debian releases before jessie (no systemd) are not supported")
+        return Profile("debian", suite, "systemd", "modules-load.d", False,
+                       ("/usr/share/keyrings/debian-archive-keyring.gpg",))
+    raise BakeError(f"release {release}: unknown distribution '{distro}' (ubuntu or debian)")
+
+
+# --- the build host's own apt sources -------------------------------------------------
+
+@dataclass
+class AptSource:
+    uri: str
+    suites: list[str]
+
+
+def host_apt_sources(root: str = "/") -> list[AptSource]:
+    """'deb' entries of the host's apt configuration (deb822 .sources and one-line .list)."""
+    out: list[AptSource] = []
+    base = Path(root) / "etc/apt"
+    for f in sorted(glob.glob(str(base / "sources.list.d/*.sources"))):
+        for stanza in re.split(r"\n\s*\n", Path(f).read_text()):
+            fields: dict[str, str] = {}
+            for line in stanza.splitlines():
+                if line.startswith("#") or ":" not in line or line[0].isspace():
+                    continue
+                k, _, v = line.partition(":")
+                fields[k.strip().lower()] = v.strip()
+            if "deb" not in fields.get("types", "").split() or fields.get("enabled", "yes").lower() == "no":
+                continue
+            for uri in fields.get("uris", "").split():
+                out.append(AptSource(uri.rstrip("/"), fields.get("suites", "").split()))
+    lists = [str(base / "sources.list")] + sorted(glob.glob(str(base / "sources.list.d/*.list")))
+    for f in lists:
+        if not os.path.isfile(f):
+            continue
+        for line in Path(f).read_text().splitlines():
+            line = re.sub(r"\[[^]]*\]", " ", line.split("#", 1)[0]).split()
+            if len(line) >= 3 and line[0] == "deb":
+                out.append(AptSource(line[1].rstrip("/"), [line[2]]))
+    return out
+
+
+def host_distro(root: str = "/") -> str:
+    try:
+        text = (Path(root) / "etc/os-release").read_text()
+    except OSError:
+        return ""
+    m = re.search(r"^ID=\"?([a-z]+)", text, re.M)
+    return m.group(1) if m else ""
+
+
+def default_mirrors(distro: str, root: str = "/") -> tuple[str | None, str | None]:
+    """(main, security) archive URIs of the host's apt configuration for `distro`, when
+    the host runs that distribution; (None, None) otherwise."""
+    if host_distro(root) != distro:
+        return None, None
+    main = security = None
+    for src in host_apt_sources(root):
+        is_security = any(s.endswith("-security") or s.endswith("/updates") for s in src.suites)
+        if is_security and security is None:
+            security = src.uri
+        elif not is_security and main is None:
+            main = src.uri
+    return main, security
+
+
+def resolve_mirrors(distro: str, recipe_mirror: str | None, recipe_security: str | None,
+                    security_given: bool, root: str = "/") -> tuple[str, str | None]:
+    """The archive to use: BAKE_MIRROR, else the recipe's, else the host's own source.
+
+    The security archive: the recipe's (null means none), else the host's, else the main
+    mirror's sibling `<mirror>-security` (how Debian mirrors lay it out)."""
+    env = os.environ.get("BAKE_MIRROR")
+    host_main, host_security = default_mirrors(distro, root)
+    main = env or recipe_mirror or host_main
+    if not main:
+        raise BakeError(
+            f"no {distro} mirror: this host's apt configuration has no {distro} source; "
+            "set `mirror:` in the recipe or BAKE_MIRROR")
+    main = main.rstrip("/")
+    if security_given:
+        return main, recipe_security.rstrip("/") if recipe_security else None
+    if env or recipe_mirror or not host_security:
+        # Ubuntu serves -security suites from the main archive; Debian from a sibling.
+        return main, main if distro == "ubuntu" else main + "-security"
+    return main, host_security

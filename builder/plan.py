@@ -1,0 +1,149 @@
+"""What a bake of a recipe will do: stages, element hooks in order, packages, cache keys.
+
+Making a plan needs neither root nor network: it reads the recipe, the elements, the
+host's apt configuration and the cache's index. The cache keys computed here are the
+ones the stages use, so `bake plan` tells truthfully what will be taken from the cache.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import cache as cache_mod
+from .distro import resolve_mirrors
+from .elements import PHASES, ordered_hooks, package_applies
+from .recipe import Recipe
+
+# Phases whose hooks run before packages are installed: they are part of the package
+# checkpoint's key. Everything later (static files, install.d on) is re-run on a rebuild.
+PRE_PACKAGE_PHASES = ("root.d", "extra-data.d", "pre-install.d")
+STAGES = ("bootstrap", "customize", "image", "bundle", "publish", "verify")
+
+
+@dataclass
+class CacheEntry:
+    namespace: str
+    key: str
+    hit: bool
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    mirror: str
+    security_mirror: str | None
+    apt_sources: str
+    packages: list[tuple[str, str]]          # (package, why)
+    hooks: dict[str, list[tuple[str, str]]]  # phase -> [(hook, element)]
+    bootstrap: CacheEntry
+    checkpoint: CacheEntry
+    stages: list[tuple[str, str]] = field(default_factory=list)  # (stage, what happens)
+
+    @property
+    def package_names(self) -> list[str]:
+        return [p for p, _ in self.packages]
+
+    def as_dict(self) -> dict[str, Any]:
+        r = self.recipe
+        return {
+            "recipe": str(r.path), "name": r.name, "release": str(r.release), "arch": r.arch,
+            "init_system": r.profile.init_system, "mirror": self.mirror, "security_mirror": self.security_mirror,
+            "elements": [{"name": u.name, "explicit": u.explicit, "params": u.params} for u in r.elements],
+            "hooks": {ph: [{"hook": h, "element": e} for h, e in hs] for ph, hs in self.hooks.items()},
+            "packages": [{"name": p, "from": why} for p, why in self.packages],
+            "cache": {c.namespace: {"key": c.key, "hit": c.hit, "note": c.note} for c in (self.bootstrap, self.checkpoint)},
+            "stages": [{"stage": s, "action": a} for s, a in self.stages],
+        }
+
+    def render(self) -> str:
+        r = self.recipe
+        out = [f"recipe   {r.path}", f"image    {r.name}: {r.release} {r.arch}, {r.data['filesystem']}, "
+               f"size {r.data['size']}, init {r.profile.init_system}, kernel {r.kernel_package}",
+               f"mirror   {self.mirror}" + (f" (security: {self.security_mirror})" if self.security_mirror else ""), "", "stages"]
+        out += [f"  {s:<10} {a}" for s, a in self.stages]
+        out += ["", "elements"]
+        for u in r.elements:
+            how = "" if u.explicit else " (implied)" if u.name in ("base", "kernel") else " (dependency)"
+            params = " ".join(f"{k}={v!r}" for k, v in u.params.items())
+            out.append(f"  {u.name}{how}{': ' + params if params else ''}")
+        out += ["", "hooks"]
+        for ph in PHASES:
+            for h, e in self.hooks.get(ph, []):
+                out.append(f"  {ph:<15} {h:<28} ({e})")
+        out += ["", f"packages ({len(self.packages)})"]
+        out += [f"  {p:<28} {why}" for p, why in self.packages]
+        return "\n".join(out)
+
+
+def collect_packages(recipe: Recipe) -> list[tuple[str, str]]:
+    """Every package the image gets beyond the bootstrap, with where it comes from."""
+    prof = recipe.profile
+    out: dict[str, str] = {}
+    out[recipe.kernel_package] = "kernel"
+    for use in recipe.elements:
+        for pkg, rule in use.element.packages.items():
+            if package_applies(rule, distro=prof.distro, suite=prof.suite, init=prof.init_system):
+                out.setdefault(pkg, f"element {use.name}")
+    if any(u.get("sudo") for u in recipe.data.get("users") or []):
+        out.setdefault("sudo", "users (sudo: true)")
+    for pkg in recipe.data.get("packages") or []:
+        out.setdefault(pkg, "recipe")
+    return sorted(out.items())
+
+
+def bootstrap_key(recipe: Recipe, mirror: str) -> str:
+    d = recipe.data
+    return cache_mod.key_of("bootstrap", 1, d["release"], mirror, recipe.arch, d["variant"], sorted(d["components"]))
+
+
+def checkpoint_key(recipe: Recipe, boot_key: str, release_digest: str, apt_sources: str,
+                   packages: list[str]) -> str:
+    digests = [(u.name, u.element.digest(PRE_PACKAGE_PHASES, with_static=False)) for u in recipe.elements]
+    return cache_mod.key_of("packages", 1, boot_key, release_digest, apt_sources, sorted(packages), digests,
+                            recipe.profile.init_system)
+
+
+def make_plan(recipe: Recipe, output_root: Path) -> Plan:
+    """The plan for `recipe`, with cache hits looked up under `output_root`'s cache."""
+    d = recipe.data
+    mirror, security = resolve_mirrors(recipe.release.distro, d.get("mirror"), d.get("security_mirror"),
+                                       "security_mirror" in recipe.given)
+    prof = recipe.profile
+    apt_sources = prof.apt_sources(mirror, security, d["components"])
+    packages = collect_packages(recipe)
+    hooks = {ph: [(h.name, h.element) for h in ordered_hooks([u.element for u in recipe.elements], ph)] for ph in PHASES}
+    hooks = {ph: hs for ph, hs in hooks.items() if hs}
+
+    root = cache_mod.cache_root(output_root)
+    bkey = bootstrap_key(recipe, mirror)
+    bcache = cache_mod.TreeCache(root, "bootstrap")
+    bhit = bcache.has(bkey)
+    bmeta = bcache.meta(bkey) if bhit else {}
+    boot = CacheEntry("bootstrap", bkey, bhit,
+                      f"built {bmeta.get('created', '?')}; the archive's Release file is checked when baking" if bhit else "")
+    release_digest = bmeta.get("release_sha256", "")
+    ckey = checkpoint_key(recipe, bkey, release_digest, apt_sources, [p for p, _ in packages])
+    ccache = cache_mod.TreeCache(root, "packages")
+    chit = bhit and ccache.has(ckey)
+    check = CacheEntry("packages", ckey, chit, "root tree after package installation" if chit else "")
+
+    plan = Plan(recipe, mirror, security, apt_sources, packages, hooks, boot, check)
+    plan.stages.append(("bootstrap", "cached" if bhit else f"debootstrap --variant={d['variant']} {prof.suite}"))
+    plan.stages.append(("customize", ("packages cached; " if chit else f"install {len(packages)} packages; ")
+                        + "run element hooks, files, commands; initramfs once"))
+    plan.stages.append(("image", f"mkfs.{d['filesystem']} -d (features for {prof.distro}/{prof.suite}), kernel, ramdisk"))
+    b = recipe.bundle
+    plan.stages.append(("bundle", "off" if b.get("enabled") is False else "bundle kernel, ramdisk, image (EC2 format)"))
+    p = recipe.publish
+    cloud_env = any(os.environ.get(v) for v in ("EC2_URL", "S3_URL"))
+    plan.stages.append(("publish", "off" if p.get("enabled") is False else
+                        "upload to Walrus/S3, register EKI/ERI/EMI" if (p or cloud_env) else "off (no cloud configured)"))
+    v = recipe.verify
+    plan.stages.append(("verify", "off" if v.get("enabled") is False else
+                        f"boot a verification instance ({v.get('mode', 'local')}, {v.get('instance_type', 'm1.small')})"))
+    return plan
+

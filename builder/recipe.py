@@ -1,0 +1,184 @@
+"""YAML recipe -> validated Recipe, before anything is built.
+
+The JSON Schema (builder/schema/recipe.schema.json) is the single source of keys, types
+and defaults; this module adds only what a schema cannot say: that elements exist,
+that their parameters fit the element's own schema, that files to copy are there.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from . import elements as elements_mod
+from .distro import Profile, profile_for
+from .errors import BakeError
+from .schemaerrors import Located, RecipeError, fill_defaults, format_path, validate
+
+SCHEMA_FILE = Path(__file__).parent / "schema" / "recipe.schema.json"
+IMPLICIT_ELEMENTS = ("base", "kernel")
+
+
+@lru_cache(maxsize=1)
+def recipe_schema() -> dict:
+    return json.loads(SCHEMA_FILE.read_text())
+
+
+@dataclass(frozen=True)
+class Release:
+    distro: str
+    suite: str
+
+    def __str__(self) -> str:
+        return f"{self.distro}/{self.suite}"
+
+
+@dataclass
+class ElementUse:
+    """One element as the build applies it: its definition and its parameters."""
+
+    element: elements_mod.Element
+    params: dict[str, Any]
+    explicit: bool  # named in the recipe, rather than implied or pulled in as a dependency
+
+    @property
+    def name(self) -> str:
+        return self.element.name
+
+
+@dataclass
+class Recipe:
+    path: Path
+    data: dict[str, Any]
+    elements: list[ElementUse] = field(default_factory=list)
+    given: frozenset[str] = frozenset()  # top-level keys the file sets (before defaults)
+
+    @property
+    def name(self) -> str:
+        return self.data["name"]
+
+    @property
+    def release(self) -> Release:
+        d, _, s = self.data["release"].partition("/")
+        return Release(d, s)
+
+    @property
+    def profile(self) -> Profile:
+        return profile_for(self.data["release"])
+
+    @property
+    def arch(self) -> str:
+        return self.data["arch"]
+
+    @property
+    def element_names(self) -> list[str]:
+        return [e.name for e in self.elements]
+
+    @property
+    def kernel_package(self) -> str:
+        return (self.data.get("kernel") or {}).get("package") or self.profile.kernel_package(self.arch)
+
+    @property
+    def default_user(self) -> str:
+        users = self.data.get("users") or []
+        return users[0]["name"] if users else ""
+
+    @property
+    def hostname(self) -> str:
+        return self.data.get("hostname") or self.name.replace(".", "-").replace("_", "-")
+
+    def section(self, key: str) -> dict[str, Any]:
+        """A reserved section (bundle, publish, verify) as a plain dict, empty if absent."""
+        return dict(self.data.get(key) or {})
+
+    @property
+    def bundle(self) -> dict[str, Any]:
+        return self.section("bundle")
+
+    @property
+    def publish(self) -> dict[str, Any]:
+        return self.section("publish")
+
+    @property
+    def verify(self) -> dict[str, Any]:
+        return self.section("verify")
+
+
+def _element_entries(data: dict) -> list[tuple[int | None, str, dict]]:
+    """(index in the recipe or None, name, parameters) of every element to apply."""
+    out: list[tuple[int | None, str, dict]] = []
+    named = set()
+    for i, item in enumerate(data.get("elements") or []):
+        if isinstance(item, str):
+            out.append((i, item, {}))
+            named.add(item)
+        else:
+            out.append((i, item["name"], dict(item.get("with") or {})))
+            named.add(item["name"])
+    implicit = [(None, n, {}) for n in IMPLICIT_ELEMENTS if n not in named]
+    return implicit + out
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read, validate and resolve a recipe; one RecipeError (file, line, key path,
+    expected, found) or BakeError for the first problem found."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise BakeError(f"{path}: no such recipe file") from None
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        raise BakeError(f"{path}: cannot read recipe: {e}") from None
+    loc = Located(text, path)
+    data = loc.data
+    if not isinstance(data, dict):
+        raise RecipeError(path, loc.line_of(()), "", "expected a mapping of recipe keys at the top level, found "
+                          + ("an empty file" if data is None else type(data).__name__))
+    validate(data, recipe_schema(), loc)
+    seen: dict[str, int] = {}
+    for i, item in enumerate(data.get("elements") or []):
+        name = item if isinstance(item, str) else item["name"]
+        if name in seen:
+            raise RecipeError(path, loc.line_of(("elements", i)), f"elements[{i}]",
+                              f"element '{name}' is already listed at elements[{seen[name]}]")
+        seen[name] = i
+    given = frozenset(data)
+    fill_defaults(data, recipe_schema())
+
+    try:
+        profile_for(data["release"])
+    except BakeError as e:
+        raise RecipeError(path, loc.line_of(("release",)), "release", str(e).split(": ", 1)[-1]) from None
+
+    # Elements: each must exist, its parameters must fit its schema, dependencies must resolve.
+    entries = _element_entries(data)
+    known = elements_mod.available()
+    for idx, name, _ in entries:
+        if name not in known:
+            at = ("elements", idx) if idx is not None else ("elements",)
+            raise RecipeError(path, loc.line_of(at), format_path(at), elements_mod.unknown_element_message(name, known))
+    try:
+        resolved = elements_mod.resolve([name for _, name, _ in entries])
+    except RecipeError:
+        raise
+    except BakeError as e:
+        raise RecipeError(path, loc.line_of(("elements",)), "elements", str(e)) from None
+    params_by_name = {name: (idx, params) for idx, name, params in entries}
+    uses: list[ElementUse] = []
+    for el in resolved:
+        idx, params = params_by_name.get(el.name, (None, {}))
+        prefix = ("elements", idx, "with") if idx is not None else ("elements",)
+        validate(params, el.schema, loc, prefix)
+        fill_defaults(params, el.schema)
+        uses.append(ElementUse(el, params, explicit=idx is not None))
+
+    # Files to copy must exist now, not halfway through a build.
+    for i, f in enumerate(data.get("files") or []):
+        src = (path.parent / f["source"]).resolve()
+        if not src.exists():
+            raise RecipeError(path, loc.line_of(("files", i, "source")), f"files[{i}].source",
+                              f"no such file: {f['source']} (looked for {src})")
+    return Recipe(path.resolve(), data, uses, given)

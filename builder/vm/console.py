@@ -1,0 +1,111 @@
+"""The serial console of a running guest: captured to a file, and waited on by pattern.
+
+QEMU writes the guest's ttyS0 to its stdout (a pipe); a reader thread copies every
+line to the console log in the build directory and wakes anyone waiting for a line.
+Waits never sleep: they block on a condition until the pattern shows up, QEMU exits,
+or the timeout, and a timeout says what was awaited and shows the console's tail.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+from ..errors import BakeError
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]")
+
+
+class GuestTimeout(BakeError):
+    """A wait on a guest ran out of time (or the guest went away first)."""
+
+    def __init__(self, message: str, tail: str = ""):
+        self.tail = tail
+        super().__init__(message + (f"\n--- console tail ---\n{tail.rstrip()}" if tail.strip() else ""))
+
+
+class Console:
+    """Reads `stream` (the guest's serial output) until EOF, into `path` and memory."""
+
+    def __init__(self, stream: IO[bytes], path: Path, proc: subprocess.Popen | None = None):
+        self.path = Path(path)
+        self.proc = proc
+        self._text: list[str] = []  # complete lines, ANSI sequences and \r removed
+        self._partial = ""
+        self._closed = False
+        self._cond = threading.Condition()
+        self._file = open(self.path, "a", encoding="utf-8", errors="replace")
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True, name=f"console:{path.name}")
+        self._thread.start()
+
+    def _pump(self, stream: IO[bytes]) -> None:
+        try:
+            while True:
+                chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(4096)
+                if not chunk:
+                    break
+                text = chunk.decode("utf-8", errors="replace")
+                self._file.write(text)
+                self._file.flush()
+                with self._cond:
+                    data = self._partial + _ANSI.sub("", text).replace("\r", "")
+                    *lines, self._partial = data.split("\n")
+                    self._text.extend(lines)
+                    self._cond.notify_all()
+        except (OSError, ValueError):
+            pass
+        finally:
+            with self._cond:
+                if self._partial:
+                    self._text.append(self._partial)
+                    self._partial = ""
+                self._closed = True
+                self._cond.notify_all()
+            self._file.close()
+
+    def mark(self) -> int:
+        """A position in the console: waits `since` it only look at later lines."""
+        with self._cond:
+            return len(self._text)
+
+    def lines(self, since: int = 0) -> list[str]:
+        """The complete lines read so far (from position `since`)."""
+        with self._cond:
+            return list(self._text[since:])
+
+    def tail(self, n: int = 40) -> str:
+        """The last `n` lines (the incomplete last line included) as one string."""
+        with self._cond:
+            return "\n".join(self._text[-n:] + ([self._partial] if self._partial else []))
+
+    def wait_for(self, pattern: str | re.Pattern, *, timeout: float, what: str, since: int = 0) -> re.Match:
+        """Block until a console line after position `since` matches `pattern`.
+
+        Raises GuestTimeout naming `what` after `timeout` seconds, or as soon as QEMU exits
+        (the console reaches EOF) without the line having appeared.
+        """
+        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        pos = since
+        with self._cond:
+            while True:
+                while pos < len(self._text):
+                    m = rx.search(self._text[pos])
+                    pos += 1
+                    if m:
+                        return m
+                if self._closed:
+                    code = self.proc.poll() if self.proc is not None else None
+                    raise GuestTimeout(f"QEMU exited (status {code}) before {what}", self.tail())
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise GuestTimeout(f"timed out after {timeout:.0f} s waiting for {what}", self.tail())
+                self._cond.wait(left)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Wait for the reader to reach EOF (the process has ended)."""
+        self._thread.join(timeout)

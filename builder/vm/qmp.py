@@ -1,0 +1,110 @@
+"""QEMU's machine protocol (QMP) through the `qemu.qmp` library, used synchronously.
+
+The monitor is one end of a socket pair handed to QEMU at start (`-chardev socket,fd=N`),
+so there is no socket path to race for and nothing left on disk. Every event QEMU sends
+is appended to a JSON-lines file kept beside the console log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener, QMPClient
+from qemu.qmp.error import QMPError
+
+from ..errors import BakeError
+
+
+class QMPFailure(BakeError):
+    """A QMP command failed or QEMU did not answer in time."""
+
+
+class Monitor:
+    """A connected QMP session; every call takes a timeout and names what it did."""
+
+    def __init__(self, sock: socket.socket, events_log: Path, name: str = "qemu"):
+        self._loop = asyncio.new_event_loop()
+        self._client = QMPClient(name)
+        self._listener = EventListener()
+        self._client.register_listener(self._listener)
+        self._events_log = open(events_log, "a", encoding="utf-8")
+        self._seen: list[dict[str, Any]] = []
+        self._run(self._client.connect(sock), 15, "the QMP greeting")
+
+    def _run(self, coro, timeout: float, what: str):
+        try:
+            return self._loop.run_until_complete(asyncio.wait_for(coro, timeout))
+        except asyncio.TimeoutError:
+            raise QMPFailure(f"QEMU did not answer within {timeout:.0f} s ({what})") from None
+        except QMPError as e:
+            raise QMPFailure(f"QMP {what}: {e}") from None
+        finally:
+            self._drain()
+
+    def _drain(self) -> None:
+        while not self._listener.empty():
+            ev = self._listener._queue.get_nowait()  # the listener's own queue; no await needed
+            rec = {"event": ev.get("event"), "data": ev.get("data", {}), "timestamp": ev.get("timestamp")}
+            self._seen.append(rec)
+            self._events_log.write(json.dumps(rec) + "\n")
+        self._events_log.flush()
+
+    def execute(self, command: str, args: dict[str, Any] | None = None, *, timeout: float = 30) -> Any:
+        """Run one QMP command and return its result; QMPFailure on error or timeout."""
+        return self._run(self._client.execute(command, args), timeout, command)
+
+    def wait_event(self, name: str, *, timeout: float, what: str, match: dict[str, Any] | None = None) -> dict:
+        """Wait for event `name` (whose data contains `match`), already received or to come."""
+        deadline = time.monotonic() + timeout
+
+        def hit(rec: dict) -> bool:
+            return rec["event"] == name and all(rec["data"].get(k) == v for k, v in (match or {}).items())
+
+        seen = 0
+        while True:
+            for rec in self._seen[seen:]:
+                if hit(rec):
+                    self._seen.remove(rec)
+                    return rec
+            seen = len(self._seen)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise QMPFailure(f"timed out after {timeout:.0f} s waiting for {what} (QMP event {name})")
+            try:
+                self._run(self._listener.get(), left, f"waiting for {what}")
+            except QMPFailure:
+                if time.monotonic() >= deadline:
+                    raise QMPFailure(f"timed out after {timeout:.0f} s waiting for {what} (QMP event {name})") from None
+                raise
+            # get() consumed one event: keep it in the record as well
+            self._seen_last_consumed()
+
+    def _seen_last_consumed(self) -> None:
+        pass  # events are recorded on arrival by _drain; nothing else to do
+
+    def events(self) -> list[dict[str, Any]]:
+        """Events received so far and not yet consumed by wait_event."""
+        self._drain()
+        return list(self._seen)
+
+    def quit(self, timeout: float = 15) -> None:
+        """Power the machine off at once (no guest shutdown), as `kill` on a node would."""
+        try:
+            self._run(self._client.execute("quit"), timeout, "quit")
+        except QMPFailure:
+            pass  # QEMU may close the socket before answering
+
+    def close(self) -> None:
+        """Disconnect (QEMU keeps running) and release the event loop."""
+        try:
+            self._loop.run_until_complete(asyncio.wait_for(self._client.disconnect(), 5))
+        except Exception:
+            pass
+        self._drain()
+        self._events_log.close()
+        self._loop.close()
