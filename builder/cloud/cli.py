@@ -1,0 +1,72 @@
+"""`bake publish BUILD_DIR` and `bake unpublish BUILD_DIR`."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import BakeError
+
+
+def _recipe_publish_section(build) -> dict:
+    recipe = build.data.get("recipe")
+    if isinstance(recipe, dict) and isinstance(recipe.get("publish"), dict):
+        return recipe["publish"]
+    return {}
+
+
+def _setup(args):
+    from ..build import Build
+    from .credentials import load_credentials
+    from .publish import PublishOptions
+
+    build = Build.load(args.build_dir)
+    section = _recipe_publish_section(build)
+    creds = load_credentials(section, eucarc=args.eucarc)
+    if creds is None:
+        raise BakeError("no cloud configured: source an eucarc (or pass --eucarc), or set EC2_URL, S3_URL, "
+                        "EC2_ACCESS_KEY and EC2_SECRET_KEY")
+    opts = PublishOptions.from_section(section, bucket=args.bucket, prefix=args.prefix,
+                                       image_name=getattr(args, "name", None))
+    return build, creds, opts
+
+
+def cmd_publish(args) -> int:
+    from .publish import publish
+
+    build, creds, opts = _setup(args)
+    cloud = publish(build, creds, opts)
+    for role in ("kernel", "ramdisk", "image"):
+        print(f"{role}\t{cloud[role + '_id']}")
+    return 0
+
+
+def cmd_unpublish(args) -> int:
+    from .publish import unpublish
+
+    build, creds, opts = _setup(args)
+    removed = unpublish(build, creds, opts)
+    for image_id in removed["images"]:
+        print(f"deregistered\t{image_id}")
+    print(f"deleted\t{len(removed['objects'])} object(s)" + (f" and bucket {removed['bucket']}" if removed["bucket"] else ""))
+    return 0
+
+
+def _common(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("build_dir", metavar="BUILD_DIR", help="a build directory, output/<recipe>/<build-id>")
+    sp.add_argument("--eucarc", help="read endpoints and credentials from this eucarc (default: the environment)")
+    sp.add_argument("--bucket", help="bucket to upload to (default: the recipe's publish.bucket, else bake-images)")
+    sp.add_argument("--prefix", help="key prefix in the bucket (default: <recipe>/<build-id>)")
+
+
+def register(subparsers) -> None:
+    """Add `publish` and `unpublish` to the `bake` command."""
+    sp = subparsers.add_parser("publish", help="upload a build's bundles and register its kernel, ramdisk and image",
+                               description="Upload the build's bundles (bundling first if needed) to Walrus/S3 and "
+                                           "register EKI, ERI and EMI. Safe to re-run: only missing or changed files "
+                                           "are sent, registered images are reused. Prints the image ids.")
+    _common(sp)
+    sp.add_argument("-n", "--name", help="image name (default: <recipe>-<build-id>)")
+    sp.set_defaults(func=cmd_publish)
+    sp = subparsers.add_parser("unpublish", help="deregister a build's images and delete its uploaded bundles")
+    _common(sp)
+    sp.set_defaults(func=cmd_unpublish)

@@ -1,0 +1,182 @@
+"""Cloud credentials and endpoints: from a Eucalyptus eucarc, the usual environment
+variables, or a recipe's `publish` section naming them.
+
+Secrets (the secret key) never leave this object: its repr hides them, `describe()`
+gives what may be logged or written to build.json, and error messages name variables
+and files, never values.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from ..errors import BakeError
+
+# Environment variable names, first one found wins (euca2ools' and ec2-api-tools' names).
+ENV_NAMES = {
+    "ec2_url": ("EC2_URL",),
+    "s3_url": ("S3_URL",),
+    "access_key": ("EC2_ACCESS_KEY", "AWS_ACCESS_KEY", "AWS_ACCESS_KEY_ID"),
+    "secret_key": ("EC2_SECRET_KEY", "AWS_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"),
+    "cert": ("EC2_CERT",),
+    "private_key": ("EC2_PRIVATE_KEY",),
+    "cloud_cert": ("EUCALYPTUS_CERT",),
+    "user_id": ("EC2_USER_ID", "EC2_ACCOUNT_NUMBER"),
+}
+PATH_FIELDS = ("cert", "private_key", "cloud_cert")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where the cloud is and who we are to it."""
+
+    ec2_url: str
+    s3_url: str
+    access_key: str
+    secret_key: str = field(repr=False)
+    user_id: str | None = None          # account number, 12 digits (bundling)
+    cert: Path | None = None            # EC2_CERT: the user's certificate (bundling)
+    private_key: Path | None = None     # EC2_PRIVATE_KEY (bundling)
+    cloud_cert: Path | None = None      # EUCALYPTUS_CERT (bundling)
+    eucalyptus_version: str | None = None   # "3", "4.2", ...; None: inferred from the URLs
+    region: str = "eucalyptus"
+    source: str = "environment"         # where these came from, for messages
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
+        return f"Credentials({shown.replace(repr(self.access_key), repr(mask(self.access_key)))}, secret_key=<hidden>)"
+
+    __str__ = __repr__
+
+    def describe(self) -> dict[str, Any]:
+        """What may be logged or recorded: endpoints, the masked access key, the source."""
+        return {"ec2_url": self.ec2_url, "s3_url": self.s3_url, "access_key": mask(self.access_key),
+                "eucalyptus_version": self.profile_version, "source": self.source}
+
+    @property
+    def profile_version(self) -> str:
+        """The Eucalyptus version the clients are set up for: "3", "4.0"–"4.3", "4.4" or "aws"."""
+        if self.eucalyptus_version:
+            v = self.eucalyptus_version.strip()
+            major, _, rest = v.partition(".")
+            if major == "4":
+                minor = int((rest.split(".")[0] or "4") if rest else "4")
+                return "4.4" if minor >= 4 else f"4.{minor}"
+            return major
+        paths = urlsplit(self.ec2_url).path.rstrip("/"), urlsplit(self.s3_url).path.rstrip("/")
+        if paths[0].endswith("/services/compute") or paths[1].endswith("/services/objectstorage"):
+            return "4.4"
+        if "/services/" in paths[0] or "/services/" in paths[1]:
+            # SigV2 for EC2 and HmacV1 for Walrus work on every Eucalyptus release.
+            return "3"
+        return "aws"
+
+    def require_bundling(self) -> None:
+        """Raise unless the keys and certificates needed to bundle are all named and readable."""
+        missing = [ENV_NAMES[n][0] for n in ("cert", "private_key", "cloud_cert", "user_id") if not getattr(self, n)]
+        if missing:
+            raise BakeError(f"bundling needs {', '.join(missing)} (from {self.source}); set them or use an eucarc")
+        for n in PATH_FIELDS:
+            p = getattr(self, n)
+            if not Path(p).is_file():
+                raise BakeError(f"{ENV_NAMES[n][0]}={p} (from {self.source}): no such file")
+
+
+def mask(key: str) -> str:
+    """An access key shown as its first 4 and last 4 characters."""
+    return key if len(key) <= 8 else f"{key[:4]}…{key[-4:]}"
+
+
+_EXPORT = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def parse_eucarc(path: str | os.PathLike) -> dict[str, str]:
+    """The variables an eucarc sets, `${EUCA_KEY_DIR}` (and other variables it set
+    earlier) expanded; `echo WARN: …`, aliases and other commands are ignored.
+    EUCA_KEY_DIR is the eucarc's own directory, as the `$(cd $(dirname …); pwd -P)` line says."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise BakeError(f"{path}: cannot read the eucarc: {e.strerror}") from None
+    values = {"EUCA_KEY_DIR": str(path.resolve().parent)}
+    for n, line in enumerate(text.splitlines(), 1):
+        m = _EXPORT.match(line)
+        if not m or line.lstrip().startswith("#"):
+            continue
+        name, raw = m.groups()
+        if name == "EUCA_KEY_DIR":
+            continue  # computed above; the file's line is a shell command substitution
+        try:
+            words = shlex.split(raw, comments=True)
+        except ValueError:
+            raise BakeError(f"{path}:{n}: cannot parse the value of {name}") from None
+        value = words[0] if words else ""
+        single_quoted = raw.strip().startswith("'")
+        if not single_quoted:
+            value = _VAR.sub(lambda mm: values.get(mm.group(1) or mm.group(2), os.environ.get(mm.group(1) or mm.group(2), "")), value)
+        values[name] = value
+    return values
+
+
+def _pick(source: Mapping[str, str], names: tuple[str, ...]) -> str | None:
+    for n in names:
+        if source.get(n):
+            return source[n]
+    return None
+
+
+def load_credentials(publish: Mapping[str, Any] | None = None, *,
+                     environ: Mapping[str, str] | None = None,
+                     eucarc: str | os.PathLike | None = None) -> Credentials | None:
+    """Credentials from, in increasing priority: the environment, an eucarc (`eucarc`
+    argument or the section's `eucarc` key), and the recipe's `publish` section
+    (`ec2_url`, `s3_url`, `access_key_env`/`secret_key_env` naming variables,
+    `eucalyptus_version`). None when no cloud is configured at all; a BakeError naming
+    what is missing when one is half configured."""
+    publish = dict(publish or {})
+    environ = os.environ if environ is None else environ
+    values: dict[str, str | None] = {k: _pick(environ, names) for k, names in ENV_NAMES.items()}
+    source = "environment"
+    rc = eucarc or publish.get("eucarc")
+    if rc:
+        rc_values = parse_eucarc(Path(os.path.expandvars(str(rc))).expanduser())
+        for k, names in ENV_NAMES.items():
+            v = _pick(rc_values, names)
+            if v:
+                values[k] = v
+        source = f"eucarc {rc}"
+    for k in ("ec2_url", "s3_url"):
+        if publish.get(k):
+            values[k] = publish[k]
+            source = "recipe publish section" if not rc else source + " + recipe"
+    for k, key in (("access_key", "access_key_env"), ("secret_key", "secret_key_env")):
+        var = publish.get(key)
+        if var:
+            if not environ.get(var):
+                raise BakeError(f"the recipe's publish.{key} names ${var}, which is not set")
+            values[k] = environ[var]
+    if not any(values[k] for k in ("ec2_url", "s3_url", "access_key", "secret_key")):
+        return None
+    missing = [ENV_NAMES[k][0] for k in ("ec2_url", "s3_url", "access_key", "secret_key") if not values[k]]
+    if missing:
+        raise BakeError(f"cloud credentials from {source} are incomplete: {', '.join(missing)} not set")
+    for k in ("ec2_url", "s3_url"):
+        if not re.match(r"^https?://", values[k] or ""):
+            raise BakeError(f"{ENV_NAMES[k][0]} (from {source}) is not an http(s) URL: {values[k]!r}")
+    return Credentials(
+        ec2_url=values["ec2_url"].rstrip("/"), s3_url=values["s3_url"].rstrip("/"),  # type: ignore[union-attr]
+        access_key=values["access_key"], secret_key=values["secret_key"],  # type: ignore[arg-type]
+        user_id=(values["user_id"] or "").replace("-", "") or None,
+        cert=Path(values["cert"]) if values["cert"] else None,
+        private_key=Path(values["private_key"]) if values["private_key"] else None,
+        cloud_cert=Path(values["cloud_cert"]) if values["cloud_cert"] else None,
+        eucalyptus_version=str(publish["eucalyptus_version"]) if publish.get("eucalyptus_version") else None,
+        source=source)
