@@ -46,46 +46,44 @@ class Monitor:
         finally:
             self._drain()
 
+    def _record(self, ev) -> dict[str, Any]:
+        rec = {"event": ev.get("event"), "data": ev.get("data", {}), "timestamp": ev.get("timestamp")}
+        self._seen.append(rec)
+        self._events_log.write(json.dumps(rec) + "\n")
+        self._events_log.flush()
+        return rec
+
     def _drain(self) -> None:
         while not self._listener.empty():
-            ev = self._listener._queue.get_nowait()  # the listener's own queue; no await needed
-            rec = {"event": ev.get("event"), "data": ev.get("data", {}), "timestamp": ev.get("timestamp")}
-            self._seen.append(rec)
-            self._events_log.write(json.dumps(rec) + "\n")
-        self._events_log.flush()
+            self._record(self._loop.run_until_complete(self._listener.get()))
 
     def execute(self, command: str, args: dict[str, Any] | None = None, *, timeout: float = 30) -> Any:
         """Run one QMP command and return its result; QMPFailure on error or timeout."""
         return self._run(self._client.execute(command, args), timeout, command)
 
     def wait_event(self, name: str, *, timeout: float, what: str, match: dict[str, Any] | None = None) -> dict:
-        """Wait for event `name` (whose data contains `match`), already received or to come."""
+        """Wait for event `name` (whose data contains `match`), already received or to come;
+        the event is consumed, so a later wait needs a later event."""
         deadline = time.monotonic() + timeout
 
-        def hit(rec: dict) -> bool:
-            return rec["event"] == name and all(rec["data"].get(k) == v for k, v in (match or {}).items())
-
-        seen = 0
-        while True:
-            for rec in self._seen[seen:]:
-                if hit(rec):
+        def take() -> dict | None:
+            for rec in self._seen:
+                if rec["event"] == name and all(rec["data"].get(k) == v for k, v in (match or {}).items()):
                     self._seen.remove(rec)
                     return rec
-            seen = len(self._seen)
+            return None
+
+        self._drain()
+        while (found := take()) is None:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise QMPFailure(f"timed out after {timeout:.0f} s waiting for {what} (QMP event {name})")
             try:
-                self._run(self._listener.get(), left, f"waiting for {what}")
-            except QMPFailure:
-                if time.monotonic() >= deadline:
-                    raise QMPFailure(f"timed out after {timeout:.0f} s waiting for {what} (QMP event {name})") from None
-                raise
-            # get() consumed one event: keep it in the record as well
-            self._seen_last_consumed()
-
-    def _seen_last_consumed(self) -> None:
-        pass  # events are recorded on arrival by _drain; nothing else to do
+                ev = self._loop.run_until_complete(asyncio.wait_for(self._listener.get(), left))
+            except asyncio.TimeoutError:
+                raise QMPFailure(f"timed out after {timeout:.0f} s waiting for {what} (QMP event {name})") from None
+            self._record(ev)
+        return found
 
     def events(self) -> list[dict[str, Any]]:
         """Events received so far and not yet consumed by wait_event."""

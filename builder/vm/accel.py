@@ -1,0 +1,103 @@
+"""Which accelerator really boots kernels here: KVM where a probe boot shows it, else TCG.
+
+On some hosts /dev/kvm exists but a stock kernel hangs early under it (a PVM flavour of
+KVM). So the decision is made by booting the build's own kernel and ramdisk under KVM
+for a few seconds: if the kernel gets as far as starting init, KVM is used; if not,
+TCG (software emulation). The answer is remembered for the process and, per host boot,
+QEMU version and kernel, in a small cache file, so a machine probes once.
+`BAKE_ACCEL=kvm|tcg` overrides the probe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .. import sh
+from ..build import sha256_file
+from .console import Console, GuestTimeout
+
+log = logging.getLogger("bake.vm")
+
+PROBE_SECONDS = 12.0
+_cache: dict[str, "Accel"] = {}
+
+
+@dataclass(frozen=True)
+class Accel:
+    name: str    # "kvm" or "tcg"
+    reason: str  # why: the probe's outcome, an override, no /dev/kvm
+
+    def qemu_args(self) -> list[str]:
+        if self.name == "kvm":
+            return ["-accel", "kvm", "-cpu", "host"]
+        return ["-accel", "tcg", "-cpu", "max"]
+
+
+def _cache_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bake" / "accel-probe.json"
+
+
+def _key(kernel: Path) -> str:
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = "unknown"
+    version = sh.output(["qemu-system-x86_64", "--version"]).splitlines()[0]
+    return f"{boot_id}|{version}|{sha256_file(kernel)}"
+
+
+def probe_kvm(kernel: Path, ramdisk: Path, timeout: float = PROBE_SECONDS) -> tuple[bool, str]:
+    """Boot `kernel`+`ramdisk` under KVM until the kernel starts init; (booted?, how it went)."""
+    with tempfile.TemporaryDirectory(prefix="bake-kvm-probe-") as tmp:
+        argv = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none", "-machine", "pc",
+                "-accel", "kvm", "-cpu", "host", "-m", "256", "-serial", "stdio",
+                "-kernel", kernel, "-initrd", ramdisk, "-append", "console=ttyS0 panic=-1 root=/dev/null"]
+        with sh.background(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, grace=1) as proc:
+            console = Console(proc.stdout, Path(tmp) / "console.log", proc)
+            try:
+                console.wait_for(r"Run /init as init process|Freeing unused kernel", timeout=timeout,
+                                 what="the kernel to start init under KVM")
+                return True, "a probe boot under KVM reached init"
+            except GuestTimeout as e:
+                first = str(e).splitlines()[0]
+                return False, f"a probe boot under KVM did not reach init ({first})"
+            finally:
+                proc.kill()
+                console.close()
+
+
+def choose(kernel: Path, ramdisk: Path) -> Accel:
+    """KVM if it really boots `kernel` here, TCG otherwise (see the module's docstring)."""
+    forced = os.environ.get("BAKE_ACCEL", "").strip().lower()
+    if forced in ("kvm", "tcg"):
+        return Accel(forced, "BAKE_ACCEL=" + forced)
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return Accel("tcg", "no usable /dev/kvm")
+    key = _key(Path(kernel))
+    if key in _cache:
+        return _cache[key]
+    cf = _cache_file()
+    try:
+        stored = json.loads(cf.read_text())
+        if stored.get("key") == key:
+            _cache[key] = Accel(**stored["accel"])
+            return _cache[key]
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    ok, how = probe_kvm(Path(kernel), Path(ramdisk))
+    accel = Accel("kvm" if ok else "tcg", how)
+    log.info("accelerator: %s (%s)", accel.name, accel.reason)
+    _cache[key] = accel
+    try:
+        cf.parent.mkdir(parents=True, exist_ok=True)
+        cf.write_text(json.dumps({"key": key, "accel": asdict(accel)}))
+    except OSError:
+        pass
+    return accel

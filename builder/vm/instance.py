@@ -1,0 +1,241 @@
+"""A local instance: a build's kernel, ramdisk and partition image booted under QEMU the
+way a Eucalyptus KVM node controller boots them.
+
+    -machine pc (PCI hot-plug goes through ACPI, as on the node), virtio disk and NIC,
+    -kernel/-initrd/-append "root=/dev/vda1 console=ttyS0", memory and CPUs of the
+    instance type, the node-style MBR disk through a per-instance qcow2 overlay,
+    user-mode networking with 169.254.169.254:80 forwarded to the metadata service and
+    a host port forwarded to the guest's SSH, QMP on a socket pair, the serial console
+    captured to `<workdir>/<name>/console.log`.
+
+`launch` is a context manager: on any exit (a failed check, Ctrl-C) QEMU's process group
+is ended and the overlay removed; the console log, QEMU's messages, the QMP events and
+the metadata requests stay in the instance's folder as evidence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .. import sh
+from ..errors import BakeError
+from . import disk, metadata
+from .accel import Accel
+from .console import Console
+from .guest import SSH
+from .qmp import Monitor, QMPFailure
+
+NETWORK = "169.254.169.0/24"  # holds the metadata address, as user-mode forwards require
+GUEST_IPV4 = "169.254.169.15"  # the first address the user-mode DHCP server hands out
+READY = re.compile(r"bake-ready first_boot=(?P<first_boot>yes|no) instance_id=(?P<instance_id>\S*) uptime=(?P<uptime>[\d.]+)")
+
+
+@dataclass(frozen=True)
+class Trio:
+    """The three files a paravirtual instance boots from."""
+
+    kernel: Path
+    ramdisk: Path
+    image: Path
+
+    @classmethod
+    def from_build(cls, build) -> "Trio":
+        return cls(build.output_path("kernel"), build.output_path("ramdisk"), build.output_path("image"))
+
+
+@dataclass
+class Ready:
+    """What the guest's `bake-ready` line said, and when it came."""
+
+    first_boot: bool
+    instance_id: str
+    uptime: float        # seconds, as the guest counts them
+    seconds: float       # since QEMU was started (or since `since` for a reboot)
+    line: str
+
+
+@dataclass
+class Volume:
+    id: str
+    path: Path
+    serial: str
+    size: int
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _opt(value: str) -> str:
+    """Escape a value for a QEMU option list (commas are doubled)."""
+    return value.replace(",", ",,")
+
+
+class Instance:
+    """A running local instance (made by `launch`)."""
+
+    def __init__(self, name: str, folder: Path, proc: subprocess.Popen, console: Console, qmp: Monitor,
+                 ssh: SSH | None, instance_id: str, accel: Accel, itype: disk.InstanceType,
+                 metadata_file: Path, started: float, scratch: Path):
+        self.name = name
+        self.folder = folder
+        self.proc = proc
+        self.console = console
+        self.qmp = qmp
+        self.ssh = ssh
+        self.instance_id = instance_id
+        self.accel = accel
+        self.type = itype
+        self.metadata_file = metadata_file
+        self.started = started
+        self.scratch = scratch
+        self.volumes: dict[str, Volume] = {}
+
+    # --- boot ---------------------------------------------------------------------
+
+    def wait_ready(self, *, timeout: float, since: int = 0, since_time: float | None = None) -> Ready:
+        """Wait for the image's end-of-boot line (`bake-ready ...`) on the console."""
+        m = self.console.wait_for(READY, timeout=timeout, since=since,
+                                  what=f"the end-of-boot line 'bake-ready' from instance {self.name}")
+        t0 = self.started if since_time is None else since_time
+        return Ready(m["first_boot"] == "yes", m["instance_id"], float(m["uptime"]),
+                     round(time.monotonic() - t0, 2), m.string.strip())
+
+    def update_metadata(self, *, ssh_public_key: str | None) -> None:
+        """Change what the metadata service serves this instance from now on."""
+        tree = metadata.metadata_tree(instance_id=self.instance_id, local_ipv4=GUEST_IPV4,
+                                      hostname=self.instance_id, ssh_public_key=ssh_public_key,
+                                      instance_type=self.type.name)
+        metadata.write_metadata(self.metadata_file, tree)
+
+    def metadata_requests(self) -> list[dict]:
+        """Requests the guest made to the metadata service so far."""
+        return metadata.request_log(self.metadata_file)
+
+    # --- volumes --------------------------------------------------------------------
+
+    def attach_volume(self, path: Path, *, volume_id: str | None = None, serial: str | None = None) -> Volume:
+        """Hot-plug the raw file `path` as a virtio-blk disk (QMP blockdev-add + device_add),
+        as the node does for AttachVolume."""
+        volume_id = volume_id or f"vol-{secrets.token_hex(4)}"
+        serial = (serial or volume_id)[:20]
+        node = f"{volume_id}-file"
+        self.qmp.execute("blockdev-add", {"node-name": node, "driver": "raw",
+                                          "file": {"driver": "file", "filename": os.fspath(path)}})
+        try:
+            self.qmp.execute("device_add", {"driver": "virtio-blk-pci", "id": volume_id, "drive": node,
+                                            "serial": serial})
+        except QMPFailure:
+            with contextlib.suppress(QMPFailure):
+                self.qmp.execute("blockdev-del", {"node-name": node})
+            raise
+        vol = Volume(volume_id, Path(path), serial, Path(path).stat().st_size)
+        self.volumes[volume_id] = vol
+        return vol
+
+    def detach_volume(self, volume_id: str, *, timeout: float = 30) -> None:
+        """Unplug a volume (device_del) and wait until the guest released it (the
+        DEVICE_DELETED event, which needs the guest's ACPI hot-plug driver)."""
+        self.qmp.execute("device_del", {"id": volume_id})
+        self.qmp.wait_event("DEVICE_DELETED", timeout=timeout, match={"device": volume_id},
+                            what=f"the guest to release volume {volume_id}")
+        self.qmp.execute("blockdev-del", {"node-name": f"{volume_id}-file"})
+        self.volumes.pop(volume_id, None)
+
+    # --- power ----------------------------------------------------------------------
+
+    def kill(self, timeout: float = 15) -> int | None:
+        """Power off at once through QMP `quit` (no guest shutdown) and wait for QEMU to end."""
+        self.qmp.quit()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise BakeError(f"QEMU of instance {self.name} did not exit within {timeout:.0f} s of QMP quit") from None
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+
+@contextlib.contextmanager
+def launch(trio: Trio, base_disk: Path, workdir: Path, *, name: str = "a", accel: Accel,
+           instance_type: str = "m1.small", ssh_public_key: str | None = None, ssh_key: Path | None = None,
+           ssh_user: str | None = None, append: str = "", instance_id: str | None = None) -> Iterator[Instance]:
+    """Boot an instance of `trio` (whose node-style disk is `base_disk`, see disk.node_disk).
+
+    Yields as soon as QEMU runs; wait for the guest with `Instance.wait_ready`. Its files
+    go to `workdir/name/` (emptied first). On exit QEMU is ended and the overlay removed.
+    """
+    sh.require("qemu-system-x86_64", "qemu-img")
+    itype = disk.instance_type(instance_type)
+    folder = Path(workdir) / name
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    instance_id = instance_id or f"i-{secrets.token_hex(4)}"
+    scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=workdir))
+    qmp_host, qmp_guest = socket.socketpair()
+    try:
+        root = disk.overlay(base_disk, scratch / "root.qcow2")
+        md_file = folder / "metadata.json"
+        metadata.write_metadata(md_file, metadata.metadata_tree(
+            instance_id=instance_id, local_ipv4=GUEST_IPV4, hostname=instance_id,
+            ssh_public_key=ssh_public_key, instance_type=itype.name))
+        server = f"{shlex.quote(sys.executable)} -I {shlex.quote(os.path.abspath(metadata.__file__))} {shlex.quote(str(md_file))}"
+        ssh_port = _free_port()
+        netdev = (f"user,id=net0,net={NETWORK},hostname={instance_id},"
+                  f"hostfwd=tcp:127.0.0.1:{ssh_port}-:22,"
+                  f"guestfwd=tcp:169.254.169.254:80-cmd:{_opt(server)}")
+        argv = [
+            "qemu-system-x86_64", "-name", f"bake-{name},debug-threads=off",
+            "-nodefaults", "-no-user-config", "-display", "none",
+            "-machine", "pc", *accel.qemu_args(),
+            "-m", str(itype.memory_mib), "-smp", str(itype.cpus),
+            "-chardev", "stdio,id=ttyS0,signal=off", "-serial", "chardev:ttyS0",
+            "-chardev", f"socket,id=qmp,fd={qmp_guest.fileno()}", "-mon", "chardev=qmp,mode=control",
+            "-kernel", str(trio.kernel), "-initrd", str(trio.ramdisk),
+            "-append", " ".join(["root=/dev/vda1 console=ttyS0", append]).strip(),
+            "-drive", f"file={_opt(str(root))},if=none,id=root,format=qcow2,cache=unsafe",
+            "-device", "virtio-blk-pci,drive=root,id=root-disk",
+            "-netdev", netdev, "-device", "virtio-net-pci,netdev=net0",
+        ]
+        (folder / "qemu.argv").write_text(" ".join(shlex.quote(a) for a in argv) + "\n")
+        with open(folder / "qemu.log", "wb") as qemu_log, \
+                sh.background(argv, stdout=subprocess.PIPE, stderr=qemu_log, pass_fds=[qmp_guest.fileno()],
+                              grace=2) as proc:
+            started = time.monotonic()
+            qmp_guest.close()
+            console = Console(proc.stdout, folder / "console.log", proc)
+            qmp = None
+            try:
+                qmp = Monitor(qmp_host, folder / "qmp-events.jsonl", name=name)
+                ssh = SSH(ssh_port, ssh_user, ssh_key) if ssh_key and ssh_user else None
+                yield Instance(name, folder, proc, console, qmp, ssh, instance_id, accel, itype, md_file,
+                               started, scratch)
+            finally:
+                if qmp is not None:
+                    qmp.close()
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, 9)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(10)
+                console.close()
+    finally:
+        qmp_host.close()
+        qmp_guest.close()
+        shutil.rmtree(scratch, ignore_errors=True)
