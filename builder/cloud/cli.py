@@ -8,10 +8,16 @@ from ..errors import BakeError
 
 
 def _recipe_publish_section(build) -> dict:
+    """The publish section of the recipe the build was baked from, when it is still there."""
+    from pathlib import Path
+
     recipe = build.data.get("recipe")
-    if isinstance(recipe, dict) and isinstance(recipe.get("publish"), dict):
-        return recipe["publish"]
-    return {}
+    path = recipe.get("path") if isinstance(recipe, dict) else None
+    if not path or not Path(path).is_file():
+        return {}
+    from ..recipe import load_recipe
+
+    return load_recipe(path).publish
 
 
 def _setup(args):

@@ -152,7 +152,7 @@ def bundles_of(build: Build, creds: Credentials | None = None) -> list[Bundle]:
         for p in parts:
             if not p.is_file():
                 raise BakeError(f"{p}: part of the {role} bundle is missing; bundle the build again")
-        out.append(Bundle(role, entry.get("image_type") or image_type, manifest_path, parts, m.arch))
+        out.append(Bundle(role, entry.get("type") or image_type, manifest_path, parts, m.arch))
     return out
 
 
@@ -170,9 +170,7 @@ def bundle_build(build: Build, creds: Credentials) -> dict[str, Any]:
             dest = build.dir / "bundle" / role
             result = bundle_image(image, dest, image_type=image_type, arch=arch, user_id=creds.user_id,
                                   user_cert=creds.cert, user_key=creds.private_key, cloud_cert=creds.cloud_cert)
-            section[role] = {"manifest": str(Path(result.manifest).relative_to(build.dir)),
-                             "parts": [str(Path(p).relative_to(build.dir)) for p in result.parts],
-                             "image_type": image_type}
+            section[role] = result.record(build.dir)
     build.set("bundle", section)
     return section
 

@@ -28,4 +28,5 @@ def run(build: Build, recipe: Any) -> dict[str, Any]:
         reason = ("no cloud configured (no publish section with an eucarc or URLs in the recipe, "
                   "and no EC2_URL/S3_URL/EC2_ACCESS_KEY/EC2_SECRET_KEY in the environment)")
     log.info("publish skipped: %s", reason)
+    build.record_stage("publish", skipped=reason)
     return {"skipped": reason}

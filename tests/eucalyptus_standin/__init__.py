@@ -75,9 +75,10 @@ class Standin:
                 "EUCALYPTUS_CERT": str(i.cloud_cert), "EC2_USER_ID": i.account_id,
                 "EC2_ACCOUNT_NUMBER": i.account_id}
 
-    def fail_puts(self, after: int, match: str = r"\.part\.", status: int = 503) -> None:
-        """Let `after` object PUTs whose key matches `match` succeed, then fail the rest."""
-        self.front.put_faults.append(PutFault(re.compile(match), after, status))
+    def fail_puts(self, after: int, match: str = r"\.part\.", status: int = 503, times: int | None = None) -> None:
+        """Let `after` object PUTs whose key matches `match` succeed, then fail the next
+        `times` of them (all of them when None)."""
+        self.front.put_faults.append(PutFault(re.compile(match), after, status, times))
 
     def clear_faults(self) -> None:
         self.front.put_faults.clear()

@@ -121,12 +121,15 @@ class RequestRecord:
 
 @dataclass
 class PutFault:
-    """Answer `status` to PUTs of object keys matching `pattern` once `after` of them succeeded."""
+    """Answer `status` to PUTs of object keys matching `pattern` once `after` of them
+    succeeded; `times` failures at most (None: every one after that)."""
 
     pattern: re.Pattern
     after: int
     status: int = 503
+    times: int | None = None
     succeeded: int = 0
+    failed: int = 0
 
 
 class Front:
@@ -210,7 +213,8 @@ class Front:
             if req.method == "PUT" and sub.count("/") >= 2 and "partNumber" not in q:
                 for fault in self.put_faults:
                     if fault.pattern.search(sub):
-                        if fault.succeeded >= fault.after:
+                        if fault.succeeded >= fault.after and (fault.times is None or fault.failed < fault.times):
+                            fault.failed += 1
                             raise sigs.AuthError("ServiceUnavailable", "injected failure", fault.status)
                         fault.succeeded += 1
         except sigs.AuthError as e:

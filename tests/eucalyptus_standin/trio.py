@@ -1,0 +1,46 @@
+"""Test data: a small kernel/ramdisk/image trio in a real build directory, bundled with
+the project's own writer as the bundle stage would. (Client-side helper: the stand-in's
+server never imports the project's bundle code.)"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from builder.build import Build
+
+from . import Standin
+
+ROLES = (("kernel", "kernel", "vmlinuz-2.6.32-test", 3000),
+         ("ramdisk", "ramdisk", "initrd.img-2.6.32-test", 5000),
+         ("image", "machine", "test.img", 300_000))
+
+
+def make_build(output_root: Path, recipe: str = "trio") -> Build:
+    """A build with kernel, ramdisk and image outputs of a few random bytes (not bundled)."""
+    build = Build.create(output_root, recipe)
+    build.set("arch", "x86_64")
+    for role, _, name, size in ROLES:
+        p = build.dir / name
+        p.write_bytes(os.urandom(size))
+        build.record_output(role, p)
+    return build
+
+
+def bundle_build(build: Build, cloud: Standin, *, part_size: int = 64 * 1024,
+                 user_cert: Path | None = None, user_key: Path | None = None,
+                 cloud_cert: Path | None = None) -> dict:
+    """Bundle the build's trio (small parts, so the image has several) and record the
+    build.json "bundle" section the way the bundle stage does."""
+    from builder.bundle.writer import bundle_image
+
+    i = cloud.identity
+    section = {}
+    for role, image_type, _, _ in ROLES:
+        result = bundle_image(build.output_path(role), build.dir / "bundle" / role, image_type=image_type,
+                              arch="x86_64", user_id=i.account_id, user_cert=user_cert or i.user_cert,
+                              user_key=user_key or i.user_key, cloud_cert=cloud_cert or i.cloud_cert,
+                              part_size=part_size)
+        section[role] = result.record(build.dir)
+    build.set("bundle", section)
+    return section
