@@ -1,0 +1,95 @@
+"""Which certificates, key and account a bundle is made with, and where they came from.
+
+Looked up as euca2ools does: an explicit value (command-line option, recipe `bundle`
+section) first, then an eucarc's variables when one is named, then the environment
+(`EC2_CERT`, `EC2_PRIVATE_KEY`, `EUCALYPTUS_CERT`, `EC2_USER_ID`). Only paths are held;
+the files are read when a bundle is written. A half-configured set is an error that
+names what is missing; nothing configured at all is reported as None so that the
+caller can decide (the CLI asks for them, the pipeline stays local).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from ..errors import BakeError
+
+# field → (environment variables, first found wins; the option that sets it; recipe key)
+FIELDS = {
+    "cert": (("EC2_CERT", "EUCA_CERT"), "-c/--cert", "cert"),
+    "private_key": (("EC2_PRIVATE_KEY", "EUCA_PRIVATE_KEY"), "-k/--privatekey", "private_key"),
+    "cloud_cert": (("EUCALYPTUS_CERT",), "--ec2cert", "cloud_cert"),
+    "user_id": (("EC2_USER_ID",), "-u/--user", "user_id"),
+}
+PATH_FIELDS = ("cert", "private_key", "cloud_cert")
+
+
+@dataclass(frozen=True)
+class BundleKeys:
+    """The user's certificate and private key, the cloud's certificate, the account id."""
+
+    user_id: str
+    cert: Path
+    private_key: Path
+    cloud_cert: Path
+
+    def describe(self) -> dict[str, str]:
+        """What may be recorded: the account and the certificates' SHA-256 (public data);
+        nothing about the private key."""
+        return {
+            "user_id": self.user_id,
+            "cert_sha256": _file_sha256(self.cert),
+            "cloud_cert_sha256": _file_sha256(self.cloud_cert),
+        }
+
+
+def _file_sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as e:
+        raise BakeError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _expand(value: str) -> str:
+    return os.path.expanduser(os.path.expandvars(value))
+
+
+def resolve_keys(given: Mapping[str, str | None] | None = None, *,
+                 environ: Mapping[str, str] | None = None,
+                 eucarc: Mapping[str, str] | None = None,
+                 wording: str = "option") -> BundleKeys | None:
+    """The bundle keys from `given` (field → value), then `eucarc`'s variables, then
+    `environ`. None when none of the four is set anywhere; a BakeError naming each
+    missing one (by option when `wording` is "option", by recipe key when "recipe")
+    when only some are, or when a named file does not exist."""
+    given = dict(given or {})
+    environ = os.environ if environ is None else environ
+    values: dict[str, str | None] = {}
+    for name, (env_names, _, _) in FIELDS.items():
+        value = given.get(name)
+        for source in (eucarc or {}, environ):
+            if value:
+                break
+            value = next((source[v] for v in env_names if source.get(v)), None)
+        values[name] = str(value).strip() if value else None
+    if not any(values.values()):
+        return None
+    missing = [n for n, v in values.items() if not v]
+    if missing:
+        how = [(f"bundle.{FIELDS[n][2]}" if wording == "recipe" else FIELDS[n][1]) + " or " + FIELDS[n][0][0]
+               for n in missing]
+        raise BakeError("bundling needs the " + ", the ".join(_WHAT[n] for n in missing)
+                        + ": give " + "; ".join(how))
+    paths = {n: Path(_expand(values[n])) for n in PATH_FIELDS}  # type: ignore[arg-type]
+    for n, p in paths.items():
+        if not p.is_file():
+            raise BakeError(f"{_WHAT[n]} {p}: no such file")
+    return BundleKeys(user_id=values["user_id"], **paths)  # type: ignore[arg-type]
+
+
+_WHAT = {"cert": "user certificate", "private_key": "user private key", "cloud_cert": "cloud certificate",
+         "user_id": "account id"}
