@@ -1,0 +1,100 @@
+"""`bake RECIPE`: the stages in order, on one build directory.
+
+A failure or an interrupt anywhere leaves no mount, loop device or chroot process
+behind (the stages' context managers undo them) and no half-made tree: the work
+folder is removed and build.json says what failed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from . import sh
+from .build import Build
+from .errors import BakeError
+from .log import step
+from .plan import make_plan
+from .recipe import Recipe
+from .stages import bootstrap, customize, image
+
+log = logging.getLogger("bake")
+
+LATER_STAGES = ("bundle", "publish", "verify")
+
+
+def _later_stage(name: str):
+    return importlib.import_module(f"builder.stages.{name}")
+
+
+def bake(recipe: Recipe, output_root: Path, *, stop_after: str | None = None,
+         skip: set[str] | None = None, cloud: bool = False, build_id: str | None = None) -> Build:
+    """Run the recipe's stages into a new build directory and return the build."""
+    sh.require("debootstrap", "chroot", "mount", "tar")
+    skip = set(skip or ())
+    output_root = Path(output_root).resolve()
+    plan = make_plan(recipe, output_root)  # mirrors and packages resolve before anything is made
+    build = Build.create(output_root, recipe.name, build_id)
+    build.data.update({
+        "recipe": {"name": recipe.name, "path": str(recipe.path)},
+        "release": str(recipe.release), "arch": recipe.arch, "mirror": plan.mirror,
+        "elements": [{"name": u.name, "params": u.params} for u in recipe.elements],
+        "result": "running",
+    })
+    build.save()
+    work = build.dir / "work"
+    work.mkdir()
+    start = time.monotonic()
+    stages_run: list[str] = []
+    try:
+        with step(f"Bake {recipe.name} → {build.dir}"):
+            fresh = bootstrap.run(build, recipe, plan, work)
+            stages_run.append("bootstrap")
+            if stop_after != "bootstrap":
+                plan = make_plan(recipe, output_root)  # the checkpoint key follows the base just made
+                root = customize.run(build, recipe, plan, work, fresh)
+                stages_run.append("customize")
+                if stop_after != "customize":
+                    image.run(build, recipe, root)
+                    stages_run.append("image")
+                    shutil.rmtree(work)
+                    for name in LATER_STAGES:
+                        if stop_after in stages_run:
+                            break
+                        if name in skip:
+                            build.record_stage(name, skipped="--skip")
+                            continue
+                        section = recipe.section(name)
+                        if section.get("enabled") is False:
+                            build.record_stage(name, skipped="disabled in the recipe")
+                            continue
+                        mod = _later_stage(name)
+                        if name == "verify" and cloud:
+                            section["mode"] = "cloud"
+                        mod.run(build, recipe)
+                        stages_run.append(name)
+                        if build.data.get("result") == "failed":
+                            break
+    except BaseException as e:
+        build.data["result"] = "failed"
+        build.data["error"] = str(e) if isinstance(e, BakeError) else f"{type(e).__name__}: {e}"
+        build.save()
+        _discard(work)
+        raise
+    if build.data.get("result") == "running":
+        build.data["result"] = "ok"
+    build.data["stages_run"] = stages_run
+    build.data["seconds"] = round(time.monotonic() - start, 2)
+    build.save()
+    _discard(work)
+    return build
+
+
+def _discard(work: Path) -> None:
+    if work.exists():
+        sh.kill_chroot_processes(work)
+        sh.unmount_all_under(work)
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,92 @@
+"""Stage bootstrap: a base root tree from debootstrap, cached.
+
+The cache key covers release, mirror, architecture, variant and components; the entry
+also remembers the SHA-256 of the archive's Release file it was built from, and a bake
+re-bootstraps when the archive has changed since.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .. import sh
+from ..build import Build
+from ..cache import TreeCache, cache_root
+from ..distro import DEB_ARCH
+from ..errors import BakeError
+from ..log import step
+from ..plan import Plan
+from ..recipe import Recipe
+
+log = logging.getLogger("bake.bootstrap")
+
+
+def release_digest(mirror: str, suite: str, timeout: float = 30) -> str:
+    """SHA-256 of `<mirror>/dists/<suite>/Release`; a BakeError if it cannot be read."""
+    url = f"{mirror.rstrip('/')}/dists/{suite}/Release"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return hashlib.sha256(r.read()).hexdigest()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise BakeError(f"cannot read the archive's Release file {url}: {getattr(e, 'reason', e)}") from None
+
+
+def run(build: Build, recipe: Recipe, plan: Plan, work: Path) -> Path | None:
+    """Make sure the bootstrap cache entry is current.
+
+    Returns a freshly debootstrapped tree under `work` when one had to be made (the
+    customize stage may take it over instead of unpacking the cache), else None.
+    """
+    prof = recipe.profile
+    d = recipe.data
+    cache = TreeCache(cache_root(Path(build.dir).parent.parent), "bootstrap")
+    key = plan.bootstrap.key
+    start = time.monotonic()
+    with step(f"Bootstrap {prof.distro}/{prof.suite} ({d['variant']}, {recipe.arch})"):
+        try:
+            digest = release_digest(plan.mirror, prof.suite)
+        except BakeError as e:
+            if not cache.has(key):
+                raise
+            log.warning("%s; using the cached base tree", e)
+            digest = cache.meta(key).get("release_sha256", "")
+        if cache.has(key) and cache.meta(key).get("release_sha256") == digest:
+            build.record_stage("bootstrap", cached=True, key=key, release_sha256=digest,
+                               seconds=round(time.monotonic() - start, 2))
+            return None
+        sh.require("debootstrap")
+        tree = work / "bootstrap"
+        if tree.exists():
+            shutil.rmtree(tree)
+        argv = ["debootstrap", f"--variant={d['variant']}", f"--arch={DEB_ARCH[recipe.arch]}",
+                f"--components={','.join(d['components'])}"]
+        keyring = prof.debootstrap_keyring()
+        if keyring:
+            argv.append(f"--keyring={keyring}")
+        debs = cache.root / "debs" / f"{prof.distro}-{prof.suite}-{recipe.arch}"
+        debs.mkdir(parents=True, exist_ok=True)
+        argv.append(f"--cache-dir={debs}")
+        argv += [prof.suite, str(tree), plan.mirror]
+        with open(build.dir / "bootstrap.log", "w") as logf:
+            try:
+                sh.run(argv, what="debootstrap", logfile=logf)
+            except BaseException:
+                # debootstrap mounts /proc and /sys in the target; never leave them behind.
+                sh.kill_chroot_processes(tree)
+                sh.unmount_all_under(tree)
+                shutil.rmtree(tree, ignore_errors=True)
+                raise
+        sh.unmount_all_under(tree)
+        with step("Saving the base tree to the cache"):
+            cache.save(key, tree, {"release": d["release"], "mirror": plan.mirror, "arch": recipe.arch,
+                                   "variant": d["variant"], "release_sha256": digest,
+                                   "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        build.record_stage("bootstrap", cached=False, key=key, release_sha256=digest,
+                           seconds=round(time.monotonic() - start, 2))
+        return tree

@@ -1,0 +1,290 @@
+"""Stage customize: packages, element hooks, users, files and commands, in a chroot.
+
+Two halves. The first (apt sources, root.d/extra-data.d/pre-install.d hooks, packages)
+is saved as a checkpoint in the cache, keyed by everything it depends on, so changing a
+later hook re-runs only the second half (static files, install.d, users, files,
+commands, post-install.d, the initramfs, finalise.d, cleanup.d).
+
+While it runs, daemons cannot start (policy-rc.d) and update-initramfs is a no-op, so
+package triggers don't build the initramfs again and again: it is generated once, at
+the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .. import sh
+from ..build import Build
+from ..cache import TreeCache, cache_root
+from ..elements import CHROOT_PHASES, Element, Hook, ordered_hooks, parameter_env
+from ..errors import BakeError
+from ..distro import DEB_ARCH
+from ..log import step
+from ..plan import Plan
+from ..recipe import Recipe
+
+log = logging.getLogger("bake.customize")
+
+IN_TARGET = "/tmp/bake"               # where elements are copied inside the chroot
+DIVERTED = "/usr/sbin/update-initramfs"
+APT_OPTS = ["-y", "-q", "-o", "Dpkg::Options::=--force-confold", "-o", "Dpkg::Options::=--force-confdef",
+            "-o", "APT::Install-Recommends=false"]
+
+
+class HookError(BakeError):
+    pass
+
+
+def detect_init_system(root: Path, default: str) -> str:
+    """systemd or upstart, from what the target has installed (`default` when it has neither yet)."""
+    if (root / "sbin/initctl").exists() or (root / "sbin/initctl.distrib").exists():
+        return "upstart"
+    if (root / "lib/systemd/systemd").exists() or (root / "usr/lib/systemd/systemd").exists():
+        return "systemd"
+    return default
+
+
+class Customizer:
+    """Runs the customize stage of one build on one root tree."""
+
+    def __init__(self, build: Build, recipe: Recipe, plan: Plan, root: Path):
+        self.build, self.recipe, self.plan, self.root = build, recipe, plan, root
+        self.notes: list[str] = []
+        self.init_system = recipe.profile.init_system
+
+    # --- environment ------------------------------------------------------------------
+    def base_env(self) -> dict[str, str]:
+        r, d = self.recipe, self.recipe.data
+        return {
+            "BAKE_DISTRO": r.release.distro, "BAKE_SUITE": r.release.suite,
+            "BAKE_ARCH": r.arch, "BAKE_DEB_ARCH": DEB_ARCH[r.arch],
+            "BAKE_INIT_SYSTEM": self.init_system, "BAKE_KERNEL_PACKAGE": r.kernel_package,
+            "BAKE_DEFAULT_USER": r.default_user, "BAKE_ROOT_LABEL": d["label"],
+            "BAKE_FILESYSTEM": d["filesystem"], "BAKE_IMAGE_NAME": r.name,
+            "BAKE_HOSTNAME": r.hostname, "BAKE_LOCALE": d["locale"], "BAKE_TIMEZONE": d["timezone"],
+        }
+
+    def hook_env(self, hook: Hook, inside: bool) -> dict[str, str]:
+        use = next(u for u in self.recipe.elements if u.name == hook.element)
+        env = self.base_env()
+        env.update(parameter_env(use.name, use.params))
+        env["BAKE_ELEMENT_DIR"] = f"{IN_TARGET}/elements/{use.name}" if inside else str(use.element.path)
+        if not inside:
+            env["TARGET_ROOT"] = str(self.root)
+        return env
+
+    # --- hooks ------------------------------------------------------------------------
+    def run_phase(self, phase: str) -> None:
+        hooks = ordered_hooks([u.element for u in self.recipe.elements], phase)
+        if not hooks:
+            return
+        inside = phase in CHROOT_PHASES
+        with step(f"{phase} ({len(hooks)} hook{'s' if len(hooks) != 1 else ''})"):
+            for hook in hooks:
+                env = self.hook_env(hook, inside)
+                try:
+                    if inside:
+                        r = sh.chroot_run(self.root, [f"{IN_TARGET}/elements/{hook.element}/{phase}/{hook.name}"],
+                                          extra_env=env, what=f"hook {hook.element}/{phase}/{hook.name}")
+                    else:
+                        full = dict(os.environ)
+                        full.update(env)
+                        r = sh.run([str(hook.path)], env=full, what=f"hook {hook.element}/{phase}/{hook.name}")
+                except sh.CommandError as e:
+                    raise HookError(f"element '{hook.element}', phase {phase}, hook {hook.name} failed "
+                                    f"(exit {e.returncode})\n--- last lines of its output ---\n{e.tail.rstrip()}") from None
+                for line in r.output.splitlines():
+                    if line.startswith("bake-note:"):
+                        note = f"{hook.element}: {line.split(':', 1)[1].strip()}"
+                        self.notes.append(note)
+                        log.warning("note: %s", note)
+
+    def copy_elements_in(self) -> None:
+        dest = self.root / IN_TARGET.lstrip("/") / "elements"
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
+        for u in self.recipe.elements:
+            shutil.copytree(u.element.path, dest / u.name, symlinks=True)
+
+    def remove_elements(self) -> None:
+        shutil.rmtree(self.root / IN_TARGET.lstrip("/"), ignore_errors=True)
+
+    # --- the chroot's guard rails ---------------------------------------------------------
+    def guard(self) -> None:
+        """Block daemons and defer the initramfs while customizing."""
+        rc = self.root / "usr/sbin/policy-rc.d"
+        rc.write_text("#!/bin/sh\n# bake: no daemon starts while the image is built\nexit 101\n")
+        rc.chmod(0o755)
+        sh.chroot_run(self.root, ["dpkg-divert", "--local", "--rename", "--add", DIVERTED], quiet=True)
+        stub = self.root / DIVERTED.lstrip("/")
+        stub.write_text("#!/bin/sh\n# bake: the initramfs is generated once, at the end of customize\nexit 0\n")
+        stub.chmod(0o755)
+        if self.init_system == "upstart":
+            sh.chroot_run(self.root, ["dpkg-divert", "--local", "--rename", "--add", "/sbin/initctl"], quiet=True)
+            ic = self.root / "sbin/initctl"
+            ic.write_text("#!/bin/sh\n# bake: upstart cannot be reached inside the build chroot\nexit 0\n")
+            ic.chmod(0o755)
+        resolv = self.root / "etc/resolv.conf"
+        if resolv.is_symlink() or resolv.exists():
+            resolv.unlink()
+        shutil.copyfile("/etc/resolv.conf", resolv)
+
+    def unguard(self) -> None:
+        (self.root / "usr/sbin/policy-rc.d").unlink(missing_ok=True)
+        (self.root / DIVERTED.lstrip("/")).unlink(missing_ok=True)
+        sh.chroot_run(self.root, ["dpkg-divert", "--local", "--rename", "--remove", DIVERTED], quiet=True)
+        if self.init_system == "upstart":
+            (self.root / "sbin/initctl").unlink(missing_ok=True)
+            sh.chroot_run(self.root, ["dpkg-divert", "--local", "--rename", "--remove", "/sbin/initctl"], quiet=True)
+        # The instance's DHCP client writes its own.
+        (self.root / "etc/resolv.conf").write_text("")
+
+    # --- steps ------------------------------------------------------------------------
+    def install_packages(self) -> None:
+        (self.root / "etc/apt/sources.list").write_text(self.plan.apt_sources)
+        pkgs = self.plan.package_names
+        archives = cache_root(self.build.dir.parent.parent) / "apt-archives" / \
+            f"{self.recipe.release.distro}-{self.recipe.release.suite}-{self.recipe.arch}"
+        (archives / "partial").mkdir(parents=True, exist_ok=True)
+        target = self.root / "var/cache/apt/archives"
+        target.mkdir(parents=True, exist_ok=True)
+        with step(f"Installing {len(pkgs)} packages"), sh.mount(str(archives), target, bind=True), \
+                open(self.build.dir / "packages.log", "w") as logf:
+            sh.chroot_run(self.root, ["apt-get", "-q", "update"], what="apt-get update", logfile=logf)
+            sh.chroot_run(self.root, ["apt-get", *APT_OPTS, "install", *pkgs], what="installing packages", logfile=logf)
+
+    def copy_static(self) -> None:
+        statics = [u.element.static for u in self.recipe.elements if u.element.static]
+        if not statics:
+            return
+        with step("Copying static files"):
+            for s in statics:
+                # cp -a keeps modes, owners and links; the tree merges into the image.
+                sh.run(["cp", "-a", "--no-preserve=ownership", f"{s}/.", str(self.root)], what=f"copying {s}")
+
+    def create_users(self) -> None:
+        users = self.recipe.data.get("users") or []
+        top_keys = self.recipe.data.get("ssh_authorized_keys") or []
+        if not users and not top_keys:
+            return
+        with step(f"Creating {len(users)} user(s)"):
+            sudoers = []
+            for i, u in enumerate(users):
+                argv = ["useradd", "-m", "-s", u["shell"]]
+                if u["groups"]:
+                    argv += ["-G", ",".join(u["groups"])]
+                sh.chroot_run(self.root, argv + [u["name"]], what=f"creating user {u['name']}")
+                sh.chroot_run(self.root, ["usermod", "-p", "*", u["name"]], quiet=True)
+                keys = list(u["ssh_authorized_keys"]) + (top_keys if i == 0 else [])
+                if keys:
+                    self._authorize(u["name"], keys)
+                if u["sudo"]:
+                    sudoers.append(f"{u['name']} ALL=(ALL) NOPASSWD:ALL")
+            if not users and top_keys:
+                self._authorize("root", top_keys)
+            if sudoers:
+                d = self.root / "etc/sudoers.d"
+                d.mkdir(parents=True, exist_ok=True)
+                f = d / "90-bake-users"
+                f.write_text("# users the recipe gave passwordless sudo\n" + "\n".join(sudoers) + "\n")
+                f.chmod(0o440)
+
+    def _authorize(self, user: str, keys: list[str]) -> None:
+        script = ('set -e; u=$1; shift; h=$(getent passwd "$u" | cut -d: -f6); g=$(id -gn "$u"); '
+                  'mkdir -p "$h/.ssh"; for k in "$@"; do echo "$k" >> "$h/.ssh/authorized_keys"; done; '
+                  'chmod 700 "$h/.ssh"; chmod 600 "$h/.ssh/authorized_keys"; chown -R "$u:$g" "$h/.ssh"')
+        sh.chroot_run(self.root, ["/bin/sh", "-c", script, "sh", user, *keys], what=f"authorizing keys for {user}")
+
+    def copy_files(self) -> None:
+        files = self.recipe.data.get("files") or []
+        if not files:
+            return
+        with step(f"Copying {len(files)} file(s)"):
+            for f in files:
+                src = (self.recipe.path.parent / f["source"]).resolve()
+                dest = self.root / f["dest"].lstrip("/")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if src.is_dir():
+                    sh.run(["cp", "-a", "--no-preserve=ownership", f"{src}/.", str(dest)])
+                else:
+                    shutil.copy2(src, dest)
+                if f.get("mode"):
+                    os.chmod(dest, int(f["mode"], 8))
+                if f.get("owner"):
+                    sh.chroot_run(self.root, ["chown", "-R", f["owner"], f["dest"]], what=f"chown {f['dest']}")
+
+    def run_commands(self) -> None:
+        cmds = self.recipe.data.get("commands") or []
+        if not cmds:
+            return
+        with step(f"Running {len(cmds)} command(s)"):
+            for i, c in enumerate(cmds):
+                try:
+                    sh.chroot_run(self.root, ["/bin/sh", "-e", "-c", c], extra_env=self.base_env())
+                except sh.CommandError as e:
+                    raise BakeError(f"commands[{i}] failed in the chroot (exit {e.returncode}): {c}\n"
+                                    f"--- last lines of its output ---\n{e.tail.rstrip()}") from None
+
+    def make_initramfs(self) -> None:
+        with step("Generating the initramfs (once)"):
+            sh.chroot_run(self.root, ["update-initramfs", "-c", "-k", "all"], what="update-initramfs")
+
+
+def run(build: Build, recipe: Recipe, plan: Plan, work: Path, fresh_tree: Path | None) -> Path:
+    """Customize the image's root tree under `work`; returns the tree."""
+    start = time.monotonic()
+    root = work / "rootfs"
+    if root.exists():
+        shutil.rmtree(root)
+    output_root = build.dir.parent.parent
+    ckpt = TreeCache(cache_root(output_root), "packages")
+    with step("Customize"):
+        c = Customizer(build, recipe, plan, root)
+        if ckpt.has(plan.checkpoint.key):
+            with step("Unpacking the package checkpoint"):
+                ckpt.restore(plan.checkpoint.key, root)
+            c.init_system = ckpt.meta(plan.checkpoint.key).get("init_system", c.init_system)
+            cached = True
+        else:
+            cached = False
+            if fresh_tree is not None:
+                os.rename(fresh_tree, root)
+            else:
+                with step("Unpacking the base tree"):
+                    TreeCache(cache_root(output_root), "bootstrap").restore(plan.bootstrap.key, root)
+            c.init_system = detect_init_system(root, recipe.profile.init_system)
+            with sh.chroot_mounts(root):
+                c.guard()
+                c.copy_elements_in()
+                c.run_phase("root.d")
+                c.run_phase("extra-data.d")
+                c.run_phase("pre-install.d")
+                c.install_packages()
+                c.remove_elements()
+            with step("Saving the package checkpoint"):
+                ckpt.save(plan.checkpoint.key, root, {"init_system": c.init_system, "packages": plan.package_names,
+                                                      "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        with sh.chroot_mounts(root):
+            c.copy_elements_in()
+            c.copy_static()
+            c.run_phase("install.d")
+            c.create_users()
+            c.copy_files()
+            c.run_commands()
+            c.run_phase("post-install.d")
+            c.unguard()
+            c.make_initramfs()
+            c.run_phase("finalise.d")
+            c.remove_elements()
+        c.run_phase("cleanup.d")
+    build.record_stage("customize", cached_packages=cached, checkpoint_key=plan.checkpoint.key,
+                       init_system=c.init_system, seconds=round(time.monotonic() - start, 2))
+    if c.notes:
+        build.set("notes", c.notes)
+    return root

@@ -1,0 +1,126 @@
+"""Stage image: the partition image (a bare filesystem, no partition table), the kernel
+and the ramdisk: the trio a Eucalyptus node boots.
+
+The filesystem is made from the root tree with `mkfs -d` (no loop mount), with the
+features the distribution profile says the target's kernel and e2fsck understand.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from .. import sh
+from ..build import Build
+from ..errors import BakeError
+from ..log import step
+from ..recipe import Recipe
+
+MiB = 1024 * 1024
+INODE_SIZE = 256
+
+
+def parse_size(text: str) -> int:
+    """'2G' / '1536M' -> bytes."""
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([MG])", text)
+    if not m:
+        raise BakeError(f"bad size {text!r}: expected a number followed by M or G")
+    return int(float(m.group(1)) * (MiB if m.group(2) == "M" else 1024 * MiB))
+
+
+def tree_usage(root: Path) -> tuple[int, int]:
+    """(bytes allocated, number of inodes) of a tree, without following links."""
+    total, inodes = 0, 0
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            if st.st_nlink > 1 and not os.path.isdir(os.path.join(dirpath, name)):
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+            inodes += 1
+            total += max(st.st_blocks * 512, 4096 if name in dirnames else 0)
+    return total, inodes
+
+
+def auto_size(content: int, inodes: int, headroom: int, journal: int = 64 * MiB) -> int:
+    """Filesystem size for `content` bytes in `inodes` inodes plus `headroom` free:
+    content plus 10 % for block-group metadata, inode tables for twice the inodes,
+    the journal and the headroom, rounded up to 16 MiB."""
+    raw = int(content * 1.10) + 2 * inodes * INODE_SIZE + journal + headroom
+    return -(-raw // (16 * MiB)) * (16 * MiB)
+
+
+def newest_kernel(root: Path) -> str:
+    """The version of the newest kernel in /boot that has an initrd."""
+    versions = []
+    for k in (root / "boot").glob("vmlinuz-*"):
+        v = k.name[len("vmlinuz-"):]
+        if (root / "boot" / f"initrd.img-{v}").exists():
+            versions.append(v)
+    if not versions:
+        raise BakeError(f"no kernel with an initrd in {root}/boot: did the kernel package install?")
+
+    def vkey(v: str):
+        return [int(x) if x.isdigit() else x for x in re.split(r"[.-]", v)]
+    return sorted(versions, key=vkey)[-1]
+
+
+def package_list(root: Path) -> list[dict[str, str]]:
+    out = sh.output(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W",
+                     "-f", "${Package}\t${Version}\t${Architecture}\t${db:Status-Abbrev}\n"])
+    pkgs = []
+    for line in out.splitlines():
+        name, version, arch, status = (line.split("\t") + ["", "", "", ""])[:4]
+        if status.startswith("ii"):
+            pkgs.append({"name": name, "version": version, "arch": arch})
+    return pkgs
+
+
+def run(build: Build, recipe: Recipe, root: Path) -> dict:
+    """Write kernel, ramdisk and partition image into the build directory."""
+    start = time.monotonic()
+    d = recipe.data
+    fs = d["filesystem"]
+    sh.require(f"mkfs.{fs}", "e2fsck")
+    with step(f"Image: {fs} partition image, kernel, ramdisk"):
+        content, inodes = tree_usage(root)
+        size = parse_size(d["size"]) if d["size"] != "auto" else auto_size(content, inodes, parse_size(d["headroom"]))
+        if size < content:
+            raise BakeError(f"size {d['size']} is smaller than the image's content ({content // MiB} MiB); "
+                            "raise `size` or use `size: auto`")
+        image = build.dir / f"{recipe.name}.img"
+        tmp = image.with_suffix(".img.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.truncate(size)
+            features = recipe.profile.mkfs_features(fs)
+            n_inodes = max(2 * inodes, 32768)
+            sh.run([f"mkfs.{fs}", "-q", "-F", "-d", str(root), "-L", d["label"], "-b", "4096",
+                    "-I", str(INODE_SIZE), "-N", str(n_inodes), "-O", "none," + ",".join(features),
+                    "-E", "lazy_itable_init=0,lazy_journal_init=0", str(tmp)],
+                   what=f"making the {fs} filesystem")
+            sh.run(["e2fsck", "-f", "-n", str(tmp)], what="checking the new filesystem", quiet=True)
+            os.replace(tmp, image)
+        finally:
+            tmp.unlink(missing_ok=True)
+        version = newest_kernel(root)
+        kernel = build.dir / f"vmlinuz-{version}"
+        ramdisk = build.dir / f"initrd.img-{version}"
+        shutil.copyfile(root / "boot" / f"vmlinuz-{version}", kernel)
+        shutil.copyfile(root / "boot" / f"initrd.img-{version}", ramdisk)
+        for p in (image, kernel, ramdisk):
+            p.chmod(0o644)
+        build.record_output("kernel", kernel)
+        build.record_output("ramdisk", ramdisk)
+        build.record_output("image", image)
+        build.set("kernel_version", version)
+        build.set("packages", package_list(root))
+        build.set("filesystem", {"type": fs, "label": d["label"], "size": size, "features": features,
+                                 "content_bytes": content, "inodes_used": inodes})
+    build.record_stage("image", seconds=round(time.monotonic() - start, 2))
+    return build.data["outputs"]
