@@ -195,8 +195,11 @@ def _open_bundle_key(m: Manifest, private_key: Path) -> tuple[bytes, bytes]:
                     "nor its ec2_encrypted_key was made for it): wrong key")
 
 
+_ZEROS = bytes(CHUNK)
+
+
 def _write_sparse(out: BinaryIO, data: bytes) -> None:
-    if data.count(0) == len(data):
+    if (data == _ZEROS) if len(data) == CHUNK else (data.count(0) == len(data)):
         out.seek(len(data), os.SEEK_CUR)
     else:
         out.write(data)
