@@ -43,6 +43,8 @@ def _write_pair(directory: Path, stem: str, common_name: str) -> tuple[Path, Pat
 class TestIdentity:
     """Everything a client of the stand-in needs, as files and values."""
 
+    __test__ = False  # not a test class, whatever its name
+
     directory: Path
     account_id: str
     access_key: str

@@ -76,7 +76,8 @@ def check_manifest(raw: bytes, user_cert: x509.Certificate, cloud_key: rsa.RSAPr
         except ValueError:
             raise ManifestRefused(f"{what} does not decrypt with the cloud's private key") from None
         if not re.fullmatch(rb"[0-9a-fA-F]{32}", plain):
-            raise ManifestRefused(f"{what} decrypts to something that is not a 128-bit hex key")
+            # PKCS#1 v1.5 decryption with the wrong key yields random bytes (implicit rejection)
+            raise ManifestRefused(f"{what} does not decrypt with the cloud's private key (not a 128-bit hex key)")
 
     name = text("image/name")
     image_type = text("image/type", required=False) or "machine"

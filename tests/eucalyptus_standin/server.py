@@ -407,8 +407,11 @@ class Front:
                         child.text = name
         ns = item.tag[:item.tag.index("}") + 1] if item.tag.startswith("{") else ""
         for tag, value in (("kernelId", rec["kernel"]), ("ramdiskId", rec["ramdisk"])):
-            if value and item.find(ns + tag) is None:
-                ET.SubElement(item, ns + tag).text = value
+            el = item.find(ns + tag)
+            if value:
+                (el if el is not None else ET.SubElement(item, ns + tag)).text = value
+            elif el is not None:
+                item.remove(el)
 
     def _instance_state(self, iid: str) -> str:
         rec = self.instances.get(iid)
