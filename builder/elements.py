@@ -77,24 +77,13 @@ class Element:
         s = self.path / "static"
         return s if s.is_dir() else None
 
-    def digest(self, phases: tuple[str, ...] | None = None, with_static: bool = True) -> str:
-        """SHA-256 over the element's definition, the hooks of `phases` (all if None) and
-        its static tree: a cache key changes exactly when one of them does."""
-        h = hashlib.sha256(self.name.encode())
-        files = [self.path / n for n in ("element.yaml", "element-deps", "package-installs.yaml")]
-        for ph in phases or PHASES:
-            files += [hk.path for hk in self.hooks.get(ph, [])]
-        if with_static and self.static:
-            files += sorted(p for p in self.static.rglob("*") if p.is_file() or p.is_symlink())
-        for f in files:
-            if not f.exists() and not f.is_symlink():
-                continue
-            h.update(str(f.relative_to(self.path)).encode() + b"\0")
-            if f.is_symlink():
-                h.update(b"link:" + os.readlink(f).encode())
-            else:
-                h.update(oct(f.stat().st_mode & 0o7777).encode())
-                h.update(f.read_bytes())
+    def hooks_digest(self, phases: tuple[str, ...]) -> str:
+        """SHA-256 over the names, modes and contents of this element's hooks in `phases`."""
+        h = hashlib.sha256()
+        for ph in phases:
+            for hk in self.hooks.get(ph, []):
+                h.update(f"{ph}/{hk.name}\0{oct(hk.path.stat().st_mode & 0o7777)}\0".encode())
+                h.update(hk.path.read_bytes())
         return h.hexdigest()
 
 

@@ -102,7 +102,10 @@ def bootstrap_key(recipe: Recipe, mirror: str) -> str:
 
 def checkpoint_key(recipe: Recipe, boot_key: str, release_digest: str, apt_sources: str,
                    packages: list[str]) -> str:
-    digests = [(u.name, u.element.digest(PRE_PACKAGE_PHASES, with_static=False)) for u in recipe.elements]
+    # Only elements with hooks before the package step change what the checkpoint holds;
+    # their packages are in the key already, through the package list.
+    digests = [(u.name, u.params, u.element.hooks_digest(PRE_PACKAGE_PHASES)) for u in recipe.elements
+               if any(u.element.hooks.get(ph) for ph in PRE_PACKAGE_PHASES)]
     return cache_mod.key_of("packages", 1, boot_key, release_digest, apt_sources, sorted(packages), digests,
                             recipe.profile.init_system)
 

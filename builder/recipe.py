@@ -165,7 +165,16 @@ def load_recipe(path: str | Path) -> Recipe:
     except RecipeError:
         raise
     except BakeError as e:
-        raise RecipeError(path, loc.line_of(("elements",)), "elements", str(e)) from None
+        # Point at the first listed element whose dependencies fail to resolve.
+        at: tuple = ("elements",)
+        for idx, name, _ in entries:
+            try:
+                elements_mod.resolve([name])
+            except BakeError:
+                if idx is not None:
+                    at = ("elements", idx)
+                break
+        raise RecipeError(path, loc.line_of(at), format_path(at), str(e)) from None
     params_by_name = {name: (idx, params) for idx, name, params in entries}
     uses: list[ElementUse] = []
     for el in resolved:

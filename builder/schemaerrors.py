@@ -50,6 +50,8 @@ class Located:
             self.data = yaml.safe_load(text)
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
+            if e.context_mark and "<stream end>" in (e.problem or ""):
+                mark = e.context_mark  # where the unclosed thing started, not the end of the file
             line = mark.line + 1 if mark else None
             problem = (e.problem or str(e)).strip()
             if e.context:
@@ -134,8 +136,7 @@ def explain(error: jsonschema.ValidationError) -> tuple[tuple, str]:
     if v == "const":
         return path, f"expected {json.dumps(val)}, found {_found(inst)}"
     if v == "pattern":
-        desc = error.schema.get("description")
-        return path, f"expected a value matching {val}{' — ' + desc if desc else ''}, found {_found(inst)}"
+        return path, f"expected {error.schema.get('x-expected') or 'a value matching ' + val}, found {_found(inst)}"
     if v in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
         word = {"minimum": "at least", "maximum": "at most", "exclusiveMinimum": "more than", "exclusiveMaximum": "less than"}[v]
         return path, f"expected a number {word} {val}, found {_found(inst)}"
@@ -159,8 +160,7 @@ def explain(error: jsonschema.ValidationError) -> tuple[tuple, str]:
         for sub in sorted(error.context, key=lambda e: len(e.absolute_path), reverse=True):
             if sub.validator != "type" and sub.validator not in ("const",):
                 return explain(sub)
-        descr = error.schema.get("description")
-        return path, f"expected {descr[0].lower() + descr[1:] if descr else 'one of the allowed forms'}, found {_found(inst)}"
+        return path, f"expected {error.schema.get('x-expected') or 'one of the allowed forms'}, found {_found(inst)}"
     return path, error.message
 
 
