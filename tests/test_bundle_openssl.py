@@ -105,3 +105,18 @@ def test_openssl_verifies_the_signature_over_the_raw_manifest_bytes(creds, made,
     bad = subprocess.run([OPENSSL, "dgst", "-sha1", "-verify", str(pem_public_key(creds.stranger.cert, tmp_path)),
                           "-signature", str(tmp_path / "sig"), str(tmp_path / "signed")], capture_output=True)
     assert bad.returncode != 0
+
+
+def test_the_cloud_stand_ins_own_manifest_check_accepts_the_manifest(creds, made):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from eucalyptus_standin.manifest_check import check_manifest
+
+    _, result = made
+    checked = check_manifest(result.manifest.read_bytes(),
+                             x509.load_pem_x509_certificate(creds.user.cert.read_bytes()),
+                             serialization.load_pem_private_key(creds.cloud.key.read_bytes(), password=None))
+    assert (checked.name, checked.image_type, checked.kernel_id, checked.ramdisk_id) == (
+        "lucid.img", "machine", "eki-ABCD1234", "eri-ABCD1234")
+    assert [f for f, _ in checked.parts] == [p.name for p in result.parts]
