@@ -50,12 +50,14 @@ class SSH:
                 "-o", "PubkeyAcceptedAlgorithms=+ssh-rsa", "-o", "HostKeyAlgorithms=+ssh-rsa",
                 f"{self.user}@{self.host}", command]
 
-    def run(self, command: str, *, timeout: float = 60, check: bool = True) -> sh.Result:
-        """Run `command` (a shell command line, in the guest's shell) and return its result.
+    def run(self, command: str, *, timeout: float = 60, check: bool = True, input: bytes | None = None) -> sh.Result:
+        """Run `command` (a shell command line, in the guest's shell) and return its result;
+        `input` is fed to its stdin.
 
         With `check`, a non-zero exit raises GuestCommandError carrying the output."""
         try:
-            r = sh.run(self.argv(command), check=False, timeout=timeout, what=f"in the guest: {command}")
+            r = sh.run(self.argv(command), check=False, timeout=timeout, what=f"in the guest: {command}",
+                       input=input)
         except CommandError as e:
             raise GuestCommandError(str(e)) from None
         if r.returncode == 255:

@@ -1,0 +1,66 @@
+"""Verification: prove a build boots and does what the image promises.
+
+    from builder.verify import verify
+    report = verify(build)                     # local, under QEMU (KVM where it boots)
+    report = verify(build, cloud=True)         # on the cloud the build was published to
+
+Each check is a small named unit with a result (pass / fail / skip with a reason), a
+duration and evidence; the report goes to `verify.json` in the build directory and its
+summary to build.json's "verify" section. A failed check marks the build failed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..build import Build
+from ..log import step
+from .report import REPORT, Report, render_table
+from .result import FAIL, PASS, SKIP, CheckResult
+
+__all__ = ["verify", "recipe_of", "Report", "render_table", "CheckResult", "PASS", "FAIL", "SKIP", "REPORT"]
+
+
+def recipe_of(build: Build):
+    """The recipe the build was baked from, if its file is still there (else None)."""
+    rec = build.data.get("recipe")
+    path = rec.get("path") if isinstance(rec, dict) else None
+    if not path or not Path(path).is_file():
+        return None
+    from ..recipe import load_recipe
+
+    return load_recipe(path)
+
+
+def verify(build: Build, *, cloud: bool = False, only: set[str] | None = None, recipe=None,
+           **options: Any) -> Report:
+    """Verify `build` and record the outcome (verify.json, build.json "verify", and
+    build.json "result" = "failed" when a check failed). Returns the report.
+
+    `recipe` defaults to the build's own recipe (for its verify section and default
+    user); `options` override fields of LocalOptions (local mode) or CloudOptions.
+    """
+    recipe = recipe if recipe is not None else recipe_of(build)
+    section = recipe.verify if recipe is not None else {}
+    user = options.pop("user", None) or (recipe.default_user if recipe is not None else "")
+    if cloud:
+        from .cloud import CloudOptions, verify_cloud
+
+        opts = CloudOptions.from_recipe(section, user=user, only=only, **options)
+        with step("Verify on the cloud"):
+            report = verify_cloud(build, opts)
+    else:
+        from .local import LocalOptions, verify_local
+
+        opts = LocalOptions.from_recipe(section, user=user, build=build, only=only, **options)
+        with step("Verify locally under QEMU"):
+            report = verify_local(build, opts)
+    report.write(build.dir)
+    build.data["verify"] = report.summary()
+    if not report.ok:
+        build.data["result"] = "failed"
+        failed = [r.name for r in report.results if r.status == FAIL]
+        build.data["error"] = f"verification failed: {', '.join(failed)} (see {build.dir / REPORT})"
+    build.save()
+    return report

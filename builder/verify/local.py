@@ -1,0 +1,197 @@
+"""Local verification: boot a build's trio under QEMU and run the checks on it.
+
+One instance (A) carries the checks that need a single running guest (boots, metadata,
+acpiphp, volume-hotplug, the recipe's own checks); the sync-agent check then goes on to
+kill A and boot a second instance (B). Evidence (console logs, QEMU messages, QMP
+events, metadata requests) is kept under `<build>/verify/`; the node-style disk is kept
+under `<build>/vm/` for the next verification; the key pair, volumes and overlays live
+in temporary folders that are removed on every exit, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..build import Build
+from ..errors import BakeError
+from ..log import step
+from .. import vm
+from . import checks
+from .report import Report
+from .result import CheckResult, CheckSkipped, checking, skipped
+
+WORKDIR = "verify"
+
+
+@dataclass
+class LocalOptions:
+    """What a local verification runs and how; `from_recipe` fills it from a recipe's
+    `verify` section."""
+
+    user: str = "root"                      # the image's default user (gets the served key)
+    instance_type: str = "m1.small"
+    boot_timeout: float = 300.0
+    hotplug_timeout: float = 30.0
+    agent_timeout: float = 300.0
+    only: set[str] | None = None            # run only these checks (names as in the report)
+    skip: set[str] = field(default_factory=set)
+    recipe_checks: list[dict[str, Any]] = field(default_factory=list)
+    sync_agent_in_image: bool | None = None  # from the build's elements; None = unknown
+    append: str = ""                        # extra kernel command line
+    serve_key: bool = True                  # serve the verification key from the metadata service
+    accel: vm.Accel | None = None           # None = probe
+
+    @classmethod
+    def from_recipe(cls, section: dict[str, Any] | None, *, user: str, build: Build | None = None,
+                    **overrides: Any) -> "LocalOptions":
+        section = dict(section or {})
+        opts = cls(user=user or "root",
+                   instance_type=section.get("instance_type", "m1.small"),
+                   boot_timeout=float(section.get("timeout", 300)),
+                   skip=set(section.get("skip") or ()),
+                   recipe_checks=list(section.get("checks") or ()))
+        if build is not None and build.data.get("elements") is not None:
+            names = {e["name"] if isinstance(e, dict) else str(e) for e in build.data["elements"]}
+            opts.sync_agent_in_image = "sync-agent" in names
+        for k, v in overrides.items():
+            setattr(opts, k, v)
+        return opts
+
+    def wants(self, name: str) -> bool:
+        if name in self.skip:
+            return False
+        return self.only is None or name in self.only
+
+
+def check_names(opts: LocalOptions) -> list[str]:
+    """The checks a verification with `opts` reports on, in order."""
+    recipe = [f"recipe:{c['name']}" for c in opts.recipe_checks]
+    return [n for n in [*checks.BUILTIN[:4], *recipe, "sync-agent"] if opts.wants(n)]
+
+
+class Session:
+    """One local verification of one build (see `verify_local`)."""
+
+    def __init__(self, build: Build, opts: LocalOptions, stack: contextlib.ExitStack):
+        self.build = build
+        self.opts = opts
+        self.stack = stack
+        self.trio = vm.Trio.from_build(build)
+        self.workdir = build.dir / WORKDIR
+        self.scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".scratch-", dir=self.workdir)))
+        self.key, self.public_key = vm.make_keypair(self.scratch)
+        self.accel = opts.accel or vm.choose_accel(self.trio.kernel, self.trio.ramdisk)
+        itype = vm.instance_type(opts.instance_type)
+        with step(f"Assembling the {itype.name} disk (MBR: image, ephemeral ext3, swap)"):
+            self.base = vm.node_disk(self.trio.image, build.dir / "vm" / f"disk-{itype.name}.raw", itype)
+
+    def boot(self, name: str, stack: contextlib.ExitStack | None = None) -> vm.Instance:
+        """Start instance `name`; it stays up until `stack` (default: the session's) closes."""
+        return (stack or self.stack).enter_context(vm.launch(
+            self.trio, self.base, self.workdir, name=name, accel=self.accel,
+            instance_type=self.opts.instance_type,
+            ssh_public_key=self.public_key if self.opts.serve_key else None,
+            ssh_key=self.key, ssh_user=self.opts.user, append=self.opts.append))
+
+
+def _prepare_workdir(build: Build) -> Path:
+    work = build.dir / WORKDIR
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir()
+    return work
+
+
+def verify_local(build: Build, opts: LocalOptions) -> Report:
+    """Run the local checks on `build` and return the report (not yet written)."""
+    report = Report("local")
+    results: list[CheckResult] = report.results
+    start = time.monotonic()
+    work = _prepare_workdir(build)
+    try:
+        with contextlib.ExitStack() as stack:
+            s = Session(build, opts, stack)
+            report.info.update(accelerator=s.accel.name, accelerator_reason=s.accel.reason,
+                               instance_type=opts.instance_type, user=opts.user,
+                               kernel_append=opts.append or None)
+            _run_checks(s, results, report)
+    finally:
+        report.seconds = time.monotonic() - start
+        report.files = {p.relative_to(build.dir).as_posix(): "evidence" for p in sorted(work.rglob("*"))
+                        if p.is_file()}
+    return report
+
+
+def _run_checks(s: Session, results: list[CheckResult], report: Report) -> None:
+    opts = s.opts
+    with step(f"Booting instance a ({s.accel.name.upper()}, {opts.instance_type})"):
+        a = s.boot("a")
+    report.info["instance_id"] = a.instance_id
+    booted = True
+    with checking("boots", results) as r:
+        try:
+            checks.boots(a, r, timeout=opts.boot_timeout)
+        except BaseException:
+            booted = False
+            raise
+    if not opts.wants("boots") and results[-1].status == "pass":
+        results.pop()  # boots always runs (everything needs it); a pass is reported only when asked
+
+    channel = booted
+    if opts.wants("metadata") or not booted:
+        with checking("metadata", results) as r:
+            if not booted:
+                raise CheckSkipped("the instance did not boot")
+            try:
+                checks.metadata(a, r, public_key=s.public_key if opts.serve_key else None, user=opts.user)
+            except BaseException:
+                channel = False
+                raise
+        if not opts.wants("metadata") and results[-1].status == "pass":
+            results.pop()
+    elif opts.serve_key:
+        try:
+            a.ssh.wait(timeout=60)
+        except BakeError:
+            channel = False
+    else:
+        channel = False
+
+    why = "the instance did not boot" if not booted else "no SSH channel to the guest (see metadata)"
+    for name, fn in (("acpiphp", lambda r: checks.acpiphp(a, r)),
+                     ("volume-hotplug", lambda r: checks.volume_hotplug(a, r, scratch=s.scratch,
+                                                                        timeout=opts.hotplug_timeout))):
+        if not opts.wants(name):
+            continue
+        if not channel:
+            skipped(name, why, results)
+            continue
+        with step(f"Check {name}"), checking(name, results) as r:
+            fn(r)
+    for spec in opts.recipe_checks:
+        name = f"recipe:{spec['name']}"
+        if not opts.wants(name):
+            continue
+        if not channel:
+            skipped(name, why, results)
+            continue
+        with step(f"Check {name}"), checking(name, results) as r:
+            r.evidence["defined_in"] = "recipe"
+            checks.recipe_check(a, r, spec)
+
+    if opts.wants("sync-agent"):
+        explicit = opts.only is not None and "sync-agent" in opts.only
+        if not channel:
+            skipped("sync-agent", why, results)
+        elif opts.sync_agent_in_image is False and not explicit:
+            skipped("sync-agent", "the image was baked without the sync-agent element", results)
+        else:
+            from .syncagent import sync_agent
+            with step("Check sync-agent (backup on a, kill a, restore on b)"), checking("sync-agent", results) as r:
+                sync_agent(s, a, r, timeout=opts.agent_timeout)

@@ -1,0 +1,83 @@
+"""The result of one check: pass, fail or skip (with a reason), its duration and evidence."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+from ..errors import BakeError
+
+PASS, FAIL, SKIP = "pass", "fail", "skip"
+
+
+class CheckFailed(BakeError):
+    """Raised inside a check: it failed, for `reason`, with `evidence`."""
+
+    def __init__(self, reason: str, **evidence: Any):
+        self.reason = reason
+        self.evidence = evidence
+        super().__init__(reason)
+
+
+class CheckSkipped(Exception):
+    """Raised inside a check: it cannot run here, for `reason`."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass
+class CheckResult:
+    name: str
+    status: str = PASS
+    seconds: float = 0.0
+    summary: str = ""                     # one line: what was shown, or why it failed/skipped
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status != FAIL
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def checking(name: str, results: list[CheckResult]) -> Iterator[CheckResult]:
+    """Run the block as check `name` and append its result to `results`.
+
+    The block fills `result.summary`/`result.evidence`; raising CheckFailed or any
+    BakeError (a guest that timed out, a QMP error) makes it a failure, CheckSkipped a
+    skip. Anything else is a bug and propagates (after the result is recorded).
+    """
+    result = CheckResult(name)
+    start = time.monotonic()
+    try:
+        yield result
+    except CheckSkipped as e:
+        result.status, result.summary = SKIP, e.reason
+    except CheckFailed as e:
+        result.status, result.summary = FAIL, e.reason
+        result.evidence.update(e.evidence)
+    except BakeError as e:
+        result.status = FAIL
+        lines = str(e).split("\n--- ", 1)
+        result.summary = lines[0].strip()
+        if len(lines) > 1:
+            result.evidence.setdefault("detail", "--- " + lines[1])
+    except BaseException as e:
+        result.status, result.summary = FAIL, f"interrupted: {type(e).__name__}"
+        raise
+    finally:
+        result.seconds = round(time.monotonic() - start, 2)
+        results.append(result)
+
+
+def skipped(name: str, reason: str, results: list[CheckResult]) -> CheckResult:
+    """Record check `name` as skipped for `reason` without running it."""
+    r = CheckResult(name, SKIP, 0.0, reason)
+    results.append(r)
+    return r

@@ -1,0 +1,200 @@
+"""The sync-agent check: the whole story of keeping a root filesystem on a volume.
+
+Instance A: a blank volume labelled for the agent is hot-plugged, the agent pairs with
+it and makes a first full backup; A then gets marker changes (a new file, an edited
+config file, a deleted file, a package installed with dpkg) and a backup completes. A is
+killed (QMP quit: no shutdown, as a lost node). A fresh instance B boots from the same
+trio, the volume is hot-plugged, the agent restores the last complete generation and
+reboots; B must then have A's markers (and not the deleted file), and backups resume.
+
+What the agent says on the console (`rootsync: backup complete ...`, `rootsync: restore
+complete ...`) is the event the host waits for; `rootsync status --json` is evidence.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import shlex
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import sh
+from ..vm import Instance, blank_volume
+from ..vm.console import GuestTimeout
+from ..vm.guest import GuestCommandError
+from .result import CheckFailed, CheckResult
+
+LABEL = "rootsync"
+VOLUME_BYTES = 4 << 30
+EX_BUSY = 4
+BACKUP_DONE = re.compile(r"rootsync: backup (complete generation=(?P<gen>\S+)|failed)")
+RESTORE_DONE = re.compile(r"rootsync: (restore complete generation=(?P<gen>\S+)|restore failed|error: .*)")
+DELETE_CANDIDATES = ("/etc/issue.net", "/etc/issue", "/etc/debian_version")
+
+
+def _marker_package(scratch: Path, nonce: str) -> Path:
+    """A tiny .deb (gzip, readable by old dpkg) that installs /usr/share/bake-verify/<nonce>."""
+    root = scratch / "marker-pkg"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "usr/share/bake-verify").mkdir(parents=True)
+    (root / "usr/share/bake-verify" / nonce).write_text(nonce + "\n")
+    (root / "DEBIAN/control").write_text(
+        "Package: bake-verify-marker\n"
+        f"Version: 1.0+{nonce}\n"
+        "Architecture: all\n"
+        "Maintainer: bake <bake@localhost>\n"
+        "Description: marker installed on instance A of a verification\n")
+    deb = scratch / f"bake-verify-marker_{nonce}.deb"
+    sh.run(["dpkg-deb", "-Zgzip", "--root-owner-group", "--build", root, deb], what="building the marker package",
+           quiet=True)
+    return deb
+
+
+def _status(inst: Instance) -> dict[str, Any]:
+    out = inst.ssh.run("sudo rootsync status --json", timeout=60).output.strip().splitlines()
+    for line in reversed(out):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise CheckFailed(f"`rootsync status --json` printed no JSON on instance {inst.name}: {out[-3:]}")
+
+
+def _backup(inst: Instance, timeout: float) -> str:
+    """Run a backup now and return its generation; when the agent's own backup is running
+    (busy), wait for it to end on the console and ask again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        mark = inst.console.mark()
+        r = inst.ssh.run("sudo rootsync backup", timeout=max(1, deadline - time.monotonic()), check=False)
+        m = re.search(r"backup complete generation=(\S+)", r.output)
+        if r.returncode == 0 and m:
+            return m.group(1)
+        if r.returncode != EX_BUSY:
+            raise CheckFailed(f"`rootsync backup` on instance {inst.name} exited {r.returncode}: "
+                              f"{r.output.strip()[-300:]}")
+        inst.console.wait_for(BACKUP_DONE, since=mark, timeout=max(1, deadline - time.monotonic()),
+                              what=f"the agent's running backup on instance {inst.name} to end")
+
+
+MARKERS = r"""
+set -e
+nonce=$1; gone=$2
+echo "$nonce" > /etc/bake-verify-marker
+[ -e /etc/motd ] || : > /etc/motd
+echo "bake-verify edited $nonce" >> /etc/motd
+rm -f "$gone"
+dpkg -i /tmp/bake-verify-marker.deb >/dev/null
+rm -f /tmp/bake-verify-marker.deb
+sync
+echo markers-written
+"""
+
+CHECK_MARKERS = r"""
+nonce=$1; gone=$2
+echo "new_file=$(cat /etc/bake-verify-marker 2>/dev/null || echo missing)"
+grep -q "bake-verify edited $nonce" /etc/motd 2>/dev/null && echo edited_config=yes || echo edited_config=no
+[ -e "$gone" ] && echo deleted_file=present || echo deleted_file=absent
+echo "package=$(dpkg-query -W -f='${Version}:${Status}' bake-verify-marker 2>/dev/null | tr ' ' _)"
+[ -e /usr/share/bake-verify/$nonce ] && echo package_file=yes || echo package_file=no
+"""
+
+
+def sync_agent(session, a: Instance, result: CheckResult, *, timeout: float) -> None:
+    """Run the story above on instance `a` (booted) and a fresh instance b."""
+    ev = result.evidence
+    ssh = a.ssh
+    found = ssh.run("command -v rootsync || true", timeout=30).output.strip()
+    if not found:
+        raise CheckFailed("the image has no sync agent: `rootsync` is not installed "
+                          "(bake the image with the sync-agent element)")
+    nonce = secrets.token_hex(4)
+    scratch: Path = session.scratch
+    volume = blank_volume(scratch / "rootsync-volume.raw", VOLUME_BYTES, label=LABEL)
+    deb = _marker_package(scratch, nonce)
+    t0 = time.monotonic()
+
+    # --- instance a: pair, first backup, markers, backup, kill ------------------------
+    mark = a.console.mark()
+    a.attach_volume(volume, serial=f"rootsync{nonce}")
+    m = a.console.wait_for(BACKUP_DONE, since=mark, timeout=timeout,
+                           what="the agent on instance a to finish its first backup to the hot-plugged volume")
+    if not m["gen"]:
+        raise CheckFailed(f"the agent's first backup on instance a failed: {m.string.strip()}")
+    ev["a_first_backup"] = m.string.strip()
+    ev["a_first_backup_seconds"] = round(time.monotonic() - t0, 1)
+
+    gone = ssh.run("for f in " + " ".join(DELETE_CANDIDATES) + "; do [ -e $f ] && echo $f && break; done; true",
+                   timeout=30).output.strip()
+    if not gone:
+        raise CheckFailed("found no file to delete on instance a (" + ", ".join(DELETE_CANDIDATES) + ")")
+    ssh.run("cat > /tmp/bake-verify-marker.deb", input=deb.read_bytes(), timeout=60)
+    out = ssh.run(f"sudo sh -c {shlex.quote(MARKERS)} markers {nonce} {shlex.quote(gone)}", timeout=120).output
+    if "markers-written" not in out:
+        raise CheckFailed(f"writing the markers on instance a failed: {out.strip()[-300:]}")
+    ev["markers"] = {"new_file": "/etc/bake-verify-marker", "edited_config": "/etc/motd", "deleted_file": gone,
+                     "package": f"bake-verify-marker 1.0+{nonce}"}
+    gen_a = _backup(a, timeout)
+    status_a = _status(a)
+    ev["a_backup_generation"] = gen_a
+    ev["a_status"] = {k: status_a.get(k) for k in ("current", "paired", "volume_id", "last_backup")}
+    if status_a.get("current") != gen_a:
+        raise CheckFailed(f"after backing up generation {gen_a}, the agent reports {status_a.get('current')} as current")
+    a.kill()
+    ev["a_killed"] = "QMP quit"
+
+    # --- instance b: fresh boot, attach, restore + reboot, markers, backups resume -------
+    b = session.boot("b")
+    ready = b.wait_ready(timeout=session.opts.boot_timeout)
+    ev["b_first_boot"] = ready.first_boot
+    mark = b.console.mark()
+    t1 = time.monotonic()
+    b.attach_volume(volume, serial=f"rootsync{nonce}")
+    m = b.console.wait_for(RESTORE_DONE, since=mark, timeout=timeout,
+                           what="the agent on instance b to restore from the volume")
+    if not m["gen"]:
+        raise CheckFailed(f"the agent on instance b did not restore: {m.string.strip()}",
+                          console_tail=b.console.tail(30))
+    ev["b_restore"] = m.string.strip()
+    if m["gen"] != gen_a:
+        raise CheckFailed(f"instance b restored generation {m['gen']}, not a's last backup {gen_a}")
+    after_restore = b.console.mark()
+    try:
+        again = b.wait_ready(timeout=session.opts.boot_timeout, since=after_restore, since_time=time.monotonic())
+    except GuestTimeout as e:
+        raise CheckFailed(f"instance b did not come back after the restore: {str(e).splitlines()[0]}",
+                          console_tail=e.tail) from None
+    ev["b_restore_and_reboot_seconds"] = round(time.monotonic() - t1, 1)
+    ev["b_ready_after_restore"] = again.line
+    try:
+        b.ssh.wait(timeout=60)
+    except GuestCommandError as e:
+        raise CheckFailed(f"cannot log in to instance b after the restore: {e}") from None
+    out = b.ssh.run(f"sh -c {shlex.quote(CHECK_MARKERS)} check {nonce} {shlex.quote(gone)}", timeout=60).output
+    seen = dict(line.split("=", 1) for line in out.strip().splitlines() if "=" in line)
+    ev["b_markers"] = seen
+    wrong = []
+    if seen.get("new_file") != nonce:
+        wrong.append(f"new file /etc/bake-verify-marker is {seen.get('new_file')!r}")
+    if seen.get("edited_config") != "yes":
+        wrong.append("the edit of /etc/motd is missing")
+    if seen.get("deleted_file") != "absent":
+        wrong.append(f"{gone}, deleted on a, is back")
+    if not seen.get("package", "").startswith(f"1.0+{nonce}:install_ok_installed") or seen.get("package_file") != "yes":
+        wrong.append(f"package bake-verify-marker is {seen.get('package')!r}")
+    if wrong:
+        raise CheckFailed("instance b does not have a's state: " + "; ".join(wrong))
+
+    # backups resume on b
+    b.ssh.run("echo resumed > /tmp/.bake-verify-dummy; sudo sh -c 'date > /etc/bake-verify-after-restore'", timeout=30)
+    gen_b = _backup(b, timeout)
+    status_b = _status(b)
+    ev["b_backup_generation"] = gen_b
+    ev["b_status"] = {k: status_b.get(k) for k in ("current", "paired", "volume_id", "watcher")}
+    if gen_b == gen_a or status_b.get("current") != gen_b:
+        raise CheckFailed(f"backups did not resume on b (current {status_b.get('current')}, a's was {gen_a})")
+    result.summary = (f"a backed up {gen_a}, was killed; b restored it and rebooted "
+                      f"({ev['b_restore_and_reboot_seconds']:.0f} s), has a's markers, not {gone}; "
+                      f"b backed up {gen_b}")
