@@ -117,6 +117,8 @@ class RequestRecord:
     operation: str          # EC2 Action, or "PUT /bucket/key" style for S3
     status: int
     params: dict = field(default_factory=dict)
+    headers: dict = field(default_factory=dict)   # as received, Authorization left out
+    query: str = ""
 
 
 @dataclass
@@ -218,12 +220,12 @@ class Front:
                             raise sigs.AuthError("ServiceUnavailable", "injected failure", fault.status)
                         fault.succeeded += 1
         except sigs.AuthError as e:
-            self._log(RequestRecord("s3", req.method, sub, op, e.status))
+            self._log(RequestRecord("s3", req.method, sub, op, e.status, headers=_headers(req), query=req.query))
             return e.status, [("Content-Type", "application/xml")], _s3_error(e.code, e.message, sub)
         fwd = {k: v for k, v in req.headers.items()
                if k not in ("authorization", "host", "expect", "content-length", "connection")}
         status, hdrs, out = self._moto_call(req.method, sub, req.query, fwd, req.body, "s3")
-        self._log(RequestRecord("s3", req.method, sub, op, status))
+        self._log(RequestRecord("s3", req.method, sub, op, status, headers=_headers(req), query=req.query))
         return status, hdrs, out
 
     def _moto_call(self, method, path, query, headers, body, service):
@@ -559,6 +561,10 @@ def _reason(status: int) -> str:
 
 def _x(s: str | None) -> str:
     return (s or "").replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _headers(req: sigs.SignedRequest) -> dict:
+    return {k: v for k, v in req.headers.items() if k != "authorization"}
 
 
 def _visible(params: dict) -> dict:
