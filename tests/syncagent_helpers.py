@@ -1,0 +1,325 @@
+"""Real things for the sync agent's tests: an ext4 volume on a loop device, fake root
+trees holding every kind of file, a way to run the real `rootsync` against them, and
+full listings to compare trees by.
+
+Nothing here touches this machine's own root: every agent run gets `ROOTSYNC_ROOT`
+pointing at a temporary tree, and `run_agent` refuses to start without one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from builder import sh
+
+REPO = Path(__file__).resolve().parent.parent
+ELEMENT = REPO / "elements" / "sync-agent"
+AGENT = ELEMENT / "static" / "usr" / "sbin" / "rootsync"
+
+# Relative to the root, as the agent excludes them by default.
+DEFAULT_EXCLUDES = ("proc", "sys", "dev", "run", "tmp", "mnt", "media", "var/run", "var/lock",
+                    "lost+found", "var/lib/rootsync/state", "var/lib/rootsync/volume")
+
+EX_FAIL, EX_REFUSED, EX_BUSY = 1, 3, 4
+
+
+@dataclass
+class Instance:
+    """One pretend instance: a root tree, its config, its run directory."""
+
+    base: Path
+    label: str
+    extra_conf: dict[str, str] = field(default_factory=dict)
+    excludes: tuple[str, ...] = ()
+
+    @property
+    def root(self) -> Path:
+        return self.base / "root"
+
+    @property
+    def mount_point(self) -> Path:
+        return self.root / "var/lib/rootsync/volume"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.base / "run"
+
+    @property
+    def conf(self) -> Path:
+        return self.base / "rootsync.conf"
+
+    def write_conf(self) -> None:
+        lines = [f"label={self.label}", f"mount_point={self.mount_point}", "debounce=1",
+                 "generations=4", "on_attach=restore"]
+        for k, v in self.extra_conf.items():
+            lines = [ln for ln in lines if not ln.startswith(k + "=")] + [f"{k}={v}"]
+        lines += [f"exclude={e}" for e in self.excludes]
+        self.conf.write_text("\n".join(lines) + "\n")
+
+    def env(self, **extra: str) -> dict[str, str]:
+        self.write_conf()
+        env = {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "ROOTSYNC_CONF": str(self.conf),
+            "ROOTSYNC_ROOT": str(self.root),
+            "ROOTSYNC_RUN_DIR": str(self.run_dir),
+            "ROOTSYNC_SYSLOG": "no",
+            "LC_ALL": "C",
+        }
+        env.update(extra)
+        return env
+
+    @property
+    def volume_dir(self) -> Path:
+        return self.mount_point / "rootsync"
+
+    def current(self) -> Path:
+        return (self.volume_dir / "current").resolve()
+
+
+def new_instance(base: Path, label: str, **conf: str) -> Instance:
+    inst = Instance(base, label, dict(conf))
+    (inst.root / "var/lib/rootsync/volume").mkdir(parents=True, exist_ok=True)
+    inst.run_dir.mkdir(parents=True, exist_ok=True)
+    return inst
+
+
+def run_agent(inst: Instance, *args: str, env_extra: dict[str, str] | None = None,
+              timeout: float = 120) -> sh.Result:
+    """Run the real agent against `inst` (never against this machine's root)."""
+    env = inst.env(**(env_extra or {}))
+    assert env["ROOTSYNC_ROOT"] not in ("", "/"), "tests must never run the agent on /"
+    return sh.run([str(AGENT), *args], env=env, check=False, timeout=timeout, quiet=True)
+
+
+def status(inst: Instance) -> dict:
+    r = run_agent(inst, "status", "--json")
+    assert r.returncode == 0, r.output
+    # Only the last line is JSON; log lines (if any) come first.
+    return json.loads(r.output.strip().splitlines()[-1])
+
+
+# --- volumes ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def loop_image(path: Path, size_mb: int, label: str | None) -> Iterator[str]:
+    """A file of `size_mb` on a loop device, ext4 with `label` (or blank when None)."""
+    with open(path, "wb") as f:
+        f.truncate(size_mb * 1024 * 1024)
+    if label is not None:
+        sh.run(["mkfs.ext4", "-q", "-F", "-L", label, str(path)], quiet=True)
+    with sh.loop_device(path) as dev:
+        try:
+            yield dev
+        finally:
+            for target in _mount_targets_of(dev):
+                sh.unmount_all_under(target)
+
+
+def _mount_targets_of(dev: str) -> list[str]:
+    with open("/proc/self/mounts") as f:
+        return [ln.split()[1] for ln in f if ln.split()[0] == dev]
+
+
+@contextlib.contextmanager
+def mounted_volume(inst: Instance, size_mb: int = 96) -> Iterator[str]:
+    """A labelled ext4 volume on a loop device, mounted at `inst`'s mount point."""
+    with loop_image(inst.base / "volume.img", size_mb, inst.label) as dev:
+        inst.mount_point.mkdir(parents=True, exist_ok=True)
+        with sh.mount(dev, inst.mount_point):
+            yield dev
+
+
+def move_volume(dev: str, src: Instance, dst: Instance) -> None:
+    """Detach the volume from one pretend instance and attach it to another."""
+    sh.unmount_all_under(src.mount_point)
+    dst.mount_point.mkdir(parents=True, exist_ok=True)
+    sh.run(["mount", dev, str(dst.mount_point)], quiet=True)
+
+
+# --- trees -----------------------------------------------------------------------------
+
+def _set_times(p: Path, ns: int) -> None:
+    os.utime(p, ns=(ns, ns), follow_symlinks=False)
+
+
+def make_rich_root(root: Path) -> None:
+    """A root tree with every kind of file the agent must keep: regular, empty, sparse,
+    hard links, symlinks (dangling too), character and block devices, fifos, a socket,
+    xattrs, ACLs, odd modes and owners, old mtimes; plus the excluded directories."""
+    for d in ("etc", "usr/bin", "var/lib/app", "home/user/.config", "srv/data", "dev", "proc/1",
+              "sys/kernel", "run/lock", "tmp", "mnt/ephemeral", "media/cdrom", "var/cache",
+              "var/lib/rootsync/volume", "var/lib/rootsync/state", "lib/udev/devices"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "var/run").symlink_to("../run")
+    (root / "var/lock").symlink_to("../run/lock")
+    (root / "etc/hostname").write_text("instance-a\n")
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (root / "etc/empty").write_bytes(b"")
+    for i in range(40):
+        (root / f"usr/bin/tool{i}").write_bytes(os.urandom(200 + i * 37))
+        os.chmod(root / f"usr/bin/tool{i}", 0o755)
+    # Sparse: 8 MiB with 4 KiB of data at both ends.
+    with open(root / "var/lib/app/sparse.img", "wb") as f:
+        f.write(b"S" * 4096)
+        f.seek(8 * 1024 * 1024 - 4096)
+        f.write(b"E" * 4096)
+    # Hard links, three names in two directories.
+    (root / "usr/bin/perl").write_bytes(b"#!perl\n" * 100)
+    os.link(root / "usr/bin/perl", root / "usr/bin/perl5.36")
+    os.link(root / "usr/bin/perl", root / "srv/data/perl-hardlink")
+    (root / "etc/alternatives").mkdir()
+    (root / "etc/alternatives/editor").symlink_to("/usr/bin/tool1")
+    (root / "etc/dangling").symlink_to("no/such/target")
+    (root / "etc/rel-link").symlink_to("hostname")
+    os.mknod(root / "lib/udev/devices/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mknod(root / "lib/udev/devices/loop9", 0o660 | stat.S_IFBLK, os.makedev(7, 9))
+    os.mkfifo(root / "var/lib/app/fifo", 0o620)
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(root / "var/lib/app/sock"))
+    s.close()
+    # Odd modes and owners.
+    (root / "usr/bin/setuid").write_bytes(b"x" * 10)
+    os.chmod(root / "usr/bin/setuid", 0o4755)
+    (root / "srv/data/noperm").write_text("secret")
+    os.chmod(root / "srv/data/noperm", 0o000)
+    os.chmod(root / "srv/data", 0o1777)
+    os.chown(root / "home/user", 1234, 5678)
+    (root / "home/user/.config/settings").write_text("a=1\n")
+    os.chown(root / "home/user/.config/settings", 1234, 5678)
+    os.chown(root / "etc/dangling", 4321, 8765, follow_symlinks=False)
+    # Extended attributes and ACLs.
+    os.setxattr(root / "etc/passwd", "user.origin", b"rich-root")
+    os.setxattr(root / "usr/bin/tool2", "security.capability",
+                bytes.fromhex("0100000200200000000000000000000000000000"))
+    sh.run(["setfacl", "-m", "u:1234:rw,g:5678:r", str(root / "srv/data/noperm")], quiet=True)
+    sh.run(["setfacl", "-d", "-m", "u:1234:rwx", str(root / "home/user")], quiet=True)
+    # Content in excluded places that must never be copied.
+    (root / "proc/1/status").write_text("fake proc\n")
+    (root / "sys/kernel/x").write_text("fake sys\n")
+    (root / "tmp/scratch").write_text("scratch\n")
+    (root / "run/lock/l").write_text("lock\n")
+    (root / "mnt/ephemeral/big").write_text("ephemeral\n")
+    (root / "media/cdrom/x").write_text("cd\n")
+    (root / "dev/console").write_text("not a device\n")
+    (root / "var/lib/rootsync/state/last").write_text("state\n")
+    # Old, distinct mtimes everywhere (directories last, deepest first).
+    t0 = 1_300_000_000_123_456_789
+    paths = sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True)
+    for i, p in enumerate(paths):
+        _set_times(p, t0 + i * 1_000_000_007)
+    _set_times(root, t0 - 5)
+
+
+def excluded(rel: str, extra: tuple[str, ...] = ()) -> bool:
+    return any(rel == e or rel.startswith(e + "/") for e in DEFAULT_EXCLUDES + extra)
+
+
+def listing(root: Path, extra_excludes: tuple[str, ...] = (), times: bool = True) -> dict[str, tuple]:
+    """path → (type, mode, uid, gid, size, mtime, rdev, link target, xattrs, sparse,
+    hard-link group) for everything under `root` except the excluded paths."""
+    entries: dict[str, os.stat_result] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            if excluded(rel, extra_excludes):
+                continue
+            entries[rel] = os.lstat(p)
+        dirnames[:] = [d for d in dirnames if not excluded(str((Path(dirpath) / d).relative_to(root)), extra_excludes)]
+    entries["."] = os.lstat(root)
+    groups: dict[tuple[int, int], list[str]] = {}
+    for rel, st in entries.items():
+        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+            groups.setdefault((st.st_dev, st.st_ino), []).append(rel)
+    out = {}
+    for rel, st in entries.items():
+        p = root / rel
+        kind = stat.S_IFMT(st.st_mode)
+        xattrs = {}
+        for name in os.listxattr(p, follow_symlinks=False):
+            xattrs[name] = os.getxattr(p, name, follow_symlinks=False)
+        target = os.readlink(p) if stat.S_ISLNK(st.st_mode) else None
+        sparse = stat.S_ISREG(st.st_mode) and st.st_size > 65536 and st.st_blocks * 512 < st.st_size // 2
+        names = groups.get((st.st_dev, st.st_ino), [])
+        group = tuple(sorted(names)) if len(names) > 1 else ()
+        # Whole seconds: rsync 3.0 (Lucid) keeps no more, and a newer rsync leaves a
+        # directory alone whose mtime already matches to the second.
+        mtime = st.st_mtime_ns // 1_000_000_000 if times else None
+        size = st.st_size if not stat.S_ISDIR(st.st_mode) else None
+        rdev = st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else None
+        out[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size, mtime, rdev, target,
+                    tuple(sorted(xattrs.items())), sparse, group)
+    return out
+
+
+def content(root: Path, extra_excludes: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """Regular files' contents by relative path (excluded paths left out)."""
+    out = {}
+    for rel, entry in listing(root, extra_excludes, times=False).items():
+        if entry[0] == stat.S_IFREG:
+            out[rel] = (root / rel).read_bytes()
+    return out
+
+
+def assert_same_tree(a: Path, b: Path, extra_excludes: tuple[str, ...] = ()) -> None:
+    la, lb = listing(a, extra_excludes), listing(b, extra_excludes)
+    only_a = sorted(set(la) - set(lb))
+    only_b = sorted(set(lb) - set(la))
+    differ = sorted(k for k in set(la) & set(lb) if la[k] != lb[k])
+    detail = [f"{k}:\n  {la[k]}\n  {lb[k]}" for k in differ[:10]]
+    assert not (only_a or only_b or differ), (
+        f"trees differ: only in {a}: {only_a[:10]}; only in {b}: {only_b[:10]}; differ: {differ[:10]}\n"
+        + "\n".join(detail))
+    ca, cb = content(a, extra_excludes), content(b, extra_excludes)
+    assert ca == cb, f"same listing, different contents: {sorted(k for k in ca if ca[k] != cb.get(k))[:10]}"
+
+
+# --- processes -------------------------------------------------------------------------
+
+def start_agent(inst: Instance, *args: str, env_extra: dict[str, str] | None = None,
+                log: Path | None = None) -> subprocess.Popen:
+    """Start the agent in its own process group (so a test can kill -9 all of it)."""
+    env = inst.env(**(env_extra or {}))
+    assert env["ROOTSYNC_ROOT"] not in ("", "/")
+    out = open(log or (inst.base / "agent.log"), "ab")
+    return subprocess.Popen([str(AGENT), *args], env=env, stdout=out, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_paused(inst: Instance, stage: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    marker = inst.run_dir / "paused-at"
+
+    def paused() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"agent exited ({proc.returncode}) before reaching {stage}")
+        return marker.exists() and marker.read_text().strip() == stage
+
+    wait_for(paused, timeout, f"the agent to pause at {stage}")
+    marker.unlink()

@@ -1,0 +1,272 @@
+"""The sync agent, run for real: an ext4 volume on a loop device, fake root trees with
+every kind of file, the real `rootsync` script.  Nothing is mocked; nothing touches
+this machine's own root (see syncagent_helpers)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from syncagent_helpers import (EX_BUSY, EX_FAIL, EX_REFUSED, assert_same_tree, kill_group, listing,
+                               make_rich_root, mounted_volume, move_volume, new_instance, run_agent,
+                               start_agent, status, wait_for, wait_paused)
+
+
+@pytest.fixture(autouse=True)
+def _needs_root_and_tools():
+    if os.geteuid() != 0:
+        pytest.fail("the sync agent's tests need root (loop devices, mount, device nodes, chown)")
+    for tool in ("rsync", "inotifywait", "flock", "losetup", "mkfs.ext4", "blkid", "setfacl"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed; the sync agent's tests cannot run")
+
+
+def label_for(tmp_path: Path) -> str:
+    # Unique per test so that a volume found by label is always this test's own.
+    return "rt" + format(abs(hash(str(tmp_path))) % 16**8, "08x")
+
+
+def attach(inst) -> None:
+    r = run_agent(inst, "attach")
+    assert r.returncode == 0, r.output
+    assert "backup complete" in r.output or "backups resume" in r.output, r.output
+
+
+def backup(inst, *args: str) -> str:
+    r = run_agent(inst, "backup", *args)
+    assert r.returncode == 0, r.output
+    assert "backup complete generation=" in r.output, r.output
+    return r.output
+
+
+def gen_dirs(inst) -> list[Path]:
+    return sorted(p for p in (inst.volume_dir / "generations").iterdir())
+
+
+def test_first_backup_keeps_every_kind_of_file_identically(tmp_path):
+    a = new_instance(tmp_path / "a", label_for(tmp_path))
+    make_rich_root(a.root)
+    with mounted_volume(a):
+        attach(a)
+        st = status(a)
+        assert st["paired"] and st["current"] and st["last_backup"]["result"] == "ok"
+        tree = a.current() / "tree"
+        assert_same_tree(a.root, tree)
+        # Sparse files stay sparse on the volume.
+        sparse = tree / "var/lib/app/sparse.img"
+        assert os.lstat(sparse).st_blocks * 512 < 1024 * 1024
+        # Excluded places are not on the volume at all.
+        for rel in ("proc", "sys", "dev", "run", "tmp", "mnt", "media", "var/run", "var/lock",
+                    "var/lib/rootsync/volume", "var/lib/rootsync/state"):
+            assert not (tree / rel).exists() and not (tree / rel).is_symlink(), rel
+        assert (tree / "var/lib/rootsync/volume-id").read_text() == st["volume_id"] + "\n"
+
+
+def test_backup_copies_only_changed_files_and_hard_links_the_rest(tmp_path):
+    a = new_instance(tmp_path / "a", label_for(tmp_path))
+    make_rich_root(a.root)
+    with mounted_volume(a):
+        attach(a)
+        first = a.current()
+        (a.root / "etc/hostname").write_text("renamed\n")
+        out = backup(a)
+        second = a.current()
+        assert first != second
+        assert " files=1 " in out, out
+        st = status(a)
+        assert st["last_backup"]["files"] == 1
+        assert [g["name"] for g in st["generations"]] == [first.name, second.name]
+        # Unchanged files share their inode with the previous generation...
+        for rel in ("etc/passwd", "usr/bin/tool7", "var/lib/app/sparse.img", "usr/bin/perl"):
+            assert os.lstat(first / "tree" / rel).st_ino == os.lstat(second / "tree" / rel).st_ino, rel
+        # ...the changed one does not, and the previous generation still has the old content.
+        assert os.lstat(first / "tree/etc/hostname").st_ino != os.lstat(second / "tree/etc/hostname").st_ino
+        assert (first / "tree/etc/hostname").read_text() == "instance-a\n"
+        assert (second / "tree/etc/hostname").read_text() == "renamed\n"
+        assert_same_tree(a.root, second / "tree")
+
+
+def test_deletions_propagate_and_restore_never_resurrects_deleted_files(tmp_path):
+    a = new_instance(tmp_path / "a", label_for(tmp_path))
+    b = new_instance(tmp_path / "b", a.label)
+    make_rich_root(a.root)
+    with mounted_volume(a) as dev:
+        attach(a)
+        (a.root / "etc/hostname").unlink()
+        shutil.rmtree(a.root / "home/user/.config")
+        backup(a)
+        assert not (a.current() / "tree/etc/hostname").exists()
+        assert not (a.current() / "tree/home/user/.config").exists()
+        # A fresh instance that happens to have those paths loses them on restore.
+        (b.root / "etc").mkdir(parents=True)
+        (b.root / "etc/hostname").write_text("fresh\n")
+        (b.root / "home/user/.config").mkdir(parents=True)
+        move_volume(dev, a, b)
+        r = run_agent(b, "restore")
+        assert r.returncode == 0, r.output
+        assert "restore complete generation=" in r.output
+        assert not (b.root / "etc/hostname").exists()
+        assert not (b.root / "home/user/.config").exists()
+        assert_same_tree(a.root, b.root)
+
+
+def test_restore_on_a_fresh_instance_gives_the_identical_tree_and_leaves_excluded_paths_alone(tmp_path):
+    a = new_instance(tmp_path / "a", label_for(tmp_path))
+    a.excludes = ("/var/cache", "/srv/data/*.tmp")
+    b = new_instance(tmp_path / "b", a.label)
+    b.excludes = a.excludes
+    make_rich_root(a.root)
+    (a.root / "var/cache/apt.bin").write_text("cache\n")
+    (a.root / "srv/data/x.tmp").write_text("temporary\n")
+    with mounted_volume(a) as dev:
+        attach(a)
+        tree = a.current() / "tree"
+        assert not (tree / "var/cache").exists() and not (tree / "srv/data/x.tmp").exists()
+        # Instance B: its own excluded content, which restore must not touch.
+        for rel, text in (("proc/cpuinfo", "b proc"), ("tmp/b-scratch", "b tmp"), ("var/cache/b", "b cache"),
+                          ("srv/data/b.tmp", "b temporary"), ("mnt/b", "b mnt"), ("etc/stale", "stale")):
+            (b.root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (b.root / rel).write_text(text)
+        move_volume(dev, a, b)
+        r = run_agent(b, "restore")
+        assert r.returncode == 0, r.output
+        for rel, text in (("proc/cpuinfo", "b proc"), ("tmp/b-scratch", "b tmp"), ("var/cache/b", "b cache"),
+                          ("srv/data/b.tmp", "b temporary"), ("mnt/b", "b mnt")):
+            assert (b.root / rel).read_text() == text, rel
+        assert not (b.root / "etc/stale").exists()
+        assert not (b.root / "proc/1").exists()
+        assert_same_tree(a.root, b.root, extra_excludes=("var/cache", "srv/data/x.tmp", "srv/data/b.tmp"))
+        # B is now paired with the volume: the volume's ID came back with the tree.
+        st = status(b)
+        assert st["paired"] and st["instance_volume_id"] == st["volume_id"]
+
+
+def test_restore_is_refused_without_a_complete_generation(tmp_path):
+    b = new_instance(tmp_path / "b", label_for(tmp_path))
+    (b.root / "etc").mkdir(parents=True)
+    (b.root / "etc/keep").write_text("keep\n")
+    with mounted_volume(b):
+        # An empty volume.
+        r = run_agent(b, "restore")
+        assert r.returncode == EX_REFUSED
+        assert "no complete generation" in r.output
+        # A volume with only an unfinished generation (what a crash in the first backup leaves).
+        partial = b.volume_dir / "work/20260101T000000.000000000Z/tree/etc"
+        partial.mkdir(parents=True)
+        (partial / "half").write_text("half\n")
+        r = run_agent(b, "restore")
+        assert r.returncode == EX_REFUSED
+        assert "no complete generation" in r.output
+        # A current pointer to an incremental generation whose base is gone.
+        g = b.volume_dir / "generations/20260101T000001.000000000Z"
+        (g / "tree").mkdir(parents=True)
+        (g / "info").write_text("kind=incremental\nbase=20200101T000000.000000000Z\n")
+        (g / "deleted").write_text("")
+        (b.volume_dir / "current").symlink_to("generations/" + g.name)
+        r = run_agent(b, "restore")
+        assert r.returncode == EX_REFUSED
+        assert "not complete" in r.output
+        assert (b.root / "etc/keep").read_text() == "keep\n"
+        assert sorted(p.name for p in (b.root / "etc").iterdir()) == ["keep"]
+
+
+def test_a_paired_instance_is_never_restored_over_without_force(tmp_path):
+    a = new_instance(tmp_path / "a", label_for(tmp_path))
+    make_rich_root(a.root)
+    with mounted_volume(a):
+        attach(a)
+        (a.root / "etc/newer").write_text("newer than the backup\n")
+        r = run_agent(a, "restore")
+        assert r.returncode == EX_REFUSED and "paired" in r.output
+        assert (a.root / "etc/newer").exists()
+        # The attach logic of a paired instance resumes backups and restores nothing.
+        r = run_agent(a, "attach")
+        assert r.returncode == 0 and "backups resume" in r.output, r.output
+        assert (a.root / "etc/newer").exists()
+        # An explicit roll-back is possible.
+        r = run_agent(a, "restore", "--force")
+        assert r.returncode == 0, r.output
+        assert not (a.root / "etc/newer").exists()
+
+
+def test_two_backups_never_overlap_and_restore_waits_for_none(tmp_path):
+    a = new_instance(tmp_path / "a", label_for(tmp_path))
+    make_rich_root(a.root)
+    with mounted_volume(a):
+        attach(a)
+        proc = start_agent(a, "backup", env_extra={"ROOTSYNC_TEST_PAUSE_AT": "before-copy"})
+        try:
+            wait_paused(a, "before-copy", proc)
+            r = run_agent(a, "backup")
+            assert r.returncode == EX_BUSY and "running" in r.output, r.output
+            r = run_agent(a, "restore", "--force")
+            assert r.returncode == EX_BUSY, r.output
+            # The timer's backup quietly gives way.
+            r = run_agent(a, "backup", "--if-attached")
+            assert r.returncode == 0 and "backup complete" not in r.output
+        finally:
+            kill_group(proc)
+        backup(a)
+
+
+def test_backup_refuses_an_unpaired_volume(tmp_path):
+    a = new_instance(tmp_path / "a", label_for(tmp_path))
+    make_rich_root(a.root)
+    with mounted_volume(a):
+        r = run_agent(a, "backup")
+        assert r.returncode == EX_REFUSED and "not paired" in r.output
+        r = run_agent(a, "backup", "--if-attached")
+        assert r.returncode == 0 and not (a.volume_dir / "generations").exists()
+
+
+def test_timer_backup_runs_only_when_due(tmp_path):
+    a = new_instance(tmp_path / "a", label_for(tmp_path), interval="1")
+    make_rich_root(a.root)
+    with mounted_volume(a):
+        attach(a)
+        n = len(gen_dirs(a))
+        r = run_agent(a, "backup", "--if-due")
+        assert r.returncode == 0 and len(gen_dirs(a)) == n
+        last_full = a.root / "var/lib/rootsync/state/last-full"
+        last_full.write_text(str(int(time.time()) - 61) + "\n")
+        r = run_agent(a, "backup", "--if-due")
+        assert r.returncode == 0 and "backup complete" in r.output, r.output
+        assert len(gen_dirs(a)) == n + 1
+
+
+def test_old_generations_are_pruned_but_never_the_current_one(tmp_path):
+    a = new_instance(tmp_path / "a", label_for(tmp_path), generations="3")
+    (a.root / "etc").mkdir(parents=True)
+    with mounted_volume(a):
+        attach(a)
+        for i in range(4):
+            (a.root / "etc/counter").write_text(str(i) * (i + 1))
+            backup(a)
+        names = [p.name for p in gen_dirs(a)]
+        assert len(names) == 3
+        assert a.current().name == names[-1]
+        assert (a.current() / "tree/etc/counter").read_text() == "3333"
+        assert list((a.volume_dir / "work").iterdir()) == []
+
+
+def test_status_reports_generations_last_result_and_watcher(tmp_path):
+    a = new_instance(tmp_path / "a", label_for(tmp_path))
+    (a.root / "etc").mkdir(parents=True)
+    with mounted_volume(a) as dev:
+        st = status(a)
+        assert st["mounted"] and st["device"] == dev and st["generations"] == [] and st["current"] is None
+        assert st["last_backup"] is None and st["watcher"]["running"] is False
+        t0 = time.time()
+        attach(a)
+        st = status(a)
+        (g,) = st["generations"]
+        assert g["kind"] == "full" and g["current"] and g["restorable"]
+        assert g["started"] >= t0 - 1 and g["finished"] >= g["started"] and g["covers_until"] >= t0 - 1
+        assert st["last_backup"]["result"] == "ok" and st["last_backup"]["generation"] == g["name"]
+        text = run_agent(a, "status")
+        assert text.returncode == 0 and g["name"] in text.output and "paired" in text.output
