@@ -82,13 +82,16 @@ class Console:
         with self._cond:
             return "\n".join(self._text[-n:] + ([self._partial] if self._partial else []))
 
-    def wait_for(self, pattern: str | re.Pattern, *, timeout: float, what: str, since: int = 0) -> re.Match:
+    def wait_for(self, pattern: str | re.Pattern, *, timeout: float, what: str, since: int = 0,
+                 fail: str | re.Pattern | None = None) -> re.Match:
         """Block until a console line after position `since` matches `pattern`.
 
-        Raises GuestTimeout naming `what` after `timeout` seconds, or as soon as QEMU exits
-        (the console reaches EOF) without the line having appeared.
+        Raises GuestTimeout naming `what` after `timeout` seconds, as soon as QEMU exits
+        (the console reaches EOF) without the line having appeared, or as soon as a line
+        matches `fail` (a sign that the awaited line will never come).
         """
         rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        bad = re.compile(fail) if isinstance(fail, str) else fail
         deadline = time.monotonic() + timeout
         pos = since
         with self._cond:
@@ -98,6 +101,9 @@ class Console:
                     pos += 1
                     if m:
                         return m
+                    if bad is not None and bad.search(self._text[pos - 1]):
+                        raise GuestTimeout(f"the guest failed before {what}: {self._text[pos - 1].strip()}",
+                                           self.tail())
                 if self._closed:
                     code = self.proc.poll() if self.proc is not None else None
                     raise GuestTimeout(f"QEMU exited (status {code}) before {what}", self.tail())

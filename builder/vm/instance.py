@@ -40,6 +40,9 @@ from .qmp import Monitor, QMPFailure
 
 NETWORK = "169.254.169.0/24"  # holds the metadata address, as user-mode forwards require
 GUEST_IPV4 = "169.254.169.15"  # the first address the user-mode DHCP server hands out
+# lines after which the ready line cannot come: the kernel or the initramfs gave up
+BOOT_FAILED = re.compile(r"Kernel panic - not syncing|Failed to mount \S+ as root file system|"
+                         r"Gave up waiting for root|Dropping to a shell|Unable to mount root fs")
 READY = re.compile(r"bake-ready first_boot=(?P<first_boot>yes|no) instance_id=(?P<instance_id>\S*) uptime=(?P<uptime>[\d.]+)")
 
 
@@ -110,7 +113,7 @@ class Instance:
 
     def wait_ready(self, *, timeout: float, since: int = 0, since_time: float | None = None) -> Ready:
         """Wait for the image's end-of-boot line (`bake-ready ...`) on the console."""
-        m = self.console.wait_for(READY, timeout=timeout, since=since,
+        m = self.console.wait_for(READY, timeout=timeout, since=since, fail=BOOT_FAILED,
                                   what=f"the end-of-boot line 'bake-ready' from instance {self.name}")
         t0 = self.started if since_time is None else since_time
         return Ready(m["first_boot"] == "yes", m["instance_id"], float(m["uptime"]),
