@@ -80,7 +80,8 @@ def bake(recipe: Recipe, output_root: Path, *, stop_after: str | None = None,
                             break
     except BaseException as e:
         build.data["result"] = "failed"
-        build.data["error"] = str(e) if isinstance(e, BakeError) else f"{type(e).__name__}: {e}"
+        build.data["error"] = (str(e) if isinstance(e, BakeError) else "interrupted" if isinstance(e, KeyboardInterrupt)
+                               else f"{type(e).__name__}: {e}")
         build.save()
         _discard(work)
         raise

@@ -1,0 +1,37 @@
+"""Fixtures shared by the whole suite.
+
+The slow end-to-end tests share one real bake of recipes/debian-demo.yml per run
+(`demo_build`); the cache under output/.cache makes a second run on the same machine
+fast, and CI starts from a clean clone, so there it bakes from scratch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_OUTPUT = REPO / "output" / "tests"
+BAKE = str(Path(sys.executable).parent / "bake")
+
+os.environ.setdefault("BAKE_CACHE", str(REPO / "output" / ".cache"))
+
+
+def pytest_sessionstart(session):
+    if os.geteuid() != 0:
+        raise pytest.UsageError("the test suite bakes and boots images for real: run it as root (see README)")
+
+
+@pytest.fixture(scope="session")
+def demo_build():
+    """The demo recipe baked for real, once per test run (up to the image stage)."""
+    from builder.pipeline import bake
+    from builder.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "debian-demo.yml")
+    build = bake(recipe, TEST_OUTPUT, stop_after="image", build_id=f"run-{os.getpid()}")
+    assert build.data["result"] == "ok"
+    return build

@@ -1,0 +1,114 @@
+"""The demo recipe baked for real (debootstrap, chroot, mkfs): what the trio and its
+record must be. The boot under QEMU is in test_boot.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from builder.build import sha256_file
+from builder.distro import profile_for
+
+
+def debugfs_cat(image, path) -> str:
+    r = subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True, text=True)
+    return r.stdout
+
+
+def debugfs_exists(image, path) -> bool:
+    r = subprocess.run(["debugfs", "-R", f"stat {path}", str(image)], capture_output=True, text=True)
+    return "Inode:" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def image(demo_build):
+    return demo_build.output_path("image")
+
+
+def test_build_record_lists_outputs_with_sizes_and_hashes(demo_build):
+    rec = json.loads((demo_build.dir / "build.json").read_text())
+    assert rec["result"] == "ok"
+    for role in ("kernel", "ramdisk", "image"):
+        out = rec["outputs"][role]
+        path = demo_build.dir / out["path"]
+        assert path.stat().st_size == out["size"] > 0
+        assert sha256_file(path) == out["sha256"]
+    assert rec["outputs"]["kernel"]["path"].startswith("vmlinuz-")
+    assert rec["outputs"]["ramdisk"]["path"].startswith("initrd.img-")
+    names = [e["name"] for e in rec["elements"]]
+    assert names[:2] == ["base", "kernel"] and {"acpiphp", "ec2-metadata", "sync-agent"} <= set(names)
+    pkgs = {p["name"]: p for p in rec["packages"]}
+    for want in ("linux-image-cloud-amd64", "openssh-server", "rsync", "inotify-tools", "systemd-sysv", "sudo"):
+        assert want in pkgs, want
+    assert all(p["version"] and p["arch"] for p in rec["packages"])
+    for stage in ("bootstrap", "customize", "image"):
+        assert rec["stages"][stage]["seconds"] >= 0
+
+
+def test_partition_image_is_a_bare_labelled_filesystem_with_the_profiles_features(image):
+    probe = subprocess.run(["blkid", "-p", "-o", "export", str(image)], capture_output=True, text=True).stdout
+    fields = dict(line.split("=", 1) for line in probe.split())
+    assert fields["TYPE"] == "ext4" and fields["LABEL"] == "cloudimg-rootfs"
+    assert "PTTYPE" not in fields  # a partition image, not a disk
+    subprocess.run(["e2fsck", "-f", "-n", str(image)], check=True, capture_output=True)
+    header = subprocess.run(["dumpe2fs", "-h", str(image)], capture_output=True, text=True).stdout
+    features = next(l for l in header.splitlines() if l.startswith("Filesystem features:")).split(":", 1)[1].split()
+    assert set(features) == set(profile_for("debian/bookworm").mkfs_features("ext4"))
+
+
+def test_image_mounts_root_by_label_and_gets_dhcp_on_eth0(image):
+    fstab = debugfs_cat(image, "/etc/fstab")
+    assert "LABEL=cloudimg-rootfs\t/\text4" in fstab
+    assert "/dev/sda1" not in fstab and "/dev/vda1" not in fstab
+    assert "iface eth0 inet dhcp" in debugfs_cat(image, "/etc/network/interfaces")
+    assert debugfs_exists(image, "/etc/systemd/system/getty.target.wants/serial-getty@ttyS0.service")
+
+
+def test_image_carries_nothing_of_the_build(image):
+    assert debugfs_cat(image, "/etc/machine-id") == ""
+    for leftover in ("/usr/sbin/policy-rc.d", "/usr/sbin/update-initramfs.distrib", "/tmp/bake",
+                     "/etc/ssh/ssh_host_ed25519_key", "/etc/ssh/ssh_host_rsa_key"):
+        assert not debugfs_exists(image, leftover), leftover
+    # update-initramfs is the real one again, not the build's no-op
+    assert "exit 0" not in debugfs_cat(image, "/usr/sbin/update-initramfs").splitlines()[:5]
+    assert "root:*:" in debugfs_cat(image, "/etc/shadow")
+
+
+def test_default_user_has_passwordless_sudo(image):
+    assert "debian ALL=(ALL) NOPASSWD:ALL" in debugfs_cat(image, "/etc/sudoers.d/90-bake-users")
+    assert "debian:" in debugfs_cat(image, "/etc/passwd")
+
+
+def test_ramdisk_carries_the_virtio_drivers(demo_build):
+    listing = subprocess.run(["lsinitramfs", str(demo_build.output_path("ramdisk"))],
+                             capture_output=True, text=True, check=True).stdout
+    image = demo_build.output_path("image")
+    builtin = debugfs_cat(image, f"/lib/modules/{demo_build.data['kernel_version']}/modules.builtin")
+    for mod in ("virtio_pci", "virtio_blk"):
+        assert f"/{mod}.ko" in listing or f"/{mod}.ko" in builtin, mod
+
+
+def test_acpiphp_built_in_is_noted_and_nothing_written(demo_build, image):
+    builtin = debugfs_cat(image, f"/lib/modules/{demo_build.data['kernel_version']}/modules.builtin")
+    assert "kernel/drivers/pci/hotplug/acpiphp.ko" in builtin
+    assert any("acpiphp is built into kernel" in n for n in demo_build.data["notes"])
+    assert not debugfs_exists(image, "/etc/modules-load.d/acpiphp.conf")
+
+
+def test_initramfs_is_generated_once(demo_build):
+    log = (demo_build.dir / "packages.log").read_text()
+    # The package step's triggers ran the deferred no-op, never the real generator.
+    assert "update-initramfs: Generating" not in log
+    assert demo_build.output_path("ramdisk").stat().st_size > 1_000_000
+
+
+def test_plan_says_the_caches_now_hit(demo_build):
+    from builder.plan import make_plan
+    from builder.recipe import load_recipe
+    from conftest import REPO, TEST_OUTPUT
+    plan = make_plan(load_recipe(REPO / "recipes" / "debian-demo.yml"), TEST_OUTPUT)
+    assert plan.bootstrap.hit and plan.checkpoint.hit
+    assert plan.bootstrap.key == demo_build.data["stages"]["bootstrap"]["key"]
+    assert plan.checkpoint.key == demo_build.data["stages"]["customize"]["checkpoint_key"]
