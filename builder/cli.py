@@ -86,6 +86,18 @@ def cmd_build(args) -> int:
     return 0 if build.data.get("result", "ok") == "ok" else 1
 
 
+def cmd_schema(args) -> int:
+    from .recipe import recipe_schema
+    from .schemadoc import markdown
+
+    if args.markdown:
+        print(markdown(), end="")
+    else:
+        import json
+        print(json.dumps(recipe_schema(), indent=2, ensure_ascii=False))
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bake",
@@ -105,6 +117,10 @@ def _build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--output", default=os.environ.get("BAKE_OUTPUT", "output"), help="output root (default: output)")
     sp.add_argument("--json", action="store_true", help="print the plan as JSON")
     sp.set_defaults(func=cmd_plan)
+
+    sp = sub.add_parser("schema", help="print the recipe JSON Schema (or, with --markdown, the recipe reference)")
+    sp.add_argument("--markdown", action="store_true", help="render the reference as Markdown")
+    sp.set_defaults(func=cmd_schema)
 
     sp = sub.add_parser("build", help="bake a recipe: bootstrap, customize, image, then bundle/publish/verify as configured")
     sp.add_argument("recipe", metavar="RECIPE")
