@@ -124,9 +124,19 @@ def run(
 
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
+    timed_out = threading.Event()
+
+    def expire() -> None:
+        timed_out.set()
+        _stop_group(proc, grace=2.0)
+
+    # A silent hang prints nothing, so the deadline is kept by a timer, not by the reader.
+    timer = threading.Timer(timeout, expire) if timeout is not None else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
     try:
         assert proc.stdout is not None
-        deadline = None if timeout is None else start + timeout
         for raw in proc.stdout:
             line = raw.decode(errors="replace")
             lines.append(line)
@@ -135,17 +145,16 @@ def run(
                 logfile.write(line)
             if not quiet:
                 log.debug("  | %s", line.rstrip("\n"))
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(argv, timeout or 0)
-        proc.wait(timeout=None if deadline is None else max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        _stop_group(proc)
-        raise CommandError(argv, proc.returncode, "".join(tail), (what or "command") + f" timed out after {timeout:.0f} s") from None
+        proc.wait()
     except BaseException:
         _stop_group(proc)
         raise
     finally:
+        if timer is not None:
+            timer.cancel()
         feeder.join(timeout=1)
+    if timed_out.is_set():
+        raise CommandError(argv, proc.returncode, "".join(tail), (what or "command") + f" timed out after {timeout:.0f} s")
     seconds = time.monotonic() - start
     result = Result(argv, proc.returncode, "".join(lines), seconds)
     if check and proc.returncode != 0:

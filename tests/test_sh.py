@@ -1,0 +1,76 @@
+"""builder.sh: every process, mount and loop device it starts is undone on any exit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from builder import sh
+
+
+def test_failed_command_error_shows_the_command_and_its_output_tail():
+    with pytest.raises(sh.CommandError) as info:
+        sh.run(["sh", "-c", "for i in $(seq 100); do echo line $i; done; echo broken >&2; exit 7"], what="demo step")
+    e = info.value
+    assert e.returncode == 7
+    assert str(e).startswith("demo step: sh -c ")
+    assert "line 100" in e.tail and "broken" in e.tail and "line 1\n" not in e.tail
+
+
+def test_a_silent_hang_is_ended_at_the_timeout_with_its_whole_process_group(tmp_path):
+    pidfile = tmp_path / "child"
+    start = time.monotonic()
+    with pytest.raises(sh.CommandError, match="timed out after 1 s"):
+        sh.run(["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"], timeout=1)
+    assert time.monotonic() - start < 10
+    child = int(pidfile.read_text())
+    time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z"
+
+
+def test_background_process_group_ends_with_the_block(tmp_path):
+    pidfile = tmp_path / "child"
+    with sh.background(["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"]) as proc:
+        for _ in range(50):
+            if pidfile.exists() and pidfile.read_text().strip():
+                break
+            time.sleep(0.1)
+        child = int(pidfile.read_text())
+        assert os.path.exists(f"/proc/{child}")
+    assert proc.poll() is not None
+    time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z"
+
+
+def test_chroot_mounts_are_undone_when_the_block_fails(tmp_path):
+    root = tmp_path / "root"
+    for d in sh.CHROOT_BINDS:
+        (root / d).mkdir(parents=True)
+    with pytest.raises(RuntimeError):
+        with sh.chroot_mounts(root):
+            assert len(sh.mounts_under(root)) >= 4
+            raise RuntimeError("a hook failed")
+    assert sh.mounts_under(root) == []
+
+
+def test_loop_device_and_mount_are_undone_on_error(tmp_path):
+    img = tmp_path / "fs.img"
+    with open(img, "wb") as f:
+        f.truncate(16 * 1024 * 1024)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        with sh.loop_device(img) as dev, sh.mount(dev, mnt):
+            assert sh.mounts_under(mnt) == [str(mnt)]
+            raise KeyboardInterrupt
+    assert sh.mounts_under(mnt) == []
+    assert str(img) not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+
+
+def test_missing_program_is_named_with_the_way_to_install_it():
+    with pytest.raises(sh.BakeError, match="missing program.*no-such-tool-here.*scripts/setup"):
+        sh.require("sh", "no-such-tool-here")
