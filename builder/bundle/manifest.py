@@ -73,8 +73,11 @@ class Manifest:
 # --- writing ----------------------------------------------------------------------------
 
 def _el(tag: str, text: str | int, attrs: dict[str, str] | None = None) -> str:
-    a = "".join(f" {k}='{escape(str(v), {chr(39): '&apos;'})}'" for k, v in (attrs or {}).items())
+    a = "".join(f" {k}='{escape(str(v), _APOS)}'" for k, v in (attrs or {}).items())
     return f"<{tag}{a}>{escape(str(text))}</{tag}>"
+
+
+_APOS = {"'": "&apos;"}
 
 
 def _machine_configuration(m: Manifest) -> str:
@@ -123,7 +126,7 @@ def render(m: Manifest, sign: Callable[[bytes], str]) -> bytes:
     """
     if m.image_type not in IMAGE_TYPES:
         raise BakeError(f"image type {m.image_type!r}: must be one of {', '.join(IMAGE_TYPES)}")
-    for what, value in (("image name", m.name), *((f"part file name", p.filename) for p in m.parts)):
+    for what, value in (("image name", m.name), *(("part file name", p.filename) for p in m.parts)):
         if not NAME_RE.match(value):
             raise BakeError(f"{what} {value!r}: use only letters, digits, '.', '_' and '-'")
     signed = (_machine_configuration(m) + _image(m)).encode("ascii")
@@ -185,7 +188,8 @@ def parse(data: bytes) -> Manifest:
     version = _text(root, "version")
     if version != VERSION:
         raise BakeError(f"bundle manifest version {version!r} is not supported (only {VERSION})")
-    algorithm = (root.find("image/digest").get("algorithm") or DIGEST_ALGORITHM) if root.find("image/digest") is not None else DIGEST_ALGORITHM
+    digest_el = root.find("image/digest")
+    algorithm = (digest_el.get("algorithm") if digest_el is not None else None) or DIGEST_ALGORITHM
     if algorithm.upper() != DIGEST_ALGORITHM:
         raise BakeError(f"bundle manifest: digest algorithm {algorithm!r} is not supported (only SHA1)")
 
