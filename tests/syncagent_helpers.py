@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -19,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
+
+import pytest
 
 from builder import sh
 
@@ -323,3 +326,32 @@ def wait_paused(inst: Instance, stage: str, proc: subprocess.Popen, timeout: flo
 
     wait_for(paused, timeout, f"the agent to pause at {stage}")
     marker.unlink()
+
+
+# --- shared test steps -------------------------------------------------------------
+
+@pytest.fixture
+def needs_root_and_tools():
+    if os.geteuid() != 0:
+        pytest.fail("the sync agent's tests need root (loop devices, mount, device nodes, chown)")
+    for tool in ("rsync", "inotifywait", "flock", "losetup", "mkfs.ext4", "blkid", "setfacl"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed; the sync agent's tests cannot run")
+
+
+def label_for(tmp_path: Path) -> str:
+    # Unique per test so that a volume found by label is always this test's own.
+    return "rt" + format(abs(hash(str(tmp_path))) % 16**8, "08x")
+
+
+def attach(inst) -> None:
+    r = run_agent(inst, "attach")
+    assert r.returncode == 0, r.output
+    assert "backup complete" in r.output or "backups resume" in r.output, r.output
+
+
+def backup(inst, *args: str) -> str:
+    r = run_agent(inst, "backup", *args)
+    assert r.returncode == 0, r.output
+    assert "backup complete generation=" in r.output, r.output
+    return r.output

@@ -12,36 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from syncagent_helpers import (EX_BUSY, EX_FAIL, EX_REFUSED, assert_same_tree, kill_group, listing,
-                               make_rich_root, mounted_volume, move_volume, new_instance, run_agent,
-                               start_agent, status, wait_for, wait_paused)
+from syncagent_helpers import (EX_BUSY, EX_REFUSED, assert_same_tree, attach, backup, kill_group,
+                               label_for, make_rich_root, mounted_volume, move_volume, needs_root_and_tools,
+                               new_instance, run_agent, start_agent, status, wait_paused)
 
-
-@pytest.fixture(autouse=True)
-def _needs_root_and_tools():
-    if os.geteuid() != 0:
-        pytest.fail("the sync agent's tests need root (loop devices, mount, device nodes, chown)")
-    for tool in ("rsync", "inotifywait", "flock", "losetup", "mkfs.ext4", "blkid", "setfacl"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} is not installed; the sync agent's tests cannot run")
-
-
-def label_for(tmp_path: Path) -> str:
-    # Unique per test so that a volume found by label is always this test's own.
-    return "rt" + format(abs(hash(str(tmp_path))) % 16**8, "08x")
-
-
-def attach(inst) -> None:
-    r = run_agent(inst, "attach")
-    assert r.returncode == 0, r.output
-    assert "backup complete" in r.output or "backups resume" in r.output, r.output
-
-
-def backup(inst, *args: str) -> str:
-    r = run_agent(inst, "backup", *args)
-    assert r.returncode == 0, r.output
-    assert "backup complete generation=" in r.output, r.output
-    return r.output
+pytestmark = pytest.mark.usefixtures("needs_root_and_tools")
 
 
 def gen_dirs(inst) -> list[Path]:
