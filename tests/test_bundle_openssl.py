@@ -26,12 +26,13 @@ def creds(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def made(creds, tmp_path_factory):
-    """A bundle of several parts of an image that is part noise, part text, part zeros."""
+    """A bundle of several parts of an image that is part noise, part text, part zeros
+    (several MiB of them, so that runs of all-zero blocks are compressed as such)."""
     d = tmp_path_factory.mktemp("openssl")
     image = d / "lucid.img"
     noise = b"".join(hashlib.sha256(i.to_bytes(8, "big")).digest() for i in range(20000))
     text = b"".join(b"line %d of a config file\n" % i for i in range(20000))
-    image.write_bytes(noise + text + bytes(300_000) + noise[:12345])
+    image.write_bytes(noise + text + bytes(3 * 1024 * 1024 + 300_000) + noise[:12345])  # zeros: whole zero blocks in a row
     result = bundle_image(image, d / "bundle", user_id=creds.account, user_cert=creds.user.cert,
                           user_key=creds.user.key, cloud_cert=creds.cloud.cert, part_size=65536,
                           kernel_id="eki-ABCD1234", ramdisk_id="eri-ABCD1234")

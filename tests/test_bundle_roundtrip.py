@@ -20,6 +20,7 @@ from bundle_keys import make_credentials
 from builder.bundle.manifest import parse
 from builder.bundle.reader import unbundle
 from builder.bundle.writer import PART_SIZE, bundle_image
+from builder.errors import BakeError
 
 MiB = 1024 * 1024
 
@@ -196,3 +197,32 @@ def test_manifest_says_what_the_publisher_needs(creds, tmp_path):
     assert (m.size, m.bundled_size, m.digest) == (result.size, result.bundled_size, result.digest)
     assert m.user == "123456789012"
     assert os.path.getsize(result.manifest) == len(result.manifest.read_bytes())
+
+
+def test_existing_bundle_of_the_same_name_is_not_overwritten(creds, tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(image_data(3000))
+    first = bundle(creds, image, tmp_path / "bundle")
+    before = first.manifest.read_bytes()
+    with pytest.raises(BakeError, match=r"already holds a bundle named disk.img"):
+        bundle(creds, image, tmp_path / "bundle")
+    assert first.manifest.read_bytes() == before
+    other = bundle(creds, image, tmp_path / "bundle", prefix="disk-2")  # another prefix sits beside it
+    assert other.manifest.name == "disk-2.manifest.xml"
+
+
+def test_destination_that_is_a_file_is_refused(creds, tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"x")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(BakeError, match=r"file: not a directory"):
+        bundle(creds, image, tmp_path / "file")
+
+
+def test_mismatched_certificate_and_key_are_refused_before_any_work(creds, tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"x")
+    with pytest.raises(BakeError, match=r"user-cert.pem: this certificate does not belong to the private key"):
+        bundle_image(image, tmp_path / "b", user_id=creds.account, user_cert=creds.user.cert,
+                     user_key=creds.stranger.key, cloud_cert=creds.cloud.cert)
+    assert not (tmp_path / "b").exists()

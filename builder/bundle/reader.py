@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import padding as sympadding
 from ..errors import BakeError
 from ..log import step
 from . import crypto
+from .files import os_errors_as_bake_errors, private_directory
 from .manifest import Manifest, ManifestPart, parse
 
 log = logging.getLogger("bake.bundle")
@@ -232,13 +233,14 @@ def unbundle(manifest: Path, *, private_key: Path, source_dir: Path | None, dest
         raise BakeError(f"{manifest}: the manifest lists no parts")
     key, iv = _open_bundle_key(m, private_key)
 
-    destination.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_directory(destination)
     target = destination / m.name
     fd, tmp_name = tempfile.mkstemp(prefix=f".{m.name}.", suffix=".partial", dir=destination)
     tmp = Path(tmp_name)
     parts = _Parts(m.parts, source)
     try:
-        with step(f"Unbundling {m.name}"), os.fdopen(fd, "wb") as out:
+        with os_errors_as_bake_errors(f"unbundling {manifest}"), step(f"Unbundling {m.name}"), \
+                os.fdopen(fd, "wb") as out:
             plain = _Plain(parts, key, iv)
             written = 0
             try:

@@ -29,6 +29,7 @@ from typing import BinaryIO, Iterator
 from ..errors import BakeError
 from ..log import step
 from . import crypto
+from .files import create_private, os_errors_as_bake_errors, private_directory
 from .gzipstream import ParallelGzip
 from .manifest import NAME_RE, Manifest, ManifestPart, render
 
@@ -177,10 +178,24 @@ class _PartWriter:
         self._finish_part()
 
 
-def create_private(path: Path) -> BinaryIO:
-    """Create `path` for writing, mode 0600, failing if it exists."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    return os.fdopen(fd, "wb")
+def _encrypt_into_parts(src: BinaryIO, size: int, directory: Path, prefix: str, key: str, iv: str, *,
+                        part_size: int, gzip_level: int, workers: int | None) -> tuple[_PartWriter, str]:
+    """Stream `src` through tar, gzip and AES into part files; return them and the tar SHA-1."""
+    parts = _PartWriter(directory, prefix, part_size)
+    tar_sha1 = hashlib.sha1()
+    compressed = 0
+    enc = crypto.encryptor(bytes.fromhex(key), bytes.fromhex(iv))
+    try:
+        with ParallelGzip(gzip_level, workers) as gz:
+            for chunk, last in _tar_stream(src, prefix, size, BLOCK_SIZE):
+                tar_sha1.update(chunk)
+                for out in gz.write(chunk, final=last):
+                    compressed += len(out)
+                    parts.write(enc.update(out))
+        parts.write(enc.update(crypto.pkcs7_pad(compressed)) + enc.finalize())
+    finally:
+        parts.close()
+    return parts, tar_sha1.hexdigest()
 
 
 def _check_type(image_type: str, kernel_id: str | None, ramdisk_id: str | None,
@@ -250,7 +265,7 @@ def bundle_image(
             raise BakeError(f"{image}: not a regular file")
         size = st.st_size
 
-        destination.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_directory(destination)
         manifest_path = destination / f"{prefix}.manifest.xml"
         clash = [p for p in [manifest_path, *destination.glob(f"{prefix}.part.*")] if p.exists()]
         if clash:
@@ -258,24 +273,14 @@ def bundle_image(
                             "remove it or choose another destination or prefix")
         stage = Path(tempfile.mkdtemp(prefix=f".{prefix}.", suffix=".partial", dir=destination))
         try:
-            with step(f"Bundling {image.name} ({image_type}, {size} bytes)"):
+            with os_errors_as_bake_errors(f"writing the bundle in {destination}"), \
+                    step(f"Bundling {image.name} ({image_type}, {size} bytes)"):
                 key, iv = os.urandom(16).hex(), os.urandom(16).hex()
-                parts = _PartWriter(stage, prefix, part_size)
-                tar_sha1 = hashlib.sha1()
-                compressed = 0
-                enc = crypto.encryptor(bytes.fromhex(key), bytes.fromhex(iv))
-                with ParallelGzip(gzip_level, workers) as gz:
-                    for chunk, last in _tar_stream(src, prefix, size, BLOCK_SIZE):
-                        tar_sha1.update(chunk)
-                        for out in gz.write(chunk, final=last):
-                            compressed += len(out)
-                            parts.write(enc.update(out))
-                parts.write(enc.update(crypto.pkcs7_pad(compressed)) + enc.finalize())
-                parts.close()
-
+                parts, digest = _encrypt_into_parts(src, size, stage, prefix, key, iv,
+                                                    part_size=part_size, gzip_level=gzip_level, workers=workers)
                 info = Manifest(
                     name=prefix, user=user, image_type=image_type, arch=arch,
-                    digest=tar_sha1.hexdigest(), size=size, bundled_size=sum(parts.sizes),
+                    digest=digest, size=size, bundled_size=sum(parts.sizes),
                     ec2_encrypted_key=crypto.wrap(cloud_public, key),
                     user_encrypted_key=crypto.wrap(user_public, key),
                     ec2_encrypted_iv=crypto.wrap(cloud_public, iv),
