@@ -1,0 +1,161 @@
+"""Watch mode: inotify names the changed paths, a debounced incremental backup puts
+them in a complete generation within seconds, and restoring that generation gives the
+tree exactly as it was."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+
+from syncagent_helpers import (assert_same_tree, attach, kill_group, label_for, listing, make_rich_root,
+                               mounted_volume, move_volume, needs_root_and_tools, new_instance,
+                               run_agent, start_agent, status, wait_for)
+
+pytestmark = pytest.mark.usefixtures("needs_root_and_tools")
+
+DEBOUNCE = 1
+
+
+def start_watch(inst):
+    proc = start_agent(inst, "watch")
+    # The watcher runs, has set up its watches, and made its starting whole-tree pass.
+    first = status(inst)["current"]
+
+    def ready():
+        assert proc.poll() is None, (inst.base / "agent.log").read_text()
+        st = status(inst)
+        return st["watcher"]["running"] and st["current"] != first and st["current"]
+
+    wait_for(ready, 60, "the watcher's first whole-tree pass", interval=0.2)
+    return proc
+
+
+def wait_covered(inst, t: float, timeout: float = 30) -> dict:
+    """Wait for a complete generation that covers every change made before time `t`."""
+    def covered():
+        st = status(inst)
+        cur = [g for g in st["generations"] if g["current"]]
+        return cur and cur[0]["covers_until"] and cur[0]["covers_until"] > t and cur[0]
+
+    return wait_for(covered, timeout, "a generation covering the change", interval=0.1)
+
+
+def test_a_change_is_in_a_complete_generation_within_the_debounce_plus_sync_time(tmp_path):
+    a = new_instance(tmp_path / "a", label_for(tmp_path), debounce=str(DEBOUNCE))
+    make_rich_root(a.root)
+    with mounted_volume(a):
+        attach(a)
+        proc = start_watch(a)
+        try:
+            first_gen = a.current()
+            before = listing(first_gen / "tree")
+            t0 = time.time()
+            (a.root / "etc/hostname").write_text("written while watched\n")
+            gen = wait_covered(a, t0)
+            elapsed = time.time() - t0
+            assert gen["kind"] == "incremental"
+            tree = a.current() / "tree"
+            assert (tree / "etc/hostname").read_text() == "written while watched\n"
+            # Debounce, plus the watcher's one-second poll, plus the backup itself.
+            assert elapsed < DEBOUNCE + 1.0 + gen["seconds"] + 1.5, f"recovery point {elapsed:.2f} s"
+            # Only the changed file was copied; the older generation is untouched.
+            assert gen["files"] == 1
+            assert listing(first_gen / "tree") == before
+            assert (first_gen / "tree/etc/hostname").read_text() == "instance-a\n"
+        finally:
+            kill_group(proc)
+
+
+def test_a_series_of_watched_changes_restores_to_exactly_the_watched_tree(tmp_path):
+    a = new_instance(tmp_path / "a", label_for(tmp_path), debounce=str(DEBOUNCE))
+    b = new_instance(tmp_path / "b", a.label)
+    make_rich_root(a.root)
+    with mounted_volume(a) as dev:
+        attach(a)
+        proc = start_watch(a)
+        try:
+            gen0 = a.current()
+            before = listing(gen0 / "tree")
+            r = a.root
+            # Round 1: content, metadata, deletion, a new directory tree, a rename.
+            (r / "etc/hostname").write_text("round one\n")
+            os.chmod(r / "usr/bin/tool5", 0o750)
+            os.chown(r / "usr/bin/tool6", 1000, 1000)
+            os.setxattr(r / "usr/bin/tool7", "user.tag", b"watched")
+            (r / "etc/empty").unlink()
+            shutil.rmtree(r / "home/user/.config")
+            (r / "opt/app/lib").mkdir(parents=True)
+            (r / "opt/app/lib/a.so").write_bytes(os.urandom(5000))
+            (r / "opt/app/run.sh").write_text("#!/bin/sh\n")
+            (r / "opt/app/current").symlink_to("lib")
+            os.rename(r / "usr/bin/tool8", r / "usr/bin/tool8-renamed")
+            os.mkfifo(r / "var/lib/app/fifo2")
+            t1 = time.time()
+            g1 = wait_covered(a, t1)
+            assert g1["kind"] == "incremental"
+            # Round 2: on top of the incremental one — a path deleted then recreated as a
+            # directory, a file replaced by a symlink, a directory moved.
+            (r / "etc/hostname").unlink()
+            (r / "etc/hostname").mkdir()
+            (r / "etc/hostname/inner").write_text("now a directory\n")
+            (r / "etc/rel-link").unlink()
+            (r / "etc/rel-link").write_text("no longer a link\n")
+            os.rename(r / "opt/app", r / "srv/app-moved")
+            with open(r / "var/lib/app/sparse.img", "r+b") as f:
+                f.seek(4 * 1024 * 1024)
+                f.write(b"middle")
+            t2 = time.time()
+            g2 = wait_covered(a, t2)
+            assert g2["kind"] == "incremental" and g2["base"] == g1["base"]
+            # The whole-tree generation the incremental ones build on is unchanged.
+            assert listing(gen0 / "tree") == before
+        finally:
+            kill_group(proc)
+        move_volume(dev, a, b)
+        r2 = run_agent(b, "restore")
+        assert r2.returncode == 0, r2.output
+        assert_same_tree(a.root, b.root)
+
+
+def test_a_new_hard_link_makes_the_watcher_take_a_whole_tree_pass(tmp_path):
+    a = new_instance(tmp_path / "a", label_for(tmp_path), debounce=str(DEBOUNCE))
+    b = new_instance(tmp_path / "b", a.label)
+    make_rich_root(a.root)
+    with mounted_volume(a) as dev:
+        attach(a)
+        proc = start_watch(a)
+        try:
+            os.link(a.root / "etc/passwd", a.root / "srv/data/passwd-link")
+            with open(a.root / "usr/bin/perl", "ab") as f:
+                f.write(b"# appended through one of three names\n")
+            gen = wait_covered(a, time.time())
+            assert gen["kind"] == "full"
+        finally:
+            kill_group(proc)
+        move_volume(dev, a, b)
+        r = run_agent(b, "restore")
+        assert r.returncode == 0, r.output
+        assert_same_tree(a.root, b.root)
+        assert os.lstat(b.root / "srv/data/perl-hardlink").st_ino == os.lstat(b.root / "usr/bin/perl").st_ino
+
+
+def test_the_watcher_waits_for_a_paired_volume(tmp_path):
+    a = new_instance(tmp_path / "a", label_for(tmp_path), debounce=str(DEBOUNCE))
+    (a.root / "etc").mkdir(parents=True)
+    proc = start_agent(a, "watch")
+    try:
+        wait_for(lambda: "waiting for a paired volume" in (a.base / "agent.log").read_text(), 20,
+                 "the watcher to report it is waiting")
+        assert proc.poll() is None
+        with mounted_volume(a):
+            try:
+                attach(a)
+                wait_for(lambda: status(a)["watcher"]["running"] and len(status(a)["generations"]) >= 2, 30,
+                         "the watcher's first pass once the volume is there", interval=0.2)
+            finally:
+                kill_group(proc)
+    finally:
+        kill_group(proc)
