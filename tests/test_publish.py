@@ -290,3 +290,26 @@ def test_bake_publish_without_a_cloud_says_how_to_configure_one(clean_env, tmp_p
     b = make_build(tmp_path / "output")
     assert bake_main(["publish", str(b.dir)]) == 1
     assert "no cloud configured" in capsys.readouterr().err
+
+
+def test_the_project_clients_create_volumes_and_run_instances_the_cloud_accepts(euca_cloud, creds, build):
+    cloud = publish(build, creds, opts())
+    ec2 = make_clients(creds).ec2
+    (inst,) = ec2.run_instances(ImageId=cloud["image_id"], MinCount=1, MaxCount=1)["Instances"]
+    vol = ec2.create_volume(Size=1, AvailabilityZone=inst["Placement"]["AvailabilityZone"])  # no ClientToken sent
+    assert vol["VolumeId"]
+    (rec,) = [r for r in euca_cloud.front.requests if r.operation == "CreateVolume"]
+    assert "ClientToken" not in rec.params and rec.status == 200
+    ec2.terminate_instances(InstanceIds=[inst["InstanceId"]])
+
+
+def test_a_build_bundled_without_kernel_and_ramdisk_is_registered_alone_on_3x_and_refused_on_4x(
+        euca_cloud, creds, build):
+    section = build.data["bundle"]
+    build.set("bundle", {"image": section["image"]})
+    if euca_cloud.version == "3":
+        cloud = publish(build, creds, opts())
+        assert cloud["image_id"].startswith("emi-") and cloud["kernel_id"] is None
+    else:
+        with pytest.raises(BakeError, match="Kernel ID must be specified"):
+            publish(build, creds, opts())

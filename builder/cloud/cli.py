@@ -42,7 +42,8 @@ def cmd_publish(args) -> int:
     build, creds, opts = _setup(args)
     cloud = publish(build, creds, opts)
     for role in ("kernel", "ramdisk", "image"):
-        print(f"{role}\t{cloud[role + '_id']}")
+        if cloud.get(role + "_id"):
+            print(f"{role}\t{cloud[role + '_id']}")
     return 0
 
 

@@ -132,7 +132,8 @@ def _resolve(build: Build, p: str | Path) -> Path:
 
 def bundles_of(build: Build, creds: Credentials | None = None) -> list[Bundle]:
     """The build's bundles as the bundle stage recorded them (build.json "bundle"),
-    bundling the build's kernel, ramdisk and image first when it has none."""
+    in registration order (kernel, ramdisk, image; the image is required). When the
+    build has none and `creds` can bundle, it is bundled first."""
     section = build.data.get("bundle")
     if not section:
         if creds is None:
@@ -141,9 +142,11 @@ def bundles_of(build: Build, creds: Credentials | None = None) -> list[Bundle]:
     manifest_mod = _manifest_module()
     out = []
     for role, image_type in ROLES:
-        entry = section.get(role) or (section.get("bundles") or {}).get(role)
+        entry = section.get(role)
         if not entry:
-            raise BakeError(f"{build.dir}: build.json records no {role} bundle")
+            if role == "image":
+                raise BakeError(f"{build.dir}: build.json records no image bundle; bundle the build again")
+            continue
         manifest_path = _resolve(build, entry["manifest"])
         if not manifest_path.is_file():
             raise BakeError(f"{manifest_path}: recorded as the {role} bundle's manifest but missing")
@@ -152,27 +155,22 @@ def bundles_of(build: Build, creds: Credentials | None = None) -> list[Bundle]:
         for p in parts:
             if not p.is_file():
                 raise BakeError(f"{p}: part of the {role} bundle is missing; bundle the build again")
-        out.append(Bundle(role, entry.get("type") or image_type, manifest_path, parts, m.arch))
+        out.append(Bundle(role, entry.get("image_type") or entry.get("type") or image_type, manifest_path, parts,
+                          m.arch))
     return out
 
 
 def bundle_build(build: Build, creds: Credentials) -> dict[str, Any]:
-    """Bundle the build's kernel, ramdisk and image with the credentials' keys and record
-    them in build.json "bundle"; returns that section."""
-    from ..bundle.writer import bundle_image
+    """Bundle the build with the credentials' keys and certificates, exactly as the
+    bundle stage does (same record in build.json "bundle"); returns that section."""
+    from ..bundle.keys import BundleKeys
+    from ..stages.bundle import bundle_build as bundle_stage_build
 
     creds.require_bundling()
-    section: dict[str, Any] = {}
-    arch = build.data.get("arch") or "x86_64"
-    with step("Bundling the kernel, ramdisk and image"):
-        for role, image_type in ROLES:
-            image = build.output_path(role)
-            dest = build.dir / "bundle" / role
-            result = bundle_image(image, dest, image_type=image_type, arch=arch, user_id=creds.user_id,
-                                  user_cert=creds.cert, user_key=creds.private_key, cloud_cert=creds.cloud_cert)
-            section[role] = result.record(build.dir)
-    build.set("bundle", section)
-    return section
+    keys = BundleKeys(user_id=creds.user_id, cert=creds.cert, private_key=creds.private_key,  # type: ignore[arg-type]
+                      cloud_cert=creds.cloud_cert)  # type: ignore[arg-type]
+    with step("Bundling the build for publishing"):
+        return bundle_stage_build(build, keys, reuse=True)
 
 
 # --- upload ---------------------------------------------------------------------------
@@ -349,6 +347,7 @@ def publish(build: Build, creds: Credentials, opts: PublishOptions | None = None
         for b in bundles:
             location = f"{bucket}/{key_of(b.manifest)}"
             suffix = {"kernel": "-kernel", "ramdisk": "-ramdisk", "image": ""}[b.role]
+            # a machine image without its own kernel/ramdisk takes the cloud's defaults
             image_id, new = register(
                 clients, b, location, name + suffix, creds, replace=changed[b.role],
                 kernel_id=ids.get("kernel") if b.role == "image" else None,
@@ -357,7 +356,7 @@ def publish(build: Build, creds: Credentials, opts: PublishOptions | None = None
             section["images"][b.role] = {
                 "id": image_id, "type": b.image_type, "manifest_location": location, "registered_now": new,
                 "objects": [key_of(p) for p in b.parts] + [key_of(b.manifest)]}
-    section.update(kernel_id=ids["kernel"], ramdisk_id=ids["ramdisk"], image_id=ids["image"],
+    section.update(kernel_id=ids.get("kernel"), ramdisk_id=ids.get("ramdisk"), image_id=ids["image"],
                    uploaded=sent, already_uploaded=skipped,
                    published=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     build.set("cloud", section)

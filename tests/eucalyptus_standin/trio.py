@@ -30,17 +30,13 @@ def make_build(output_root: Path, recipe: str = "trio") -> Build:
 def bundle_build(build: Build, cloud: Standin, *, part_size: int = 64 * 1024,
                  user_cert: Path | None = None, user_key: Path | None = None,
                  cloud_cert: Path | None = None) -> dict:
-    """Bundle the build's trio (small parts, so the image has several) and record the
-    build.json "bundle" section the way the bundle stage does."""
-    from builder.bundle.writer import bundle_image
+    """Bundle the build's trio with the bundle stage's own function (small parts, so the
+    image has several), for this cloud's keys unless others are given; returns build.json's
+    "bundle" section."""
+    from builder.bundle.keys import BundleKeys
+    from builder.stages.bundle import bundle_build as stage_bundle_build
 
     i = cloud.identity
-    section = {}
-    for role, image_type, _, _ in ROLES:
-        result = bundle_image(build.output_path(role), build.dir / "bundle" / role, image_type=image_type,
-                              arch="x86_64", user_id=i.account_id, user_cert=user_cert or i.user_cert,
-                              user_key=user_key or i.user_key, cloud_cert=cloud_cert or i.cloud_cert,
-                              part_size=part_size)
-        section[role] = result.record(build.dir)
-    build.set("bundle", section)
-    return section
+    keys = BundleKeys(user_id=i.account_id, cert=user_cert or i.user_cert, private_key=user_key or i.user_key,
+                      cloud_cert=cloud_cert or i.cloud_cert)
+    return stage_bundle_build(build, keys, part_size=part_size)
