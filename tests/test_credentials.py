@@ -155,3 +155,14 @@ def test_clients_are_path_style_without_checksums_or_client_retries_for_uploads(
     assert cfg.s3["addressing_style"] == "path"
     assert cfg.request_checksum_calculation == "when_required"
     assert cfg.retries["total_max_attempts"] == 1
+
+
+def test_an_unreachable_cloud_is_a_clear_error_before_anything_is_bundled(tmp_path):
+    from builder.build import Build
+    from builder.cloud.publish import publish
+
+    build = Build.create(tmp_path, "x")
+    c = Credentials("http://127.0.0.1:9/services/Eucalyptus", "http://127.0.0.1:9/services/Walrus", "AKIDX", SECRET)
+    with pytest.raises(BakeError) as e:
+        publish(build, c)
+    assert "cannot reach the cloud" in str(e.value) and SECRET not in str(e.value)

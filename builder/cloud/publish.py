@@ -316,9 +316,9 @@ def publish(build: Build, creds: Credentials, opts: PublishOptions | None = None
     previous = build.data.get("cloud") or {}
     bucket = opts.bucket or previous.get("bucket") or _default_bucket(build)
     prefix = (opts.prefix if opts.prefix is not None else previous.get("prefix") or _default_prefix(build)).strip("/")
-    bundles = bundles_of(build, creds)
     clients = clients or make_clients(creds)
-    check_credentials(clients, creds)
+    check_credentials(clients, creds)   # before bundling, which can take minutes
+    bundles = bundles_of(build, creds)
     key_of = (lambda p: f"{prefix}/{p.name}") if prefix else (lambda p: p.name)
     section: dict[str, Any] = {
         **creds.describe(), "bucket": bucket, "prefix": prefix,
