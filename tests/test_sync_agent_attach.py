@@ -1,0 +1,153 @@
+"""Volume discovery by label, formatting of blank volumes, pairing, and adoption of a
+volume by a fresh instance (restore then reboot, restore only, or report)."""
+
+from __future__ import annotations
+
+import pytest
+
+from builder import sh
+from syncagent_helpers import (EX_REFUSED, assert_same_tree, attach, backup, label_for, loop_image,
+                               make_rich_root, needs_root_and_tools, new_instance, run_agent, status)
+
+pytestmark = pytest.mark.usefixtures("needs_root_and_tools")
+
+
+def blkid_value(dev: str, tag: str) -> str:
+    return sh.run(["blkid", "-c", "/dev/null", "-o", "value", "-s", tag, dev], check=False, quiet=True).output.strip()
+
+
+def mounted_at(path) -> str | None:
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            dev, target = line.split()[:2]
+            if target == str(path):
+                return dev
+    return None
+
+
+def backed_up_volume(tmp_path, **conf):
+    """Instance A with a rich root, attached by label to a fresh volume, backed up, then
+    the volume detached again (A 'died'). Returns (A, loop_image context)."""
+    a = new_instance(tmp_path / "a", label_for(tmp_path), **conf)
+    make_rich_root(a.root)
+    return a
+
+
+def test_a_labelled_volume_is_found_mounted_paired_and_adopted_by_a_fresh_instance(tmp_path):
+    a = backed_up_volume(tmp_path)
+    b = new_instance(tmp_path / "b", a.label, on_attach="restore")
+    (b.root / "etc").mkdir(parents=True)
+    (b.root / "etc/fresh-instance-only").write_text("fresh\n")
+    with loop_image(tmp_path / "vol.img", 96, a.label) as dev:
+        # Not mounted anywhere: attach finds it by its label.
+        attach(a)
+        assert mounted_at(a.mount_point) == dev
+        st = status(a)
+        assert st["paired"] and st["current"]
+        sh.unmount_all_under(a.mount_point)
+        # Instance B has never been synced to any volume: it restores, and is paired after.
+        r = run_agent(b, "attach")
+        assert r.returncode == 0, r.output
+        assert mounted_at(b.mount_point) == dev
+        assert "adopting volume" in r.output and "restore complete generation=" in r.output
+        assert not (b.root / "etc/fresh-instance-only").exists()
+        assert_same_tree(a.root, b.root)
+        st = status(b)
+        assert st["paired"] and st["volume_id"] == st["instance_volume_id"]
+        # Backups resume onto the same volume, and attaching again restores nothing.
+        (b.root / "etc/after-adoption").write_text("b's own change\n")
+        backup(b)
+        r = run_agent(b, "attach")
+        assert r.returncode == 0 and "backups resume" in r.output, r.output
+        assert (b.root / "etc/after-adoption").exists()
+
+
+def test_restore_then_reboot_is_the_default_adoption(tmp_path):
+    a = backed_up_volume(tmp_path)
+    b = new_instance(tmp_path / "b", a.label, on_attach="restore-reboot")
+    marker = tmp_path / "rebooted"
+    with loop_image(tmp_path / "vol.img", 96, a.label):
+        attach(a)
+        sh.unmount_all_under(a.mount_point)
+        r = run_agent(b, "attach", env_extra={"ROOTSYNC_REBOOT_COMMAND": f"touch {marker}"})
+        assert r.returncode == 0, r.output
+        assert "restore complete" in r.output and "rebooting" in r.output
+        assert marker.exists()
+        assert_same_tree(a.root, b.root)
+
+
+def test_report_only_adoption_changes_nothing(tmp_path):
+    a = backed_up_volume(tmp_path)
+    b = new_instance(tmp_path / "b", a.label, on_attach="report")
+    (b.root / "etc").mkdir(parents=True)
+    (b.root / "etc/mine").write_text("mine\n")
+    with loop_image(tmp_path / "vol.img", 96, a.label):
+        attach(a)
+        gens = status(a)["generations"]
+        sh.unmount_all_under(a.mount_point)
+        r = run_agent(b, "attach")
+        assert r.returncode == 0, r.output
+        assert "on_attach=report" in r.output and "restore complete" not in r.output
+        assert sorted(p.name for p in (b.root / "etc").iterdir()) == ["mine"]
+        st = status(b)
+        assert not st["paired"] and st["generations"] == gens
+        # Not paired: its backups do not touch the other instance's volume.
+        r = run_agent(b, "backup")
+        assert r.returncode == EX_REFUSED and "not paired" in r.output
+        assert status(b)["generations"] == gens
+
+
+def test_an_instance_paired_with_another_volume_neither_restores_nor_backs_up(tmp_path):
+    a = backed_up_volume(tmp_path)
+    b = new_instance(tmp_path / "b", a.label, on_attach="restore")
+    (b.root / "var/lib/rootsync").mkdir(parents=True, exist_ok=True)
+    (b.root / "var/lib/rootsync/volume-id").write_text("some-other-volume\n")
+    (b.root / "etc").mkdir(parents=True)
+    (b.root / "etc/mine").write_text("mine\n")
+    with loop_image(tmp_path / "vol.img", 96, a.label):
+        attach(a)
+        sh.unmount_all_under(a.mount_point)
+        r = run_agent(b, "attach")
+        assert r.returncode == EX_REFUSED and "another instance" in r.output, r.output
+        assert sorted(p.name for p in (b.root / "etc").iterdir()) == ["mine"]
+        assert run_agent(b, "backup").returncode == EX_REFUSED
+
+
+def test_a_blank_volume_is_formatted_only_when_configured(tmp_path):
+    a = new_instance(tmp_path / "a", label_for(tmp_path), format_blank="no")
+    (a.root / "etc").mkdir(parents=True)
+    (a.root / "etc/x").write_text("x\n")
+    with loop_image(tmp_path / "blank.img", 64, None) as dev:
+        r = run_agent(a, "attach", dev)
+        assert r.returncode == EX_REFUSED and "leaving it alone" in r.output
+        assert blkid_value(dev, "TYPE") == ""
+        a.extra_conf["format_blank"] = "yes"
+        r = run_agent(a, "attach", dev)
+        assert r.returncode == 0, r.output
+        assert "formatting blank device" in r.output and "backup complete" in r.output
+        assert blkid_value(dev, "TYPE") == "ext4" and blkid_value(dev, "LABEL") == a.label
+        assert mounted_at(a.mount_point) == dev
+        assert (a.current() / "tree/etc/x").read_text() == "x\n"
+
+
+@pytest.mark.parametrize("make_fs", [["mkswap"], ["mkfs.ext4", "-q", "-L", "otherlabel"]], ids=["swap", "ext4-other-label"])
+def test_a_volume_with_any_filesystem_is_never_formatted(tmp_path, make_fs):
+    a = new_instance(tmp_path / "a", label_for(tmp_path), format_blank="yes")
+    (a.root / "etc").mkdir(parents=True)
+    with loop_image(tmp_path / "used.img", 64, None) as dev:
+        sh.run([*make_fs, dev], quiet=True)
+        before = blkid_value(dev, "TYPE")
+        assert before in ("swap", "ext4")
+        r = run_agent(a, "attach", dev)
+        assert r.returncode == EX_REFUSED and "leaving it alone" in r.output, r.output
+        assert blkid_value(dev, "TYPE") == before
+        assert mounted_at(a.mount_point) is None
+
+
+def test_attach_without_a_labelled_volume_reports_and_does_nothing(tmp_path):
+    a = new_instance(tmp_path / "a", label_for(tmp_path))
+    (a.root / "etc").mkdir(parents=True)
+    r = run_agent(a, "attach")
+    assert r.returncode == EX_REFUSED and f"no volume labelled {a.label}" in r.output
+    assert mounted_at(a.mount_point) is None
+    assert not (a.root / "var/lib/rootsync/volume-id").exists()
