@@ -186,10 +186,7 @@ def _open_bundle_key(m: Manifest, private_key: Path) -> tuple[bytes, bytes]:
         wrapped_key, wrapped_iv = getattr(m, f"{who}_encrypted_key"), getattr(m, f"{who}_encrypted_iv")
         if not wrapped_key or not wrapped_iv:
             continue
-        try:
-            key, iv = crypto.unwrap(private, wrapped_key), crypto.unwrap(private, wrapped_iv)
-        except ValueError:
-            key = iv = None
+        key, iv = crypto.unwrap(private, wrapped_key), crypto.unwrap(private, wrapped_iv)
         if key and iv:
             return key, iv
     raise BakeError(f"{private_key}: this private key cannot open the bundle (neither its user_encrypted_key "
@@ -235,7 +232,8 @@ def unbundle(manifest: Path, *, private_key: Path, source_dir: Path | None, dest
 
     private_directory(destination)
     target = destination / m.name
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{m.name}.", suffix=".partial", dir=destination)
+    with os_errors_as_bake_errors(f"writing into {destination}"):
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{m.name}.", suffix=".partial", dir=destination)
     tmp = Path(tmp_name)
     parts = _Parts(m.parts, source)
     try:

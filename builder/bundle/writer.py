@@ -271,7 +271,8 @@ def bundle_image(
         if clash:
             raise BakeError(f"{destination}: already holds a bundle named {prefix} ({clash[0].name}); "
                             "remove it or choose another destination or prefix")
-        stage = Path(tempfile.mkdtemp(prefix=f".{prefix}.", suffix=".partial", dir=destination))
+        with os_errors_as_bake_errors(f"writing into {destination}"):
+            stage = Path(tempfile.mkdtemp(prefix=f".{prefix}.", suffix=".partial", dir=destination))
         try:
             with os_errors_as_bake_errors(f"writing the bundle in {destination}"), \
                     step(f"Bundling {image.name} ({image_type}, {size} bytes)"):
