@@ -13,7 +13,7 @@ import hmac
 import secrets
 import time
 from pathlib import Path
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlsplit
 
 import boto3
 import pytest

@@ -7,33 +7,28 @@ sent again, and an image already registered for the same manifest location is re
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+from botocore.exceptions import ClientError
 
 from ..build import Build
 from ..errors import BakeError
 from ..log import step
+from .calls import MISSING_CODES, cloud_error, error_code
 from .clients import Clients, make_clients
-from .credentials import Credentials, mask
+from .credentials import Credentials
+from .images import check_credentials, deregister, find_images, register
+from .store import delete_object, ensure_bucket, upload_file
 
 log = logging.getLogger("bake.cloud")
 
 # Build outputs and the bundle image types they become, in registration order.
 ROLES = (("kernel", "kernel"), ("ramdisk", "ramdisk"), ("image", "machine"))
-AUTH_CODES = {"SignatureDoesNotMatch", "AuthFailure", "InvalidAccessKeyId", "InvalidClientTokenId",
-              "AccessDenied", "MissingAuthenticationToken", "UnrecognizedClientException", "403", "Forbidden"}
-RETRY_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed",
-               "500", "502", "503", "504"}
-MISSING_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
-ACL = "aws-exec-read"   # what euca-upload-bundle uses: the cloud may read the bundle to run it
 
 
 @dataclass
@@ -65,57 +60,6 @@ class PublishOptions:
         kw = {k: publish.get(k) for k in ("bucket", "prefix", "image_name")}
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)
-
-
-# --- errors ---------------------------------------------------------------------------
-
-def _error_code(e: ClientError) -> str:
-    return str(e.response.get("Error", {}).get("Code") or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
-
-
-def _cloud_error(e: Exception, what: str, creds: Credentials) -> BakeError:
-    """A BakeError for a failed cloud call, naming the call and never a secret."""
-    if isinstance(e, ClientError):
-        code = _error_code(e)
-        msg = e.response.get("Error", {}).get("Message") or ""
-        if code in AUTH_CODES:
-            return BakeError(
-                f"{what}: the cloud refused our credentials ({code}{': ' + msg if msg else ''}). "
-                f"Check the secret key for access key {mask(creds.access_key)} (from {creds.source}) and "
-                f"that EC2_URL/S3_URL point at the right cloud.")
-        return BakeError(f"{what}: {code}{': ' + msg if msg else ''}")
-    if isinstance(e, BotoConnectionError):
-        return BakeError(f"{what}: cannot reach the cloud ({e}); is {creds.ec2_url} / {creds.s3_url} right?")
-    return BakeError(f"{what}: {e}")
-
-
-class _Mismatch(Exception):
-    """An upload the store acknowledged with an ETag other than the file's MD5."""
-
-
-def _retryable(e: Exception) -> bool:
-    if isinstance(e, _Mismatch):
-        return True
-    if isinstance(e, ClientError):
-        return _error_code(e) in RETRY_CODES or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
-    return isinstance(e, (BotoConnectionError, BotoCoreError))
-
-
-def _with_retries(fn: Callable[[], Any], what: str, opts: PublishOptions, creds: Credentials) -> Any:
-    delay = opts.backoff
-    for attempt in range(1, opts.attempts + 1):
-        try:
-            return fn()
-        except (ClientError, BotoCoreError, _Mismatch) as e:
-            if not _retryable(e) or attempt == opts.attempts:
-                err = _cloud_error(e, what, creds)
-                if _retryable(e):
-                    err = BakeError(f"{err} (gave up after {attempt} attempts; run publish again to resume)")
-                raise err from None
-            log.warning("%s failed (%s); retrying in %.1f s", what, e, delay)
-            opts.sleep(delay)
-            delay = min(delay * 2, 60)
-    raise AssertionError("unreachable")
 
 
 # --- the build's bundles --------------------------------------------------------------
@@ -173,16 +117,7 @@ def bundle_build(build: Build, creds: Credentials) -> dict[str, Any]:
         return bundle_stage_build(build, keys, reuse=True)
 
 
-# --- upload ---------------------------------------------------------------------------
-
-def md5_file(path: Path, bufsize: int = 1 << 20) -> str:
-    """Hex MD5 of a file: what Walrus and S3 return as the ETag of a single PUT."""
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
-
+# --- defaults -------------------------------------------------------------------------
 
 def _default_prefix(build: Build) -> str:
     return f"{build.dir.parent.name}/{build.id}"
@@ -190,115 +125,6 @@ def _default_prefix(build: Build) -> str:
 
 def _default_bucket(build: Build) -> str:
     return "bake-images"
-
-
-def ensure_bucket(clients: Clients, bucket: str, opts: PublishOptions, creds: Credentials) -> bool:
-    """Make sure `bucket` exists (HEAD, then PUT on 404); True when it was created here."""
-    def exists() -> bool:
-        try:
-            clients.s3.head_bucket(Bucket=bucket)
-            return True
-        except ClientError as e:
-            if _error_code(e) in MISSING_CODES:
-                return False
-            raise
-    if _with_retries(exists, f"checking bucket {bucket}", opts, creds):
-        return False
-    log.info("creating bucket %s", bucket)
-    try:
-        clients.s3.create_bucket(Bucket=bucket)
-    except ClientError as e:
-        if _error_code(e) == "BucketAlreadyOwnedByYou":
-            return False
-        raise _cloud_error(e, f"creating bucket {bucket}", creds) from None
-    return True
-
-
-def _remote_etag(clients: Clients, bucket: str, key: str, opts: PublishOptions, creds: Credentials) -> str | None:
-    def head():
-        try:
-            return clients.s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
-        except ClientError as e:
-            if _error_code(e) in MISSING_CODES:
-                return None
-            raise
-    return _with_retries(head, f"checking {bucket}/{key}", opts, creds)
-
-
-def upload_file(clients: Clients, path: Path, bucket: str, key: str, opts: PublishOptions,
-                creds: Credentials) -> bool:
-    """Put `path` at bucket/key unless an object with the same MD5 is already there.
-    Returns True when it was sent."""
-    md5 = md5_file(path)
-    if _remote_etag(clients, bucket, key, opts, creds) == md5:
-        log.debug("%s/%s is already uploaded", bucket, key)
-        return False
-
-    def put():
-        with open(path, "rb") as body:
-            r = clients.s3.put_object(Bucket=bucket, Key=key, Body=body, ACL=ACL,
-                                      ContentMD5=base64.b64encode(bytes.fromhex(md5)).decode())
-        etag = r.get("ETag", "").strip('"')
-        if etag and etag != md5:
-            raise _Mismatch(f"the store's ETag {etag} of {key} does not match the file's MD5 {md5}")
-        return True
-
-    log.info("uploading %s to %s/%s", path.name, bucket, key)
-    return _with_retries(put, f"uploading {path.name} to {bucket}/{key}", opts, creds)
-
-
-# --- register -------------------------------------------------------------------------
-
-def find_images(clients: Clients, location: str, creds: Credentials) -> list[dict]:
-    """Images (not deregistered) already registered for manifest `location`."""
-    try:
-        r = clients.ec2.describe_images(Owners=["self"], Filters=[{"Name": "manifest-location", "Values": [location]}])
-    except ClientError as e:
-        raise _cloud_error(e, f"looking up images for {location}", creds) from None
-    return [im for im in r.get("Images", [])
-            if im.get("ImageLocation") == location and im.get("State", "available") not in ("deregistered", "failed")]
-
-
-def register(clients: Clients, bundle: Bundle, location: str, name: str, creds: Credentials, *,
-             kernel_id: str | None = None, ramdisk_id: str | None = None, replace: bool = False) -> tuple[str, bool]:
-    """The id of the image registered for `location` (an existing one reused unless
-    `replace` or its kernel/ramdisk differ); (id, True) when registered now."""
-    for im in find_images(clients, location, creds):
-        same = (bundle.image_type != "machine"
-                or (im.get("KernelId") == kernel_id and im.get("RamdiskId") == ramdisk_id))
-        if same and not replace:
-            log.info("%s is already registered as %s", location, im["ImageId"])
-            return im["ImageId"], False
-        log.info("deregistering %s: its bundle or kernel/ramdisk changed", im["ImageId"])
-        deregister(clients, im["ImageId"], creds)
-    kw: dict[str, Any] = {"ImageLocation": location, "Name": name, "Architecture": bundle.arch}
-    if kernel_id:
-        kw["KernelId"] = kernel_id
-    if ramdisk_id:
-        kw["RamdiskId"] = ramdisk_id
-    # No RootDeviceName: not allowed with a manifest; the cloud picks its default.
-    try:
-        image_id = clients.ec2.register_image(**kw)["ImageId"]
-    except ClientError as e:
-        raise _cloud_error(e, f"registering {location}", creds) from None
-    log.info("registered %s as %s", location, image_id)
-    return image_id, True
-
-
-def deregister(clients: Clients, image_id: str, creds: Credentials) -> None:
-    try:
-        clients.ec2.deregister_image(ImageId=image_id)
-    except ClientError as e:
-        if _error_code(e) not in ("InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"):
-            raise _cloud_error(e, f"deregistering {image_id}", creds) from None
-
-
-def check_credentials(clients: Clients, creds: Credentials) -> None:
-    """One cheap signed call, so that a wrong key fails first and clearly."""
-    try:
-        clients.ec2.describe_availability_zones()
-    except (ClientError, BotoCoreError) as e:
-        raise _cloud_error(e, f"connecting to {creds.ec2_url}", creds) from None
 
 
 # --- the two operations ---------------------------------------------------------------
@@ -349,7 +175,7 @@ def publish(build: Build, creds: Credentials, opts: PublishOptions | None = None
             suffix = {"kernel": "-kernel", "ramdisk": "-ramdisk", "image": ""}[b.role]
             # a machine image without its own kernel/ramdisk takes the cloud's defaults
             image_id, new = register(
-                clients, b, location, name + suffix, creds, replace=changed[b.role],
+                clients, location, name + suffix, b.image_type, b.arch, creds, replace=changed[b.role],
                 kernel_id=ids.get("kernel") if b.role == "image" else None,
                 ramdisk_id=ids.get("ramdisk") if b.role == "image" else None)
             ids[b.role] = image_id
@@ -398,24 +224,16 @@ def unpublish(build: Build, creds: Credentials, opts: PublishOptions | None = No
                 removed["images"].append(image_id)
     with step(f"Deleting the bundles from {bucket}"):
         for key in keys:
-            def delete(key=key) -> bool:
-                try:
-                    clients.s3.delete_object(Bucket=bucket, Key=key)
-                    return True
-                except ClientError as e:
-                    if _error_code(e) in MISSING_CODES:
-                        return False
-                    raise
-            if _with_retries(delete, f"deleting {bucket}/{key}", opts, creds):
+            if delete_object(clients, bucket, key, opts, creds):
                 removed["objects"].append(key)
         if cloud.get("bucket_created"):
             try:
                 clients.s3.delete_bucket(Bucket=bucket)
                 removed["bucket"] = bucket
             except ClientError as e:
-                if _error_code(e) not in ("BucketNotEmpty", "409", *MISSING_CODES):
-                    raise _cloud_error(e, f"deleting bucket {bucket}", creds) from None
-                log.info("bucket %s kept: %s", bucket, _error_code(e))
+                if error_code(e) not in ("BucketNotEmpty", "409", *MISSING_CODES):
+                    raise cloud_error(e, f"deleting bucket {bucket}", creds) from None
+                log.info("bucket %s kept: %s", bucket, error_code(e))
     build.data.pop("cloud", None)
     build.save()
     return removed
