@@ -1,0 +1,114 @@
+"""The stand-in's image registry: Eucalyptus' own ids (emi-/eki-/eri-, which moto
+would refuse in DescribeImages), the manifest checks RegisterImage makes, and
+DescribeImages with the filters the tool uses."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from dataclasses import dataclass
+
+from . import xmlutil as X
+from .manifest_check import ManifestRefused, check_manifest
+
+
+@dataclass
+class Image:
+    id: str
+    type: str
+    location: str
+    name: str
+    owner: str
+    architecture: str
+    kernel_id: str | None = None
+    ramdisk_id: str | None = None
+    description: str = ""
+    state: str = "available"
+
+
+class ImagesMixin:
+    """RegisterImage, DeregisterImage, DescribeImages (mixed into the Front)."""
+
+    version: str
+    images: dict[str, Image]
+    _lock: threading.RLock
+
+    def _new_id(self, prefix: str) -> str:
+        h = secrets.token_hex(4)
+        return f"{prefix}-{h.upper() if self.version == '3' else h}"
+
+    def _ec2_RegisterImage(self, p: dict) -> tuple[int, bytes]:
+        location = p.get("ImageLocation")
+        if not location:
+            raise X.Ec2Error("MissingParameter", "ImageLocation is required (only bundled images can be registered)")
+        if "RootDeviceName" in p:
+            raise X.Ec2Error("InvalidParameterCombination", "RootDeviceName is not allowed with ImageLocation")
+        bucket, _, key = location.lstrip("/").partition("/")
+        raw = self.s3_get(bucket, key) if key else None
+        if raw is None:
+            raise X.Ec2Error("InvalidManifest", f"Failed to read manifest file {location}: not found")
+        try:
+            m = check_manifest(raw, self.identity.user_cert_obj, self.identity.cloud_key_obj)
+        except ManifestRefused as e:
+            raise X.Ec2Error("InvalidManifest", f"{location}: {e}") from None
+        if m.user != self.identity.account_id:
+            raise X.Ec2Error("InvalidManifest", f"Manifest is not accessible: {location} belongs to account {m.user}")
+        arch = p.get("Architecture") or m.architecture or "i386"
+        if arch not in ("i386", "x86_64"):
+            raise X.Ec2Error("InvalidParameterValue", f"unsupported architecture {arch}")
+        kernel = p.get("KernelId") or m.kernel_id
+        ramdisk = p.get("RamdiskId") or m.ramdisk_id
+        if m.image_type == "machine":
+            if self.version == "4" and not kernel:
+                raise X.Ec2Error("MissingParameter", "Kernel ID must be specified")
+            if self.version == "4" and not ramdisk:
+                raise X.Ec2Error("MissingParameter", "Ramdisk ID must be specified")
+            for ref, kind in ((kernel, "kernel"), (ramdisk, "ramdisk")):
+                if ref and (ref not in self.images or self.images[ref].type != kind):
+                    raise X.Ec2Error("InvalidParameterValue", f"{ref} is not a registered {kind} image")
+        else:
+            kernel = ramdisk = None
+        name = p.get("Name") or m.name
+        image = Image(self._new_id({"machine": "emi", "kernel": "eki", "ramdisk": "eri"}[m.image_type]),
+                      m.image_type, location, name, self.identity.account_id, arch, kernel, ramdisk,
+                      p.get("Description", ""))
+        with self._lock:
+            self.images[image.id] = image
+        return 200, X.ec2_reply("RegisterImageResponse", f"<imageId>{image.id}</imageId>")
+
+    def _ec2_DeregisterImage(self, p: dict) -> tuple[int, bytes]:
+        with self._lock:
+            if self.images.pop(p.get("ImageId", ""), None) is None:
+                raise X.Ec2Error("InvalidAMIID.NotFound", f"The image id '[{p.get('ImageId')}]' does not exist")
+        return 200, X.ec2_reply("DeregisterImageResponse", "<return>true</return>")
+
+    def _ec2_DescribeImages(self, p: dict) -> tuple[int, bytes]:
+        ids = [v for k, v in p.items() if k.startswith("ImageId.")]
+        filters = X.filters(p)
+        with self._lock:
+            images = list(self.images.values())
+        missing = [i for i in ids if i not in {im.id for im in images}]
+        if missing:
+            raise X.Ec2Error("InvalidAMIID.NotFound", f"The image id '[{', '.join(missing)}]' does not exist")
+        fields = {"image-id": "id", "image-type": "type", "manifest-location": "location", "kernel-id": "kernel_id",
+                  "ramdisk-id": "ramdisk_id", "name": "name", "architecture": "architecture", "state": "state",
+                  "owner-id": "owner"}
+        out = []
+        for im in images:
+            if ids and im.id not in ids:
+                continue
+            if any(getattr(im, fields[n]) not in vs if n in fields else n != "root-device-type" or
+                   "instance-store" not in vs for n, vs in filters.items()):
+                continue
+            out.append(
+                f"<item><imageId>{im.id}</imageId><imageLocation>{X.esc(im.location)}</imageLocation>"
+                f"<imageState>{im.state}</imageState><imageOwnerId>{im.owner}</imageOwnerId>"
+                f"<isPublic>false</isPublic><architecture>{im.architecture}</architecture>"
+                f"<imageType>{im.type}</imageType>"
+                + (f"<kernelId>{im.kernel_id}</kernelId>" if im.kernel_id else "")
+                + (f"<ramdiskId>{im.ramdisk_id}</ramdiskId>" if im.ramdisk_id else "")
+                + f"<name>{X.esc(im.name)}</name><description>{X.esc(im.description)}</description>"
+                f"<rootDeviceType>instance-store</rootDeviceType><rootDeviceName>/dev/sda1</rootDeviceName>"
+                f"<blockDeviceMapping/><virtualizationType>paravirtual</virtualizationType>"
+                f"<hypervisor>kvm</hypervisor></item>")
+        return 200, X.ec2_reply("DescribeImagesResponse", f"<imagesSet>{''.join(out)}</imagesSet>")
