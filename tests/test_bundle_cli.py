@@ -216,3 +216,19 @@ def test_stage_with_half_the_credentials_is_an_error(creds, tmp_path, no_cred_en
     with pytest.raises(BakeError, match=r"bundling needs the user private key, the cloud certificate, the account id: "
                                         r"give bundle.private_key or EC2_PRIVATE_KEY"):
         bundle_stage.run(build, recipe())
+
+
+def test_stage_follows_the_recipes_prefix_and_settings_and_can_be_disabled(creds, tmp_path, no_cred_env):
+    build = make_build(tmp_path / "output")
+    section = {"cert": str(creds.user.cert), "private_key": str(creds.user.key),
+               "cloud_cert": str(creds.cloud.cert), "user_id": "123456789012", "prefix": "lucid-uec"}
+    records = bundle_stage.run(build, recipe(**section))
+    assert records["image"]["manifest"] == "bundle/image/lucid-uec.manifest.xml"
+    assert records["kernel"]["name"] == "vmlinuz-2.6.32-21-generic-pae"  # kernel and ramdisk keep their names
+    changed = bundle_stage.run(Build.load(build.dir), recipe(**section, block_device_mapping={"ami": "sda"}))
+    assert "<virtual>ami</virtual><device>sda</device></mapping></block_device_mapping>" in \
+        (build.dir / changed["image"]["manifest"]).read_text()  # a changed setting bundles again
+
+    other = make_build(tmp_path / "output2")
+    assert bundle_stage.run(other, recipe(**section, enabled=False)) == {}
+    assert json.loads((other.dir / "build.json").read_text())["stages"]["bundle"]["skipped"] == "disabled in the recipe"

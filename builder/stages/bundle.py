@@ -53,13 +53,15 @@ def _prefix_for(path: Path) -> str:
     return name
 
 
-def _up_to_date(build: Build, keys: BundleKeys, roles: list[str]) -> bool:
+def _up_to_date(build: Build, keys: BundleKeys, roles: list[str], settings: dict) -> bool:
     section = build.data.get("bundle") or {}
     made_with = keys.describe()
     for role in roles:
         entry = section.get(role)
         output = (build.data.get("outputs") or {}).get(role) or {}
         if not entry or entry.get("image_sha256") != output.get("sha256") or entry.get("keys") != made_with:
+            return False
+        if entry.get("settings") != settings:
             return False
         files = [entry["manifest"]] + [p["path"] for p in entry.get("parts", [])]
         if not all((build.dir / f).is_file() for f in files):
@@ -71,9 +73,12 @@ def _up_to_date(build: Build, keys: BundleKeys, roles: list[str]) -> bool:
 
 def bundle_build(build: Build, keys: BundleKeys, *, arch: str | None = None,
                  block_device_mapping: dict | None = None, part_size: int = PART_SIZE,
-                 reuse: bool = False) -> dict[str, Any]:
+                 image_prefix: str | None = None, reuse: bool = False) -> dict[str, Any]:
     """Bundle the build's kernel, ramdisk and image (those it records; the image is
     required) into `<build>/bundle/<role>/`, record build.json "bundle", return it.
+
+    Bundles are named after the files (`vmlinuz-…`, `initrd…`, which Eucalyptus also
+    reads as "kernel" and "ramdisk"); `image_prefix` renames the machine image's.
 
     The new bundles are written beside the old ones and replace them only once all are
     complete. With `reuse`, bundles already made from the same images and certificates
@@ -84,7 +89,9 @@ def bundle_build(build: Build, keys: BundleKeys, *, arch: str | None = None,
     if "image" not in roles:
         build.output_path("image")  # raises the usual "this build has no image"
     arch = arch or build.data.get("arch") or "x86_64"
-    if reuse and _up_to_date(build, keys, roles):
+    settings = {"arch": arch, "part_size": part_size, "block_device_mapping": block_device_mapping,
+                "image_prefix": image_prefix}
+    if reuse and _up_to_date(build, keys, roles, settings):
         log.info("bundles of %s are up to date", build.dir)
         return build.data["bundle"]
 
@@ -98,7 +105,8 @@ def bundle_build(build: Build, keys: BundleKeys, *, arch: str | None = None,
                 continue
             image = build.output_path(role)
             result = bundle_image(
-                image, new / role, prefix=_prefix_for(image), image_type=image_type, arch=arch,
+                image, new / role, prefix=(image_prefix if role == "image" and image_prefix else _prefix_for(image)),
+                image_type=image_type, arch=arch,
                 user_id=keys.user_id, user_cert=keys.cert, user_key=keys.private_key, cloud_cert=keys.cloud_cert,
                 kernel_id="true" if image_type == "kernel" else None,
                 ramdisk_id="true" if image_type == "ramdisk" else None,
@@ -112,6 +120,7 @@ def bundle_build(build: Build, keys: BundleKeys, *, arch: str | None = None,
             rec["image_type"] = image_type
             rec["image_sha256"] = outputs[role].get("sha256")
             rec["keys"] = made_with
+            rec["settings"] = settings
             records[role] = rec
         old = None
         if final.exists():
@@ -146,6 +155,9 @@ def run(build: Build, recipe) -> dict[str, Any]:
     """Bundle the build (see the module's doc); returns build.json's "bundle" section,
     or {} when the stage was skipped for want of credentials."""
     section = dict(getattr(recipe, "bundle", None) or {})
+    if section.get("enabled") is False:
+        build.record_stage("bundle", skipped="disabled in the recipe")
+        return {}
     keys = resolve_keys({k: section.get(k) for k in ("cert", "private_key", "cloud_cert", "user_id")},
                         eucarc=_eucarc_values(recipe), wording="recipe")
     if keys is None:
@@ -156,7 +168,8 @@ def run(build: Build, recipe) -> dict[str, Any]:
     with step("Bundle"):
         records = bundle_build(build, keys, arch=_arch_of(recipe, build),
                                block_device_mapping=section.get("block_device_mapping"),
-                               part_size=int(section.get("part_size") or PART_SIZE), reuse=True)
+                               part_size=int(section.get("part_size") or PART_SIZE),
+                               image_prefix=section.get("prefix"), reuse=True)
     build.record_stage("bundle", seconds=round(time.monotonic() - start, 2))
     return records
 
