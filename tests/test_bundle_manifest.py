@@ -104,3 +104,8 @@ def test_entity_declarations_are_refused():
     bomb = b"<?xml version='1.0'?><!DOCTYPE m [<!ENTITY a 'aaaa'>]><manifest>&a;</manifest>"
     with pytest.raises(BakeError, match="document type declarations are not allowed"):
         parse(bomb)
+
+
+def test_non_ascii_values_are_refused():
+    with pytest.raises(BakeError, match="manifest values must be ASCII"):
+        render(example(kernel_id="eki-é"), lambda data: SIG)

@@ -129,7 +129,10 @@ def render(m: Manifest, sign: Callable[[bytes], str]) -> bytes:
     for what, value in (("image name", m.name), *(("part file name", p.filename) for p in m.parts)):
         if not NAME_RE.match(value):
             raise BakeError(f"{what} {value!r}: use only letters, digits, '.', '_' and '-'")
-    signed = (_machine_configuration(m) + _image(m)).encode("ascii")
+    try:
+        signed = (_machine_configuration(m) + _image(m)).encode("ascii")
+    except UnicodeEncodeError as e:
+        raise BakeError(f"manifest values must be ASCII: {e.object[e.start:e.end]!r} in {e.object[max(0, e.start - 30):e.end + 10]!r}") from None
     m.signed_bytes = signed
     m.signature = sign(signed)
     head = ("<manifest>" + _el("version", m.version) + "<bundler>" + _el("name", m.bundler_name)
