@@ -17,6 +17,7 @@ from bundle_keys import make_credentials
 
 from builder.build import Build
 from builder.errors import BakeError
+from builder.bundle.reader import unbundle
 from builder.stages import bundle as bundle_stage
 
 CRED_VARS = ("EC2_CERT", "EUCA_CERT", "EC2_PRIVATE_KEY", "EUCA_PRIVATE_KEY", "EUCALYPTUS_CERT", "EC2_USER_ID")
@@ -201,13 +202,24 @@ def test_stage_bundles_with_recipe_credentials_and_keeps_up_to_date_bundles(cred
     assert not [p for p in build.dir.iterdir() if p.name.startswith(".bundle")]  # nothing half-made left
 
 
-def test_stage_without_any_credentials_is_skipped_with_the_reason(tmp_path, no_cred_env):
+def test_stage_without_any_credentials_bundles_locally_with_a_key_pair_of_the_build(tmp_path, no_cred_env):
     build = make_build(tmp_path / "output")
-    assert bundle_stage.run(build, recipe()) == {}
+    records = bundle_stage.run(build, recipe())
     data = json.loads((build.dir / "build.json").read_text())
-    assert "bundle" not in data
-    assert "no bundle credentials" in data["stages"]["bundle"]["skipped"]
-    assert not (build.dir / "bundle").exists()
+    assert data["stages"]["bundle"]["local"] is True
+    assert "bundled locally" in data["stages"]["bundle"]["note"]
+    assert set(records) == {"kernel", "ramdisk", "image"} and data["bundle"] == records
+    keys = build.dir / "bundle-keys"
+    assert oct(keys.stat().st_mode & 0o777) == "0o700"
+    assert oct((keys / "local-pk.pem").stat().st_mode & 0o777) == "0o600"
+    # complete and checkable with the build's own key
+    out = tmp_path / "back"
+    image = unbundle(build.dir / records["image"]["manifest"], private_key=keys / "local-pk.pem",
+                     source_dir=None, destination=out, cert=keys / "local-cert.pem")
+    assert image.read_bytes() == (build.dir / "demo.img").read_bytes()
+    # a second run reuses the same key pair and bundles
+    again = bundle_stage.run(Build.load(build.dir), recipe())
+    assert again["image"]["parts"] == records["image"]["parts"]
 
 
 def test_stage_with_half_the_credentials_is_an_error(creds, tmp_path, no_cred_env, monkeypatch):

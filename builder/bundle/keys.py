@@ -93,3 +93,42 @@ def resolve_keys(given: Mapping[str, str | None] | None = None, *,
 
 _WHAT = {"cert": "user certificate", "private_key": "user private key", "cloud_cert": "cloud certificate",
          "user_id": "account id"}
+
+
+LOCAL_USER_ID = "000000000000"
+
+
+def local_keys(directory: Path) -> BundleKeys:
+    """A key pair and self-signed certificate made for one build (kept in `directory`,
+    0700/0600, reused when already there), standing for both the user and the cloud.
+
+    A bundle sealed with it is complete and checkable (`bake unbundle -k KEY`) but is
+    addressed to no cloud; bundling for a cloud makes new bundles with its certificate.
+    """
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    from .files import create_private, private_directory
+
+    directory = Path(directory)
+    key_path, cert_path = directory / "local-pk.pem", directory / "local-cert.pem"
+    if not (key_path.is_file() and cert_path.is_file()):
+        private_directory(directory)
+        for p in (key_path, cert_path):
+            p.unlink(missing_ok=True)
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bake local bundle key")])
+        now = dt.datetime.now(dt.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+                .not_valid_after(now + dt.timedelta(days=3650)).sign(key, hashes.SHA256()))
+        with create_private(key_path) as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                      serialization.NoEncryption()))
+        with create_private(cert_path) as f:
+            f.write(cert.public_bytes(serialization.Encoding.PEM))
+    return BundleKeys(user_id=LOCAL_USER_ID, cert=cert_path, private_key=key_path, cloud_cert=cert_path)

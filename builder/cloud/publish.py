@@ -79,7 +79,9 @@ def bundles_of(build: Build, creds: Credentials | None = None) -> list[Bundle]:
     in registration order (kernel, ramdisk, image; the image is required). When the
     build has none and `creds` can bundle, it is bundled first."""
     section = build.data.get("bundle")
-    if not section:
+    local = bool(((build.data.get("stages") or {}).get("bundle") or {}).get("local"))
+    if not section or (local and creds is not None):
+        # Local bundles are sealed to a key pair of the build's own, not to the cloud.
         if creds is None:
             raise BakeError(f"{build.dir}: this build has no bundles (run `bake bundle` first)")
         section = bundle_build(build, creds)

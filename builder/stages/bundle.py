@@ -8,14 +8,12 @@ digests, and which image and which certificates it was made from.
 
 With no bundle credentials configured at all (recipe `bundle` section, an eucarc named
 by the recipe's `publish` section, or EC2_CERT/EC2_PRIVATE_KEY/EUCALYPTUS_CERT/
-EC2_USER_ID), the stage is skipped and says why, in the log and in build.json's stage
-record. A bundle is addressed to one cloud: its AES key is sealed with that cloud's
-certificate. One sealed to a key pair invented for the occasion could never be
-registered anywhere, yet would look exactly like one that can, cost minutes and an
-image-sized compressed copy, and fail only at registration; and nothing local consumes
-bundles (local verification boots the image files themselves). `bake bundle BUILD_DIR`
-bundles the build later, once credentials exist, without rebuilding. Half-configured
-credentials are an error, not a skip: that is a mistake to fix.
+EC2_USER_ID), the build stays local: the bundles are made with a key pair generated for
+this build (`<build>/bundle-keys/`, private), so they are complete and can be checked and
+unpacked with `bake unbundle`, and build.json marks them `local`. A bundle is addressed
+to one cloud (its AES key is sealed with that cloud's certificate), so publishing makes
+new bundles with the cloud's certificate; `bake bundle BUILD_DIR` does the same once
+credentials exist. Half-configured credentials are an error: that is a mistake to fix.
 
 A rerun whose image and certificates did not change keeps the existing bundles (a new
 bundle has a new AES key and new parts, which would make an interrupted upload start
@@ -36,17 +34,16 @@ from typing import Any
 from ..build import Build
 from ..errors import BakeError
 from ..log import step
-from ..bundle.keys import BundleKeys, resolve_keys
+from ..bundle.keys import BundleKeys, local_keys, resolve_keys
 from ..bundle.writer import PART_SIZE, bundle_image
 
 log = logging.getLogger("bake.bundle")
 
 # build output role → bundle image type, in the order a cloud registers them
 ROLES = (("kernel", "kernel"), ("ramdisk", "ramdisk"), ("image", "machine"))
-SKIP_REASON = ("no bundle credentials (set EC2_CERT, EC2_PRIVATE_KEY, EUCALYPTUS_CERT and EC2_USER_ID, "
-               "or the recipe's bundle section); the build stays local — run `bake bundle BUILD_DIR` "
-               "once they exist")
-
+LOCAL_NOTE = ("no bundle credentials (EC2_CERT, EC2_PRIVATE_KEY, EUCALYPTUS_CERT, EC2_USER_ID or the recipe's "
+              "bundle section): bundled locally with a key pair made for this build (bundle-keys/); "
+              "publishing bundles again for the cloud")
 
 def _prefix_for(path: Path) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]", "-", path.name).strip(".") or "image"
@@ -153,24 +150,25 @@ def _arch_of(recipe, build: Build) -> str:
 
 def run(build: Build, recipe) -> dict[str, Any]:
     """Bundle the build (see the module's doc); returns build.json's "bundle" section,
-    or {} when the stage was skipped for want of credentials."""
+    or {} when the recipe turns the stage off."""
     section = dict(getattr(recipe, "bundle", None) or {})
     if section.get("enabled") is False:
         build.record_stage("bundle", skipped="disabled in the recipe")
         return {}
     keys = resolve_keys({k: section.get(k) for k in ("cert", "private_key", "cloud_cert", "user_id")},
                         eucarc=_eucarc_values(recipe), wording="recipe")
-    if keys is None:
-        log.warning("bundle stage skipped: %s", SKIP_REASON)
-        build.record_stage("bundle", skipped=SKIP_REASON)
-        return {}
+    local = keys is None
+    if local:
+        log.warning("note: %s", LOCAL_NOTE)
+        keys = local_keys(build.dir / "bundle-keys")
     start = time.monotonic()
     with step("Bundle"):
         records = bundle_build(build, keys, arch=_arch_of(recipe, build),
                                block_device_mapping=section.get("block_device_mapping"),
                                part_size=int(section.get("part_size") or PART_SIZE),
                                image_prefix=section.get("prefix"), reuse=True)
-    build.record_stage("bundle", seconds=round(time.monotonic() - start, 2))
+    build.record_stage("bundle", seconds=round(time.monotonic() - start, 2), local=local,
+                       **({"note": LOCAL_NOTE} if local else {}))
     return records
 
 
