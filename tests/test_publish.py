@@ -313,3 +313,26 @@ def test_a_build_bundled_without_kernel_and_ramdisk_is_registered_alone_on_3x_an
     else:
         with pytest.raises(BakeError, match="Kernel ID must be specified"):
             publish(build, creds, opts())
+
+
+def test_eucalyptus_4_0_to_4_3_publish_signs_objectstorage_with_hmacv1(euca4, clean_env, tmp_path):
+    b = make_build(tmp_path / "output")
+    bundle_build(b, euca4)
+    creds = load_credentials({"eucarc": str(euca4.eucarc), "eucalyptus_version": "4.2"})
+    euca4.clear_log()
+    cloud = publish(b, creds, opts())
+    assert cloud["image_id"].startswith("emi-") and cloud["eucalyptus_version"] == "4.2"
+    s3 = [r for r in euca4.front.requests if r.service == "s3"]
+    assert s3 and not any("x-amz-content-sha256" in r.headers for r in s3)   # no SigV4 on S3
+    ec2 = [r for r in euca4.front.requests if r.service == "ec2"]
+    assert ec2 and not any("SignatureVersion" in r.params for r in ec2)      # SigV4 on EC2
+
+
+def test_the_stage_is_skipped_when_the_recipe_turns_publishing_off(euca3, clean_env, tmp_path):
+    b = make_build(tmp_path / "output")
+
+    class Recipe:
+        publish = {"enabled": False, "eucarc": str(euca3.eucarc)}
+
+    assert "enabled is false" in publish_stage.run(b, Recipe())["skipped"]
+    assert "cloud" not in Build.load(b.dir).data
