@@ -122,7 +122,7 @@ def test_install_hook_for_systemd_writes_the_config_units_timer_and_udev_rule(tm
     conf = (tmp_path / "etc/rootsync.conf").read_text().splitlines()
     for line in ("label=myvol", "interval=5", "debounce=2", "generations=8", "on_attach=restore-reboot",
                  "format_blank=yes", "mount_point=/var/lib/rootsync/volume", "exclude=/var/cache/apt",
-                 "exclude=/home/*/.cache"):
+                 "exclude=/home/*/.cache", "watch_exclude=/var/log"):
         assert line in conf, line
     units = tmp_path / "etc/systemd/system"
     for name in ("rootsync-attach@.service", "rootsync-attach.service", "rootsync-watch.service",
@@ -164,6 +164,13 @@ def test_install_hook_for_upstart_writes_jobs_cron_and_a_udev_rule_that_hands_of
     assert 'ID_FS_TYPE}==""' not in rules  # format_blank defaults to no
     assert not (tmp_path / "etc/systemd").exists()
     assert "format_blank=no" in (tmp_path / "etc/rootsync.conf").read_text()
+
+
+def test_an_empty_watch_excludes_list_means_watch_everything(tmp_path):
+    r = run_hook(tmp_path, "systemd", {**defaults(), "watch_excludes": []})
+    assert r.returncode == 0, r.output
+    conf = (tmp_path / "etc/rootsync.conf").read_text().splitlines()
+    assert [ln for ln in conf if ln.startswith("watch_exclude")] == ["watch_exclude="]
 
 
 @pytest.mark.parametrize("bad,message", [({"on_attach": "wipe"}, "on_attach"), ({"label": "bad label"}, "label"),

@@ -159,3 +159,25 @@ def test_the_watcher_waits_for_a_paired_volume(tmp_path):
                 kill_group(proc)
     finally:
         kill_group(proc)
+
+
+def test_changes_under_var_log_wait_for_the_whole_tree_pass(tmp_path):
+    a = new_instance(tmp_path / "a", label_for(tmp_path), debounce=str(DEBOUNCE))
+    (a.root / "etc").mkdir(parents=True)
+    (a.root / "var/log").mkdir(parents=True)
+    with mounted_volume(a):
+        attach(a)
+        proc = start_watch(a)
+        try:
+            gens = len(status(a)["generations"])
+            (a.root / "var/log/syslog").write_text("a log line\n")
+            time.sleep(DEBOUNCE + 3)
+            assert len(status(a)["generations"]) == gens, "a change under /var/log started a backup"
+            (a.root / "etc/motd").write_text("watched\n")
+            wait_covered(a, time.time())
+            assert not (a.current() / "tree/var/log/syslog").exists()
+            r = run_agent(a, "backup")
+            assert r.returncode == 0, r.output
+            assert (a.current() / "tree/var/log/syslog").read_text() == "a log line\n"
+        finally:
+            kill_group(proc)
