@@ -357,7 +357,13 @@ def test_instances_and_volumes_change_state_after_a_delay(bundled):
     def state():
         return ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]["State"]["Name"]
 
+    def running_ids():
+        f = [{"Name": "instance-state-name", "Values": ["running"]}]
+        return [i["InstanceId"] for r in ec2.describe_instances(Filters=f)["Reservations"] for i in r["Instances"]]
+
+    assert iid not in running_ids()           # the state filter follows the delayed state
     assert wait_for(state, "running") == ["pending", "running"]
+    assert iid in running_ids()
     (desc,) = ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"]
     assert (desc["ImageId"], desc["KernelId"], desc["RamdiskId"]) == (emi, eki, eri)
     cloud.front.console_output[iid] = "hello from the guest\n"
@@ -376,6 +382,8 @@ def test_instances_and_volumes_change_state_after_a_delay(bundled):
         return v["State"], tuple(a["State"] for a in v.get("Attachments", []))
 
     assert wait_for(vol, ("available", ())) == [("creating", ()), ("available", ())]
+    f = [{"Name": "status", "Values": ["available"]}]
+    assert vid in [v["VolumeId"] for v in ec2.describe_volumes(Filters=f)["Volumes"]]
     with pytest.raises(ClientError) as e:
         ec2.attach_volume(VolumeId=vid, InstanceId=iid, Device="bad device name")
     assert code_of(e) == "InvalidParameterValue"

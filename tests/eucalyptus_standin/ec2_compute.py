@@ -91,13 +91,27 @@ class ComputeMixin:
         return "pending" if now - rec["launched"] < self.state_delay else "running"
 
     def _ec2_DescribeInstances(self, p: dict) -> tuple[int, bytes]:
+        p, local = X.split_filters(p, {"instance-state-name", "instance-state-code"})
         status, out = self._ec2_forward(p)
         if status != 200:
             return status, out
         root = ET.fromstring(out)
-        for res in X.items(root, "reservationSet"):
-            for item in X.items(res, "instancesSet"):
-                self._rewrite_instance(item)
+        for res_set in root:
+            if not res_set.tag.endswith("reservationSet"):
+                continue
+            for res in list(res_set):
+                for inst_set in res:
+                    if not inst_set.tag.endswith("instancesSet"):
+                        continue
+                    for item in list(inst_set):
+                        self._rewrite_instance(item)
+                        state = self._instance_state(X.text(item, "instanceId"))
+                        code = {"pending": "0", "running": "16", "shutting-down": "32", "terminated": "48"}.get(state)
+                        names, codes = local.get("instance-state-name"), local.get("instance-state-code")
+                        if (names and state not in names) or (codes and code not in codes):
+                            inst_set.remove(item)
+                    if not len(inst_set):
+                        res_set.remove(res)
         return 200, X.dump(root)
 
     def _ec2_TerminateInstances(self, p: dict) -> tuple[int, bytes]:
@@ -183,10 +197,19 @@ class ComputeMixin:
         return 200, X.dump(root)
 
     def _ec2_DescribeVolumes(self, p: dict) -> tuple[int, bytes]:
+        p, local = X.split_filters(p, {"status", "attachment.status"})
         status, out = self._ec2_forward(p)
         if status != 200:
             return status, out
         root = ET.fromstring(out)
+        for vol_set in root:
+            if not vol_set.tag.endswith("volumeSet"):
+                continue
+            for item in list(vol_set):
+                vol_status, att_status = self._volume_state(X.text(item, "volumeId"))
+                if vol_status not in local.get("status", {vol_status}) or \
+                        ("attachment.status" in local and att_status not in local["attachment.status"]):
+                    vol_set.remove(item)
         for item in X.items(root, "volumeSet"):
             vol_status, att_status = self._volume_state(X.text(item, "volumeId"))
             for child in item:

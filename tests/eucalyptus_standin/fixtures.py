@@ -13,14 +13,14 @@ from . import eucalyptus_standin
 @pytest.fixture(scope="session")
 def euca3(tmp_path_factory):
     """A Eucalyptus 3.x stand-in for the whole session."""
-    with eucalyptus_standin("3", tmp_path_factory.mktemp("euca3"), state_delay=0.5) as cloud:
+    with eucalyptus_standin("3", tmp_path_factory.mktemp("euca3"), state_delay=1.5) as cloud:
         yield cloud
 
 
 @pytest.fixture(scope="session")
 def euca4(tmp_path_factory):
     """A Eucalyptus 4.x stand-in for the whole session."""
-    with eucalyptus_standin("4", tmp_path_factory.mktemp("euca4"), state_delay=0.5) as cloud:
+    with eucalyptus_standin("4", tmp_path_factory.mktemp("euca4"), state_delay=1.5) as cloud:
         yield cloud
 
 

@@ -50,6 +50,22 @@ def filters(p: dict) -> dict[str, set[str]]:
     return out
 
 
+def split_filters(p: dict, local: set[str]) -> tuple[dict, dict[str, set[str]]]:
+    """(the parameters with the filters named in `local` taken out and the rest renumbered,
+    those filters) — for filters on state the front decides, not moto."""
+    fs = filters(p)
+    rest = {k: v for k, v in p.items() if not k.startswith("Filter.")}
+    n = 0
+    for name, values in fs.items():
+        if name in local:
+            continue
+        n += 1
+        rest[f"Filter.{n}.Name"] = name
+        for i, v in enumerate(sorted(values), 1):
+            rest[f"Filter.{n}.Value.{i}"] = v
+    return rest, {k: v for k, v in fs.items() if k in local}
+
+
 def items(root: ET.Element, set_name: str) -> list[ET.Element]:
     found = []
     for el in root.iter():
