@@ -32,6 +32,7 @@ log = logging.getLogger("bake.customize")
 
 IN_TARGET = "/tmp/bake"               # where elements are copied inside the chroot
 DIVERTED = "/usr/sbin/update-initramfs"
+DEFERRED_LOG = "/var/lib/bake-initramfs-deferred"
 APT_OPTS = ["-y", "-q", "-o", "Dpkg::Options::=--force-confold", "-o", "Dpkg::Options::=--force-confdef",
             "-o", "APT::Install-Recommends=false"]
 
@@ -123,7 +124,8 @@ class Customizer:
         rc.chmod(0o755)
         sh.chroot_run(self.root, ["dpkg-divert", "--local", "--rename", "--add", DIVERTED], quiet=True)
         stub = self.root / DIVERTED.lstrip("/")
-        stub.write_text("#!/bin/sh\n# bake: the initramfs is generated once, at the end of customize\nexit 0\n")
+        stub.write_text("#!/bin/sh\n# bake: the initramfs is generated once, at the end of customize\n"
+                        f"echo \"$*\" >> {DEFERRED_LOG}\nexit 0\n")
         stub.chmod(0o755)
         if self.init_system == "upstart":
             sh.chroot_run(self.root, ["dpkg-divert", "--local", "--rename", "--add", "/sbin/initctl"], quiet=True)
@@ -135,7 +137,13 @@ class Customizer:
             resolv.unlink()
         shutil.copyfile("/etc/resolv.conf", resolv)
 
+    def deferred_calls(self) -> int:
+        """How many times packages asked for an initramfs while it was deferred."""
+        f = self.root / DEFERRED_LOG.lstrip("/")
+        return len(f.read_text().splitlines()) if f.exists() else 0
+
     def unguard(self) -> None:
+        (self.root / DEFERRED_LOG.lstrip("/")).unlink(missing_ok=True)
         (self.root / "usr/sbin/policy-rc.d").unlink(missing_ok=True)
         (self.root / DIVERTED.lstrip("/")).unlink(missing_ok=True)
         sh.chroot_run(self.root, ["dpkg-divert", "--local", "--rename", "--remove", DIVERTED], quiet=True)
@@ -233,7 +241,8 @@ class Customizer:
 
     def make_initramfs(self) -> None:
         with step("Generating the initramfs (once)"):
-            sh.chroot_run(self.root, ["update-initramfs", "-c", "-k", "all"], what="update-initramfs")
+            with open(self.build.dir / "initramfs.log", "w") as logf:
+                sh.chroot_run(self.root, ["update-initramfs", "-c", "-k", "all"], what="update-initramfs", logfile=logf)
 
 
 def run(build: Build, recipe: Recipe, plan: Plan, work: Path, fresh_tree: Path | None) -> Path:
@@ -278,13 +287,15 @@ def run(build: Build, recipe: Recipe, plan: Plan, work: Path, fresh_tree: Path |
             c.copy_files()
             c.run_commands()
             c.run_phase("post-install.d")
+            deferred = c.deferred_calls()
             c.unguard()
             c.make_initramfs()
             c.run_phase("finalise.d")
             c.remove_elements()
         c.run_phase("cleanup.d")
     build.record_stage("customize", cached_packages=cached, checkpoint_key=plan.checkpoint.key,
-                       init_system=c.init_system, seconds=round(time.monotonic() - start, 2))
+                       init_system=c.init_system, initramfs_deferred=deferred,
+                       seconds=round(time.monotonic() - start, 2))
     if c.notes:
         build.set("notes", c.notes)
     return root
