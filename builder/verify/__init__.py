@@ -47,6 +47,8 @@ def verify(build: Build, *, cloud: bool = False, only: set[str] | None = None, r
     if cloud:
         from .cloud import CloudOptions, verify_cloud
 
+        if recipe is not None:
+            options.setdefault("publish_section", recipe.publish)
         opts = CloudOptions.from_recipe(section, user=user, only=only, **options)
         with step("Verify on the cloud"):
             report = verify_cloud(build, opts)

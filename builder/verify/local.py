@@ -38,7 +38,7 @@ class LocalOptions:
     instance_type: str = "m1.small"
     boot_timeout: float = 300.0
     hotplug_timeout: float = 30.0
-    agent_timeout: float = 300.0
+    agent_timeout: float = 600.0
     only: set[str] | None = None            # run only these checks (names as in the report)
     skip: set[str] = field(default_factory=set)
     recipe_checks: list[dict[str, Any]] = field(default_factory=list)

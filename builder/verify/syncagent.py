@@ -54,8 +54,13 @@ def _marker_package(scratch: Path, nonce: str) -> Path:
     return deb
 
 
+def _root(inst: Instance) -> str:
+    """The prefix that runs a guest command as root (the default user has passwordless sudo)."""
+    return "" if inst.ssh.user == "root" else "sudo "
+
+
 def _status(inst: Instance) -> dict[str, Any]:
-    out = inst.ssh.run("sudo rootsync status --json", timeout=60).output.strip().splitlines()
+    out = inst.ssh.run(f"{_root(inst)}rootsync status --json", timeout=60).output.strip().splitlines()
     for line in reversed(out):
         if line.startswith("{"):
             return json.loads(line)
@@ -68,7 +73,7 @@ def _backup(inst: Instance, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while True:
         mark = inst.console.mark()
-        r = inst.ssh.run("sudo rootsync backup", timeout=max(1, deadline - time.monotonic()), check=False)
+        r = inst.ssh.run(f"{_root(inst)}rootsync backup", timeout=max(1, deadline - time.monotonic()), check=False)
         m = re.search(r"backup complete generation=(\S+)", r.output)
         if r.returncode == 0 and m:
             return m.group(1)
@@ -106,7 +111,7 @@ def sync_agent(session, a: Instance, result: CheckResult, *, timeout: float) -> 
     """Run the story above on instance `a` (booted) and a fresh instance b."""
     ev = result.evidence
     ssh = a.ssh
-    found = ssh.run("command -v rootsync || true", timeout=30).output.strip()
+    found = ssh.run("PATH=$PATH:/usr/sbin:/sbin; command -v rootsync || true", timeout=30).output.strip()
     if not found:
         raise CheckFailed("the image has no sync agent: `rootsync` is not installed "
                           "(bake the image with the sync-agent element)")
@@ -131,7 +136,7 @@ def sync_agent(session, a: Instance, result: CheckResult, *, timeout: float) -> 
     if not gone:
         raise CheckFailed("found no file to delete on instance a (" + ", ".join(DELETE_CANDIDATES) + ")")
     ssh.run("cat > /tmp/bake-verify-marker.deb", input=deb.read_bytes(), timeout=60)
-    out = ssh.run(f"sudo sh -c {shlex.quote(MARKERS)} markers {nonce} {shlex.quote(gone)}", timeout=120).output
+    out = ssh.run(f"{_root(a)}sh -c {shlex.quote(MARKERS)} markers {nonce} {shlex.quote(gone)}", timeout=120).output
     if "markers-written" not in out:
         raise CheckFailed(f"writing the markers on instance a failed: {out.strip()[-300:]}")
     ev["markers"] = {"new_file": "/etc/bake-verify-marker", "edited_config": "/etc/motd", "deleted_file": gone,
@@ -188,7 +193,7 @@ def sync_agent(session, a: Instance, result: CheckResult, *, timeout: float) -> 
         raise CheckFailed("instance b does not have a's state: " + "; ".join(wrong))
 
     # backups resume on b
-    b.ssh.run("echo resumed > /tmp/.bake-verify-dummy; sudo sh -c 'date > /etc/bake-verify-after-restore'", timeout=30)
+    b.ssh.run(f"{_root(b)}sh -c 'date > /etc/bake-verify-after-restore'", timeout=30)
     gen_b = _backup(b, timeout)
     status_b = _status(b)
     ev["b_backup_generation"] = gen_b
