@@ -35,6 +35,10 @@ DEFAULT_EXCLUDES = ("proc", "sys", "dev", "run", "tmp", "mnt", "media", "var/run
 
 EX_FAIL, EX_REFUSED, EX_BUSY = 1, 3, 4
 
+# SYNC_AGENT_TEST_TOOLS=DIR runs the agent with the rsync and inotifywait found in DIR
+# first (Lucid's versions, built from their sources), instead of this machine's.
+TOOLS_PATH = os.environ["SYNC_AGENT_TEST_TOOLS"] + ":" if os.environ.get("SYNC_AGENT_TEST_TOOLS") else ""
+
 
 @dataclass
 class Instance:
@@ -72,7 +76,7 @@ class Instance:
     def env(self, **extra: str) -> dict[str, str]:
         self.write_conf()
         env = {
-            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "PATH": TOOLS_PATH + "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "ROOTSYNC_CONF": str(self.conf),
             "ROOTSYNC_ROOT": str(self.root),
             "ROOTSYNC_RUN_DIR": str(self.run_dir),

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from syncagent_helpers import (EX_BUSY, EX_REFUSED, assert_same_tree, attach, backup, kill_group,
+from builder import sh
+from syncagent_helpers import (EX_BUSY, EX_REFUSED, TOOLS_PATH, assert_same_tree, attach, backup, kill_group,
                                label_for, make_rich_root, mounted_volume, move_volume, needs_root_and_tools,
                                new_instance, run_agent, start_agent, status, wait_paused)
 
@@ -236,6 +237,11 @@ def test_status_reports_generations_last_result_and_watcher(tmp_path):
         st = status(a)
         assert st["mounted"] and st["device"] == dev and st["generations"] == [] and st["current"] is None
         assert st["last_backup"] is None and st["watcher"]["running"] is False
+        # The agent runs the rsync and inotifywait its PATH names first (Lucid's, when
+        # SYNC_AGENT_TEST_TOOLS points at them).
+        for name, flag in (("rsync", "--version"), ("inotifywait", "--help")):
+            out = sh.run([name, flag], env={"PATH": TOOLS_PATH + "/usr/bin:/bin"}, check=False, quiet=True).output
+            assert st[f"{name}_version"] and st[f"{name}_version"] in out.splitlines()[0], (name, st)
         t0 = time.time()
         attach(a)
         st = status(a)
