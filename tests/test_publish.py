@@ -305,8 +305,10 @@ def test_the_project_clients_create_volumes_and_run_instances_the_cloud_accepts(
 
 def test_a_build_bundled_without_kernel_and_ramdisk_is_registered_alone_on_3x_and_refused_on_4x(
         euca_cloud, creds, build):
-    section = build.data["bundle"]
-    build.set("bundle", {"image": section["image"]})
+    for role in ("kernel", "ramdisk"):   # a build that made only an image
+        build.data["outputs"].pop(role)
+        build.data["bundle"].pop(role)
+    build.save()
     if euca_cloud.version == "3":
         cloud = publish(build, creds, opts())
         assert cloud["image_id"].startswith("emi-") and cloud["kernel_id"] is None
@@ -336,3 +338,26 @@ def test_the_stage_is_skipped_when_the_recipe_turns_publishing_off(euca3, clean_
 
     assert "enabled is false" in publish_stage.run(b, Recipe())["skipped"]
     assert "cloud" not in Build.load(b.dir).data
+
+
+def test_bundles_sealed_to_another_cloud_are_made_again_for_this_one_with_the_same_settings(
+        euca_cloud, creds, tmp_path):
+    from eucalyptus_standin.keys import TestIdentity
+
+    other = TestIdentity.create(tmp_path / "other")
+    b = make_build(tmp_path / "output")
+    bundle_build(b, euca_cloud, cloud_cert=other.cloud_cert, part_size=128 * 1024)
+    b.record_stage("bundle", local=True)
+    cloud = publish(b, creds, opts())
+    assert cloud["image_id"].startswith("emi-")
+    rebundled = Build.load(b.dir).data
+    assert len(rebundled["bundle"]["image"]["parts"]) == 3          # 300 kB in 128 KiB parts, as before
+    assert rebundled["stages"]["bundle"]["local"] is False
+
+
+def test_local_bundles_without_certificates_to_rebundle_are_refused_clearly(euca_cloud, build, clean_env):
+    build.record_stage("bundle", local=True)
+    env = {k: v for k, v in euca_cloud.env().items() if k in ("EC2_URL", "S3_URL", "EC2_ACCESS_KEY", "EC2_SECRET_KEY")}
+    bare = load_credentials({}, environ=env)
+    with pytest.raises(BakeError, match="bundled locally.*EC2_CERT"):
+        publish(build, bare, opts())

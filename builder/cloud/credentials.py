@@ -77,6 +77,12 @@ class Credentials:
             return "3"
         return "aws"
 
+    @property
+    def can_bundle(self) -> bool:
+        """Whether the user's certificate and key, the cloud's certificate and the account
+        are all named (bundling for this cloud is possible)."""
+        return all((self.cert, self.private_key, self.cloud_cert, self.user_id))
+
     def require_bundling(self) -> None:
         """Raise unless the keys and certificates needed to bundle are all named and readable."""
         missing = [ENV_NAMES[n][0] for n in ("cert", "private_key", "cloud_cert", "user_id") if not getattr(self, n)]

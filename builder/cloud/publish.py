@@ -76,15 +76,21 @@ def _resolve(build: Build, p: str | Path) -> Path:
 
 def bundles_of(build: Build, creds: Credentials | None = None) -> list[Bundle]:
     """The build's bundles as the bundle stage recorded them (build.json "bundle"),
-    in registration order (kernel, ramdisk, image; the image is required). When the
-    build has none and `creds` can bundle, it is bundled first."""
+    in registration order (kernel, ramdisk, image; the image is required).
+
+    With `creds` that can bundle, the bundles are first made sure to be sealed to that
+    cloud: bundles made with the same keys are kept, others (local ones, made with a key
+    pair of the build's own, or ones for another cloud) are made again."""
     section = build.data.get("bundle")
     local = bool(((build.data.get("stages") or {}).get("bundle") or {}).get("local"))
-    if not section or (local and creds is not None):
-        # Local bundles are sealed to a key pair of the build's own, not to the cloud.
-        if creds is None:
-            raise BakeError(f"{build.dir}: this build has no bundles (run `bake bundle` first)")
+    if creds is not None and creds.can_bundle:
         section = bundle_build(build, creds)
+    elif creds is not None and (not section or local):
+        why = "has no bundles" if not section else "was bundled locally, with a key pair of its own"
+        raise BakeError(f"{build.dir} {why}; to bundle it for the cloud, publishing needs EC2_CERT, "
+                        "EC2_PRIVATE_KEY, EUCALYPTUS_CERT and EC2_USER_ID (or an eucarc that sets them)")
+    elif not section:
+        raise BakeError(f"{build.dir}: this build has no bundles (run `bake bundle` first)")
     manifest_mod = _manifest_module()
     out = []
     for role, image_type in ROLES:
@@ -107,16 +113,28 @@ def bundles_of(build: Build, creds: Credentials | None = None) -> list[Bundle]:
 
 
 def bundle_build(build: Build, creds: Credentials) -> dict[str, Any]:
-    """Bundle the build with the credentials' keys and certificates, exactly as the
-    bundle stage does (same record in build.json "bundle"); returns that section."""
+    """Make sure the build's bundles are sealed to the credentials' cloud and user:
+    bundles already made with these certificates are kept as they are; otherwise the
+    build is bundled again exactly as the bundle stage does (same settings as the
+    bundles it replaces, same record in build.json "bundle"). Returns that section."""
     from ..bundle.keys import BundleKeys
     from ..stages.bundle import bundle_build as bundle_stage_build
 
     creds.require_bundling()
     keys = BundleKeys(user_id=creds.user_id, cert=creds.cert, private_key=creds.private_key,  # type: ignore[arg-type]
                       cloud_cert=creds.cloud_cert)  # type: ignore[arg-type]
-    with step("Bundling the build for publishing"):
-        return bundle_stage_build(build, keys, reuse=True)
+    section = build.data.get("bundle") or {}
+    made_with = keys.describe()
+    if section and all(isinstance(e, dict) and e.get("keys") == made_with for e in section.values()):
+        return section
+    settings = next((e["settings"] for e in section.values() if isinstance(e, dict) and e.get("settings")), {})
+    kw = {k: settings[k] for k in ("arch", "part_size", "block_device_mapping", "image_prefix")
+          if settings.get(k) is not None}
+    with step("Bundling the build for the cloud"):
+        section = bundle_stage_build(build, keys, **kw)
+    if ((build.data.get("stages") or {}).get("bundle") or {}).get("local"):
+        build.record_stage("bundle", local=False, note="bundled again with the cloud's certificate for publishing")
+    return section
 
 
 # --- defaults -------------------------------------------------------------------------
