@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from builder import sh
-from syncagent_helpers import (EX_REFUSED, assert_same_tree, attach, backup, label_for, loop_image,
-                               make_rich_root, needs_root_and_tools, new_instance, run_agent, status)
+from syncagent_helpers import (EX_BUSY, EX_REFUSED, assert_same_tree, attach, backup, kill_group, label_for,
+                               loop_image, make_rich_root, needs_root_and_tools, new_instance, run_agent,
+                               start_agent, status, wait_for)
 
 pytestmark = pytest.mark.usefixtures("needs_root_and_tools")
 
@@ -69,11 +70,29 @@ def test_restore_then_reboot_is_the_default_adoption(tmp_path):
     with loop_image(tmp_path / "vol.img", 96, a.label):
         attach(a)
         sh.unmount_all_under(a.mount_point)
-        r = run_agent(b, "attach", env_extra={"ROOTSYNC_REBOOT_COMMAND": f"touch {marker}"})
+        r = run_agent(b, "attach", env_extra={"ROOTSYNC_REBOOT_COMMAND": f"touch {marker}",
+                                              "ROOTSYNC_REBOOT_WAIT": "0"})
         assert r.returncode == 0, r.output
         assert "restore complete" in r.output and "rebooting" in r.output
         assert marker.exists()
         assert_same_tree(a.root, b.root)
+
+
+def test_no_backup_runs_while_the_restored_instance_goes_down_for_its_reboot(tmp_path):
+    a = backed_up_volume(tmp_path)
+    b = new_instance(tmp_path / "b", a.label, on_attach="restore-reboot")
+    with loop_image(tmp_path / "vol.img", 96, a.label):
+        attach(a)
+        sh.unmount_all_under(a.mount_point)
+        proc = start_agent(b, "attach", env_extra={"ROOTSYNC_REBOOT_COMMAND": "true", "ROOTSYNC_REBOOT_WAIT": "30"})
+        try:
+            wait_for(lambda: "rebooting" in (b.base / "agent.log").read_text(), 60, "the restore to finish")
+            assert status(b)["paired"]
+            r = run_agent(b, "backup")
+            assert r.returncode == EX_BUSY, r.output
+            assert proc.poll() is None
+        finally:
+            kill_group(proc)
 
 
 def test_report_only_adoption_changes_nothing(tmp_path):

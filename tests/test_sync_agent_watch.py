@@ -181,3 +181,30 @@ def test_changes_under_var_log_wait_for_the_whole_tree_pass(tmp_path):
             assert (a.current() / "tree/var/log/syslog").read_text() == "a log line\n"
         finally:
             kill_group(proc)
+
+
+def test_changes_already_in_a_whole_tree_backup_make_no_further_generation(tmp_path):
+    # The order a host-side check uses: write, back up by hand at once, expect that
+    # backup's generation to stay the current one.
+    a = new_instance(tmp_path / "a", label_for(tmp_path), debounce="2")
+    make_rich_root(a.root)
+    with mounted_volume(a):
+        attach(a)
+        proc = start_watch(a)
+        try:
+            (a.root / "etc/marker").write_text("written just before a manual backup\n")
+            r = run_agent(a, "backup")
+            assert r.returncode == 0, r.output
+            manual = status(a)["current"]
+            time.sleep(2 + 3)
+            st = status(a)
+            assert st["current"] == manual, "the watcher made a generation for changes already backed up"
+            assert (a.current() / "tree/etc/marker").exists()
+            assert "are already in generation" in (a.base / "agent.log").read_text()
+            # A change after the manual backup still gets its own generation.
+            t = time.time()
+            (a.root / "etc/marker").write_text("after\n")
+            wait_covered(a, t)
+            assert (a.current() / "tree/etc/marker").read_text() == "after\n"
+        finally:
+            kill_group(proc)
