@@ -149,6 +149,20 @@ def test_install_hook_for_systemd_writes_the_config_units_timer_and_udev_rule(tm
     assert got["label"] == "myvol" and got["mount_point"] == "/var/lib/rootsync/volume" and not got["mounted"]
 
 
+def test_systemd_accepts_the_units(tmp_path):
+    run = run_hook(tmp_path, "systemd", defaults())
+    assert run.returncode == 0, run.output
+    units = tmp_path / "etc/systemd/system"
+    shutil.copy(units / "rootsync-attach@.service", tmp_path / "rootsync-attach@vdb.service")
+    names = [units / n for n in ("rootsync-attach.service", "rootsync-watch.service", "rootsync-backup.service",
+                                 "rootsync-backup.timer")] + [tmp_path / "rootsync-attach@vdb.service"]
+    r = sh.run([tool("systemd-analyze"), "verify", *map(str, names)], check=False, quiet=True)
+    # This machine has no /usr/sbin/rootsync; any other complaint is about the units.
+    other = [ln for ln in r.output.splitlines()
+             if ln.strip() and "Command /usr/sbin/rootsync is not executable" not in ln]
+    assert not other, r.output
+
+
 def test_install_hook_for_upstart_writes_jobs_cron_and_a_udev_rule_that_hands_off(tmp_path):
     r = run_hook(tmp_path, "upstart", defaults())
     assert r.returncode == 0, r.output
