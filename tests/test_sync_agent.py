@@ -5,6 +5,7 @@ this machine's own root (see syncagent_helpers)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import time
@@ -243,7 +244,12 @@ def test_status_reports_generations_last_result_and_watcher(tmp_path):
             out = sh.run([name, flag], env={"PATH": TOOLS_PATH + "/usr/bin:/bin"}, check=False, quiet=True).output
             assert st[f"{name}_version"] and st[f"{name}_version"] in out.splitlines()[0], (name, st)
         t0 = time.time()
-        attach(a)
+        console = tmp_path / "console"
+        r = run_agent(a, "attach", env_extra={"ROOTSYNC_CONSOLE": str(console)})
+        assert r.returncode == 0, r.output
+        # Every log line also goes to the console (upstart and cron set /dev/console).
+        assert re.search(r"^rootsync: backup complete generation=\S+ kind=full files=\d+ bytes=\d+ seconds=[\d.]+$",
+                         console.read_text(), re.M), console.read_text()
         st = status(a)
         (g,) = st["generations"]
         assert g["kind"] == "full" and g["current"] and g["restorable"]

@@ -3,6 +3,10 @@ volume by a fresh instance (restore then reboot, restore only, or report)."""
 
 from __future__ import annotations
 
+import shutil
+import time
+from pathlib import Path
+
 import pytest
 
 from builder import sh
@@ -170,3 +174,23 @@ def test_attach_without_a_labelled_volume_reports_and_does_nothing(tmp_path):
     assert r.returncode == EX_REFUSED and f"no volume labelled {a.label}" in r.output
     assert mounted_at(a.mount_point) is None
     assert not (a.root / "var/lib/rootsync/volume-id").exists()
+
+
+def test_the_udev_hand_off_returns_at_once_and_the_attach_runs_outside_it(tmp_path):
+    if Path("/run/systemd/system").exists() or shutil.which("initctl"):
+        pytest.fail("this machine runs systemd or upstart, which the hand-off would ask to start the attach; "
+                    "run this test where neither runs (the hand-off then starts the attach itself)")
+    a = new_instance(tmp_path / "a", label_for(tmp_path))
+    (a.root / "etc").mkdir(parents=True)
+    with loop_image(tmp_path / "vol.img", 64, a.label) as dev:
+        t = time.monotonic()
+        r = run_agent(a, "udev-add", dev)
+        assert r.returncode == 0, r.output
+        assert time.monotonic() - t < 2, "udev-add must hand over and return, not do the work"
+        wait_for(lambda: mounted_at(a.mount_point) == dev and status(a)["current"], 60,
+                 "the attach started by udev-add to mount and back up")
+        wait_for(lambda: not (a.run_dir / "lock").exists() or _lock_free(a), 30, "the attach to finish")
+
+
+def _lock_free(inst) -> bool:
+    return sh.run(["flock", "-n", str(inst.run_dir / "lock"), "true"], check=False, quiet=True).returncode == 0

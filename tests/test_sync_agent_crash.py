@@ -185,3 +185,28 @@ def test_a_backup_killed_when_the_volume_filled_up_is_cleaned_by_the_next(tmp_pa
         r = run_agent(a, "backup")
         assert r.returncode == 0, r.output
         assert list((a.volume_dir / "work").iterdir()) == []
+
+
+def test_a_backup_killed_while_pruning_leaves_the_new_generation_current(tmp_path):
+    a = new_instance(tmp_path / "a", label_for(tmp_path), generations="2")
+    make_rich_root(a.root)
+    with mounted_volume(a) as dev:
+        attach(a)
+        oldest = a.current().name
+        (a.root / "etc/hostname").write_text("second\n")
+        backup(a)
+        change_to_state_b(a.root)
+        state_b = snapshot(a.root)
+        proc = start_agent(a, "backup", env_extra={"ROOTSYNC_TEST_PAUSE_AT": "pruning"})
+        try:
+            wait_paused(a, "pruning", proc)
+        finally:
+            kill_group(proc)
+        # The pruned generation is out of generations/ before any of it is deleted.
+        assert not (a.volume_dir / "generations" / oldest).exists()
+        assert (a.volume_dir / "work" / f"pruning-{oldest}").exists()
+        restored = restore_elsewhere(tmp_path, dev, a, "fresh1")
+        assert_is_state(restored, state_b, "B")
+        r = run_agent(a, "backup")
+        assert r.returncode == 0 and "removing unfinished" in r.output, r.output
+        assert list((a.volume_dir / "work").iterdir()) == []
