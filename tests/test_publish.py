@@ -317,15 +317,18 @@ def test_a_build_bundled_without_kernel_and_ramdisk_is_registered_alone_on_3x_an
             publish(build, creds, opts())
 
 
-def test_eucalyptus_4_0_to_4_3_publish_signs_objectstorage_with_hmacv1(euca4, clean_env, tmp_path):
+@pytest.mark.parametrize("version,s3_sigv4", [(None, False), ("4.2", False), ("4.4", True)])
+def test_4x_publish_signs_objectstorage_with_sigv4_only_when_the_cloud_is_4_4(euca4, clean_env, tmp_path,
+                                                                               version, s3_sigv4):
     b = make_build(tmp_path / "output")
     bundle_build(b, euca4)
-    creds = load_credentials({"eucarc": str(euca4.eucarc), "eucalyptus_version": "4.2"})
+    section = {"eucarc": str(euca4.eucarc), **({"eucalyptus_version": version} if version else {})}
     euca4.clear_log()
-    cloud = publish(b, creds, opts())
-    assert cloud["image_id"].startswith("emi-") and cloud["eucalyptus_version"] == "4.2"
+    cloud = publish(b, load_credentials(section), opts())
+    assert cloud["image_id"].startswith("emi-")
+    assert cloud["eucalyptus_version"] == ("4.4+" if s3_sigv4 else "4.0-4.3")
     s3 = [r for r in euca4.front.requests if r.service == "s3"]
-    assert s3 and not any("x-amz-content-sha256" in r.headers for r in s3)   # no SigV4 on S3
+    assert s3 and all(("x-amz-content-sha256" in r.headers) == s3_sigv4 for r in s3)
     ec2 = [r for r in euca4.front.requests if r.service == "ec2"]
     assert ec2 and not any("SignatureVersion" in r.params for r in ec2)      # SigV4 on EC2
 

@@ -2,7 +2,8 @@
 
 Eucalyptus 3.x: EC2 signed with SigV2, Walrus with HmacV1 ('s3') over the real request
 path (see `_sign_full_path`), no `Expect: 100-continue`.
-Eucalyptus 4.0–4.3: EC2 SigV4, object storage HmacV1. 4.4 and AWS: SigV4 for both.
+Eucalyptus 4.0–4.3 (and 4.x when the exact release is not given): EC2 SigV4, object
+storage HmacV1 (same path rule). 4.4 and later, and AWS: SigV4 for both.
 Always: path-style addressing, checksum headers only when an operation requires them,
 and parameters the Eucalyptus query binding does not know removed before sending.
 """
@@ -38,9 +39,9 @@ class Clients:
 def signatures_for(profile_version: str) -> tuple[str, str]:
     """(EC2 signature version, S3 signature version) for a profile from
     Credentials.profile_version."""
-    if profile_version == "aws" or profile_version == "4.4":
+    if profile_version in ("aws", "4.4+"):
         return "v4", "s3v4"
-    if profile_version.startswith("4"):
+    if profile_version == "4.0-4.3":
         return "v4", "s3"
     return "v2", "s3"
 

@@ -61,19 +61,23 @@ class Credentials:
 
     @property
     def profile_version(self) -> str:
-        """The Eucalyptus version the clients are set up for: "3", "4.0"–"4.3", "4.4" or "aws"."""
+        """Which client set-up the cloud needs: "3" (EC2 SigV2, Walrus HmacV1), "4.0-4.3"
+        (EC2 SigV4, object storage HmacV1), "4.4+" (SigV4 for both) or "aws".
+
+        Object storage accepts SigV4 only from Eucalyptus 4.4, so without an explicit
+        `eucalyptus_version` a 4.x cloud (told by its /services/compute or
+        /services/objectstorage URL) gets HmacV1, which every 4.x accepts; any other
+        Eucalyptus URL gets the 3.x set-up, which every release accepts."""
         if self.eucalyptus_version:
-            v = self.eucalyptus_version.strip()
-            major, _, rest = v.partition(".")
-            if major == "4":
-                minor = int((rest.split(".")[0] or "4") if rest else "4")
-                return "4.4" if minor >= 4 else f"4.{minor}"
-            return major
+            major, _, rest = self.eucalyptus_version.strip().partition(".")
+            minor = int(rest.split(".")[0]) if rest.split(".")[0].isdigit() else 0
+            if not major.isdigit() or int(major) < 4:
+                return "3"
+            return "4.4+" if int(major) > 4 or minor >= 4 else "4.0-4.3"
         paths = urlsplit(self.ec2_url).path.rstrip("/"), urlsplit(self.s3_url).path.rstrip("/")
         if paths[0].endswith("/services/compute") or paths[1].endswith("/services/objectstorage"):
-            return "4.4"
+            return "4.0-4.3"
         if "/services/" in paths[0] or "/services/" in paths[1]:
-            # SigV2 for EC2 and HmacV1 for Walrus work on every Eucalyptus release.
             return "3"
         return "aws"
 
