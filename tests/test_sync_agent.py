@@ -257,3 +257,22 @@ def test_status_reports_generations_last_result_and_watcher(tmp_path):
         assert st["last_backup"]["result"] == "ok" and st["last_backup"]["generation"] == g["name"]
         text = run_agent(a, "status")
         assert text.returncode == 0 and g["name"] in text.output and "paired" in text.output
+
+
+def test_memory_filesystems_mounted_below_the_root_are_neither_copied_nor_touched(tmp_path):
+    a = new_instance(tmp_path / "a", label_for(tmp_path))
+    b = new_instance(tmp_path / "b", a.label)
+    (a.root / "etc").mkdir(parents=True)
+    (a.root / "lib/init/rw").mkdir(parents=True)
+    (b.root / "lib/init/rw").mkdir(parents=True)
+    with mounted_volume(a) as dev, sh.mount("tmpfs", a.root / "lib/init/rw", fstype="tmpfs"):
+        (a.root / "lib/init/rw/volatile").write_text("in memory\n")
+        attach(a)
+        assert not (a.current() / "tree/lib/init/rw").exists()
+        assert (a.current() / "tree/lib/init").is_dir()
+        with sh.mount("tmpfs", b.root / "lib/init/rw", fstype="tmpfs"):
+            (b.root / "lib/init/rw/b-only").write_text("b\n")
+            move_volume(dev, a, b)
+            r = run_agent(b, "restore")
+            assert r.returncode == 0, r.output
+            assert (b.root / "lib/init/rw/b-only").read_text() == "b\n"
