@@ -247,6 +247,17 @@ def test_a_wrong_secret_key_fails_with_a_clear_message(euca_cloud, creds, build)
     assert euca_cloud.puts() == []
 
 
+def test_a_user_who_may_not_register_kernels_is_told_so_not_that_the_key_is_wrong(euca_cloud, creds, build):
+    euca_cloud.front.admin = False
+    try:
+        with pytest.raises(BakeError) as e:
+            publish(build, creds, opts())
+    finally:
+        euca_cloud.front.admin = True
+    assert "Only administrators can register kernel images" in str(e.value)
+    assert "refused our credentials" not in str(e.value)
+
+
 def test_publish_bundles_first_when_the_build_has_no_bundles(euca_cloud, creds, tmp_path):
     b = make_build(tmp_path / "output")
     cloud = publish(b, creds, opts())

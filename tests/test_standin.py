@@ -60,11 +60,12 @@ def code_of(e: pytest.ExceptionInfo) -> str:
     return e.value.response["Error"]["Code"]
 
 
-def sigv2_params(cloud, action: dict, *, path: str | None = None) -> dict:
-    """A SigV2-signed EC2 query, signed here from the specification."""
+def sigv2_params(cloud, action: dict, *, path: str | None = None, age: float = 0) -> dict:
+    """A SigV2-signed EC2 query, signed here from the specification, `age` seconds old."""
+    when = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(seconds=age)
     params = {**action, "AWSAccessKeyId": cloud.identity.access_key, "SignatureVersion": "2",
               "SignatureMethod": "HmacSHA256", "Version": "2013-08-15",
-              "Timestamp": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+              "Timestamp": when.strftime("%Y-%m-%dT%H:%M:%SZ")}
     path = path or urlsplit(cloud.ec2_url).path
     canonical = "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(params.items()))
     to_sign = f"POST\n{cloud.host}:{cloud.port}\n{path}\n{canonical}"
@@ -111,6 +112,31 @@ def test_ec2_refuses_a_sigv2_request_altered_after_signing(euca3):
     params["ZoneName.1"] = "other"
     r = requests.post(euca3.ec2_url, data=params)
     assert r.status_code == 403 and "AuthFailure" in r.text
+
+
+def hmacv1_put(cloud, bucket: str, key: str, body: bytes, *, age: float = 0) -> requests.Response:
+    """An HmacV1-signed PUT (full path as the canonical resource), signed here from the
+    specification, its Date `age` seconds old."""
+    import email.utils
+    path = f"{urlsplit(cloud.s3_url).path}/{bucket}/{key}"
+    date = email.utils.formatdate(time.time() - age, usegmt=True)
+    to_sign = f"PUT\n\napplication/octet-stream\n{date}\n{path}"
+    sig = base64.b64encode(hmac.new(cloud.identity.secret_key.encode(), to_sign.encode(), hashlib.sha1).digest())
+    return requests.put(cloud.base_url + path, data=body, headers={
+        "Date": date, "Content-Type": "application/octet-stream",
+        "Authorization": f"AWS {cloud.identity.access_key}:{sig.decode()}"})
+
+
+def test_requests_signed_too_long_ago_are_refused(euca_cloud):
+    assert requests.post(euca_cloud.ec2_url, data=sigv2_params(euca_cloud, {"Action": "DescribeAvailabilityZones"})).ok
+    r = requests.post(euca_cloud.ec2_url, data=sigv2_params(euca_cloud, {"Action": "DescribeAvailabilityZones"},
+                                                            age=3600))
+    assert r.status_code == 403 and "RequestExpired" in r.text
+    bucket = bucket_name()
+    s3_client(euca_cloud).create_bucket(Bucket=bucket)
+    assert hmacv1_put(euca_cloud, bucket, "k", b"x").status_code == 200
+    r = hmacv1_put(euca_cloud, bucket, "k", b"x", age=3600)
+    assert r.status_code == 403 and "RequestTimeTooSkewed" in r.text
 
 
 def test_ec2_refuses_an_unsigned_request(euca3):
@@ -318,6 +344,17 @@ def test_4x_refuses_a_machine_image_without_kernel_and_ramdisk(euca4, tmp_path):
     with pytest.raises(ClientError) as e:
         ec2_client(euca4).register_image(ImageLocation=loc["image"], Name="t-image", Architecture="x86_64")
     assert code_of(e) == "MissingParameter" and "Kernel ID" in e.value.response["Error"]["Message"]
+
+
+def test_only_administrators_may_register_kernels_and_ramdisks(bundled):
+    cloud, loc = bundled
+    cloud.front.admin = False
+    try:
+        with pytest.raises(ClientError) as e:
+            ec2_client(cloud).register_image(ImageLocation=loc["kernel"], Name="t-kernel")
+        assert code_of(e) == "NotAuthorized"
+    finally:
+        cloud.front.admin = True
 
 
 def test_register_refuses_a_kernel_id_that_is_not_a_kernel(bundled):

@@ -30,6 +30,7 @@ class ImagesMixin:
     """RegisterImage, DeregisterImage, DescribeImages (mixed into the Front)."""
 
     version: str
+    admin: bool
     images: dict[str, Image]
     _lock: threading.RLock
 
@@ -58,6 +59,8 @@ class ImagesMixin:
             raise X.Ec2Error("InvalidParameterValue", f"unsupported architecture {arch}")
         kernel = p.get("KernelId") or m.kernel_id
         ramdisk = p.get("RamdiskId") or m.ramdisk_id
+        if m.image_type in ("kernel", "ramdisk") and not self.admin:
+            raise X.Ec2Error("NotAuthorized", f"Only administrators can register {m.image_type} images.")
         if m.image_type == "machine":
             if self.version == "4" and not kernel:
                 raise X.Ec2Error("MissingParameter", "Kernel ID must be specified")

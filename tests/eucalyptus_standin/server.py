@@ -121,6 +121,7 @@ class Front(ImagesMixin, ComputeMixin):
             self.ec2_paths = ("/services/compute", "/services/Eucalyptus")
             self.s3_paths = ("/services/objectstorage", "/services/Walrus")
         self.images: dict[str, Image] = {}
+        self.admin = True   # only administrators may register kernel and ramdisk images
         self.instances: dict[str, dict] = {}      # id -> {"launched": t, "terminated": t|None, "kernel":…}
         self.volumes: dict[str, dict] = {}        # id -> {"created": t, "attached": t|None, "detached": t|None}
         self.console_output: dict[str, str] = {}
@@ -174,6 +175,7 @@ class Front(ImagesMixin, ComputeMixin):
         sub = req.path[len(prefix):] or "/"
         op = f"{req.method} {sub}"
         try:
+            sigs.check_time(req)
             if sigs.is_sigv4(req):
                 if self.version == "3":
                     raise sigs.AuthError("AccessDenied", "Walrus 3.x does not accept AWS4-HMAC-SHA256 signatures")
@@ -226,6 +228,7 @@ class Front(ImagesMixin, ComputeMixin):
         params = sigs.query_params(req, form)
         action = params.get("Action", "")
         try:
+            sigs.check_time(req, params)
             if sigs.is_sigv4(req):
                 sigs.verify_sigv4(req, self.keys, s3=False)
             elif "Signature" in params:

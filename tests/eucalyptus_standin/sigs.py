@@ -10,9 +10,12 @@
 from __future__ import annotations
 
 import base64
+import datetime as _dt
+import email.utils
 import hashlib
 import hmac
 import re
+import time
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 from urllib.parse import quote, unquote
@@ -186,6 +189,43 @@ def verify_sigv4(req: SignedRequest, keys: Mapping[str, str], *, s3: bool) -> st
         raise AuthError("SignatureDoesNotMatch" if s3 else "AuthFailure",
                         "Failure to authenticate: signature (v4) does not match")
     return access
+
+
+MAX_SKEW = 15 * 60   # seconds; Eucalyptus, like AWS, refuses requests further off than this
+
+
+def check_time(req: SignedRequest, params: Mapping[str, str] | None = None, *, now: float | None = None) -> None:
+    """Refuse a request whose signed time (x-amz-date, Date, or the SigV2 Timestamp /
+    Expires parameter) is more than MAX_SKEW from now."""
+    now = time.time() if now is None else now
+    params = params or {}
+    when = None
+    try:
+        if req.header("x-amz-date"):
+            v = req.header("x-amz-date") or ""
+            when = (_dt.datetime.strptime(v, "%Y%m%dT%H%M%SZ").replace(tzinfo=_dt.timezone.utc).timestamp()
+                    if "T" in v and "-" not in v else email.utils.parsedate_to_datetime(v).timestamp())
+        elif params.get("Expires"):
+            if _iso(params["Expires"]) < now:
+                raise AuthError("RequestExpired", f"Request has expired (Expires {params['Expires']})")
+            return
+        elif params.get("Timestamp"):
+            when = _iso(params["Timestamp"])
+        elif req.header("date"):
+            when = email.utils.parsedate_to_datetime(req.header("date") or "").timestamp()
+    except (ValueError, TypeError):
+        raise AuthError("AuthFailure", "the request's date cannot be read", 400) from None
+    if when is not None and abs(now - when) > MAX_SKEW:
+        raise AuthError("RequestTimeTooSkewed" if not params else "RequestExpired",
+                        "The difference between the request time and the current time is too large.")
+
+
+def _iso(v: str) -> float:
+    v = v.replace("Z", "+00:00")
+    d = _dt.datetime.fromisoformat(v)
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=_dt.timezone.utc)
+    return d.timestamp()
 
 
 def is_sigv4(req: SignedRequest) -> bool:
