@@ -7,8 +7,9 @@ offer `ssh-rsa` signatures for the same reason. Host keys are not recorded anywh
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import sh
@@ -41,14 +42,40 @@ class SSH:
     user: str
     key: Path
     host: str = "127.0.0.1"
+    # One login held open (an SSH master connection) that later commands share: under
+    # emulation a fresh login (key exchange, PAM, a user session) costs seconds.
+    control: Path | None = None
+    _master: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
+    _master_up: bool = field(default=False, repr=False)
 
-    def argv(self, command: str, connect_timeout: int = 10) -> list[str]:
-        return ["ssh", "-F", "/dev/null", "-i", str(self.key), "-p", str(self.port),
+    def _options(self, connect_timeout: int = 10) -> list[str]:
+        return ["-F", "/dev/null", "-i", str(self.key), "-p", str(self.port),
                 "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
                 "-o", f"ConnectTimeout={connect_timeout}", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3",
-                "-o", "PubkeyAcceptedAlgorithms=+ssh-rsa", "-o", "HostKeyAlgorithms=+ssh-rsa",
-                f"{self.user}@{self.host}", command]
+                "-o", "PubkeyAcceptedAlgorithms=+ssh-rsa", "-o", "HostKeyAlgorithms=+ssh-rsa"]
+
+    def argv(self, command: str, connect_timeout: int = 10) -> list[str]:
+        shared = ["-o", f"ControlPath={self.control}", "-o", "ControlMaster=no"] if self.control else []
+        # without a live master at ControlPath, ssh simply logs in on its own
+        return ["ssh", *self._options(connect_timeout), *shared, f"{self.user}@{self.host}", command]
+
+    def _start_master(self) -> None:
+        if self.control is None or self._master_up:
+            return
+        self._master_up = True
+        self._master.enter_context(sh.background(
+            ["ssh", *self._options(), "-o", f"ControlPath={self.control}", "-o", "ControlMaster=yes",
+             "-o", "ControlPersist=no", "-N", f"{self.user}@{self.host}"], grace=1))
+
+    def drop_master(self) -> None:
+        """End the shared connection (before the guest reboots; the next `wait` makes a new one)."""
+        self._master.close()
+        self._master_up = False
+        if self.control is not None:
+            self.control.unlink(missing_ok=True)
+
+    close = drop_master
 
     def run(self, command: str, *, timeout: float = 60, check: bool = True, input: bytes | None = None) -> sh.Result:
         """Run `command` (a shell command line, in the guest's shell) and return its result;
@@ -82,6 +109,7 @@ class SSH:
                 last = str(e).splitlines()[0]
                 continue
             if r.returncode == 0:
+                self._start_master()
                 return r
             last = r.output.strip().splitlines()[-1] if r.output.strip() else f"exit {r.returncode}"
             if "Permission denied" in r.output:

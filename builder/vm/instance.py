@@ -138,7 +138,10 @@ class Instance:
         volume_id = volume_id or f"vol-{secrets.token_hex(4)}"
         serial = (serial or volume_id)[:20]
         node = f"{volume_id}-file"
+        # no host flushes (cache.no-flush): the guest's syncs would cost a disk flush each
+        # under emulation; writes still reach the file before QEMU exits, even on QMP quit
         self.qmp.execute("blockdev-add", {"node-name": node, "driver": "raw",
+                                          "cache": {"direct": False, "no-flush": True},
                                           "file": {"driver": "file", "filename": os.fspath(path)}})
         try:
             self.qmp.execute("device_add", {"driver": "virtio-blk-pci", "id": volume_id, "drive": node,
@@ -224,13 +227,19 @@ def launch(trio: Trio, base_disk: Path, workdir: Path, *, name: str = "a", accel
             started = time.monotonic()
             qmp_guest.close()
             console = Console(proc.stdout, folder / "console.log", proc)
-            qmp = None
+            qmp = ssh = None
             try:
                 qmp = Monitor(qmp_host, folder / "qmp-events.jsonl", name=name)
-                ssh = SSH(ssh_port, ssh_user, ssh_key) if ssh_key and ssh_user else None
+                if ssh_key and ssh_user:
+                    # a short path: a socket's name must fit in 108 bytes
+                    control_dir = Path(tempfile.mkdtemp(prefix="bake-ssh-"))
+                    ssh = SSH(ssh_port, ssh_user, ssh_key, control=control_dir / "c")
                 yield Instance(name, folder, proc, console, qmp, ssh, instance_id, accel, itype, md_file,
                                started, scratch)
             finally:
+                if ssh is not None:
+                    ssh.close()
+                    shutil.rmtree(ssh.control.parent, ignore_errors=True)
                 if qmp is not None:
                     qmp.close()
                 with contextlib.suppress(ProcessLookupError, PermissionError):
