@@ -3,6 +3,7 @@
 and the recovery point in watch mode.
 
     .venv/bin/python bench/bench_sync_agent.py [--rootfs DIR] [--skip-rootfs] [--samples 5]
+                                               [--tools DIR]
 
 Run as root (loop devices, mounts). The real `rootsync` runs against trees under
 /var/tmp (ROOTSYNC_ROOT), never against this machine's `/`; the volume is a sparse
@@ -22,7 +23,9 @@ ext4 image on a loop device, as in the tests.
    from a write to the moment a complete generation covers it (`covers_until` in
    `rootsync status --json`); target < 10 s.
 
-Figures are wall-clock seconds of single runs (medians where several are taken) on a
+--tools DIR puts DIR first on the PATH of the agent and of the plain rsync runs (e.g.
+Lucid's rsync 3.0.7 and inotifywait 3.13 built from their sources; see the element's
+README). Figures are wall-clock seconds of single runs (medians where several are taken) on a
 shared machine: expect noise. It exits 0 after printing them, even when a target is missed.
 """
 
@@ -50,6 +53,7 @@ AGENT = ROOT / "elements" / "sync-agent" / "static" / "usr" / "sbin" / "rootsync
 TREE30K = Path("/var/tmp/bake-bench-sync-tree30k")
 BOOKWORM = Path("/var/tmp/bake-bench-sync-bookworm")
 DEBIAN_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
+TOOLS = ""  # --tools DIR + ":"
 
 
 # --- the agent ---------------------------------------------------------------------------
@@ -67,7 +71,7 @@ class Agent:
 
     def env(self) -> dict[str, str]:
         assert str(self.root) not in ("", "/")
-        return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "ROOTSYNC_CONF": str(self.conf),
+        return {"PATH": TOOLS + "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "ROOTSYNC_CONF": str(self.conf),
                 "ROOTSYNC_ROOT": str(self.root), "ROOTSYNC_RUN_DIR": str(self.run_dir), "ROOTSYNC_SYSLOG": "no"}
 
     def run(self, *args: str) -> tuple[float, str]:
@@ -97,7 +101,7 @@ def volume(work: Path, name: str, size_gib: int, label: str) -> Iterator[Path]:
 
 def timed(argv: list[str]) -> float:
     t = time.monotonic()
-    sh.run(argv, timeout=3600, quiet=True)
+    sh.run(argv, timeout=3600, quiet=True, extra_env={"PATH": TOOLS + os.environ.get("PATH", "/usr/bin:/bin")})
     return time.monotonic() - t
 
 
@@ -260,7 +264,8 @@ def bench_rootfs(work: Path, explicit: Path | None) -> dict:
         sh.run(["sync", "-f", str(mp)], quiet=True)
         # rootsync makes its copy durable (syncfs) before publishing it; so does this one.
         t = time.monotonic()
-        sh.run(["rsync", "-aHAX", "--numeric-ids", "--sparse", f"{root}/", f"{mp}/plain-sync/"], timeout=3600, quiet=True)
+        sh.run(["rsync", "-aHAX", "--numeric-ids", "--sparse", f"{root}/", f"{mp}/plain-sync/"], timeout=3600,
+               quiet=True, extra_env={"PATH": TOOLS + os.environ.get("PATH", "/usr/bin:/bin")})
         sh.run(["sync", "-f", str(mp)], quiet=True)
         out["rsync_aHAX_sync"] = time.monotonic() - t
         shutil.rmtree(mp / "plain-sync")
@@ -281,7 +286,11 @@ def main() -> int:
     ap.add_argument("--rootfs", type=Path, help="a root tree to use for part 2 instead of the demo image's")
     ap.add_argument("--skip-rootfs", action="store_true", help="skip part 2")
     ap.add_argument("--samples", type=int, default=5, help="incremental backups and recovery points measured")
+    ap.add_argument("--tools", type=Path, help="a directory of rsync/inotifywait to use first (e.g. Lucid's)")
     args = ap.parse_args()
+    global TOOLS
+    if args.tools:
+        TOOLS = str(args.tools.resolve()) + ":"
     if os.geteuid() != 0:
         raise SystemExit("run as root (loop devices and mounts)")
     with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="bake-bench-sync-") as tmp:
@@ -291,6 +300,9 @@ def main() -> int:
 
     med = statistics.median
     print()
+    if TOOLS:
+        v = sh.run(["rsync", "--version"], extra_env={"PATH": TOOLS + "/usr/bin:/bin"}, quiet=True).output.splitlines()[0]
+        print(f"tools from {TOOLS[:-1]}: {v.strip()}")
     print("1. 30,000 files in 300 directories (176 MB), one file changed")
     print(f"   first backup (rootsync attach: pair + whole tree)   {r30['first']:7.2f} s")
     print(f"   plain rsync -a of the tree (for scale)                {r30['plain_rsync']:7.2f} s")
@@ -313,7 +325,7 @@ def main() -> int:
         for label, key in (("rsync -a", "rsync_a"), ("rsync -aHAX --numeric-ids --sparse", "rsync_aHAX"),
                            ("the same, then sync -f (durable, as rootsync)", "rsync_aHAX_sync"),
                            ("rootsync attach (pair + first whole tree)", "rootsync")):
-            print(f"   {label:40s} {rfs[key]:7.2f} s  {mb / rfs[key]:7.1f} MB/s")
+            print(f"   {label:46s} {rfs[key]:7.2f} s  {mb / rfs[key]:7.1f} MB/s")
         print(f"   (rootsync's own timing, start of the copy to the copy flushed: {rfs['rootsync_internal']:.2f} s)")
     return 0
 
