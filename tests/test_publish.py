@@ -375,3 +375,28 @@ def test_local_bundles_without_certificates_to_rebundle_are_refused_clearly(euca
     bare = load_credentials({}, environ=env)
     with pytest.raises(BakeError, match="bundled locally.*EC2_CERT"):
         publish(build, bare, opts())
+
+
+def test_a_bucket_of_another_account_is_a_clear_error(euca3, euca4, clean_env, tmp_path):
+    taken = "taken-" + secrets.token_hex(4)
+    make_clients(load_credentials({}, environ=euca3.env())).s3.create_bucket(Bucket=taken)
+    b = make_build(tmp_path / "output")
+    bundle_build(b, euca4)
+    with pytest.raises(BakeError, match=f"bucket {taken}.*(someone else|another account)"):
+        publish(b, load_credentials({"eucarc": str(euca4.eucarc)}), opts(bucket=taken))
+
+
+def test_the_default_bucket_is_the_accounts_own(euca_cloud, creds, build):
+    cloud = publish(build, creds, PublishOptions(sleep=lambda s: None))
+    assert cloud["bucket"] == f"bake-images-{euca_cloud.identity.account_id}"
+    unpublish(build, creds)
+
+
+def test_a_clock_far_from_the_clouds_is_named_as_the_cause(euca_cloud, creds, build):
+    euca_cloud.front.clock_offset = 3600
+    try:
+        with pytest.raises(BakeError, match="clock") as e:
+            publish(build, creds, opts())
+    finally:
+        euca_cloud.front.clock_offset = 0
+    assert "secret key" not in str(e.value)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Protocol
 
-from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError, HTTPClientError
 
 from ..errors import BakeError
 from .credentials import Credentials, mask
@@ -15,8 +15,8 @@ log = logging.getLogger("bake.cloud")
 
 AUTH_CODES = {"SignatureDoesNotMatch", "AuthFailure", "InvalidAccessKeyId", "InvalidClientTokenId",
               "AccessDenied", "MissingAuthenticationToken", "UnrecognizedClientException", "403", "Forbidden"}
-RETRY_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed",
-               "500", "502", "503", "504"}
+RETRY_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "500", "502", "503", "504"}
+CLOCK_CODES = {"RequestTimeTooSkewed", "RequestExpired"}
 MISSING_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 
 
@@ -36,6 +36,9 @@ def cloud_error(e: Exception, what: str, creds: Credentials) -> BakeError:
     if isinstance(e, ClientError):
         code = error_code(e)
         msg = e.response.get("Error", {}).get("Message") or ""
+        if code in CLOCK_CODES:
+            return BakeError(f"{what}: the cloud refused the request's time ({code}); this machine's clock and "
+                             "the cloud's differ by more than 15 minutes: set the clock (NTP) and try again")
         if code in AUTH_CODES:
             return BakeError(
                 f"{what}: the cloud refused our credentials ({code}{': ' + msg if msg else ''}). "
@@ -52,12 +55,13 @@ class Mismatch(Exception):
 
 
 def retryable(e: Exception) -> bool:
-    """Whether trying again may help: server errors, throttling, dropped connections."""
+    """Whether trying again may help: server errors, throttling, dropped connections
+    and timeouts, a damaged upload. Not refusals, and not our own mistakes."""
     if isinstance(e, Mismatch):
         return True
     if isinstance(e, ClientError):
         return error_code(e) in RETRY_CODES or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
-    return isinstance(e, (BotoConnectionError, BotoCoreError))
+    return isinstance(e, (BotoConnectionError, HTTPClientError))
 
 
 def with_retries(fn: Callable[[], Any], what: str, opts: RetryPolicy, creds: Credentials) -> Any:

@@ -61,7 +61,8 @@ def cmd_unpublish(args) -> int:
 def _common(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("build_dir", metavar="BUILD_DIR", help="a build directory, output/<recipe>/<build-id>")
     sp.add_argument("--eucarc", help="read endpoints and credentials from this eucarc (default: the environment)")
-    sp.add_argument("--bucket", help="bucket to upload to (default: the recipe's publish.bucket, else bake-images)")
+    sp.add_argument("--bucket", help="bucket to upload to (default: the recipe's publish.bucket, else "
+                                             "bake-images-<account number>)")
     sp.add_argument("--prefix", help="key prefix in the bucket (default: <recipe>/<build-id>)")
 
 

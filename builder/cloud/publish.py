@@ -143,11 +143,10 @@ def _default_prefix(build: Build) -> str:
     return f"{build.dir.parent.name}/{build.id}"
 
 
-def _default_bucket(build: Build) -> str:
-    return "bake-images"
+def _default_bucket(creds: Credentials) -> str:
+    # Bucket names are one namespace for the whole cloud: make ours the account's own.
+    return f"bake-images-{creds.user_id}" if creds.user_id else "bake-images"
 
-
-# --- the two operations ---------------------------------------------------------------
 
 def _image_name(opts: PublishOptions, build: Build) -> str:
     name = opts.image_name or f"{build.dir.parent.name}-{build.id}"
@@ -160,7 +159,7 @@ def publish(build: Build, creds: Credentials, opts: PublishOptions | None = None
     build.json "cloud" section (image ids, bucket, prefix, keys)."""
     opts = opts or PublishOptions()
     previous = build.data.get("cloud") or {}
-    bucket = opts.bucket or previous.get("bucket") or _default_bucket(build)
+    bucket = opts.bucket or previous.get("bucket") or _default_bucket(creds)
     prefix = (opts.prefix if opts.prefix is not None else previous.get("prefix") or _default_prefix(build)).strip("/")
     clients = clients or make_clients(creds)
     check_credentials(clients, creds)   # before bundling, which can take minutes
@@ -216,7 +215,7 @@ def unpublish(build: Build, creds: Credentials, opts: PublishOptions | None = No
     too: what to remove is derived from the build's bundles. Returns what was removed."""
     opts = opts or PublishOptions()
     cloud = build.data.get("cloud") or {}
-    bucket = opts.bucket or cloud.get("bucket") or _default_bucket(build)
+    bucket = opts.bucket or cloud.get("bucket") or _default_bucket(creds)
     prefix = (opts.prefix if opts.prefix is not None else cloud.get("prefix") or _default_prefix(build)).strip("/")
     key_of = (lambda p: f"{prefix}/{p.name}") if prefix else (lambda p: p.name)
     clients = clients or make_clients(creds)

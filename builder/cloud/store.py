@@ -10,6 +10,7 @@ from pathlib import Path
 
 from botocore.exceptions import ClientError
 
+from ..errors import BakeError
 from .calls import MISSING_CODES, Mismatch, RetryPolicy, cloud_error, error_code, with_retries
 from .clients import Clients
 from .credentials import Credentials
@@ -28,6 +29,10 @@ def md5_file(path: Path, bufsize: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+class _NotOurs(Exception):
+    pass
+
+
 def ensure_bucket(clients: Clients, bucket: str, opts: RetryPolicy, creds: Credentials) -> bool:
     """Make sure `bucket` exists (HEAD, then PUT on 404); True when it was created here."""
     def exists() -> bool:
@@ -37,15 +42,26 @@ def ensure_bucket(clients: Clients, bucket: str, opts: RetryPolicy, creds: Crede
         except ClientError as e:
             if error_code(e) in MISSING_CODES:
                 return False
+            if error_code(e) in ("403", "AccessDenied", "Forbidden"):
+                raise _NotOurs() from None
             raise
-    if with_retries(exists, f"checking bucket {bucket}", opts, creds):
-        return False
+    try:
+        if with_retries(exists, f"checking bucket {bucket}", opts, creds):
+            return False
+    except _NotOurs:
+        # The EC2 side accepted these credentials moments ago (check_credentials).
+        raise BakeError(f"bucket {bucket}: access denied. Bucket names are shared by every account of the "
+                        "cloud, so it probably belongs to someone else: choose another with --bucket or the "
+                        "recipe's publish.bucket") from None
     log.info("creating bucket %s", bucket)
     try:
         clients.s3.create_bucket(Bucket=bucket)
     except ClientError as e:
         if error_code(e) == "BucketAlreadyOwnedByYou":
             return False
+        if error_code(e) == "BucketAlreadyExists":
+            raise BakeError(f"bucket {bucket} belongs to another account: choose another with --bucket or the "
+                            "recipe's publish.bucket") from None
         raise cloud_error(e, f"creating bucket {bucket}", creds) from None
     return True
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 from urllib.parse import urlencode
@@ -22,6 +23,9 @@ from .keys import TestIdentity
 # (3.x and 4.x may run at once) from interleaving calls into them.
 _MOTO_LOCK = threading.Lock()
 _MOTO_CLIENT: Client | None = None
+# Bucket names are one namespace for the whole cloud (and for every stand-in in this
+# process); moto does not keep accounts apart within it, so the fronts do: bucket → account.
+_BUCKET_OWNERS: dict[str, str] = {}
 
 
 def _moto() -> Client:
@@ -122,6 +126,7 @@ class Front(ImagesMixin, ComputeMixin):
             self.s3_paths = ("/services/objectstorage", "/services/Walrus")
         self.images: dict[str, Image] = {}
         self.admin = True   # only administrators may register kernel and ramdisk images
+        self.clock_offset = 0.0   # seconds the cloud's clock is ahead of this machine's
         self.instances: dict[str, dict] = {}      # id -> {"launched": t, "terminated": t|None, "kernel":…}
         self.volumes: dict[str, dict] = {}        # id -> {"created": t, "attached": t|None, "detached": t|None}
         self.console_output: dict[str, str] = {}
@@ -175,7 +180,7 @@ class Front(ImagesMixin, ComputeMixin):
         sub = req.path[len(prefix):] or "/"
         op = f"{req.method} {sub}"
         try:
-            sigs.check_time(req)
+            sigs.check_time(req, now=time.time() + self.clock_offset)
             if sigs.is_sigv4(req):
                 if self.version == "3":
                     raise sigs.AuthError("AccessDenied", "Walrus 3.x does not accept AWS4-HMAC-SHA256 signatures")
@@ -192,12 +197,23 @@ class Front(ImagesMixin, ComputeMixin):
                             fault.failed += 1
                             raise sigs.AuthError("ServiceUnavailable", "injected failure", fault.status)
                         fault.succeeded += 1
+            bucket = sub.strip("/").split("/")[0]
+            owner = _BUCKET_OWNERS.get(bucket)
+            if bucket and owner is not None and owner != self.identity.account_id:
+                if req.method == "PUT" and sub.strip("/") == bucket:
+                    raise sigs.AuthError("BucketAlreadyExists", "The requested bucket name is not available.", 409)
+                raise sigs.AuthError("AccessDenied", "Access Denied", 403)
         except sigs.AuthError as e:
             self._log(RequestRecord("s3", req.method, sub, op, e.status, headers=_headers(req), query=req.query))
             return e.status, [("Content-Type", "application/xml")], X.s3_error(e.code, e.message, sub)
         fwd = {k: v for k, v in req.headers.items()
                if k not in ("authorization", "host", "expect", "content-length", "connection")}
         status, hdrs, out = self._moto_call(req.method, sub, req.query, fwd, req.body, "s3")
+        if bucket and sub.strip("/") == bucket and not req.query:
+            if req.method == "PUT" and status == 200:
+                _BUCKET_OWNERS.setdefault(bucket, self.identity.account_id)
+            elif req.method == "DELETE" and status in (200, 204):
+                _BUCKET_OWNERS.pop(bucket, None)
         self._log(RequestRecord("s3", req.method, sub, op, status, headers=_headers(req), query=req.query))
         return status, hdrs, out
 
@@ -228,7 +244,7 @@ class Front(ImagesMixin, ComputeMixin):
         params = sigs.query_params(req, form)
         action = params.get("Action", "")
         try:
-            sigs.check_time(req, params)
+            sigs.check_time(req, params, now=time.time() + self.clock_offset)
             if sigs.is_sigv4(req):
                 sigs.verify_sigv4(req, self.keys, s3=False)
             elif "Signature" in params:
