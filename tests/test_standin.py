@@ -187,6 +187,20 @@ def test_walrus_3x_refuses_sigv4_and_4x_accepts_it(euca3, euca4):
 
 # --- object storage behaviour ----------------------------------------------------------------
 
+def test_a_bucket_belongs_to_the_account_that_made_it(euca3, euca4):
+    bucket = bucket_name()
+    s3_client(euca3).create_bucket(Bucket=bucket)
+    other = s3_client(euca4, "s3v4")
+    with pytest.raises(ClientError) as e:
+        other.head_bucket(Bucket=bucket)
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    with pytest.raises(ClientError) as e:
+        other.create_bucket(Bucket=bucket)
+    assert code_of(e) == "BucketAlreadyExists"
+    s3_client(euca3).delete_bucket(Bucket=bucket)
+    other.create_bucket(Bucket=bucket)     # free again once deleted
+
+
 def test_walrus_3x_refuses_multipart_uploads(euca3):
     s3 = s3_client(euca3)
     bucket = bucket_name()
