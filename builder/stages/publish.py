@@ -4,29 +4,38 @@ configured (recipe `publish` section, an eucarc, or the environment); skipped ot
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from ..build import Build
+from ..log import step
 
 log = logging.getLogger("bake.stages.publish")
 
+NO_CLOUD = ("no cloud configured (no publish section with an eucarc or URLs in the recipe, "
+            "and no EC2_URL/S3_URL/EC2_ACCESS_KEY/EC2_SECRET_KEY in the environment)")
+
 
 def run(build: Build, recipe: Any) -> dict[str, Any]:
-    """Publish `build`; returns the build.json "cloud" section, or {"skipped": reason}."""
+    """Publish `build`; returns the build.json "cloud" section, or {"skipped": reason}
+    (also recorded as the stage's record in build.json)."""
     from ..cloud.credentials import load_credentials
     from ..cloud.publish import PublishOptions, publish
 
-    section = getattr(recipe, "publish", None) or {}
-    if not isinstance(section, dict):
-        section = dict(section)
+    section = dict(getattr(recipe, "publish", None) or {})
+    creds = None
     if section.get("enabled") is False:
         reason = "the recipe's publish.enabled is false"
     else:
         creds = load_credentials(section)
-        if creds is not None:
-            return publish(build, creds, PublishOptions.from_section(section))
-        reason = ("no cloud configured (no publish section with an eucarc or URLs in the recipe, "
-                  "and no EC2_URL/S3_URL/EC2_ACCESS_KEY/EC2_SECRET_KEY in the environment)")
-    log.info("publish skipped: %s", reason)
-    build.record_stage("publish", skipped=reason)
-    return {"skipped": reason}
+        reason = NO_CLOUD
+    if creds is None:
+        log.info("publish skipped: %s", reason)
+        build.record_stage("publish", skipped=reason)
+        return {"skipped": reason}
+    start = time.monotonic()
+    with step("Publish"):
+        cloud = publish(build, creds, PublishOptions.from_section(section))
+    build.record_stage("publish", seconds=round(time.monotonic() - start, 2), image_id=cloud["image_id"],
+                       uploaded=cloud["uploaded"], already_uploaded=cloud["already_uploaded"])
+    return cloud
