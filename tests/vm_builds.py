@@ -40,6 +40,9 @@ def source_build(request) -> Build:
     b = Build.load(cache)
     for role in ROLES:
         dst = cache / role
+        if dst.exists() and not (os.path.samefile(src / role, dst) or _same_content(src / role, dst)):
+            dst.unlink()
+            shutil.rmtree(cache / "vm", ignore_errors=True)
         if not dst.exists():
             os.link(src / role, dst) if os.stat(src / role).st_dev == os.stat(cache).st_dev else shutil.copy(src / role, dst)
         b.data.setdefault("outputs", {})[role] = {"path": role}
@@ -49,6 +52,11 @@ def source_build(request) -> Build:
             b.data["elements"] = [{"name": n, "params": {}} for n in elements.split(",")]
     b.save()
     return b
+
+
+def _same_content(a: Path, b: Path) -> bool:
+    sa, sb = a.stat(), b.stat()
+    return (sa.st_size, sa.st_mtime_ns) == (sb.st_size, sb.st_mtime_ns)
 
 
 def copy_build(src: Build, dest_root: Path, *, copy_roles: tuple[str, ...] = ()) -> Build:

@@ -84,6 +84,22 @@ def _backup(inst: Instance, timeout: float) -> str:
                               what=f"the agent's running backup on instance {inst.name} to end")
 
 
+def _backup_covering(inst: Instance, since: float, timeout: float, what: str) -> tuple[str, str]:
+    """Wait for the agent's own (watch-triggered) backup that started after guest time
+    `since`, and return (generation, kind); when no watcher runs, back up explicitly."""
+    deadline = time.monotonic() + timeout
+    while True:
+        mark = inst.console.mark()  # before asking, so that a backup ending meanwhile is not missed
+        st = _status(inst)
+        last = st.get("last_backup") or {}
+        if last.get("result") == "ok" and last.get("generation") and (last.get("started") or 0) >= since:
+            return last["generation"], str(last.get("kind"))
+        if not (st.get("watcher") or {}).get("running"):
+            return _backup(inst, max(1.0, deadline - time.monotonic())), "explicit"
+        inst.console.wait_for(BACKUP_DONE, since=mark, timeout=max(1.0, deadline - time.monotonic()),
+                              what=f"the agent on instance {inst.name} to back up {what}")
+
+
 MARKERS = r"""
 set -e
 nonce=$1; gone=$2
@@ -94,7 +110,7 @@ rm -f "$gone"
 dpkg -i /tmp/bake-verify-marker.deb >/dev/null
 rm -f /tmp/bake-verify-marker.deb
 sync
-echo markers-written
+echo "markers-written $(date +%s.%N)"
 """
 
 CHECK_MARKERS = r"""
@@ -137,15 +153,18 @@ def sync_agent(session, a: Instance, result: CheckResult, *, timeout: float) -> 
         raise CheckFailed("found no file to delete on instance a (" + ", ".join(DELETE_CANDIDATES) + ")")
     ssh.run("cat > /tmp/bake-verify-marker.deb", input=deb.read_bytes(), timeout=60)
     out = ssh.run(f"{_root(a)}sh -c {shlex.quote(MARKERS)} markers {nonce} {shlex.quote(gone)}", timeout=120).output
-    if "markers-written" not in out:
+    written = re.search(r"markers-written (\d+(?:\.\d+)?)", out)
+    if not written:
         raise CheckFailed(f"writing the markers on instance a failed: {out.strip()[-300:]}")
     ev["markers"] = {"new_file": "/etc/bake-verify-marker", "edited_config": "/etc/motd", "deleted_file": gone,
                      "package": f"bake-verify-marker 1.0+{nonce}"}
-    gen_a = _backup(a, timeout)
+    t_markers = time.monotonic()
+    gen_a, kind = _backup_covering(a, float(written.group(1)), timeout, "the markers")
+    ev["a_markers_backup"] = {"generation": gen_a, "kind": kind,
+                              "seconds_after_markers": round(time.monotonic() - t_markers, 1)}
     status_a = _status(a)
-    ev["a_backup_generation"] = gen_a
     ev["a_status"] = {k: status_a.get(k) for k in ("current", "paired", "volume_id", "last_backup")}
-    if status_a.get("current") != gen_a:
+    if (status_a.get("current") or "") < gen_a:
         raise CheckFailed(f"after backing up generation {gen_a}, the agent reports {status_a.get('current')} as current")
     a.kill()
     ev["a_killed"] = "QMP quit"
@@ -197,12 +216,13 @@ def sync_agent(session, a: Instance, result: CheckResult, *, timeout: float) -> 
         raise CheckFailed("instance b does not have a's state: " + "; ".join(wrong))
 
     # backups resume on b
-    b.ssh.run(f"{_root(b)}sh -c 'date > /etc/bake-verify-after-restore'", timeout=30)
-    gen_b = _backup(b, timeout)
+    changed = b.ssh.run(f"{_root(b)}sh -c 'date > /etc/bake-verify-after-restore; sync; date +%s.%N'",
+                        timeout=30).output.strip().splitlines()[-1]
+    gen_b, kind = _backup_covering(b, float(changed), timeout, "a change made after the restore")
     status_b = _status(b)
-    ev["b_backup_generation"] = gen_b
+    ev["b_backup"] = {"generation": gen_b, "kind": kind}
     ev["b_status"] = {k: status_b.get(k) for k in ("current", "paired", "volume_id", "watcher")}
-    if gen_b == gen_a or status_b.get("current") != gen_b:
+    if gen_b <= gen_a or (status_b.get("current") or "") < gen_b:
         raise CheckFailed(f"backups did not resume on b (current {status_b.get('current')}, a's was {gen_a})")
     result.summary = (f"a backed up {gen_a}, was killed; b restored it and rebooted "
                       f"({ev['b_restore_and_reboot_seconds']:.0f} s), has a's markers, not {gone}; "
