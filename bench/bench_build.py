@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/bench_build.py [--skip-dib] [--skip-bake] [--no-dib-cached]
                                           [--dib-venv /var/tmp/bake-bench-dib-venv]
+                                          [--dir /var/tmp] [--keep]
 
 Run as root (bake and diskimage-builder both chroot). In one run, on one machine:
 
@@ -77,10 +78,18 @@ TARGET_COLD_RATIO = 0.6
 TARGET_HOOK_SECONDS = 25.0
 
 # Runs the build, then reports the largest single-process RSS of everything it waited for.
+# An interrupt reaches the build's whole process group (as Ctrl-C would): the wrapper
+# only goes on waiting for the build to clean up and exit.
 WRAPPER = textwrap.dedent("""
-    import os, resource, subprocess, sys
+    import resource, subprocess, sys
     out = sys.argv[1]
-    rc = subprocess.call(sys.argv[2:])
+    p = subprocess.Popen(sys.argv[2:])
+    while True:
+        try:
+            rc = p.wait()
+            break
+        except KeyboardInterrupt:
+            pass
     with open(out, "w") as f:
         f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
     sys.exit(rc)
@@ -186,16 +195,17 @@ def measure(argv: list[str], env: dict[str, str], log: Path, tmpfs_under: Path |
     try:
         with open(log, "w") as logf:
             start = time.monotonic()
+            # Its own session: a Ctrl-C here is passed on once, by interrupt() below.
             p = subprocess.Popen([sys.executable, "-c", WRAPPER, rusage_file, *argv], env=env,
-                                 stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                 stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True)
             try:
                 while p.poll() is None:
                     rss, shm = _tree_rss_kib(p.pid, skip=p.pid), _tmpfs_used_kib(tmpfs_under)
                     peak, peak_rss, peak_tmpfs = max(peak, rss + shm), max(peak_rss, rss), max(peak_tmpfs, shm)
                     time.sleep(interval)
             except BaseException:
-                p.send_signal(signal.SIGINT)
-                p.wait()
+                interrupt(p)
                 raise
             wall = time.monotonic() - start
         maxproc = int(Path(rusage_file).read_text() or 0)
@@ -203,6 +213,19 @@ def measure(argv: list[str], env: dict[str, str], log: Path, tmpfs_under: Path |
         os.unlink(rusage_file)
     parts = f"largest sampled tree RSS {peak_rss / 1024:.0f} MiB, largest tmpfs use {peak_tmpfs / 1024:.0f} MiB"
     return wall, peak / 1024, maxproc / 1024, p.returncode, parts
+
+
+def interrupt(p: subprocess.Popen, grace: float = 120) -> None:
+    """SIGINT to the build's process group, as Ctrl-C would send; SIGKILL after `grace`
+    seconds if it has not exited by then (what it left is then undone by clean_leftovers)."""
+    try:
+        os.killpg(p.pid, signal.SIGINT)
+        p.wait(timeout=grace)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
 
 
 def tail(path: Path, n: int = 40) -> str:
