@@ -270,14 +270,12 @@ def bench_rootfs(work: Path, explicit: Path | None) -> dict:
         out["rsync_aHAX_sync"] = time.monotonic() - t
         shutil.rmtree(mp / "plain-sync")
         sh.run(["sync", "-f", str(mp)], quiet=True)
-        agent = Agent(work / "aroot", root, mp / "agent-mnt", "benchroot")
-        # The agent's volume is a directory of the same filesystem (a bind mount of it).
-        (mp / "agent").mkdir()
-        (mp / "agent-mnt").mkdir()
-        with sh.mount(str(mp / "agent"), mp / "agent-mnt", bind=True):
-            out["rootsync"], _ = agent.run("attach")
-            out["rootsync_internal"] = agent.current_info()["seconds"]
-            out["rootsync_bytes"] = agent.current_info()["total_bytes"]
+    # The agent gets a fresh volume of its own, made the same way.
+    with volume(work, "volagent", 4, "benchagent") as mp:
+        agent = Agent(work / "aroot", root, mp, "benchagent")
+        out["rootsync"], _ = agent.run("attach")
+        out["rootsync_internal"] = agent.current_info()["seconds"]
+        out["rootsync_bytes"] = agent.current_info()["total_bytes"]
     return out
 
 
