@@ -61,7 +61,7 @@ TOOLS = ""  # --tools DIR + ":"
 class Agent:
     """rootsync pointed at one root tree and one volume mount point."""
 
-    def __init__(self, work: Path, root: Path, mount_point: Path, label: str, debounce: int = 1):
+    def __init__(self, work: Path, root: Path, mount_point: Path, label: str, debounce: int = 2):
         self.work, self.root, self.mount_point, self.label = work, root, mount_point, label
         self.conf = work / "rootsync.conf"
         self.run_dir = work / "run"
@@ -312,7 +312,7 @@ def main() -> int:
           f"   target < 1 s: {'met' if med(inc) < 1 else 'MISSED'}")
     rp = r30["recovery"]
     print()
-    print("3. recovery point in watch mode (debounce 1 s), write -> in a complete generation")
+    print("3. recovery point in watch mode (debounce 2 s, the default), write -> in a complete generation")
     print(f"   {med(rp):.2f} s median of {len(rp)} (min {min(rp):.2f}, max {max(rp):.2f})"
           f"   target < 10 s: {'met' if max(rp) < 10 else 'MISSED'}")
     if rfs:
