@@ -276,3 +276,25 @@ def test_memory_filesystems_mounted_below_the_root_are_neither_copied_nor_touche
             r = run_agent(b, "restore")
             assert r.returncode == 0, r.output
             assert (b.root / "lib/init/rw/b-only").read_text() == "b\n"
+
+
+def test_pruning_keeps_the_base_of_a_kept_incremental_generation(tmp_path):
+    a = new_instance(tmp_path / "a", label_for(tmp_path), generations="2")
+    b = new_instance(tmp_path / "b", a.label)
+    make_rich_root(a.root)
+    with mounted_volume(a) as dev:
+        attach(a)
+        base = a.current().name
+        events = tmp_path / "events"
+        for i in range(3):
+            (a.root / "etc/hostname").write_text(f"incremental {i}\n")
+            events.write_text(f"CLOSE_WRITE,CLOSE {a.root}/etc/hostname\n")
+            out = backup(a, "--changes", str(events))
+            assert "kind=incremental" in out
+        names = [p.name for p in gen_dirs(a)]
+        # Two generations kept: the current incremental one and the base it needs.
+        assert names == [base, a.current().name], names
+        move_volume(dev, a, b)
+        r = run_agent(b, "restore")
+        assert r.returncode == 0, r.output
+        assert_same_tree(a.root, b.root)
