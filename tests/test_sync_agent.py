@@ -298,3 +298,28 @@ def test_pruning_keeps_the_base_of_a_kept_incremental_generation(tmp_path):
         r = run_agent(b, "restore")
         assert r.returncode == 0, r.output
         assert_same_tree(a.root, b.root)
+
+
+def test_restore_never_deletes_a_directory_that_holds_an_excluded_path(tmp_path):
+    # A deleted-list entry naming the directory the volume is mounted in must not
+    # take the volume (or anything excluded) with it.
+    a = new_instance(tmp_path / "a", label_for(tmp_path))
+    b = new_instance(tmp_path / "b", a.label)
+    make_rich_root(a.root)
+    with mounted_volume(a) as dev:
+        attach(a)
+        events = tmp_path / "events"
+        (a.root / "etc/hostname").write_text("changed\n")
+        events.write_text(f"CLOSE_WRITE,CLOSE {a.root}/etc/hostname\n")
+        backup(a, "--changes", str(events))
+        deleted = a.current() / "deleted"
+        deleted.write_text("var/lib\nvar/lib/rootsync\nvar/lib/app\n")
+        (b.root / "tmp").mkdir(parents=True)
+        (b.root / "tmp/keep").write_text("b\n")
+        move_volume(dev, a, b)
+        r = run_agent(b, "restore")
+        assert r.returncode == 0, r.output
+        assert not (b.root / "var/lib/app").exists()  # an ordinary entry is applied
+        assert (b.root / "var/lib/rootsync/volume-id").exists()
+        assert (b.volume_dir / "current").resolve().is_dir(), "the volume lost its generations"
+        assert (b.root / "tmp/keep").read_text() == "b\n"
