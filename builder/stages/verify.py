@@ -6,14 +6,16 @@ from ..build import Build
 from ..errors import BakeError
 
 
-def run(build: Build, recipe) -> dict:
-    """Verify the build as the recipe's verify section says (local unless mode is cloud);
-    records the outcome in build.json and returns its summary. A failed check sets the
-    build's result to "failed" (the bake then exits non-zero)."""
+def run(build: Build, recipe, *, cloud: bool | None = None) -> dict:
+    """Verify the build as the recipe's verify section says (local unless its mode is
+    cloud; `cloud` overrides it, as `bake build --cloud` does); records the outcome in
+    build.json and returns its summary. A failed check sets the build's result to
+    "failed" (the bake then exits non-zero)."""
     from ..verify import verify
 
     section = recipe.verify
-    cloud = section.get("mode", "local") == "cloud"
+    if cloud is None:
+        cloud = section.get("mode", "local") == "cloud"
     try:
         report = verify(build, cloud=cloud, recipe=recipe)
     except BakeError as e:
