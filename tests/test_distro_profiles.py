@@ -218,17 +218,29 @@ def test_acpiphp_missing_entirely_fails_the_build(mini_root):
 
 # --- validate and plan need neither root nor network ---------------------------------
 
-def as_nobody_offline(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(["unshare", "--net", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv],
-                          capture_output=True, text=True, cwd=REPO)
+# No network (a new, empty network namespace) and no privilege: every capability is
+# dropped, so mounting, chroot and reading others' files are refused, as for any user.
+UNPRIVILEGED_OFFLINE = ["unshare", "--net", "setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs"]
+
+
+def unprivileged_offline(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(UNPRIVILEGED_OFFLINE + argv, capture_output=True, text=True, cwd=REPO)
+
+
+def test_the_sandbox_really_has_no_privilege_and_no_network(tmp_path):
+    r = unprivileged_offline(["mount", "-t", "tmpfs", "none", str(tmp_path)])
+    assert r.returncode != 0 and "permission denied" in r.stderr.lower()
+    r = unprivileged_offline(["cat", "/proc/self/status"])
+    assert "CapEff:\t0000000000000000" in r.stdout
+    r = unprivileged_offline(["python3", "-c", "import socket; socket.create_connection(('127.0.0.1', 9), timeout=3)"])
+    assert r.returncode != 0 and "unreachable" in r.stderr.lower()
 
 
 def test_validate_and_plan_run_without_root_and_without_network(tmp_path):
-    os.chmod(tmp_path, 0o777)
-    r = as_nobody_offline([BAKE, "validate", str(LUCID), str(ULTIMATE), str(DEMO)])
+    r = unprivileged_offline([BAKE, "validate", str(LUCID), str(ULTIMATE), str(DEMO)])
     assert r.returncode == 0, r.stderr
     assert r.stdout.count(": ok (") == 3
-    r = as_nobody_offline([BAKE, "plan", str(LUCID), "--output", str(tmp_path)])
+    r = unprivileged_offline([BAKE, "plan", str(LUCID), "--output", str(tmp_path)])
     assert r.returncode == 0, r.stderr
     assert "init upstart, kernel linux-image-virtual" in r.stdout
     assert "debootstrap --variant=minbase lucid" in r.stdout
