@@ -33,18 +33,13 @@ def source_build(request) -> Build:
     missing = [r for r in ROLES if not (src / r).is_file()]
     if missing:
         pytest.skip(f"BAKE_TEST_TRIO={trio} lacks {', '.join(missing)}")
-    cache = Path(request.config.cache.mkdir("bake-trio-build"))
+    cache = request.getfixturevalue("tmp_path_factory").mktemp("trio-build")
     rec = cache / "build.json"
-    if not rec.exists():
-        rec.write_text(json.dumps({"build_id": "trio", "outputs": {}, "stages": {}}))
+    rec.write_text(json.dumps({"build_id": "trio", "outputs": {}, "stages": {}}))
     b = Build.load(cache)
     for role in ROLES:
         dst = cache / role
-        if dst.exists() and not (os.path.samefile(src / role, dst) or _same_content(src / role, dst)):
-            dst.unlink()
-            shutil.rmtree(cache / "vm", ignore_errors=True)
-        if not dst.exists():
-            os.link(src / role, dst) if os.stat(src / role).st_dev == os.stat(cache).st_dev else shutil.copy(src / role, dst)
+        os.link(src / role, dst) if os.stat(src / role).st_dev == os.stat(cache).st_dev else shutil.copy(src / role, dst)
         b.data.setdefault("outputs", {})[role] = {"path": role}
     if "elements" not in b.data:
         elements = os.environ.get("BAKE_TEST_TRIO_ELEMENTS")
@@ -52,11 +47,6 @@ def source_build(request) -> Build:
             b.data["elements"] = [{"name": n, "params": {}} for n in elements.split(",")]
     b.save()
     return b
-
-
-def _same_content(a: Path, b: Path) -> bool:
-    sa, sb = a.stat(), b.stat()
-    return (sa.st_size, sa.st_mtime_ns) == (sb.st_size, sb.st_mtime_ns)
 
 
 def copy_build(src: Build, dest_root: Path, *, copy_roles: tuple[str, ...] = ()) -> Build:
