@@ -88,3 +88,11 @@ def test_verify_stage_marks_the_build_failed_when_verification_cannot_run(tmp_pa
     with pytest.raises(BakeError, match="no kernel"):
         stage.run(b, Recipe())
     assert Build.load(b.dir).data["result"] == "failed"
+
+
+def test_asking_for_an_unknown_check_names_the_known_ones(tmp_path):
+    from builder.verify import verify
+
+    b = Build.create(tmp_path, "r")
+    with pytest.raises(BakeError, match=r"unknown check\(s\): bogus; known: boots, metadata, .*recipe:hello"):
+        verify(b, only={"boots", "bogus"}, recipe_checks=[{"name": "hello", "run": "true"}])

@@ -43,6 +43,15 @@ def verify(build: Build, *, cloud: bool = False, only: set[str] | None = None, r
     """
     recipe = recipe if recipe is not None else recipe_of(build)
     section = recipe.verify if recipe is not None else {}
+    if only:
+        from ..errors import BakeError
+        from .checks import BUILTIN
+
+        checks = options.get("recipe_checks", section.get("checks") or ())
+        known = [*BUILTIN, *(f"recipe:{c['name']}" for c in checks)]
+        unknown = sorted(set(only) - set(known))
+        if unknown:
+            raise BakeError(f"unknown check(s): {', '.join(unknown)}; known: {', '.join(known)}")
     user = options.pop("user", None) or (recipe.default_user if recipe is not None else "")
     if cloud:
         from .cloud import CloudOptions, verify_cloud
