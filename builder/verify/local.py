@@ -45,6 +45,7 @@ class LocalOptions:
     sync_agent_in_image: bool | None = None  # from the build's elements; None = unknown
     append: str = ""                        # extra kernel command line
     serve_key: bool = True                  # serve the verification key from the metadata service
+    overlap_instances: bool = True          # sync-agent: boot b during a's first backup (two QEMUs)
     accel: vm.Accel | None = None           # None = probe
 
     @classmethod
