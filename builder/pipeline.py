@@ -73,8 +73,9 @@ def bake(recipe: Recipe, output_root: Path, *, stop_after: str | None = None,
                             continue
                         mod = _later_stage(name)
                         if name == "verify" and cloud:
-                            section["mode"] = "cloud"
-                        mod.run(build, recipe)
+                            mod.run(build, recipe, cloud=True)
+                        else:
+                            mod.run(build, recipe)
                         stages_run.append(name)
                         if build.data.get("result") == "failed":
                             break

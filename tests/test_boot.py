@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from builder import vm
-from tests.vm_builds import default_user, leftovers, qemu_processes_under, source_build
+from vm_builds import default_user, leftovers, qemu_processes_under, source_build
 
 pytestmark = pytest.mark.e2e
 

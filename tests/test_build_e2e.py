@@ -62,7 +62,8 @@ def test_image_mounts_root_by_label_and_gets_dhcp_on_eth0(image):
     fstab = debugfs_cat(image, "/etc/fstab")
     assert "LABEL=cloudimg-rootfs\t/\text4" in fstab
     assert "/dev/sda1" not in fstab and "/dev/vda1" not in fstab
-    assert "iface eth0 inet dhcp" in debugfs_cat(image, "/etc/network/interfaces")
+    interfaces = debugfs_cat(image, "/etc/network/interfaces")
+    assert "allow-hotplug eth0\niface eth0 inet dhcp" in interfaces and "auto eth0" not in interfaces
     assert debugfs_exists(image, "/etc/systemd/system/getty.target.wants/serial-getty@ttyS0.service")
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from builder import sh
 from builder.verify import FAIL, PASS, SKIP, render_table, verify
-from tests.vm_builds import copy_build, default_user, leftovers, qemu_processes_under, source_build
+from vm_builds import copy_build, default_user, leftovers, qemu_processes_under, source_build
 
 pytestmark = pytest.mark.e2e
 
