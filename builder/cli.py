@@ -82,6 +82,11 @@ def cmd_build(args) -> int:
     recipe = load_recipe(args.recipe)
     build = bake(recipe, output_root=Path(args.output), stop_after=args.stop_after,
                  skip=set(args.skip or ()), cloud=args.cloud)
+    report = build.dir / "verify.json"
+    if report.is_file() and not args.quiet:
+        import json
+        from .verify import render_table
+        print(render_table(json.loads(report.read_text())), file=sys.stderr)
     print(build.dir)
     return 0 if build.data.get("result", "ok") == "ok" else 1
 

@@ -8,6 +8,7 @@ fast, and CI starts from a clean clone, so there it bakes from scratch.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -31,6 +32,10 @@ def demo_build():
     from builder.pipeline import bake
     from builder.recipe import load_recipe
 
+    # Earlier runs' builds are a gigabyte or more each; keep only this run's.
+    for old in (TEST_OUTPUT / "debian-demo").glob("run-*"):
+        if old.name != f"run-{os.getpid()}":
+            shutil.rmtree(old, ignore_errors=True)
     recipe = load_recipe(REPO / "recipes" / "debian-demo.yml")
     build = bake(recipe, TEST_OUTPUT, stop_after="image", build_id=f"run-{os.getpid()}")
     assert build.data["result"] == "ok"
