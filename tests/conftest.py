@@ -40,3 +40,14 @@ def demo_build():
     build = bake(recipe, TEST_OUTPUT, stop_after="image", build_id=f"run-{os.getpid()}")
     assert build.data["result"] == "ok"
     return build
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No cloud or bundle credential variables from the environment of the test run."""
+    from builder.cloud.credentials import ENV_NAMES
+
+    for names in ENV_NAMES.values():
+        for n in names:
+            monkeypatch.delenv(n, raising=False)
+    return monkeypatch

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from builder.cloud.clients import make_clients, signatures_for
-from builder.cloud.credentials import ENV_NAMES, Credentials, load_credentials, parse_eucarc
+from builder.cloud.credentials import Credentials, load_credentials, parse_eucarc
 from builder.errors import BakeError
 
 SECRET = "s3cr3t/Key+With=Odd&Chars"
@@ -30,14 +30,6 @@ export AWS_SECRET_KEY='%s'
 export EC2_USER_ID='123456789012'
 alias ec2-upload-bundle="ec2-upload-bundle -a ${EC2_ACCESS_KEY} -s ${EC2_SECRET_KEY} --url ${S3_URL}"
 """ % (SECRET, SECRET)
-
-
-@pytest.fixture
-def clean_env(monkeypatch):
-    for names in ENV_NAMES.values():
-        for n in names:
-            monkeypatch.delenv(n, raising=False)
-    return monkeypatch
 
 
 @pytest.fixture

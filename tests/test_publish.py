@@ -16,20 +16,12 @@ from botocore.exceptions import ClientError
 from builder.build import Build
 from builder.cli import main as bake_main
 from builder.cloud.clients import make_clients
-from builder.cloud.credentials import ENV_NAMES, load_credentials
+from builder.cloud.credentials import load_credentials
 from builder.cloud.publish import PublishOptions, publish, unpublish
 from builder.errors import BakeError
 from builder.stages import publish as publish_stage
 from eucalyptus_standin.fixtures import euca3, euca4, euca_cloud  # noqa: F401
 from eucalyptus_standin.trio import bundle_build, make_build
-
-
-@pytest.fixture
-def clean_env(monkeypatch):
-    for names in ENV_NAMES.values():
-        for n in names:
-            monkeypatch.delenv(n, raising=False)
-    return monkeypatch
 
 
 @pytest.fixture
