@@ -73,14 +73,15 @@ def test_lucid_features_really_make_a_filesystem_without_newer_features(tmp_path
 
 def test_lucid_packages_use_lucid_names():
     pkgs = dict(collect_packages(load_recipe(LUCID)))
-    assert {"dhcp3-client", "module-init-tools", "iproute", "linux-image-virtual"} <= set(pkgs)
-    assert not {"systemd-sysv", "kmod", "iproute2", "isc-dhcp-client", "linux-image-cloud-amd64"} & set(pkgs)
+    assert {"dhcp3-client", "ifupdown", "module-init-tools", "iproute", "linux-image-virtual"} <= set(pkgs)
+    assert not {"systemd-sysv", "systemd-resolved", "kmod", "iproute2", "isc-dhcp-client", "zstd",
+                "linux-image-cloud-amd64"} & set(pkgs)
 
 
 def test_debian_packages_use_debian_names():
     pkgs = dict(collect_packages(load_recipe(DEMO)))
-    assert {"systemd-sysv", "kmod", "iproute2", "isc-dhcp-client", "linux-image-cloud-amd64"} <= set(pkgs)
-    assert not {"dhcp3-client", "module-init-tools", "iproute"} & set(pkgs)
+    assert {"systemd-sysv", "systemd-resolved", "kmod", "iproute2", "zstd", "linux-image-cloud-amd64"} <= set(pkgs)
+    assert not {"dhcp3-client", "isc-dhcp-client", "ifupdown", "module-init-tools", "iproute"} & set(pkgs)
 
 
 def test_lucid_apt_sources_use_the_recipes_archive_for_updates_and_security():
@@ -246,3 +247,28 @@ def test_validate_and_plan_run_without_root_and_without_network(tmp_path):
     assert "debootstrap --variant=minbase lucid" in r.stdout
     hooks = [l.split()[1] for l in r.stdout.splitlines() if l.startswith("  install.d")]
     assert hooks == sorted(hooks) and "30-acpiphp" in hooks
+
+
+def test_resolver_is_handed_to_resolved_only_where_it_is_enabled(tmp_path):
+    """The chroot used the build host's resolver; the image gets resolved's stub where
+    systemd-resolved is enabled (systemd targets), an empty file for the DHCP client
+    otherwise (Lucid's ifupdown)."""
+    from types import SimpleNamespace
+    from builder.stages.customize import Customizer, resolved_enabled
+
+    def tree(name, enabled):
+        root = tmp_path / name
+        (root / "etc/systemd/system").mkdir(parents=True)
+        (root / "etc/resolv.conf").write_text("nameserver 192.0.2.53\n")  # the host's, copied in
+        if enabled:
+            (root / "etc/systemd/system/dbus-org.freedesktop.resolve1.service").symlink_to(
+                "/lib/systemd/system/systemd-resolved.service")
+        return root
+
+    on, off = tree("systemd", True), tree("upstart", False)
+    assert resolved_enabled(on) and not resolved_enabled(off)
+    for root in (on, off):
+        Customizer.hand_over_resolver(SimpleNamespace(root=root))
+    assert os.readlink(on / "etc/resolv.conf") == "../run/systemd/resolve/stub-resolv.conf"
+    resolv = off / "etc/resolv.conf"
+    assert not resolv.is_symlink() and resolv.read_text() == ""

@@ -132,6 +132,11 @@ class Customizer:
             ic = self.root / "sbin/initctl"
             ic.write_text("#!/bin/sh\n# bake: upstart cannot be reached inside the build chroot\nexit 0\n")
             ic.chmod(0o755)
+        self.use_host_resolver()
+
+    def use_host_resolver(self) -> None:
+        """Name resolution in the chroot through the build host's resolver (a package's
+        postinst, systemd-resolved's for one, may have pointed it elsewhere)."""
         resolv = self.root / "etc/resolv.conf"
         if resolv.is_symlink() or resolv.exists():
             resolv.unlink()
@@ -150,8 +155,19 @@ class Customizer:
         if self.init_system == "upstart":
             (self.root / "sbin/initctl").unlink(missing_ok=True)
             sh.chroot_run(self.root, ["dpkg-divert", "--local", "--rename", "--remove", "/sbin/initctl"], quiet=True)
-        # The instance's DHCP client writes its own.
-        (self.root / "etc/resolv.conf").write_text("")
+        self.hand_over_resolver()
+
+    def hand_over_resolver(self) -> None:
+        """Give /etc/resolv.conf back to the image (it held the build host's resolver):
+        resolved's stub where systemd-resolved is enabled, otherwise an empty file that
+        the instance's DHCP client fills in."""
+        resolv = self.root / "etc/resolv.conf"
+        if resolv.is_symlink() or resolv.exists():
+            resolv.unlink()
+        if resolved_enabled(self.root):
+            resolv.symlink_to("../run/systemd/resolve/stub-resolv.conf")
+        else:
+            resolv.write_text("")
 
     # --- steps ------------------------------------------------------------------------
     def install_packages(self) -> None:
@@ -245,6 +261,15 @@ class Customizer:
                 sh.chroot_run(self.root, ["update-initramfs", "-c", "-k", "all"], what="update-initramfs", logfile=logf)
 
 
+def resolved_enabled(root: Path) -> bool:
+    """Whether the tree's systemd starts systemd-resolved at boot (enabled through its
+    D-Bus alias or a target's wants)."""
+    etc = root / "etc/systemd/system"
+    if (etc / "dbus-org.freedesktop.resolve1.service").is_symlink():
+        return True
+    return any(etc.glob("*.wants/systemd-resolved.service"))
+
+
 def run(build: Build, recipe: Recipe, plan: Plan, work: Path, fresh_tree: Path | None) -> Path:
     """Customize the image's root tree under `work`; returns the tree."""
     start = time.monotonic()
@@ -275,11 +300,13 @@ def run(build: Build, recipe: Recipe, plan: Plan, work: Path, fresh_tree: Path |
                 c.run_phase("extra-data.d")
                 c.run_phase("pre-install.d")
                 c.install_packages()
+                c.use_host_resolver()
                 c.remove_elements()
             with step("Saving the package checkpoint"):
                 ckpt.save(plan.checkpoint.key, root, {"init_system": c.init_system, "packages": plan.package_names,
                                                       "created": time.strftime("%Y-%m-%d %H:%M:%S")})
         with sh.chroot_mounts(root):
+            c.use_host_resolver()
             c.copy_elements_in()
             c.copy_static()
             c.run_phase("install.d")
