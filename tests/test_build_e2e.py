@@ -62,8 +62,17 @@ def test_image_mounts_root_by_label_and_gets_dhcp_on_eth0(image):
     fstab = debugfs_cat(image, "/etc/fstab")
     assert "LABEL=cloudimg-rootfs\t/\text4" in fstab
     assert "/dev/sda1" not in fstab and "/dev/vda1" not in fstab
-    interfaces = debugfs_cat(image, "/etc/network/interfaces")
-    assert "allow-hotplug eth0\niface eth0 inet dhcp" in interfaces and "auto eth0" not in interfaces
+    # systemd-networkd does DHCP on eth0; ifupdown is not installed
+    network = debugfs_cat(image, "/etc/systemd/network/20-eth0.network")
+    assert "[Match]\nName=eth0" in network and "DHCP=ipv4" in network and "UseHostname=no" in network
+    assert debugfs_exists(image, "/etc/systemd/system/multi-user.target.wants/systemd-networkd.service")
+    assert not debugfs_exists(image, "/etc/network/interfaces")
+    assert not debugfs_exists(image, "/sbin/ifup") and not debugfs_exists(image, "/usr/sbin/ifup")
+    # names resolve through resolved's stub, fed by the DHCP lease; the build host's
+    # resolver, used while customizing, is gone
+    assert debugfs_exists(image, "/etc/systemd/system/dbus-org.freedesktop.resolve1.service")
+    link = subprocess.run(["debugfs", "-R", "stat /etc/resolv.conf", str(image)], capture_output=True, text=True).stdout
+    assert "Type: symlink" in link and 'Fast link dest: "../run/systemd/resolve/stub-resolv.conf"' in link, link
     assert debugfs_exists(image, "/etc/systemd/system/getty.target.wants/serial-getty@ttyS0.service")
 
 
@@ -89,6 +98,21 @@ def test_ramdisk_carries_the_virtio_drivers(demo_build):
     builtin = debugfs_cat(image, f"/lib/modules/{demo_build.data['kernel_version']}/modules.builtin")
     for mod in ("virtio_pci", "virtio_blk"):
         assert f"/{mod}.ko" in listing or f"/{mod}.ko" in builtin, mod
+
+
+def test_ramdisk_checks_the_root_filesystem_and_is_zstd(demo_build):
+    # The root's type is given to initramfs-tools, so its fsck hook includes e2fsck and
+    # the root is checked before it is mounted (systemd then skips its own check).
+    ramdisk = demo_build.output_path("ramdisk")
+    listing = subprocess.run(["lsinitramfs", str(ramdisk)], capture_output=True, text=True, check=True).stdout
+    assert "usr/sbin/e2fsck" in listing or "sbin/e2fsck" in listing.split()
+    assert "usr/sbin/fsck.ext4" in listing or "sbin/fsck.ext4" in listing.split()
+    assert "FSTYPE=ext4" in debugfs_cat(demo_build.output_path("image"), "/etc/initramfs-tools/conf.d/bake-root-fstype")
+    # zstd is installed in the image, so initramfs-tools compresses with it: after the
+    # uncompressed early cpio (microcode, if any), the main archive starts with zstd's magic
+    data = ramdisk.read_bytes()
+    assert b"\x28\xb5\x2f\xfd" in data[:4 << 20], "the ramdisk has no zstd-compressed archive"
+    assert "W: Couldn't identify type of root file system" not in (demo_build.dir / "initramfs.log").read_text()
 
 
 def test_acpiphp_built_in_is_noted_and_nothing_written(demo_build, image):
