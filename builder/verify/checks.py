@@ -35,7 +35,8 @@ def boots(inst: Instance, result: CheckResult, *, timeout: float) -> None:
         raise CheckFailed(str(e).splitlines()[0], console_tail=e.tail,
                           console_log=str(inst.console.path)) from None
     result.evidence.update(boot_to_ready_seconds=ready.seconds, guest_uptime=ready.uptime,
-                           first_boot=ready.first_boot, ready_line=ready.line, accelerator=inst.accel.name)
+                           first_boot=ready.first_boot, ready_line=ready.line, accelerator=inst.accel.name,
+                           kernel_command_line=inst.kernel_command_line)
     result.summary = f"ready in {ready.seconds:.1f} s under {inst.accel.name.upper()} (guest uptime {ready.uptime:.1f} s)"
     if not ready.first_boot:
         raise CheckFailed("the image says this is not its first boot: it was shipped with state of an earlier boot",

@@ -2,7 +2,8 @@
 way a Eucalyptus KVM node controller boots them.
 
     -machine pc (PCI hot-plug goes through ACPI, as on the node), virtio disk and NIC,
-    -kernel/-initrd/-append "root=/dev/vda1 console=ttyS0", memory and CPUs of the
+    -kernel/-initrd/-append "root=/dev/vda1 console=ttyS0" (plus `norandmaps` under TCG, see
+    accel.Accel.kernel_args), memory and CPUs of the
     instance type, the node-style MBR disk through a per-instance qcow2 overlay,
     user-mode networking with 169.254.169.254:80 forwarded to the metadata service and
     a host port forwarded to the guest's SSH, QMP on a socket pair, the serial console
@@ -108,6 +109,7 @@ class Instance:
         self.started = started
         self.scratch = scratch
         self.volumes: dict[str, Volume] = {}
+        self.kernel_command_line = ""
 
     # --- boot ---------------------------------------------------------------------
 
@@ -207,6 +209,7 @@ def launch(trio: Trio, base_disk: Path, workdir: Path, *, name: str = "a", accel
         netdev = (f"user,id=net0,net={NETWORK},hostname={instance_id},"
                   f"hostfwd=tcp:127.0.0.1:{ssh_port}-:22,"
                   f"guestfwd=tcp:169.254.169.254:80-cmd:{_opt(server)}")
+        cmdline = " ".join(["root=/dev/vda1 console=ttyS0", *accel.kernel_args(), append]).strip()
         argv = [
             "qemu-system-x86_64", "-name", f"bake-{name},debug-threads=off",
             "-nodefaults", "-no-user-config", "-display", "none",
@@ -215,7 +218,7 @@ def launch(trio: Trio, base_disk: Path, workdir: Path, *, name: str = "a", accel
             "-chardev", "stdio,id=ttyS0,signal=off", "-serial", "chardev:ttyS0",
             "-chardev", f"socket,id=qmp,fd={qmp_guest.fileno()}", "-mon", "chardev=qmp,mode=control",
             "-kernel", str(trio.kernel), "-initrd", str(trio.ramdisk),
-            "-append", " ".join(["root=/dev/vda1 console=ttyS0", append]).strip(),
+            "-append", cmdline,
             "-drive", f"file={_opt(str(root))},if=none,id=root,format=qcow2,cache=unsafe",
             "-device", "virtio-blk-pci,drive=root,id=root-disk",
             "-netdev", netdev, "-device", "virtio-net-pci,netdev=net0",
@@ -234,8 +237,10 @@ def launch(trio: Trio, base_disk: Path, workdir: Path, *, name: str = "a", accel
                     # a short path: a socket's name must fit in 108 bytes
                     control_dir = Path(tempfile.mkdtemp(prefix="bake-ssh-"))
                     ssh = SSH(ssh_port, ssh_user, ssh_key, control=control_dir / "c")
-                yield Instance(name, folder, proc, console, qmp, ssh, instance_id, accel, itype, md_file,
-                               started, scratch)
+                inst = Instance(name, folder, proc, console, qmp, ssh, instance_id, accel, itype, md_file,
+                                started, scratch)
+                inst.kernel_command_line = cmdline
+                yield inst
             finally:
                 if ssh is not None:
                     ssh.close()
