@@ -36,6 +36,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -279,6 +280,10 @@ def bench_rootfs(work: Path, explicit: Path | None) -> dict:
     return out
 
 
+def _term_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rootfs", type=Path, help="a root tree to use for part 2 instead of the demo image's")
@@ -286,6 +291,8 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=5, help="incremental backups and recovery points measured")
     ap.add_argument("--tools", type=Path, help="a directory of rsync/inotifywait to use first (e.g. Lucid's)")
     args = ap.parse_args()
+    # a TERM unwinds like Ctrl-C, so mounts, loop devices and QEMU are undone
+    signal.signal(signal.SIGTERM, _term_as_interrupt)
     global TOOLS
     if args.tools:
         TOOLS = str(args.tools.resolve()) + ":"

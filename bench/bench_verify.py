@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -80,6 +81,10 @@ def copy_of(build: Build, root: Path) -> Build:
     return Build.load(d)
 
 
+def _term_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("build_dir", nargs="?")
@@ -87,6 +92,8 @@ def main() -> int:
     ap.add_argument("--skip-verify", action="store_true", help="only the boot times")
     ap.add_argument("--user", help="the image's default user (default: the recipe's first user)")
     args = ap.parse_args()
+    # a TERM unwinds like Ctrl-C, so mounts, loop devices and QEMU are undone
+    signal.signal(signal.SIGTERM, _term_as_interrupt)
 
     bdir = Path(args.build_dir) if args.build_dir else newest_demo_build()
     if bdir is None:
