@@ -58,6 +58,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from builder import sh  # noqa: E402
+
 BAKE = ROOT / ".venv" / "bin" / "bake"
 RECIPE = ROOT / "recipes" / "debian-demo.yml"
 HOOK_ELEMENT = "acpiphp"
@@ -323,28 +327,13 @@ def dib_venv(venv: Path) -> str:
 
 
 def clean_leftovers(folder: Path) -> list[str]:
-    """Unmount whatever is mounted under `folder`, detach loop devices backed by files
-    under it, and kill processes whose root is under it; returns what was done."""
-    done = []
+    """Kill processes whose root is under `folder`, unmount whatever is mounted under it,
+    and detach loop devices backed by files under it; returns what was done."""
+    done = [f"ended process {pid} (root under {folder})" for pid in sh.kill_chroot_processes(folder)]
+    mounted = sh.mounts_under(folder)
+    sh.unmount_all_under(folder)
+    done += [f"unmounted {mp}" for mp in mounted]
     base = str(folder).rstrip("/") + "/"
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            root = os.readlink(f"/proc/{pid}/root")
-        except OSError:
-            continue
-        if (root + "/").startswith(base):
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-                done.append(f"killed process {pid} (root {root})")
-            except OSError:
-                pass
-    for mp, _ in mounts_under(folder):
-        r = subprocess.run(["umount", mp], capture_output=True)
-        if r.returncode != 0:
-            subprocess.run(["umount", "-l", mp], capture_output=True)
-        done.append(f"unmounted {mp}")
     r = subprocess.run(["losetup", "-J", "-l"], capture_output=True, text=True)
     if r.returncode == 0 and r.stdout.strip():
         for dev in json.loads(r.stdout).get("loopdevices", []):
