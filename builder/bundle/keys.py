@@ -18,12 +18,13 @@ from typing import Mapping
 
 from ..errors import BakeError
 
-# field → (environment variables, first found wins; the option that sets it; recipe key)
+# field → (environment variables, first found wins; the option that sets it; recipe key).
+# Publishing reads the same variables (cloud/credentials.py takes them from here).
 FIELDS = {
     "cert": (("EC2_CERT", "EUCA_CERT"), "-c/--cert", "cert"),
     "private_key": (("EC2_PRIVATE_KEY", "EUCA_PRIVATE_KEY"), "-k/--privatekey", "private_key"),
     "cloud_cert": (("EUCALYPTUS_CERT",), "--ec2cert", "cloud_cert"),
-    "user_id": (("EC2_USER_ID",), "-u/--user", "user_id"),
+    "user_id": (("EC2_USER_ID", "EC2_ACCOUNT_NUMBER"), "-u/--user", "user_id"),
 }
 PATH_FIELDS = ("cert", "private_key", "cloud_cert")
 

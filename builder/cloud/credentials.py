@@ -16,20 +16,18 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+from ..bundle.keys import FIELDS as BUNDLE_FIELDS, PATH_FIELDS
 from ..errors import BakeError
 
-# Environment variable names, first one found wins (euca2ools' and ec2-api-tools' names).
+# Environment variable names, first one found wins (euca2ools' and ec2-api-tools' names);
+# those of the bundling certificates, key and account are the bundle's own.
 ENV_NAMES = {
     "ec2_url": ("EC2_URL",),
     "s3_url": ("S3_URL",),
     "access_key": ("EC2_ACCESS_KEY", "AWS_ACCESS_KEY", "AWS_ACCESS_KEY_ID"),
     "secret_key": ("EC2_SECRET_KEY", "AWS_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"),
-    "cert": ("EC2_CERT",),
-    "private_key": ("EC2_PRIVATE_KEY",),
-    "cloud_cert": ("EUCALYPTUS_CERT",),
-    "user_id": ("EC2_USER_ID", "EC2_ACCOUNT_NUMBER"),
+    **{name: env_names for name, (env_names, _, _) in BUNDLE_FIELDS.items()},
 }
-PATH_FIELDS = ("cert", "private_key", "cloud_cert")
 
 
 @dataclass(frozen=True)
