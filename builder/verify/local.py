@@ -165,9 +165,17 @@ def _run_checks(s: Session, results: list[CheckResult], report: Report) -> None:
         channel = False
 
     why = "the instance did not boot" if not booted else "no SSH channel to the guest (see metadata)"
-    for name, fn in (("acpiphp", lambda r: checks.acpiphp(a, r)),
-                     ("volume-hotplug", lambda r: checks.volume_hotplug(a, r, scratch=s.scratch,
-                                                                        timeout=opts.hotplug_timeout))):
+    def recipe_check(spec):
+        def run(r):
+            r.evidence["defined_in"] = "recipe"
+            checks.recipe_check(a, r, spec)
+        return run
+
+    guest_checks = [("acpiphp", lambda r: checks.acpiphp(a, r)),
+                    ("volume-hotplug", lambda r: checks.volume_hotplug(a, r, scratch=s.scratch,
+                                                                       timeout=opts.hotplug_timeout))]
+    guest_checks += [(f"recipe:{spec['name']}", recipe_check(spec)) for spec in opts.recipe_checks]
+    for name, fn in guest_checks:
         if not opts.wants(name):
             continue
         if not channel:
@@ -175,16 +183,6 @@ def _run_checks(s: Session, results: list[CheckResult], report: Report) -> None:
             continue
         with step(f"Check {name}"), checking(name, results) as r:
             fn(r)
-    for spec in opts.recipe_checks:
-        name = f"recipe:{spec['name']}"
-        if not opts.wants(name):
-            continue
-        if not channel:
-            skipped(name, why, results)
-            continue
-        with step(f"Check {name}"), checking(name, results) as r:
-            r.evidence["defined_in"] = "recipe"
-            checks.recipe_check(a, r, spec)
 
     if opts.wants("sync-agent"):
         explicit = opts.only is not None and "sync-agent" in opts.only
