@@ -95,7 +95,7 @@ class Instance:
 
     def __init__(self, name: str, folder: Path, proc: subprocess.Popen, console: Console, qmp: Monitor,
                  ssh: SSH | None, instance_id: str, accel: Accel, itype: disk.InstanceType,
-                 metadata_file: Path, started: float, scratch: Path):
+                 metadata_file: Path, started: float, scratch: Path, kernel_command_line: str = ""):
         self.name = name
         self.folder = folder
         self.proc = proc
@@ -109,7 +109,7 @@ class Instance:
         self.started = started
         self.scratch = scratch
         self.volumes: dict[str, Volume] = {}
-        self.kernel_command_line = ""
+        self.kernel_command_line = kernel_command_line
 
     # --- boot ---------------------------------------------------------------------
 
@@ -237,10 +237,8 @@ def launch(trio: Trio, base_disk: Path, workdir: Path, *, name: str = "a", accel
                     # a short path: a socket's name must fit in 108 bytes
                     control_dir = Path(tempfile.mkdtemp(prefix="bake-ssh-"))
                     ssh = SSH(ssh_port, ssh_user, ssh_key, control=control_dir / "c")
-                inst = Instance(name, folder, proc, console, qmp, ssh, instance_id, accel, itype, md_file,
-                                started, scratch)
-                inst.kernel_command_line = cmdline
-                yield inst
+                yield Instance(name, folder, proc, console, qmp, ssh, instance_id, accel, itype, md_file,
+                               started, scratch, kernel_command_line=cmdline)
             finally:
                 if ssh is not None:
                     ssh.close()
