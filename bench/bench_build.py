@@ -343,6 +343,16 @@ def clean_leftovers(folder: Path) -> list[str]:
     return done
 
 
+def measure_and_clean(argv: list[str], env: dict, log: Path, work: Path, who: str):
+    """`measure` a build whose files are under `work`, then undo whatever it left there."""
+    try:
+        return measure(argv, env, log, tmpfs_under=work)
+    finally:
+        left = clean_leftovers(work)
+        if left:
+            say(f"  {who} left behind (now undone): " + "; ".join(left))
+
+
 # --- diskimage-builder --------------------------------------------------------------------
 
 def run_dib(tmp: Path, venv: Path, cached_too: bool) -> list[Result]:
@@ -385,12 +395,7 @@ def run_dib(tmp: Path, venv: Path, cached_too: bool) -> list[Result]:
         log = tmp / f"dib-{name}.log"
         say(f"  {name}: {' '.join(f'{k}={v}' for k, v in extra.items())} disk-image-create -t raw "
             f"{' '.join(DIB_ELEMENTS)} ({state})")
-        try:
-            wall, peak, maxproc, rc, parts = measure(argv, env, log, tmpfs_under=work)
-        finally:
-            left = clean_leftovers(work)
-            if left:
-                say("  diskimage-builder left behind (now undone): " + "; ".join(left))
+        wall, peak, maxproc, rc, parts = measure_and_clean(argv, env, log, work, "diskimage-builder")
         if rc != 0:
             raise BenchError(f"disk-image-create ({name}) failed with exit {rc}; log {log}, last lines:\n{tail(log)}")
         image = out / "debian.raw"
@@ -514,12 +519,7 @@ def run_bake(tmp: Path) -> list[Result]:
         argv = [str(BAKE), "build", str(recipe), "--output", str(out), "--stop-after", "image"]
         log = tmp / f"bake-{name}.log"
         say(f"  {name}: {state}")
-        try:
-            wall, peak, maxproc, rc, parts = measure(argv, env, log, tmpfs_under=out)
-        finally:
-            left = clean_leftovers(out)
-            if left:
-                say("  bake left behind (now undone): " + "; ".join(left))
+        wall, peak, maxproc, rc, parts = measure_and_clean(argv, env, log, out, "bake")
         if rc != 0:
             raise BenchError(f"bake build ({name}) failed with exit {rc}; log {log}, last lines:\n{tail(log)}")
         recs = sorted(out.glob("*/*/build.json"))
