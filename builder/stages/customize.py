@@ -135,8 +135,7 @@ class Customizer:
         self.use_host_resolver()
 
     def use_host_resolver(self) -> None:
-        """Name resolution in the chroot through the build host's resolver (a package's
-        postinst, systemd-resolved's for one, may have pointed it elsewhere)."""
+        """Name resolution in the chroot through the build host's resolver."""
         resolv = self.root / "etc/resolv.conf"
         if resolv.is_symlink() or resolv.exists():
             resolv.unlink()
@@ -300,12 +299,12 @@ def run(build: Build, recipe: Recipe, plan: Plan, work: Path, fresh_tree: Path |
                 c.run_phase("extra-data.d")
                 c.run_phase("pre-install.d")
                 c.install_packages()
-                c.use_host_resolver()
                 c.remove_elements()
             with step("Saving the package checkpoint"):
                 ckpt.save(plan.checkpoint.key, root, {"init_system": c.init_system, "packages": plan.package_names,
                                                       "created": time.strftime("%Y-%m-%d %H:%M:%S")})
         with sh.chroot_mounts(root):
+            # packages (systemd-resolved's postinst, for one) may have pointed it elsewhere
             c.use_host_resolver()
             c.copy_elements_in()
             c.copy_static()
