@@ -12,6 +12,11 @@ build with kernel, ramdisk and image). Run as root.
             console, for an m1.small instance (256 MiB, 1 CPU) booted as the node
             controller boots it, N times under TCG and N times under KVM when the probe
             says KVM works (otherwise the output says KVM was not available);
+  phases    where each boot's time went, from the kernel's timestamps on the console:
+            firmware (QEMU start to the kernel's clock starting: power-on to ready
+            minus the guest's uptime), kernel (to `Run /init`), initramfs (to systemd's
+            banner), userspace (to the ready line); and under TCG how much guest code
+            QEMU translated for the boot (`info jit`: blocks and bytes of host code);
   verify    the wall time of `verify(build)` on a copy of the build: both instances,
             hot-plug, the agent's backup and restore, as `bake verify` runs them.
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -56,17 +62,61 @@ def newest_demo_build() -> Path | None:
     return max(found)[1] if found else None
 
 
-def boot_once(build: Build, accel: vm.Accel, workdir: Path, user: str) -> float:
+STAMP = re.compile(r"^\[\s*(\d+\.\d+)\]")
+INIT = re.compile(r"Run /init as init process")
+SYSTEMD = re.compile(r"systemd\[1\]: systemd \d+")
+JIT = {"blocks": re.compile(r"TB count\s+(\d+)"), "code": re.compile(r"gen code size\s+(\d+)")}
+
+
+def phases(lines: list[str], ready: vm.Ready) -> dict[str, float | None]:
+    """Split a boot at the kernel's `Run /init` and systemd's banner (kernel timestamps
+    on the console; None where a line is missing)."""
+    def stamp(rx: re.Pattern) -> float | None:
+        for line in lines:
+            m = STAMP.match(line)
+            if m and rx.search(line):
+                return float(m.group(1))
+        return None
+
+    init, systemd = stamp(INIT), stamp(SYSTEMD)
+    return {
+        "firmware": round(ready.seconds - ready.uptime, 1),
+        "kernel": round(init, 1) if init is not None else None,
+        "initramfs": round(systemd - init, 1) if init is not None and systemd is not None else None,
+        "userspace": round(ready.uptime - systemd, 1) if systemd is not None else None,
+    }
+
+
+def translated(inst: vm.Instance) -> dict[str, int]:
+    """How much guest code TCG translated so far: blocks, and MiB of host code."""
+    out = inst.qmp.execute("human-monitor-command", {"command-line": "info jit"})
+    found = {k: rx.search(out) for k, rx in JIT.items()}
+    return {"blocks": int(found["blocks"].group(1)) if found["blocks"] else -1,
+            "code_mib": int(found["code"].group(1)) >> 20 if found["code"] else -1}
+
+
+def boot_once(build: Build, accel: vm.Accel, workdir: Path, user: str) -> dict:
     trio = vm.Trio.from_build(build)
     base = vm.node_disk(trio.image, build.dir / "vm" / "disk-m1.small.raw", vm.instance_type("m1.small"))
     key, pub = vm.make_keypair(workdir)
     try:
         with vm.launch(trio, base, workdir, name=f"bench-{accel.name}", accel=accel, ssh_public_key=pub,
                        ssh_key=key, ssh_user=user) as inst:
-            return inst.wait_ready(timeout=300).seconds
+            ready = inst.wait_ready(timeout=300)
+            boot = {"seconds": ready.seconds, "phases": phases(inst.console.lines(), ready)}
+            if accel.name == "tcg":
+                boot["translated"] = translated(inst)
+            return boot
     finally:
         key.unlink(missing_ok=True)
         key.with_suffix(".pub").unlink(missing_ok=True)
+
+
+def describe(boot: dict) -> str:
+    ph = ", ".join(f"{k} {v:.1f}" if v is not None else f"{k} ?" for k, v in boot["phases"].items())
+    tr = boot.get("translated")
+    jit = f"; translated {tr['blocks']} blocks, {tr['code_mib']} MiB of host code" if tr else ""
+    return f"{boot['seconds']:.1f} s ({ph}){jit}"
 
 
 def copy_of(build: Build, root: Path) -> Build:
@@ -122,8 +172,11 @@ def main() -> int:
                 print("boot KVM: not available here (the probe boot under KVM did not reach init)")
                 continue
             accel = vm.Accel(name, "benchmark")
-            times = [boot_once(build, accel, Path(tmp), user) for _ in range(args.boots)]
-            figures[name] = times
+            boots = [boot_once(build, accel, Path(tmp), user) for _ in range(args.boots)]
+            for i, boot in enumerate(boots, 1):
+                print(f"boot {name.upper()} {i}: {describe(boot)}")
+            times = [b["seconds"] for b in boots]
+            figures[name] = boots
             verdict = "" if name == "kvm" else (" (target < 15 s: met)" if statistics.median(times) < BOOT_TARGET
                                                 else " (target < 15 s: MISSED)")
             print(f"boot {name.upper()}: power-on to ready " + ", ".join(f"{x:.1f} s" for x in times)
