@@ -244,3 +244,146 @@ def test_stage_follows_the_recipes_prefix_and_settings_and_can_be_disabled(creds
     other = make_build(tmp_path / "output2")
     assert bundle_stage.run(other, recipe(**section, enabled=False)) == {}
     assert json.loads((other.dir / "build.json").read_text())["stages"]["bundle"]["skipped"] == "disabled in the recipe"
+
+
+# --- a build without credentials, as the bundle stage bundles it ------------------------
+
+def test_bundle_of_a_build_without_credentials_bundles_locally_as_the_stage_does(creds, tmp_path):
+    build = make_build(tmp_path / "output")
+    r = bake("bundle", build.dir)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [str(build.dir / "bundle" / role / f"{name}.manifest.xml") for role, name in
+                                     (("kernel", "vmlinuz-2.6.32-21-generic-pae"), ("ramdisk", "initrd.img-2.6.32"),
+                                      ("image", "demo.img"))]
+    own = build.dir / "bundle-keys"
+    assert "bundled locally" in r.stderr
+    assert f"signed and sealed with the build's own key pair ({own}/)" in r.stderr
+    assert "`bake publish` bundles the build again with the cloud's certificate" in r.stderr
+
+    # recorded exactly as the stage records a local bundle, which is what publishing reads
+    data = json.loads((build.dir / "build.json").read_text())
+    assert data["stages"]["bundle"]["local"] is True
+    assert data["stages"]["bundle"]["note"] == bundle_stage.LOCAL_NOTE
+    assert list(data["bundle"]) == ["kernel", "ramdisk", "image"]
+    assert stat.S_IMODE(own.stat().st_mode) == 0o700
+    assert stat.S_IMODE((own / "local-pk.pem").stat().st_mode) == 0o600
+
+    # complete, signed and checkable with the build's own key pair, as the note says
+    r = bake("unbundle", "-m", build.dir / data["bundle"]["image"]["manifest"], "-k", own / "local-pk.pem",
+             "-c", own / "local-cert.pem", "-d", tmp_path / "back")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "back" / "demo.img").read_bytes() == (build.dir / "demo.img").read_bytes()
+
+    # with credentials, the same build is bundled for that cloud and is no longer marked local
+    r = bake("bundle", build.dir, env=cred_env(creds))
+    assert r.returncode == 0, r.stderr
+    assert "bundled locally" not in r.stderr
+    stage = json.loads((build.dir / "build.json").read_text())["stages"]["bundle"]
+    assert stage["local"] is False and "note" not in stage
+    r = bake("unbundle", "-m", build.dir / data["bundle"]["image"]["manifest"], "-k", creds.cloud.key,
+             "-d", tmp_path / "cloud")
+    assert r.returncode == 0, r.stderr
+
+
+def test_bundle_of_a_build_without_its_image_makes_no_keys(tmp_path):
+    build = make_build(tmp_path / "output")
+    (build.dir / "demo.img").unlink()
+    r = bake("bundle", build.dir)
+    assert (r.returncode, r.stdout) == (1, "")
+    assert str(build.dir / "demo.img") in r.stderr and "missing" in r.stderr
+    assert not (build.dir / "bundle-keys").exists() and not (build.dir / "bundle").exists()
+
+
+def test_bundle_of_one_image_without_credentials_asks_for_them(tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"z" * 1000)
+    r = bake("bundle", "-i", image, "-d", tmp_path / "b")
+    assert (r.returncode, r.stdout) == (1, "")
+    assert "bundling an image needs your certificate (-c)" in r.stderr
+    assert "`bake bundle BUILD_DIR`, is bundled locally without them" in r.stderr
+    assert not (tmp_path / "b").exists()
+
+
+# --- a failed command leaves nothing half-written -------------------------------------
+
+def test_a_missing_image_leaves_no_bundle_folder_in_tmpdir(creds, tmp_path):
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    r = bake("bundle", "-i", tmp_path / "nosuch.img", env={**cred_env(creds), "TMPDIR": str(tmpdir)})
+    assert (r.returncode, r.stdout) == (1, "")
+    assert f"{tmp_path / 'nosuch.img'}: cannot read the image (No such file or directory)" in r.stderr
+    assert list(tmpdir.iterdir()) == []
+
+
+def test_a_failed_bundle_removes_the_destination_it_made_and_only_that(creds, tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"w" * 5000)
+    mismatched = {**cred_env(creds), "EC2_PRIVATE_KEY": str(creds.stranger.key)}  # fails once bundling has begun
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    r = bake("bundle", "-i", image, env={**mismatched, "TMPDIR": str(tmpdir)})
+    assert r.returncode == 1 and "does not belong to the private key" in r.stderr
+    assert list(tmpdir.iterdir()) == []
+
+    r = bake("bundle", "-i", image, "-d", tmp_path / "new" / "a" / "b", env=mismatched)
+    assert r.returncode == 1
+    assert not (tmp_path / "new").exists()
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    r = bake("bundle", "-i", image, "-d", mine, env=mismatched)
+    assert r.returncode == 1
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+
+
+@pytest.fixture
+def corrupt_bundle(creds, tmp_path) -> Path:
+    """A bundle whose first part has one byte changed: unbundling fails while writing."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(70_000))
+    r = bake("bundle", "-i", image, "-d", tmp_path / "b", env=cred_env(creds))
+    assert r.returncode == 0, r.stderr
+    part = tmp_path / "b" / "disk.img.part.00"
+    data = bytearray(part.read_bytes())
+    data[100] ^= 0xFF
+    part.write_bytes(bytes(data))
+    return Path(r.stdout.strip())
+
+
+def test_a_failed_unbundle_removes_the_destination_it_made_and_only_that(creds, corrupt_bundle, tmp_path):
+    r = bake("unbundle", "-m", corrupt_bundle, "-k", creds.user.key, "-d", tmp_path / "new" / "dir")
+    assert (r.returncode, r.stdout) == (1, "")
+    assert "part 0 (" in r.stderr and "does not match the manifest" in r.stderr
+    assert not (tmp_path / "new").exists()
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    r = bake("unbundle", "-m", corrupt_bundle, "-k", creds.user.key, "-d", mine)
+    assert r.returncode == 1
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_unbundle_says_when_it_did_not_check_the_signature(creds, tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(20_000))
+    r = bake("bundle", "-i", image, "-d", tmp_path / "b", env=cred_env(creds))
+    manifest = Path(r.stdout.strip())
+    manifest.write_text(manifest.read_text().replace("<architecture>x86_64</architecture>",
+                                                     "<architecture>i386</architecture>"))
+
+    r = bake("unbundle", "-m", manifest, "-k", creds.user.key, "-d", tmp_path / "o1")
+    assert r.returncode == 0, r.stderr  # the data itself is intact: digests and size still match
+    assert "the manifest's signature was NOT checked (give -c CERT" in r.stderr
+
+    r = bake("unbundle", "-m", manifest, "-k", creds.user.key, "-c", creds.user.cert, "-d", tmp_path / "o2")
+    assert (r.returncode, r.stdout) == (1, "")
+    assert "signature does not verify" in r.stderr
+    assert not (tmp_path / "o2").exists()
+
+    pristine = tmp_path / "p"
+    r = bake("bundle", "-i", image, "-d", pristine, env=cred_env(creds))
+    r = bake("unbundle", "-m", r.stdout.strip(), "-k", creds.user.key, "-c", creds.user.cert, "-d", tmp_path / "o3")
+    assert r.returncode == 0, r.stderr
+    assert "NOT checked" not in r.stderr

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
+import sys
 import tempfile
 from pathlib import Path
 
@@ -36,7 +38,9 @@ def register(subparsers) -> None:
         "bundle", help="make EC2/Eucalyptus bundles (euca-bundle-image): of an image, or of a build's kernel, ramdisk and image",
         description="Bundle one image (-i IMAGE), or the kernel, ramdisk and image of a build directory, "
                     "for upload to Walrus/S3. Credentials default to EC2_CERT, EC2_PRIVATE_KEY, EUCALYPTUS_CERT "
-                    "and EC2_USER_ID. Prints the manifest path(s).")
+                    "and EC2_USER_ID. With none at all, a build directory is bundled locally, as a bake does: "
+                    "with a key pair of the build's own (BUILD_DIR/bundle-keys/), marked local, and bundled "
+                    "again for the cloud by `bake publish`. Prints the manifest path(s).")
     p.add_argument("build", nargs="?", metavar="BUILD_DIR", help="a build directory (output/<recipe>/<id>) to bundle")
     p.add_argument("-i", "--image", metavar="FILE", help="the image file to bundle")
     p.add_argument("-c", "--cert", metavar="FILE", help="your X.509 certificate (default: $EC2_CERT)")
@@ -61,8 +65,8 @@ def register(subparsers) -> None:
 
     u = subparsers.add_parser(
         "unbundle", help="check and decode a bundle back into its image (euca-unbundle)",
-        description="Verify every part's digest, the image digest and size (and the manifest's signature "
-                    "with -c), then write the image. Prints the image path.")
+        description="Verify every part's digest, the image digest and size, and, only when -c names the "
+                    "signer's certificate, the manifest's signature; then write the image. Prints the image path.")
     u.add_argument("-m", "--manifest", metavar="FILE", required=True, help="the bundle's manifest")
     u.add_argument("-k", "--privatekey", metavar="FILE",
                    help="the private key that opens the bundle: the user's, or the cloud's (default: $EC2_PRIVATE_KEY)")
@@ -83,59 +87,108 @@ def _type_and_ids(args) -> tuple[str, str | None, str | None]:
     return image_type, args.kernel, args.ramdisk
 
 
+NO_CREDENTIALS = ("your certificate (-c), private key (-k), the cloud's certificate (--ec2cert) and your account "
+                  "id (-u), or EC2_CERT, EC2_PRIVATE_KEY, EUCALYPTUS_CERT and EC2_USER_ID")
+NO_CREDENTIALS_SHORT = "-c, -k, --ec2cert, -u, or EC2_CERT, EC2_PRIVATE_KEY, EUCALYPTUS_CERT, EC2_USER_ID"
+
+
+def _check_readable_image(image: Path) -> None:
+    # Checked before any destination folder is made, so that a typo costs nothing.
+    try:
+        with open(image, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise BakeError(f"{image}: not a regular file")
+    except OSError as e:
+        raise BakeError(f"{image}: cannot read the image ({e.strerror})") from None
+
+
+def _default_destination_parent() -> Path:
+    return Path(os.environ.get("TMPDIR") or os.environ.get("TEMP") or os.environ.get("TMP") or "/var/tmp")
+
+
 def cmd_bundle(args) -> int:
     from .keys import resolve_keys
-    from .writer import PART_SIZE, bundle_image
+    from .writer import PART_SIZE
 
     keys = resolve_keys({"cert": args.cert, "private_key": args.privatekey,
                          "cloud_cert": args.ec2cert, "user_id": args.user})
-    if keys is None:
-        raise BakeError("bundling needs your certificate (-c), private key (-k), the cloud's certificate (--ec2cert) "
-                        "and your account id (-u), or EC2_CERT, EC2_PRIVATE_KEY, EUCALYPTUS_CERT and EC2_USER_ID")
     bdm = parse_block_device_mappings(args.block_device_mappings) if args.block_device_mappings is not None else None
     part_size = args.part_size or PART_SIZE
-
     if args.build:
-        if args.image:
-            raise BakeError("give either a build directory or -i IMAGE, not both")
-        for opt, value in (("-p/--prefix", args.prefix), ("--kernel", args.kernel), ("--ramdisk", args.ramdisk),
-                           ("-d/--destination", args.destination), ("--image-type", args.image_type)):
-            if value:
-                raise BakeError(f"{opt} applies to a single image (-i), not to a build directory")
-        from ..build import Build
-        from ..stages.bundle import bundle_build
-
-        build = Build.load(args.build)
-        records = bundle_build(build, keys, arch=args.arch, block_device_mapping=bdm, part_size=part_size)
-        for entry in records.values():
-            print(build.dir / entry["manifest"])
-        return 0
-
+        return _bundle_build_dir(args, keys, bdm, part_size)
     if not args.image:
         raise BakeError("nothing to bundle: give -i IMAGE or a build directory")
+    if keys is None:
+        raise BakeError(f"bundling an image needs {NO_CREDENTIALS} (a build directory, `bake bundle BUILD_DIR`, "
+                        "is bundled locally without them)")
+    return _bundle_one_image(args, keys, bdm, part_size)
+
+
+def _bundle_build_dir(args, keys, bdm, part_size: int) -> int:
+    from ..build import Build
+    from ..stages.bundle import bundle_and_record
+
+    if args.image:
+        raise BakeError("give either a build directory or -i IMAGE, not both")
+    for opt, value in (("-p/--prefix", args.prefix), ("--kernel", args.kernel), ("--ramdisk", args.ramdisk),
+                       ("-d/--destination", args.destination), ("--image-type", args.image_type)):
+        if value:
+            raise BakeError(f"{opt} applies to a single image (-i), not to a build directory")
+    build = Build.load(args.build)
+    records, local = bundle_and_record(build, keys, arch=args.arch, block_device_mapping=bdm, part_size=part_size)
+    for entry in records.values():
+        print(build.dir / entry["manifest"])
+    if local:
+        own = build.dir / "bundle-keys"
+        print(f"note: bundled locally, as no credentials were given ({NO_CREDENTIALS_SHORT}): these bundles "
+              f"are signed and sealed with the build's own key pair ({own}/) and addressed to no cloud; "
+              "`bake publish` bundles the build again with the cloud's certificate\n"
+              f"note: to check one: bake unbundle -m MANIFEST -k {own / 'local-pk.pem'} -c {own / 'local-cert.pem'}",
+              file=sys.stderr)
+    return 0
+
+
+def _bundle_one_image(args, keys, bdm, part_size: int) -> int:
+    from .files import first_missing, removed_on_failure
+    from .writer import bundle_image
+
+    image = Path(args.image)
     image_type, kernel_id, ramdisk_id = _type_and_ids(args)
+    _check_readable_image(image)
     if args.destination:
         destination = Path(args.destination)
+        made = first_missing(destination)
     else:
-        base = os.environ.get("TMPDIR") or os.environ.get("TEMP") or os.environ.get("TMP") or "/var/tmp"
-        destination = Path(tempfile.mkdtemp(prefix="bundle-", dir=base))
-    result = bundle_image(
-        Path(args.image), destination, prefix=args.prefix, image_type=image_type, arch=args.arch or "x86_64",
-        user_id=keys.user_id, user_cert=keys.cert, user_key=keys.private_key, cloud_cert=keys.cloud_cert,
-        kernel_id=kernel_id, ramdisk_id=ramdisk_id, block_device_mapping=bdm, part_size=part_size,
-    )
+        parent = _default_destination_parent()
+        try:
+            destination = made = Path(tempfile.mkdtemp(prefix="bundle-", dir=parent))
+        except OSError as e:
+            raise BakeError(f"{parent}: cannot make a folder for the bundle there ({e.strerror}); "
+                            "give -d DIR or set TMPDIR") from None
+    with removed_on_failure(made):
+        result = bundle_image(
+            image, destination, prefix=args.prefix, image_type=image_type, arch=args.arch or "x86_64",
+            user_id=keys.user_id, user_cert=keys.cert, user_key=keys.private_key, cloud_cert=keys.cloud_cert,
+            kernel_id=kernel_id, ramdisk_id=ramdisk_id, block_device_mapping=bdm, part_size=part_size,
+        )
     print(result.manifest)
     return 0
 
 
 def cmd_unbundle(args) -> int:
+    from .files import first_missing, removed_on_failure
     from .reader import unbundle
 
     key = args.privatekey or os.environ.get("EC2_PRIVATE_KEY") or os.environ.get("EUCA_PRIVATE_KEY")
     if not key:
         raise BakeError("unbundling needs the private key that opens the bundle: give -k or set EC2_PRIVATE_KEY")
-    image = unbundle(Path(args.manifest), private_key=Path(os.path.expanduser(key)),
-                     source_dir=Path(args.source) if args.source else None,
-                     destination=Path(args.destination), cert=Path(args.cert) if args.cert else None)
+    destination = Path(args.destination)
+    with removed_on_failure(first_missing(destination)):
+        image = unbundle(Path(args.manifest), private_key=Path(os.path.expanduser(key)),
+                         source_dir=Path(args.source) if args.source else None,
+                         destination=destination, cert=Path(args.cert) if args.cert else None)
+    if not args.cert:
+        print("note: the manifest's signature was NOT checked (give -c CERT, the certificate of the key that "
+              "signed it, to check it); every part's digest, the image's digest and its size were", file=sys.stderr)
     print(image)
     return 0

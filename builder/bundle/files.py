@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -35,3 +36,30 @@ def create_private(path: Path) -> BinaryIO:
     """Create `path` for writing, mode 0600, failing if it exists."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     return os.fdopen(fd, "wb")
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost of `path` and its parents that does not exist yet (the folder a
+    mkdir -p of `path` would create first), or None when `path` exists."""
+    path = Path(os.path.abspath(path))
+    missing = None
+    for p in (path, *path.parents):
+        if os.path.lexists(p):
+            break
+        missing = p
+    return missing
+
+
+@contextlib.contextmanager
+def removed_on_failure(created: Path | None) -> Iterator[None]:
+    """Remove folder `created` (and what is in it) if the block raises; None for nothing.
+
+    Give only a folder this run made itself (see `first_missing`): a failed command must
+    leave no half-written destination behind, and must never take a folder the user had.
+    """
+    try:
+        yield
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise

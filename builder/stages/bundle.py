@@ -12,8 +12,10 @@ EC2_USER_ID), the build stays local: the bundles are made with a key pair genera
 this build (`<build>/bundle-keys/`, private), so they are complete and can be checked and
 unpacked with `bake unbundle`, and build.json marks them `local`. A bundle is addressed
 to one cloud (its AES key is sealed with that cloud's certificate), so publishing makes
-new bundles with the cloud's certificate; `bake bundle BUILD_DIR` does the same once
-credentials exist. Half-configured credentials are an error: that is a mistake to fix.
+new bundles with the cloud's certificate. `bake bundle BUILD_DIR` bundles through the
+same function as this stage (`bundle_and_record`), with the credentials of its options
+or the environment, locally when there are none. Half-configured credentials are an
+error: that is a mistake to fix.
 
 A rerun whose image and certificates did not change keeps the existing bundles (a new
 bundle has a new AES key and new parts, which would make an interrupted upload start
@@ -143,9 +145,43 @@ def _eucarc_values(recipe) -> dict[str, str]:
     return parse_eucarc(Path(os.path.expandvars(str(rc))).expanduser())
 
 
-def _arch_of(recipe, build: Build) -> str:
-    arch = getattr(recipe, "arch", None) or build.data.get("arch") or "x86_64"
+def _ec2_arch(arch: str | None) -> str:
+    # Debian's and the kernel's names for the same machines, as the manifest spells them
+    arch = arch or "x86_64"
     return {"amd64": "x86_64", "i686": "i386"}.get(arch, arch)
+
+
+def _arch_of(recipe, build: Build) -> str:
+    return _ec2_arch(getattr(recipe, "arch", None) or build.data.get("arch"))
+
+
+def bundle_and_record(build: Build, keys: BundleKeys | None, *, arch: str | None = None,
+                      block_device_mapping: dict | None = None, part_size: int = PART_SIZE,
+                      image_prefix: str | None = None, reuse: bool = False) -> tuple[dict[str, Any], bool]:
+    """Bundle the build with `keys` or, when None, locally with the build's own key pair
+    (`<build>/bundle-keys/`, made on first use), and record the bundle stage in
+    build.json (seconds, whether local, and the note saying so). Returns build.json's
+    "bundle" section and whether the bundles are local.
+
+    The stage and `bake bundle BUILD_DIR` both come here, so a build bundled either way
+    looks the same to publishing."""
+    for role, _ in ROLES:
+        if role == "image" or role in (build.data.get("outputs") or {}):
+            build.output_path(role)  # a missing input is reported before any key or folder is made
+    arch = _ec2_arch(arch or build.data.get("arch"))
+    local = keys is None
+    if keys is None:
+        keys = local_keys(build.dir / "bundle-keys")
+    start = time.monotonic()
+    with step("Bundle"):
+        records = bundle_build(build, keys, arch=arch, block_device_mapping=block_device_mapping,
+                               part_size=part_size, image_prefix=image_prefix, reuse=reuse)
+    stage = (build.data.get("stages") or {}).get("bundle") or {}
+    for stale in ("note", "skipped"):  # said of earlier bundles (or of none), not of these
+        stage.pop(stale, None)
+    build.record_stage("bundle", seconds=round(time.monotonic() - start, 2), local=local,
+                       **({"note": LOCAL_NOTE} if local else {}))
+    return records, local
 
 
 def run(build: Build, recipe) -> dict[str, Any]:
@@ -157,18 +193,12 @@ def run(build: Build, recipe) -> dict[str, Any]:
         return {}
     keys = resolve_keys({k: section.get(k) for k in ("cert", "private_key", "cloud_cert", "user_id")},
                         eucarc=_eucarc_values(recipe), wording="recipe")
-    local = keys is None
-    if local:
+    if keys is None:
         log.warning("note: %s", LOCAL_NOTE)
-        keys = local_keys(build.dir / "bundle-keys")
-    start = time.monotonic()
-    with step("Bundle"):
-        records = bundle_build(build, keys, arch=_arch_of(recipe, build),
-                               block_device_mapping=section.get("block_device_mapping"),
-                               part_size=int(section.get("part_size") or PART_SIZE),
-                               image_prefix=section.get("prefix"), reuse=True)
-    build.record_stage("bundle", seconds=round(time.monotonic() - start, 2), local=local,
-                       **({"note": LOCAL_NOTE} if local else {}))
+    records, _ = bundle_and_record(build, keys, arch=_arch_of(recipe, build),
+                                   block_device_mapping=section.get("block_device_mapping"),
+                                   part_size=int(section.get("part_size") or PART_SIZE),
+                                   image_prefix=section.get("prefix"), reuse=True)
     return records
 
 
