@@ -55,11 +55,19 @@ def _sigterm_as_interrupt(signum, frame):
 def cmd_validate(args) -> int:
     from .recipe import load_recipe
 
+    failed = 0
     for path in args.recipes:
-        r = load_recipe(path)
+        try:
+            r = load_recipe(path)
+        except BakeError as e:
+            # every file is checked: one bad recipe must not hide what is wrong with the next
+            failed += 1
+            message = str(e) if str(e).startswith(str(path)) else f"{path}: {e}"
+            print(f"bake: error: {message}", file=sys.stderr, flush=True)
+            continue
         print(f"{path}: ok ({r.name}, {r.release.distro}/{r.release.suite}, {r.arch}, "
-              f"elements: {', '.join(r.element_names) or 'none'})")
-    return 0
+              f"elements: {', '.join(r.element_names) or 'none'})", flush=True)
+    return 1 if failed else 0
 
 
 def cmd_plan(args) -> int:
@@ -107,7 +115,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bake",
         description="Bake a cloud image from a YAML recipe, publish it, and prove it works.",
-        epilog="`bake RECIPE.yml` is short for `bake build RECIPE.yml`.",
+        epilog="`bake [build options] RECIPE.yml` is short for `bake build [build options] RECIPE.yml`.",
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="log every command and its output")
     p.add_argument("-q", "--quiet", action="store_true", help="print only results and errors")
@@ -119,7 +127,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("plan", help="show the stages, element hooks, packages and cache hits of a recipe")
     sp.add_argument("recipe", metavar="RECIPE")
-    sp.add_argument("--output", default=os.environ.get("BAKE_OUTPUT", "output"), help="output root (default: output)")
+    sp.add_argument("--output", default=os.environ.get("BAKE_OUTPUT", "output"), help="output root (default: $BAKE_OUTPUT, else output)")
     sp.add_argument("--json", action="store_true", help="print the plan as JSON")
     sp.set_defaults(func=cmd_plan)
 
@@ -129,7 +137,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("build", help="bake a recipe: bootstrap, customize, image, then bundle/publish/verify as configured")
     sp.add_argument("recipe", metavar="RECIPE")
-    sp.add_argument("--output", default=os.environ.get("BAKE_OUTPUT", "output"), help="output root (default: output)")
+    sp.add_argument("--output", default=os.environ.get("BAKE_OUTPUT", "output"), help="output root (default: $BAKE_OUTPUT, else output)")
     sp.add_argument("--stop-after", choices=("bootstrap", "customize", "image", "bundle", "publish", "verify"),
                     help="stop after this stage")
     sp.add_argument("--skip", action="append", choices=("bundle", "publish", "verify"),
@@ -148,21 +156,112 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Options of the top-level parser; everything else in `bake [options] RECIPE.yml` is the
+# build command's.
+GLOBAL_OPTIONS = ("-h", "--help", "-v", "--verbose", "-q", "--quiet")
+RECIPE_SUFFIXES = (".yml", ".yaml")
+
+# What a shell reports for a process killed by SIGPIPE (128 + 13); `| head` ends so.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+
+def _is_global_option(arg: str) -> bool:
+    return arg in GLOBAL_OPTIONS or (arg.startswith("-") and not arg.startswith("--")
+                                     and len(arg) > 1 and set(arg[1:]) <= {"v", "q"})
+
+
+def _looks_like_recipe(arg: str) -> bool:
+    return arg.endswith(RECIPE_SUFFIXES) or os.path.isfile(arg) or os.sep in arg
+
+
+def _with_build_command(argv: list[str], commands: dict[str, argparse.ArgumentParser],
+                        parser: argparse.ArgumentParser) -> list[str]:
+    """`argv` with the `build` command put in where the `bake [options] RECIPE.yml`
+    shorthand left it out; `argv` itself when a command is named. A bare word that is no
+    command is a mistyped command, reported with the commands there are."""
+    first = next((i for i, a in enumerate(argv) if not _is_global_option(a)), None)
+    if first is None or argv[first] in commands:
+        return argv
+    word = argv[first]
+    if not word.startswith("-") and not _looks_like_recipe(word):
+        import difflib
+
+        close = difflib.get_close_matches(word, list(commands), n=1)
+        parser.error(f"unknown command {word!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                     + f"; the commands are {', '.join(commands)}; `bake RECIPE.yml` builds a recipe")
+    takes_value = _value_options(commands["build"])
+    leading: list[str] = []  # the top-level options, taken wherever they stand
+    rest: list[str] = []
+    recipe = None
+    expecting_value = False
+    for a in argv:
+        if expecting_value:
+            rest.append(a)
+            expecting_value = False
+        elif _is_global_option(a) and a not in ("-h", "--help"):
+            leading.append(a)
+        else:
+            rest.append(a)
+            expecting_value = takes_value(a)
+            if recipe is None and not a.startswith("-"):
+                recipe = a
+    if recipe is None or not _looks_like_recipe(recipe):
+        return argv  # options and no recipe: argparse says what is wrong
+    return leading + ["build"] + rest
+
+
+def _value_options(command: argparse.ArgumentParser):
+    """A test: does this argument name one of `command`'s options that takes a value
+    as the next argument (abbreviated long options too, as argparse accepts them)?"""
+    with_value = {o for a in command._actions if a.option_strings and a.nargs != 0 for o in a.option_strings}
+    longs = [o for a in command._actions for o in a.option_strings if o.startswith("--")]
+
+    def takes_value(arg: str) -> bool:
+        if arg in with_value:
+            return True
+        if arg.startswith("--") and "=" not in arg:
+            matches = [o for o in longs if o.startswith(arg)]
+            return len(matches) == 1 and matches[0] in with_value
+        return False
+
+    return takes_value
+
+
+def _quiet_broken_pipe() -> int:
+    # The reader of our output went away (`bake schema | head`): not an error of ours.
+    # Whichever stream it was, point both at /dev/null so that the interpreter's last
+    # flush cannot fail again and print what this is here to avoid.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            os.dup2(devnull, stream.fileno())
+    except (OSError, ValueError):
+        pass
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the `bake` command line `argv` (default: sys.argv[1:]); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+
+
+def _run(argv: list[str]) -> int:
     parser = _build_parser()
-    commands = set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
-    first = next((a for a in argv if not a.startswith("-")), None)
-    if first is not None and first not in commands:
-        argv.insert(argv.index(first), "build")
-    args = parser.parse_args(argv)
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    args = parser.parse_args(_with_build_command(argv, commands, parser))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     _setup_logging(args.verbose, args.quiet)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, while it can still be handled
+        return status
     except BakeError as e:
         print(f"bake: error: {e}", file=sys.stderr)
         return 1
