@@ -150,11 +150,69 @@ def test_clients_are_path_style_without_checksums_or_client_retries_for_uploads(
 
 
 def test_an_unreachable_cloud_is_a_clear_error_before_anything_is_bundled(tmp_path):
+    from builder.cloud.publish import publish
+    from eucalyptus_standin.trio import make_build
+
+    build = make_build(tmp_path / "output")
+    for name in ("cert.pem", "pk.pem", "cloud-cert.pem"):
+        (tmp_path / name).write_text("not used: the cloud is asked first\n")
+    c = Credentials("http://127.0.0.1:9/services/Eucalyptus", "http://127.0.0.1:9/services/Walrus", "AKIDX", SECRET,
+                    user_id="123456789012", cert=tmp_path / "cert.pem", private_key=tmp_path / "pk.pem",
+                    cloud_cert=tmp_path / "cloud-cert.pem")
+    with pytest.raises(BakeError) as e:
+        publish(build, c)
+    assert "cannot reach the cloud" in str(e.value) and SECRET not in str(e.value)
+    assert not (build.dir / "bundle").exists()
+
+
+def test_a_build_with_nothing_to_publish_is_said_before_the_cloud_is_asked(tmp_path):
     from builder.build import Build
     from builder.cloud.publish import publish
 
     build = Build.create(tmp_path, "x")
     c = Credentials("http://127.0.0.1:9/services/Eucalyptus", "http://127.0.0.1:9/services/Walrus", "AKIDX", SECRET)
-    with pytest.raises(BakeError) as e:
+    with pytest.raises(BakeError, match=r"this build has no image \(stage not run\?\)$"):
         publish(build, c)
-    assert "cannot reach the cloud" in str(e.value) and SECRET not in str(e.value)
+
+
+def test_a_named_eucarc_that_sets_no_cloud_variable_is_named_with_what_it_lacks(clean_env, tmp_path):
+    garbage = tmp_path / "garbage"
+    garbage.write_text("garbage\n")
+    with pytest.raises(BakeError) as e:
+        load_credentials({}, eucarc=garbage)
+    assert str(e.value).startswith(f"{garbage}: this eucarc sets none of EC2_URL, S3_URL, EC2_ACCESS_KEY, "
+                                   "EC2_SECRET_KEY")
+
+
+def test_a_named_eucarc_missing_some_variables_names_them_and_never_the_secret(clean_env, tmp_path):
+    rc = tmp_path / "eucarc"
+    rc.write_text(f"export EC2_URL=http://h:8773/services/Eucalyptus\nexport EC2_SECRET_KEY='{SECRET}'\n")
+    with pytest.raises(BakeError) as e:
+        load_credentials({"eucarc": str(rc)})
+    assert str(e.value).startswith(f"{rc}: this eucarc does not set S3_URL, EC2_ACCESS_KEY (")
+    assert SECRET not in str(e.value)
+
+
+def test_a_named_eucarc_is_not_completed_from_another_clouds_environment(clean_env, tmp_path):
+    clean_env.setenv("S3_URL", "http://other:8773/services/Walrus")
+    clean_env.setenv("EC2_ACCESS_KEY", "AKIDOTHER")
+    rc = tmp_path / "eucarc"
+    rc.write_text(f"export EC2_URL=http://h:8773/services/Eucalyptus\nexport EC2_SECRET_KEY='{SECRET}'\n")
+    with pytest.raises(BakeError, match="this eucarc does not set S3_URL, EC2_ACCESS_KEY"):
+        load_credentials({}, eucarc=rc)
+
+
+def test_the_recipe_may_complete_a_named_eucarc(clean_env, tmp_path):
+    clean_env.setenv("MY_ACCESS", "AKIDRECIPE")
+    rc = tmp_path / "eucarc"
+    rc.write_text(f"export EC2_URL=http://h:8773/services/Eucalyptus\nexport EC2_SECRET_KEY='{SECRET}'\n")
+    c = load_credentials({"eucarc": str(rc), "s3_url": "http://h:8773/services/Walrus", "access_key_env": "MY_ACCESS"})
+    assert (c.s3_url, c.access_key, c.secret_key) == ("http://h:8773/services/Walrus", "AKIDRECIPE", SECRET)
+
+
+def test_bundling_certificates_may_still_come_from_the_environment_beside_a_named_eucarc(clean_env, eucarc, tmp_path):
+    trimmed = tmp_path / "trimmed-eucarc"
+    trimmed.write_text("".join(line + "\n" for line in eucarc.read_text().splitlines()
+                               if "EC2_CERT" not in line))
+    clean_env.setenv("EC2_CERT", "/k/cert.pem")
+    assert load_credentials({"eucarc": str(trimmed)}).cert == Path("/k/cert.pem")

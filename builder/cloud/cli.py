@@ -58,12 +58,11 @@ def cmd_unpublish(args) -> int:
     return 0
 
 
-def _common(sp: argparse.ArgumentParser) -> None:
+def _common(sp: argparse.ArgumentParser, *, bucket: str, prefix: str) -> None:
     sp.add_argument("build_dir", metavar="BUILD_DIR", help="a build directory, output/<recipe>/<build-id>")
     sp.add_argument("--eucarc", help="read endpoints and credentials from this eucarc (default: the environment)")
-    sp.add_argument("--bucket", help="bucket to upload to (default: the recipe's publish.bucket, else "
-                                             "bake-images-<account number>)")
-    sp.add_argument("--prefix", help="key prefix in the bucket (default: <recipe>/<build-id>)")
+    sp.add_argument("--bucket", help=bucket)
+    sp.add_argument("--prefix", help=prefix)
 
 
 def register(subparsers) -> None:
@@ -72,9 +71,15 @@ def register(subparsers) -> None:
                                description="Upload the build's bundles (bundling first if needed) to Walrus/S3 and "
                                            "register EKI, ERI and EMI. Safe to re-run: only missing or changed files "
                                            "are sent, registered images are reused. Prints the image ids.")
-    _common(sp)
+    _common(sp, bucket="bucket to upload to (default: the recipe's publish.bucket, else the bucket of an earlier "
+                       "publish, else bake-images-<account number>)",
+            prefix="key prefix in the bucket (default: the recipe's publish.prefix, else that of an earlier "
+                   "publish, else <recipe>/<build-id>)")
     sp.add_argument("-n", "--name", help="image name (default: <recipe>-<build-id>)")
     sp.set_defaults(func=cmd_publish)
     sp = subparsers.add_parser("unpublish", help="deregister a build's images and delete its uploaded bundles")
-    _common(sp)
+    _common(sp, bucket="bucket to delete the build's bundles from (default: the recipe's publish.bucket, else the "
+                       "bucket build.json records from publishing, else bake-images-<account number>)",
+            prefix="key prefix the bundles were uploaded under (default: the recipe's publish.prefix, else the "
+                   "one build.json records, else <recipe>/<build-id>)")
     sp.set_defaults(func=cmd_unpublish)

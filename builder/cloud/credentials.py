@@ -28,6 +28,8 @@ ENV_NAMES = {
     "secret_key": ("EC2_SECRET_KEY", "AWS_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"),
     **{name: env_names for name, (env_names, _, _) in BUNDLE_FIELDS.items()},
 }
+# Which cloud and who we are to it: these four always come from one place.
+CLOUD_FIELDS = ("ec2_url", "s3_url", "access_key", "secret_key")
 
 
 @dataclass(frozen=True)
@@ -147,15 +149,23 @@ def load_credentials(publish: Mapping[str, Any] | None = None, *,
     """Credentials from, in increasing priority: the environment, an eucarc (`eucarc`
     argument or the section's `eucarc` key), and the recipe's `publish` section
     (`ec2_url`, `s3_url`, `access_key_env`/`secret_key_env` naming variables,
-    `eucalyptus_version`). None when no cloud is configured at all; a BakeError naming
-    what is missing when one is half configured."""
+    `eucalyptus_version`).
+
+    A named eucarc is where the endpoints and keys come from (the recipe's section may
+    still override them; the environment may only add the bundling certificates): a
+    BakeError names the file and the variables it lacks. Without one: None when no cloud
+    is configured at all, a BakeError naming what is missing when one is half configured."""
     publish = dict(publish or {})
     environ = os.environ if environ is None else environ
     values: dict[str, str | None] = {k: _pick(environ, names) for k, names in ENV_NAMES.items()}
     source = "environment"
     rc = eucarc or publish.get("eucarc")
-    if rc:
-        rc_values = parse_eucarc(Path(os.path.expandvars(str(rc))).expanduser())
+    rc_path = Path(os.path.expandvars(str(rc))).expanduser() if rc else None
+    if rc_path is not None:
+        rc_values = parse_eucarc(rc_path)
+        # another cloud's endpoints or keys left in the environment must not fill the
+        # eucarc's gaps: requests would go to one cloud signed for another
+        values.update(dict.fromkeys(CLOUD_FIELDS))
         for k, names in ENV_NAMES.items():
             v = _pick(rc_values, names)
             if v:
@@ -171,9 +181,16 @@ def load_credentials(publish: Mapping[str, Any] | None = None, *,
             if not environ.get(var):
                 raise BakeError(f"the recipe's publish.{key} names ${var}, which is not set")
             values[k] = environ[var]
-    if not any(values[k] for k in ("ec2_url", "s3_url", "access_key", "secret_key")):
+    missing = [ENV_NAMES[k][0] for k in CLOUD_FIELDS if not values[k]]
+    if rc_path is not None and missing:
+        needed = ", ".join(ENV_NAMES[k][0] for k in CLOUD_FIELDS)
+        if not any(_pick(rc_values, ENV_NAMES[k]) for k in CLOUD_FIELDS):
+            raise BakeError(f"{rc_path}: this eucarc sets none of {needed}, which bake needs to reach the cloud; "
+                            "is it the eucarc from the cloud's credentials?")
+        raise BakeError(f"{rc_path}: this eucarc does not set {', '.join(missing)} "
+                        f"(bake needs {needed} to reach the cloud)")
+    if len(missing) == len(CLOUD_FIELDS):
         return None
-    missing = [ENV_NAMES[k][0] for k in ("ec2_url", "s3_url", "access_key", "secret_key") if not values[k]]
     if missing:
         raise BakeError(f"cloud credentials from {source} are incomplete: {', '.join(missing)} not set")
     for k in ("ec2_url", "s3_url"):
