@@ -60,7 +60,8 @@ class Build:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Build":
-        """Open an existing build directory; a BakeError names what is missing."""
+        """Open an existing build directory; a BakeError names what is missing or
+        malformed in it."""
         d = Path(directory)
         rec = d / RECORD
         if not rec.is_file():
@@ -69,6 +70,9 @@ class Build:
             data = json.loads(rec.read_text())
         except json.JSONDecodeError as e:
             raise BakeError(f"{rec}: unreadable build record: {e}") from None
+        except UnicodeDecodeError:
+            raise BakeError(f"{rec}: unreadable build record: not UTF-8 text") from None
+        check_record(rec, data)
         return cls(d.resolve(), data)
 
     def save(self) -> None:
@@ -92,13 +96,34 @@ class Build:
 
     def output_path(self, role: str) -> Path:
         """The file recorded as output `role`; a BakeError when the build has none."""
-        entry = self.data.get("outputs", {}).get(role)
-        if not entry:
-            raise BakeError(f"{self.dir}: this build has no {role} (stage not run?)")
-        p = self.dir / entry["path"]
-        if not p.exists():
-            raise BakeError(f"{p}: recorded as the build's {role} but missing")
-        return p
+        return self.require_outputs(role)[role]
+
+    def require_outputs(self, *roles: str) -> dict[str, Path]:
+        """The files recorded as outputs `roles`, by role. All are checked before
+        anything is raised, so one BakeError names every role the build has no record
+        of and every recorded file that is gone."""
+        outputs = self.data.get("outputs") or {}
+        found: dict[str, Path] = {}
+        unrecorded: list[str] = []
+        gone: list[str] = []
+        for role in roles:
+            entry = outputs.get(role)
+            if not entry:
+                unrecorded.append(role)
+                continue
+            p = self.dir / entry["path"]
+            if p.exists():
+                found[role] = p
+            else:
+                gone.append(f"{p} (its {role})")
+        problems = []
+        if unrecorded:
+            problems.append(f"this build has no {_and(unrecorded)} (stage not run?)")
+        if gone:
+            problems.append(f"recorded but missing: {_and(gone)}")
+        if problems:
+            raise BakeError(f"{self.dir}: " + "; ".join(problems))
+        return found
 
     def record_stage(self, stage: str, **info: Any) -> None:
         """Merge `info` (seconds, cached, key, ...) into the record of `stage`."""
@@ -109,3 +134,43 @@ class Build:
         """Set a top-level section of build.json (e.g. "cloud", "bundle", "verify")."""
         self.data[key] = value
         self.save()
+
+
+# What every record has (Build.create writes them), and the sections stages read as
+# objects when present: checked on load, so that a damaged or foreign build.json is a
+# message naming the file rather than a traceback in whichever stage reads it first.
+REQUIRED_FIELDS = {"build_id": str, "outputs": dict, "stages": dict}
+OBJECT_SECTIONS = ("recipe", "bundle", "cloud", "verify", "filesystem")
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "true/false", type(None): "null"}
+
+
+def _kind(value: Any) -> str:
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def check_record(path: Path, data: Any) -> None:
+    """Raise a BakeError naming `path` unless `data` has the shape of a build record: an
+    object with build_id, outputs (role → object with a "path") and stages, and objects
+    for the sections it has."""
+    expected = f"a build record (a JSON object with {_and(list(REQUIRED_FIELDS))}, as `bake build` writes)"
+    if not isinstance(data, dict):
+        raise BakeError(f"{path}: expected {expected}, found {_kind(data)}")
+    missing = [k for k in REQUIRED_FIELDS if k not in data]
+    if missing:
+        raise BakeError(f"{path}: not {expected}: {_and(missing)} missing")
+    for key, kind in REQUIRED_FIELDS.items():
+        if not isinstance(data[key], kind):
+            raise BakeError(f"{path}: \"{key}\" should be {_JSON_KINDS[kind]}, found {_kind(data[key])}")
+    for key in OBJECT_SECTIONS:
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise BakeError(f"{path}: \"{key}\" should be an object, found {_kind(data[key])}")
+    for role, entry in data["outputs"].items():
+        if not isinstance(entry, dict):
+            raise BakeError(f"{path}: outputs.{role} should be an object, found {_kind(entry)}")
+        if not isinstance(entry.get("path"), str) or not entry["path"]:
+            raise BakeError(f"{path}: outputs.{role} has no \"path\" (the file's path in the build directory)")

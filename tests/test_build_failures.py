@@ -44,6 +44,7 @@ def only_build_dir(output: Path, name: str) -> Path:
     return dirs[0]
 
 
+@pytest.mark.e2e
 def test_failing_hook_names_element_phase_hook_and_output_tail(demo_build, tmp_path):
     recipe = demo_plus("fails-in-install", "fails-in-hook", tmp_path)
     out = tmp_path / "out"
@@ -61,6 +62,7 @@ def test_failing_hook_names_element_phase_hook_and_output_tail(demo_build, tmp_p
     assert "image" not in record.get("outputs", {})
 
 
+@pytest.mark.e2e
 def test_sigint_during_customize_undoes_every_mount_and_process(demo_build, tmp_path):
     recipe = demo_plus("sleeps-in-install", "interrupted", tmp_path)
     out = tmp_path / "out"

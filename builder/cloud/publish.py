@@ -117,15 +117,11 @@ def bundle_build(build: Build, creds: Credentials) -> dict[str, Any]:
     bundles already made with these certificates are kept as they are; otherwise the
     build is bundled again exactly as the bundle stage does (same settings as the
     bundles it replaces, same record in build.json "bundle"). Returns that section."""
-    from ..bundle.keys import BundleKeys
     from ..stages.bundle import bundle_build as bundle_stage_build
 
-    creds.require_bundling()
-    keys = BundleKeys(user_id=creds.user_id, cert=creds.cert, private_key=creds.private_key,  # type: ignore[arg-type]
-                      cloud_cert=creds.cloud_cert)  # type: ignore[arg-type]
+    keys = _bundle_keys(creds)
     section = build.data.get("bundle") or {}
-    made_with = keys.describe()
-    if section and all(isinstance(e, dict) and e.get("keys") == made_with for e in section.values()):
+    if _sealed_with(section, keys):
         return section
     settings = next((e["settings"] for e in section.values() if isinstance(e, dict) and e.get("settings")), {})
     kw = {k: settings[k] for k in ("arch", "part_size", "block_device_mapping", "image_prefix")
@@ -135,6 +131,32 @@ def bundle_build(build: Build, creds: Credentials) -> dict[str, Any]:
     if ((build.data.get("stages") or {}).get("bundle") or {}).get("local"):
         build.record_stage("bundle", local=False, note="bundled again with the cloud's certificate for publishing")
     return section
+
+
+def _bundle_keys(creds: Credentials):
+    from ..bundle.keys import BundleKeys
+
+    creds.require_bundling()
+    return BundleKeys(user_id=creds.user_id, cert=creds.cert, private_key=creds.private_key,  # type: ignore[arg-type]
+                      cloud_cert=creds.cloud_cert)  # type: ignore[arg-type]
+
+
+def _sealed_with(section: dict[str, Any], keys) -> bool:
+    made_with = keys.describe()
+    return bool(section) and all(isinstance(e, dict) and e.get("keys") == made_with for e in section.values())
+
+
+def check_publishable(build: Build, creds: Credentials) -> None:
+    """Raise the BakeError publishing would meet in the build's own folder, without
+    contacting the cloud: the bundles it would upload must be there, or, when it would
+    bundle first, the kernel, ramdisk and image it would bundle."""
+    section = build.data.get("bundle") or {}
+    will_bundle = creds.can_bundle and not _sealed_with(section, _bundle_keys(creds))
+    if will_bundle or not section:
+        outputs = build.data.get("outputs") or {}
+        build.require_outputs(*(role for role, _ in ROLES if role in outputs or role == "image"))
+    if not will_bundle:
+        bundles_of(build, None if creds.can_bundle else creds)
 
 
 # --- defaults -------------------------------------------------------------------------
@@ -161,6 +183,7 @@ def publish(build: Build, creds: Credentials, opts: PublishOptions | None = None
     previous = build.data.get("cloud") or {}
     bucket = opts.bucket or previous.get("bucket") or _default_bucket(creds)
     prefix = (opts.prefix if opts.prefix is not None else previous.get("prefix") or _default_prefix(build)).strip("/")
+    check_publishable(build, creds)     # what is missing here is said before the cloud is asked anything
     clients = clients or make_clients(creds)
     check_credentials(clients, creds)   # before bundling, which can take minutes
     bundles = bundles_of(build, creds)

@@ -79,11 +79,11 @@ def check_names(opts: LocalOptions) -> list[str]:
 class Session:
     """One local verification of one build (see `verify_local`)."""
 
-    def __init__(self, build: Build, opts: LocalOptions, stack: contextlib.ExitStack):
+    def __init__(self, build: Build, opts: LocalOptions, stack: contextlib.ExitStack, trio: vm.Trio):
         self.build = build
         self.opts = opts
         self.stack = stack
-        self.trio = vm.Trio.from_build(build)
+        self.trio = trio
         self.workdir = build.dir / WORKDIR
         self.scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".scratch-", dir=self.workdir)))
         self.key, self.public_key = vm.make_keypair(self.scratch)
@@ -111,13 +111,15 @@ def _prepare_workdir(build: Build) -> Path:
 
 def verify_local(build: Build, opts: LocalOptions) -> Report:
     """Run the local checks on `build` and return the report (not yet written)."""
+    # before the evidence of an earlier verification is cleared for this one
+    trio = vm.Trio(**build.require_outputs("kernel", "ramdisk", "image"))
     report = Report("local")
     results: list[CheckResult] = report.results
     start = time.monotonic()
     work = _prepare_workdir(build)
     try:
         with contextlib.ExitStack() as stack:
-            s = Session(build, opts, stack)
+            s = Session(build, opts, stack, trio)
             report.info.update(accelerator=s.accel.name, accelerator_reason=s.accel.reason,
                                instance_type=opts.instance_type, user=opts.user,
                                kernel_append=opts.append or None)
