@@ -1,8 +1,9 @@
 """YAML recipe -> validated Recipe, before anything is built.
 
 The JSON Schema (builder/schema/recipe.schema.json) is the single source of keys, types
-and defaults; this module adds only what a schema cannot say: that elements exist,
-that their parameters fit the element's own schema, that files to copy are there.
+and defaults; this module adds only what a schema cannot say: that elements and users
+are named once, that the release is one bake knows, that elements exist, that their
+parameters fit the element's own schema, that files to copy are there.
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(path, loc.line_of(()), "", "expected a mapping of recipe keys at the top level, found "
                           + ("an empty file" if data is None else type(data).__name__))
     validate(data, recipe_schema(), loc)
+    # Uniqueness by name is what JSON Schema's uniqueItems (whole items) cannot say.
     seen: dict[str, int] = {}
     for i, item in enumerate(data.get("elements") or []):
         name = item if isinstance(item, str) else item["name"]
@@ -145,6 +147,12 @@ def load_recipe(path: str | Path) -> Recipe:
             raise RecipeError(path, loc.line_of(("elements", i)), f"elements[{i}]",
                               f"element '{name}' is already listed at elements[{seen[name]}]")
         seen[name] = i
+    seen = {}
+    for i, user in enumerate(data.get("users") or []):
+        if user["name"] in seen:
+            raise RecipeError(path, loc.line_of(("users", i, "name")), f"users[{i}].name",
+                              f"user '{user['name']}' is already listed at users[{seen[user['name']]}]")
+        seen[user["name"]] = i
     given = frozenset(data)
     fill_defaults(data, recipe_schema())
 

@@ -20,7 +20,11 @@ def _type(s: dict[str, Any]) -> str:
     if t == "array" and "items" in s:
         return f"list of {_type(s['items'])}"
     if t == "string" and s.get("x-expected"):
-        return f"string ({s['x-expected']})"
+        # Every rule a value must meet, in the words its error uses.
+        rules = [s["x-expected"]] + [x["x-expected"] for x in s.get("allOf", []) if x.get("x-expected")]
+        if s.get("x-min-size"):
+            rules.append(f"at least {s['x-min-size']}")
+        return f"string ({'; '.join(rules)})"
     return t or "any"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -39,6 +40,18 @@ def format_path(path: Iterable[Any]) -> str:
     return out
 
 
+def _error_line(e: yaml.MarkedYAMLError) -> int | None:
+    """The line a person should look at: where the unclosed bracket, quote or key began
+    (the context), not where the parser gave up, which may be lines later. A block
+    collection's context is only where the enclosing mapping started, often line 1, so
+    there the problem's own line is the one."""
+    mark = e.problem_mark
+    if e.context_mark is not None and not (e.context or "").startswith("while parsing a block"):
+        mark = e.context_mark
+    mark = mark or e.context_mark
+    return mark.line + 1 if mark else None
+
+
 class Located:
     """A YAML document loaded with the line of every key and item."""
 
@@ -49,10 +62,7 @@ class Located:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
             self.data = yaml.safe_load(text)
         except yaml.MarkedYAMLError as e:
-            mark = e.problem_mark or e.context_mark
-            if e.context_mark and "<stream end>" in (e.problem or ""):
-                mark = e.context_mark  # where the unclosed thing started, not the end of the file
-            line = mark.line + 1 if mark else None
+            line = _error_line(e)
             problem = (e.problem or str(e)).strip()
             if e.context:
                 problem = f"{e.context.strip()}, {problem}"
@@ -65,9 +75,17 @@ class Located:
     def _walk(self, node: yaml.Node, path: tuple) -> None:
         self.lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
             for k, v in node.value:
                 key = k.value
-                self.lines[path + (key,)] = k.start_mark.line + 1
+                line = k.start_mark.line + 1
+                if isinstance(key, str) and key in first:
+                    # YAML loaders keep the last value silently; a recipe must not say two things.
+                    raise RecipeError(self.file, line, format_path(path + (key,)),
+                                      f"key '{key}' is given twice (first at line {first[key]})")
+                if isinstance(key, str):
+                    first[key] = line
+                self.lines[path + (key,)] = line
                 self._walk(v, path + (key,))
         elif isinstance(node, yaml.SequenceNode):
             for i, v in enumerate(node.value):
@@ -140,6 +158,8 @@ def explain(error: jsonschema.ValidationError) -> tuple[tuple, str]:
     if v in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
         word = {"minimum": "at least", "maximum": "at most", "exclusiveMinimum": "more than", "exclusiveMaximum": "less than"}[v]
         return path, f"expected a number {word} {val}, found {_found(inst)}"
+    if v == "x-min-size":
+        return path, f"expected a size of at least {val}, found {_found(inst)}"
     if v in ("minLength", "maxLength"):
         word = "at least" if v == "minLength" else "at most"
         return path, f"expected a string of {word} {val} character(s), found {_found(inst)}"
@@ -164,9 +184,32 @@ def explain(error: jsonschema.ValidationError) -> tuple[tuple, str]:
     return path, error.message
 
 
+SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([MG])")
+
+
+def size_mib(text: str) -> float | None:
+    """'2G' -> 2048.0, '1536M' -> 1536.0; None for anything else (such as 'auto')."""
+    m = SIZE.fullmatch(text)
+    if not m:
+        return None
+    return float(m.group(1)) * (1024 if m.group(2) == "G" else 1)
+
+
+def _min_size(validator, minimum: str, instance: Any, schema: dict):
+    """`x-min-size`: a size string (1536M, 2G) of at least the given size."""
+    if isinstance(instance, str):
+        have, least = size_mib(instance), size_mib(minimum)
+        if have is not None and least is not None and have < least:
+            yield jsonschema.ValidationError(f"{instance!r} is smaller than {minimum}")
+
+
+# Draft 2020-12 plus the one thing it cannot say: that a size written as text is big enough.
+Validator = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"x-min-size": _min_size})
+
+
 def validate(instance: Any, schema: dict, located: Located, prefix: tuple = ()) -> None:
     """Validate `instance` (found at `prefix` in the located document) or raise one RecipeError."""
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = Validator(schema)
     errors = list(validator.iter_errors(instance))
     if not errors:
         return
