@@ -6,7 +6,9 @@ are loaded at boot, where the archive is) instead of testing suite names itself.
 
 from __future__ import annotations
 
+import difflib
 import glob
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -14,12 +16,53 @@ from pathlib import Path
 
 from .errors import BakeError
 
+# Every release's code name, oldest first; what a suite may be and what it is decided by
+# where it falls in these lists.
+UBUNTU_SUITES = (
+    "warty", "hoary", "breezy", "dapper", "edgy", "feisty", "gutsy", "hardy",             # 4.10-8.04
+    "intrepid", "jaunty", "karmic", "lucid", "maverick", "natty", "oneiric", "precise",    # 8.10-12.04
+    "quantal", "raring", "saucy", "trusty", "utopic", "vivid", "wily", "xenial",           # 12.10-16.04
+    "yakkety", "zesty", "artful", "bionic", "cosmic", "disco", "eoan", "focal",            # 16.10-20.04
+    "groovy", "hirsute", "impish", "jammy", "kinetic", "lunar", "mantic", "noble",         # 20.10-24.04
+    "oracular", "plucky", "questing",                                                      # 24.10-25.10
+)
+DEBIAN_SUITES = (
+    "buzz", "rex", "bo", "hamm", "slink", "potato", "woody", "sarge", "etch", "lenny",     # 1.1-5
+    "squeeze", "wheezy", "jessie", "stretch", "buster", "bullseye", "bookworm", "trixie",  # 6-13
+    "forky",                                                                               # 14
+)
+# Names that are no one release: unstable's code name and the aliases that move on with
+# each release. All of them are newer than every release bake refuses.
+DEBIAN_ALIASES = ("sid", "stable", "testing", "unstable")
+# sid never becomes a release: it has neither a security nor an updates suite.
+DEBIAN_ROLLING = ("sid", "unstable")
+
+# The oldest supported: Lucid is the historic target; Debian from jessie, its first
+# release with systemd as the default init.
+UBUNTU_FIRST = "lucid"
+DEBIAN_FIRST = "jessie"
 # Ubuntu ran upstart from 9.10 to 14.10; 15.04 (vivid) switched to systemd.
-UBUNTU_UPSTART = ("karmic", "lucid", "maverick", "natty", "oneiric", "precise", "quantal",
-                  "raring", "saucy", "trusty", "utopic")
+UBUNTU_FIRST_SYSTEMD = "vivid"
 # Debian releases whose security suite is "<suite>/updates" rather than "<suite>-security".
 DEBIAN_OLD_SECURITY = ("jessie", "stretch", "buster")
-DEBIAN_SYSTEMD_SINCE = ("jessie", "stretch", "buster", "bullseye", "bookworm", "trixie", "forky", "sid", "testing", "unstable")
+
+
+def suite_at_least(distro: str, suite: str, first: str) -> bool:
+    """Whether `suite` of `distro` is `first` or a later release (Debian's moving
+    names count as later than every code name)."""
+    if distro == "debian":
+        if suite in DEBIAN_ALIASES:
+            return True
+        return DEBIAN_SUITES.index(suite) >= DEBIAN_SUITES.index(first)
+    return UBUNTU_SUITES.index(suite) >= UBUNTU_SUITES.index(first)
+
+
+def supported_suites(distro: str) -> tuple[str, ...]:
+    """The suites of `distro` bake can build, oldest first (Debian's moving names last)."""
+    if distro == "debian":
+        return DEBIAN_SUITES[DEBIAN_SUITES.index(DEBIAN_FIRST):] + DEBIAN_ALIASES
+    return UBUNTU_SUITES[UBUNTU_SUITES.index(UBUNTU_FIRST):]
+
 
 # ext4 features Linux 2.6.32 and e2fsprogs 1.41 (Lucid) understand: no 64bit, no
 # metadata_csum, no orphan_file; uninit_bg instead of metadata_csum's group checksums.
@@ -48,7 +91,10 @@ class Profile:
         """The virtual-machine kernel this release ships for `arch`."""
         if self.distro == "ubuntu":
             return "linux-image-virtual"
-        return "linux-image-cloud-amd64" if arch == "x86_64" else "linux-image-686-pae"
+        if arch != "x86_64":
+            return "linux-image-686-pae"
+        # The cloud flavour (virtio and Xen drivers, no hardware ones) came with buster.
+        return "linux-image-cloud-amd64" if suite_at_least("debian", self.suite, "buster") else "linux-image-amd64"
 
     def mkfs_features(self, filesystem: str) -> list[str]:
         """Filesystem features the target's kernel and e2fsck understand."""
@@ -60,16 +106,19 @@ class Profile:
         return 256
 
     def security_suite(self) -> str | None:
+        """The suite security updates come in, or None where the release has none."""
+        # testing has one (testing-security), though its fixes may come late; sid has none.
         if self.distro == "ubuntu":
             return f"{self.suite}-security"
-        if self.suite in ("sid", "unstable"):
+        if self.suite in DEBIAN_ROLLING:
             return None
         if self.suite in DEBIAN_OLD_SECURITY:
             return f"{self.suite}/updates"
         return f"{self.suite}-security"
 
     def updates_suite(self) -> str | None:
-        if self.distro == "debian" and self.suite in ("sid", "unstable"):
+        """The stable-updates style suite, or None where the release has none."""
+        if self.distro == "debian" and self.suite in DEBIAN_ROLLING:
             return None
         return f"{self.suite}-updates"
 
@@ -91,22 +140,49 @@ class Profile:
         return None
 
 
+_NAME = {"debian": "Debian", "ubuntu": "Ubuntu"}
+_A_NAME = {"debian": "a Debian", "ubuntu": "an Ubuntu"}
+
+
+def _all_suites(distro: str) -> tuple[str, ...]:
+    return DEBIAN_SUITES + DEBIAN_ALIASES if distro == "debian" else UBUNTU_SUITES
+
+
+def check_suite(distro: str, suite: str) -> None:
+    """Nothing if bake can build `distro`/`suite`; else a BakeError saying why: too old,
+    a suite of the other distribution, or no such suite (with the nearest known name)."""
+    release = f"release {distro}/{suite}"
+    other = "ubuntu" if distro == "debian" else "debian"
+    if suite in _all_suites(distro):
+        if distro == "debian" and not suite_at_least(distro, suite, DEBIAN_FIRST):
+            raise BakeError(f"{release}: Debian releases before jessie (no systemd) are not supported")
+        if distro == "ubuntu" and not suite_at_least(distro, suite, UBUNTU_FIRST):
+            raise BakeError(f"{release}: Ubuntu releases before lucid (10.04) are not supported")
+        return
+    if suite in _all_suites(other):
+        raise BakeError(f"{release}: '{suite}' is {_A_NAME[other]} suite, not {_A_NAME[distro]} one "
+                        f"(did you mean {other}/{suite}?)")
+    known = supported_suites(distro)
+    hint = difflib.get_close_matches(suite, known, n=1)
+    raise BakeError(f"{release}: unknown {_NAME[distro]} suite '{suite}' "
+                    + (f"(did you mean '{hint[0]}'?)" if hint else f"(known: {', '.join(known)})"))
+
+
 def profile_for(release: str) -> Profile:
     """The profile of `distro/suite`; a BakeError for a release bake does not know."""
     distro, _, suite = release.partition("/")
+    if distro not in ("ubuntu", "debian"):
+        raise BakeError(f"release {release}: unknown distribution '{distro}' (ubuntu or debian)")
+    check_suite(distro, suite)
     if distro == "ubuntu":
-        upstart = suite in UBUNTU_UPSTART
-        legacy = suite in ("karmic", "lucid", "maverick")
+        upstart = not suite_at_least("ubuntu", suite, UBUNTU_FIRST_SYSTEMD)
+        legacy = suite in ("lucid", "maverick")
         return Profile("ubuntu", suite, "upstart" if upstart else "systemd",
                        "etc-modules" if upstart else "modules-load.d", legacy,
                        ("/usr/share/keyrings/ubuntu-archive-removed-keys.gpg",
                         "/usr/share/keyrings/ubuntu-archive-keyring.gpg"))
-    if distro == "debian":
-        if suite not in DEBIAN_SYSTEMD_SINCE:
-            raise BakeError(f"release {release}: Debian releases before jessie (no systemd) are not supported")
-        return Profile("debian", suite, "systemd", "modules-load.d", False,
-                       ("/usr/share/keyrings/debian-archive-keyring.gpg",))
-    raise BakeError(f"release {release}: unknown distribution '{distro}' (ubuntu or debian)")
+    return Profile("debian", suite, "systemd", "modules-load.d", False,
+                   ("/usr/share/keyrings/debian-archive-keyring.gpg",))
 
 
 # --- the build host's own apt sources -------------------------------------------------
@@ -168,6 +244,16 @@ def default_mirrors(distro: str, root: str = "/") -> tuple[str | None, str | Non
     return main, security
 
 
+def check_mirror_url(value: str, origin: str) -> None:
+    """A BakeError naming `origin` unless `value` is an archive URL by the same rule the
+    recipe schema applies to `mirror:`."""
+    from .recipe import recipe_schema  # late: recipe imports this module
+
+    rule = recipe_schema()["properties"]["mirror"]
+    if not re.search(rule["pattern"], value):
+        raise BakeError(f"{origin}: expected {rule['x-expected']}, found {json.dumps(value)}")
+
+
 def resolve_mirrors(distro: str, recipe_mirror: str | None, recipe_security: str | None,
                     security_given: bool, root: str = "/") -> tuple[str, str | None]:
     """The archive to use: BAKE_MIRROR, else the recipe's, else the host's own source.
@@ -175,6 +261,8 @@ def resolve_mirrors(distro: str, recipe_mirror: str | None, recipe_security: str
     The security archive: the recipe's (null means none), else the host's, else the main
     mirror's sibling `<mirror>-security` (how Debian mirrors lay it out)."""
     env = os.environ.get("BAKE_MIRROR")
+    if env:
+        check_mirror_url(env, "BAKE_MIRROR")
     host_main, host_security = default_mirrors(distro, root)
     main = env or recipe_mirror or host_main
     if not main:

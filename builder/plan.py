@@ -116,6 +116,8 @@ def make_plan(recipe: Recipe, output_root: Path) -> Plan:
     mirror, security = resolve_mirrors(recipe.release.distro, d.get("mirror"), d.get("security_mirror"),
                                        "security_mirror" in recipe.given)
     prof = recipe.profile
+    if prof.security_suite() is None:
+        security = None  # sid: no security suite to read, whatever archive would serve it
     apt_sources = prof.apt_sources(mirror, security, d["components"])
     packages = collect_packages(recipe)
     hooks = {ph: [(h.name, h.element) for h in ordered_hooks([u.element for u in recipe.elements], ph)] for ph in PHASES}

@@ -1,0 +1,97 @@
+"""The built-in elements' package rules give every supported release the package names
+it really has: module-init-tools or kmod, iproute or iproute2, a DHCP client where
+ifupdown needs one, and never both names of one tool."""
+
+from __future__ import annotations
+
+import pytest
+
+from builder import BUILTIN_ELEMENTS
+from builder.distro import DEBIAN_ALIASES, DEBIAN_SUITES, UBUNTU_SUITES, profile_for, supported_suites
+from builder.elements import load_element, package_applies
+from builder.plan import collect_packages
+from builder.recipe import load_recipe
+
+RELEASES = [f"{d}/{s}" for d in ("debian", "ubuntu") for s in supported_suites(d)]
+ELEMENTS = sorted(p for p in BUILTIN_ELEMENTS.iterdir() if (p / "package-installs.yaml").is_file())
+
+
+def packages_of(release: str) -> set[str]:
+    """What the built-in elements install on `release` (besides the kernel)."""
+    prof = profile_for(release)
+    out = set()
+    for path in ELEMENTS:
+        for pkg, rule in load_element(path).packages.items():
+            if package_applies(rule, distro=prof.distro, suite=prof.suite, init=prof.init_system):
+                out.add(pkg)
+    return out
+
+
+def test_every_suite_a_rule_names_is_one_bake_supports():
+    known = set(supported_suites("debian")) | set(supported_suites("ubuntu"))
+    for path in ELEMENTS:
+        for pkg, rule in load_element(path).packages.items():
+            suites = (rule or {}).get("suite") or []
+            for suite in [suites] if isinstance(suites, str) else suites:
+                assert suite in known, f"{path.name}: {pkg}: unknown or unsupported suite {suite!r}"
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_each_release_gets_one_name_for_each_tool(release):
+    pkgs = packages_of(release)
+    assert len(pkgs & {"kmod", "module-init-tools"}) == 1, sorted(pkgs)
+    assert len(pkgs & {"iproute2", "iproute"}) == 1, sorted(pkgs)
+    assert len(pkgs & {"dhcp3-client", "isc-dhcp-client"}) <= 1, sorted(pkgs)
+    if profile_for(release).init_system == "upstart":
+        assert {"ifupdown"} <= pkgs and pkgs & {"dhcp3-client", "isc-dhcp-client"}, sorted(pkgs)
+    else:
+        assert {"systemd-sysv"} <= pkgs and not pkgs & {"ifupdown", "dhcp3-client", "isc-dhcp-client"}, sorted(pkgs)
+
+
+def test_module_tools_are_module_init_tools_up_to_quantal_and_kmod_after():
+    raring = UBUNTU_SUITES.index("raring")
+    for suite in supported_suites("ubuntu"):
+        want = "kmod" if UBUNTU_SUITES.index(suite) >= raring else "module-init-tools"
+        assert want in packages_of(f"ubuntu/{suite}"), suite
+    for suite in supported_suites("debian"):
+        assert "kmod" in packages_of(f"debian/{suite}"), suite
+
+
+def test_ip_tools_are_iproute_up_to_saucy_and_iproute2_after():
+    trusty = UBUNTU_SUITES.index("trusty")
+    for suite in supported_suites("ubuntu"):
+        want = "iproute2" if UBUNTU_SUITES.index(suite) >= trusty else "iproute"
+        assert want in packages_of(f"ubuntu/{suite}"), suite
+    for suite in supported_suites("debian"):
+        assert "iproute2" in packages_of(f"debian/{suite}"), suite
+
+
+def test_jammy_gets_kmod_and_iproute2_and_precise_gets_their_old_names():
+    assert {"kmod", "iproute2"} <= packages_of("ubuntu/jammy")
+    assert {"module-init-tools", "iproute", "isc-dhcp-client", "ifupdown"} <= packages_of("ubuntu/precise")
+
+
+def test_resolved_is_its_own_package_only_from_bookworm_and_lunar_on():
+    for release in RELEASES:
+        distro, suite = release.split("/")
+        if distro == "debian":
+            own = suite in DEBIAN_ALIASES or DEBIAN_SUITES.index(suite) >= DEBIAN_SUITES.index("bookworm")
+        else:
+            own = UBUNTU_SUITES.index(suite) >= UBUNTU_SUITES.index("lunar")
+        assert ("systemd-resolved" in packages_of(release)) == own, release
+
+
+def test_zstd_comes_only_where_initramfs_tools_compresses_with_it():
+    assert "zstd" in packages_of("debian/bookworm")
+    assert "zstd" in packages_of("debian/testing")
+    assert "zstd" not in packages_of("debian/bullseye")
+    assert "zstd" not in packages_of("debian/jessie")  # jessie has no zstd package at all
+
+
+def test_the_plan_of_a_jammy_recipe_lists_kmod_and_iproute2(tmp_path, monkeypatch):
+    monkeypatch.delenv("BAKE_ELEMENTS_PATH", raising=False)
+    f = tmp_path / "jammy.yml"
+    f.write_text("name: jammy\nrelease: ubuntu/jammy\nmirror: http://archive.test/ubuntu\n")
+    pkgs = dict(collect_packages(load_recipe(f)))
+    assert pkgs["kmod"] == "element base" and pkgs["iproute2"] == "element base"
+    assert "module-init-tools" not in pkgs and "iproute" not in pkgs
