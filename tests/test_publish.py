@@ -289,6 +289,24 @@ def test_bake_publish_and_unpublish_commands(euca_cloud, clean_env, build, capsy
     assert ids["image"] in capsys.readouterr().out
 
 
+def test_unpublish_deletes_where_the_build_was_published_though_the_recipe_moved_on(euca_cloud, clean_env,
+                                                                                    build, tmp_path):
+    recipe = tmp_path / "moved.yml"
+    recipe.write_text("name: moved\nrelease: debian/bookworm\npublish:\n  bucket: first-bucket\n  prefix: one\n")
+    data = json.loads((build.dir / "build.json").read_text())
+    data["recipe"] = {**(data.get("recipe") or {}), "path": str(recipe)}
+    (build.dir / "build.json").write_text(json.dumps(data))
+    rc = str(euca_cloud.eucarc)
+    assert bake_main(["-q", "publish", str(build.dir), "--eucarc", rc]) == 0
+    recipe.write_text("name: moved\nrelease: debian/bookworm\npublish:\n  bucket: second-bucket\n  prefix: two\n")
+    assert bake_main(["-q", "unpublish", str(build.dir), "--eucarc", rc]) == 0
+    s3 = make_clients(load_credentials({"eucarc": rc})).s3
+    with pytest.raises(ClientError) as e:
+        s3.head_bucket(Bucket="first-bucket")
+    assert e.value.response["Error"]["Code"] in ("404", "NoSuchBucket")
+    assert "cloud" not in Build.load(build.dir).data
+
+
 def test_bake_publish_without_a_cloud_says_how_to_configure_one(clean_env, tmp_path, capsys):
     b = make_build(tmp_path / "output")
     assert bake_main(["publish", str(b.dir)]) == 1

@@ -20,7 +20,13 @@ def _recipe_publish_section(build) -> dict:
     return load_recipe(path).publish
 
 
-def _setup(args):
+def _setup(args, *, where_published: bool = False):
+    """The build, credentials and options of a publish or unpublish command. With
+    `where_published`, the bucket and prefix build.json records from publishing come
+    before the recipe's: what was uploaded is where it was uploaded, even if the recipe
+    was edited since."""
+    from dataclasses import replace
+
     from ..build import Build
     from .credentials import load_credentials
     from .publish import PublishOptions
@@ -33,6 +39,10 @@ def _setup(args):
                         "EC2_ACCESS_KEY and EC2_SECRET_KEY")
     opts = PublishOptions.from_section(section, bucket=args.bucket, prefix=args.prefix,
                                        image_name=getattr(args, "name", None))
+    if where_published:
+        recorded = build.data.get("cloud") or {}
+        opts = replace(opts, **{k: recorded[k] for k in ("bucket", "prefix")
+                                if getattr(args, k) is None and recorded.get(k)})
     return build, creds, opts
 
 
@@ -50,7 +60,7 @@ def cmd_publish(args) -> int:
 def cmd_unpublish(args) -> int:
     from .publish import unpublish
 
-    build, creds, opts = _setup(args)
+    build, creds, opts = _setup(args, where_published=True)
     removed = unpublish(build, creds, opts)
     for image_id in removed["images"]:
         print(f"deregistered\t{image_id}")
@@ -78,8 +88,8 @@ def register(subparsers) -> None:
     sp.add_argument("-n", "--name", help="image name (default: <recipe>-<build-id>)")
     sp.set_defaults(func=cmd_publish)
     sp = subparsers.add_parser("unpublish", help="deregister a build's images and delete its uploaded bundles")
-    _common(sp, bucket="bucket to delete the build's bundles from (default: the recipe's publish.bucket, else the "
-                       "bucket build.json records from publishing, else bake-images-<account number>)",
-            prefix="key prefix the bundles were uploaded under (default: the recipe's publish.prefix, else the "
-                   "one build.json records, else <recipe>/<build-id>)")
+    _common(sp, bucket="bucket to delete the build's bundles from (default: the bucket build.json records from "
+                       "publishing, else the recipe's publish.bucket, else bake-images-<account number>)",
+            prefix="key prefix the bundles were uploaded under (default: the one build.json records, else the "
+                   "recipe's publish.prefix, else <recipe>/<build-id>)")
     sp.set_defaults(func=cmd_unpublish)
