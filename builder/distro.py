@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,9 @@ EXT3 = ["has_journal", "ext_attr", "resize_inode", "dir_index", "filetype", "spa
 
 DEB_ARCH = {"x86_64": "amd64", "i386": "i386"}
 
+UBUNTU_KEYRING = "/usr/share/keyrings/ubuntu-archive-keyring.gpg"
+UBUNTU_REMOVED_KEYRING = "/usr/share/keyrings/ubuntu-archive-removed-keys.gpg"
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -133,11 +137,31 @@ class Profile:
             lines.append(f"deb {security_mirror} {sec} {comps}")
         return "\n".join(lines) + "\n"
 
-    def debootstrap_keyring(self) -> str | None:
+    def debootstrap_keyring(self, environ: Mapping[str, str] | None = None) -> str:
+        """The keyring debootstrap checks the archive's Release signature with:
+        `BAKE_KEYRING`, else the first of the release's usual keyrings on this host.
+        A BakeError when there is none: debootstrap would otherwise warn and install
+        packages it cannot check (Debian 12 packages no Ubuntu keyring)."""
+        environ = os.environ if environ is None else environ
+        given = environ.get("BAKE_KEYRING", "").strip()
+        if given:
+            if not os.path.isfile(given):
+                raise BakeError(f"BAKE_KEYRING={given}: no such file (a keyring of the archive's signing keys)")
+            return given
         for k in self.keyrings:
             if os.path.exists(k):
                 return k
-        return None
+        raise BakeError(f"no keyring to check the {self.distro} archive's signatures with: looked for "
+                        f"{' and '.join(self.keyrings)}; install the distribution's archive keyring there "
+                        f"or set BAKE_KEYRING to a keyring file holding the archive's signing keys")
+
+    def debootstrap_script(self, scripts: str = "/usr/share/debootstrap/scripts") -> str | None:
+        """The script to name when this host's debootstrap predates the suite (it knows
+        releases up to its own): the one every Ubuntu suite since gutsy, or every Debian
+        suite, links to. None when debootstrap has a script of the suite's name."""
+        if os.path.exists(os.path.join(scripts, self.suite)):
+            return None
+        return "gutsy" if self.distro == "ubuntu" else "sid"
 
 
 _NAME = {"debian": "Debian", "ubuntu": "Ubuntu"}
@@ -177,10 +201,13 @@ def profile_for(release: str) -> Profile:
     if distro == "ubuntu":
         upstart = not suite_at_least("ubuntu", suite, UBUNTU_FIRST_SYSTEMD)
         legacy = suite in ("lucid", "maverick")
+        # Releases up to precise were signed with the 2004 archive key, which Ubuntu's
+        # keyring package has since moved to its removed-keys file; quantal on, with the
+        # 2012 key (or later) only, which that file does not hold.
+        keyrings = ((UBUNTU_KEYRING,) if suite_at_least("ubuntu", suite, "quantal")
+                    else (UBUNTU_REMOVED_KEYRING, UBUNTU_KEYRING))
         return Profile("ubuntu", suite, "upstart" if upstart else "systemd",
-                       "etc-modules" if upstart else "modules-load.d", legacy,
-                       ("/usr/share/keyrings/ubuntu-archive-removed-keys.gpg",
-                        "/usr/share/keyrings/ubuntu-archive-keyring.gpg"))
+                       "etc-modules" if upstart else "modules-load.d", legacy, keyrings)
     return Profile("debian", suite, "systemd", "modules-load.d", False,
                    ("/usr/share/keyrings/debian-archive-keyring.gpg",))
 

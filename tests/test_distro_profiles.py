@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,42 @@ def test_resolver_is_handed_to_resolved_only_where_it_is_enabled(tmp_path):
     assert os.readlink(on / "etc/resolv.conf") == "../run/systemd/resolve/stub-resolv.conf"
     resolv = off / "etc/resolv.conf"
     assert not resolv.is_symlink() and resolv.read_text() == ""
+
+
+def test_lucid_is_checked_with_the_2004_key_and_jammy_with_the_current_keyring():
+    assert profile_for("ubuntu/lucid").keyrings[0].endswith("ubuntu-archive-removed-keys.gpg")
+    assert profile_for("ubuntu/jammy").keyrings == ("/usr/share/keyrings/ubuntu-archive-keyring.gpg",)
+
+
+def test_an_ubuntu_bootstrap_without_a_keyring_is_refused_naming_where_to_put_one(tmp_path):
+    p = profile_for("ubuntu/lucid")
+    missing = replace(p, keyrings=(str(tmp_path / "removed.gpg"), str(tmp_path / "archive.gpg")))
+    with pytest.raises(BakeError) as e:
+        missing.debootstrap_keyring(environ={})
+    msg = str(e.value)
+    assert str(tmp_path / "removed.gpg") in msg and str(tmp_path / "archive.gpg") in msg
+    assert "BAKE_KEYRING" in msg
+
+
+def test_bake_keyring_names_the_keyring_and_must_exist(tmp_path):
+    ring = tmp_path / "ubuntu.gpg"
+    ring.write_bytes(b"\x99")
+    p = profile_for("ubuntu/lucid")
+    assert p.debootstrap_keyring(environ={"BAKE_KEYRING": str(ring)}) == str(ring)
+    with pytest.raises(BakeError, match="BAKE_KEYRING=.*no such file"):
+        p.debootstrap_keyring(environ={"BAKE_KEYRING": str(tmp_path / "absent.gpg")})
+
+
+def test_the_debian_keyring_of_this_host_is_found():
+    assert profile_for("debian/bookworm").debootstrap_keyring(environ={}) == \
+        "/usr/share/keyrings/debian-archive-keyring.gpg"
+
+
+def test_a_suite_newer_than_debootstrap_is_bootstrapped_with_its_family_script(tmp_path):
+    (tmp_path / "jammy").write_text("")
+    assert profile_for("ubuntu/jammy").debootstrap_script(str(tmp_path)) is None
+    assert profile_for("ubuntu/questing").debootstrap_script(str(tmp_path)) == "gutsy"
+    assert profile_for("debian/forky").debootstrap_script(str(tmp_path)) == "sid"
+    # the scripts named exist in this host's debootstrap
+    for name in ("gutsy", "sid"):
+        assert Path("/usr/share/debootstrap/scripts", name).exists()

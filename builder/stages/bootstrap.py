@@ -49,6 +49,7 @@ def run(build: Build, recipe: Recipe, plan: Plan, work: Path) -> Path | None:
     key = plan.bootstrap.key
     start = time.monotonic()
     with step(f"Bootstrap {prof.distro}/{prof.suite} ({d['variant']}, {recipe.arch})"):
+        keyring = prof.debootstrap_keyring()   # said before anything is fetched
         try:
             digest = release_digest(plan.mirror, prof.suite)
         except BakeError as e:
@@ -66,13 +67,16 @@ def run(build: Build, recipe: Recipe, plan: Plan, work: Path) -> Path | None:
             shutil.rmtree(tree)
         argv = ["debootstrap", f"--variant={d['variant']}", f"--arch={DEB_ARCH[recipe.arch]}",
                 f"--components={','.join(d['components'])}"]
-        keyring = prof.debootstrap_keyring()
-        if keyring:
-            argv.append(f"--keyring={keyring}")
+        # --force-check-gpg: a Release file that cannot be checked stops debootstrap
+        argv += [f"--keyring={keyring}", "--force-check-gpg"]
         debs = cache.root / "debs" / f"{prof.distro}-{prof.suite}-{recipe.arch}"
         debs.mkdir(parents=True, exist_ok=True)
         argv.append(f"--cache-dir={debs}")
         argv += [prof.suite, str(tree), plan.mirror]
+        script = prof.debootstrap_script()
+        if script:
+            log.info("this debootstrap has no script for %s; using its %s script", prof.suite, script)
+            argv.append(script)
         with open(build.dir / "bootstrap.log", "w") as logf:
             try:
                 sh.run(argv, what="debootstrap", logfile=logf)
