@@ -58,6 +58,13 @@ def suite_at_least(distro: str, suite: str, first: str) -> bool:
     return UBUNTU_SUITES.index(suite) >= UBUNTU_SUITES.index(first)
 
 
+def distro_of_suite(suite: str) -> str | None:
+    """"debian" or "ubuntu" for a suite name of either (no name is both), else None."""
+    if suite in DEBIAN_SUITES or suite in DEBIAN_ALIASES:
+        return "debian"
+    return "ubuntu" if suite in UBUNTU_SUITES else None
+
+
 def supported_suites(distro: str) -> tuple[str, ...]:
     """The suites of `distro` bake can build, oldest first (Debian's moving names last)."""
     if distro == "debian":

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from . import BUILTIN_ELEMENTS
+from .distro import DEBIAN_ALIASES, distro_of_suite, suite_at_least
 from .errors import BakeError
 from .schemaerrors import Located, RecipeError, validate
 
@@ -40,6 +41,9 @@ PACKAGE_RULE_SCHEMA = {
                 "properties": {
                     "distro": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
                     "suite": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+                    # the first / the last release of each named distribution it holds for
+                    "since": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+                    "until": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
                     "init": {"enum": ["systemd", "upstart"]},
                 },
             },
@@ -114,6 +118,7 @@ def load_element(path: Path) -> Element:
         data, ploc = _load_yaml(pkg_file)
         data = data or {}
         validate(data, PACKAGE_RULE_SCHEMA, ploc)
+        _check_rule_suites(data, pkg_file, ploc)
         packages = data
     hooks: dict[str, list[Hook]] = {}
     for phase in PHASES:
@@ -214,15 +219,51 @@ def parameter_env(element: str, params: dict[str, Any]) -> dict[str, str]:
     return {env_name(element, k): env_value(v) for k, v in params.items()}
 
 
+def _names(value: str | list[str] | None) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def _check_rule_suites(rules: dict, file: Path, loc) -> None:
+    """Every suite a rule names is one bake knows, and `since`/`until` name at most one
+    suite of each distribution (a RecipeError at the rule's line otherwise)."""
+    for pkg, rule in rules.items():
+        for key in ("suite", "since", "until"):
+            seen: dict[str, str] = {}
+            for name in _names((rule or {}).get(key)):
+                d = distro_of_suite(name)
+                where = (pkg, key)
+                if d is None:
+                    raise RecipeError(file, loc.line_of(where), f"{pkg}.{key}", f"unknown suite {name!r}")
+                if key != "suite" and name in DEBIAN_ALIASES:
+                    raise RecipeError(file, loc.line_of(where), f"{pkg}.{key}",
+                                      f"{name!r} moves from release to release; name a release's code name")
+                if key != "suite" and d in seen:
+                    raise RecipeError(file, loc.line_of(where), f"{pkg}.{key}",
+                                      f"two {d} suites ({seen[d]}, {name}): name one release per distribution")
+                seen[d] = name
+
+
 def package_applies(rule: dict | None, *, distro: str, suite: str, init: str) -> bool:
-    """Whether a package-installs.yaml rule holds for this target."""
+    """Whether a package-installs.yaml rule holds for this target: every key given
+    holds (`distro`, `suite`, `init`: one of the values; `since`/`until`: the target's
+    suite is that release of its distribution or a later/an earlier one, and a rule
+    naming no release of the target's distribution there does not hold)."""
     if not rule:
         return True
     for key, actual in (("distro", distro), ("suite", suite), ("init", init)):
         want = rule.get(key)
         if want is None:
             continue
-        wanted = [want] if isinstance(want, str) else want
-        if actual not in wanted:
+        if actual not in _names(want):
+            return False
+    for key in ("since", "until"):
+        if rule.get(key) is None:
+            continue
+        bound = next((n for n in _names(rule[key]) if distro_of_suite(n) == distro), None)
+        if bound is None:
+            return False
+        if key == "since" and not suite_at_least(distro, suite, bound):
+            return False
+        if key == "until" and suite != bound and suite_at_least(distro, suite, bound):
             return False
     return True

@@ -11,6 +11,7 @@ from builder.distro import DEBIAN_ALIASES, DEBIAN_SUITES, UBUNTU_SUITES, profile
 from builder.elements import load_element, package_applies
 from builder.plan import collect_packages
 from builder.recipe import load_recipe
+from builder.schemaerrors import RecipeError
 
 RELEASES = [f"{d}/{s}" for d in ("debian", "ubuntu") for s in supported_suites(d)]
 ELEMENTS = sorted(p for p in BUILTIN_ELEMENTS.iterdir() if (p / "package-installs.yaml").is_file())
@@ -31,9 +32,51 @@ def test_every_suite_a_rule_names_is_one_bake_supports():
     known = set(supported_suites("debian")) | set(supported_suites("ubuntu"))
     for path in ELEMENTS:
         for pkg, rule in load_element(path).packages.items():
-            suites = (rule or {}).get("suite") or []
-            for suite in [suites] if isinstance(suites, str) else suites:
-                assert suite in known, f"{path.name}: {pkg}: unknown or unsupported suite {suite!r}"
+            for key in ("suite", "since", "until"):
+                suites = (rule or {}).get(key) or []
+                for suite in [suites] if isinstance(suites, str) else suites:
+                    assert suite in known, f"{path.name}: {pkg}.{key}: unknown or unsupported suite {suite!r}"
+
+
+def holds(rule, release):
+    prof = profile_for(release)
+    return package_applies(rule, distro=prof.distro, suite=prof.suite, init=prof.init_system)
+
+
+def test_since_holds_from_the_named_release_of_each_distribution_on():
+    rule = {"since": ["bookworm", "noble"]}
+    assert [holds(rule, r) for r in ("debian/bullseye", "debian/bookworm", "debian/trixie", "debian/sid")] \
+        == [False, True, True, True]
+    assert [holds(rule, r) for r in ("ubuntu/jammy", "ubuntu/noble", "ubuntu/plucky")] == [False, True, True]
+
+
+def test_until_holds_up_to_the_named_release_and_never_for_a_distribution_not_named():
+    rule = {"until": "quantal"}
+    assert [holds(rule, r) for r in ("ubuntu/lucid", "ubuntu/quantal", "ubuntu/raring")] == [True, True, False]
+    assert not holds(rule, "debian/jessie") and not holds(rule, "debian/unstable")
+
+
+def test_since_and_until_together_bound_a_range_and_combine_with_init():
+    rule = {"init": "upstart", "since": "oneiric", "until": "trusty"}
+    assert [holds(rule, f"ubuntu/{s}") for s in ("natty", "oneiric", "trusty", "utopic", "vivid")] \
+        == [False, True, True, False, False]
+
+
+@pytest.mark.parametrize("rules, said", [
+    ("pkg:\n  since: bookwrm\n", "pkg.since: unknown suite 'bookwrm'"),
+    ("pkg:\n  until: [buster, bullseye]\n", "pkg.until: two debian suites (buster, bullseye)"),
+    ("pkg:\n  since: testing\n", "pkg.since: 'testing' moves from release to release"),
+    ("pkg:\n  suite: [lucid, jammmy]\n", "pkg.suite: unknown suite 'jammmy'"),
+])
+def test_a_rule_naming_a_suite_wrongly_is_refused_at_its_line(tmp_path, rules, said):
+    el = tmp_path / "myelement"
+    el.mkdir()
+    (el / "element.yaml").write_text("description: a test element\n")
+    (el / "package-installs.yaml").write_text("other:\n" + rules)
+    with pytest.raises(RecipeError) as e:
+        load_element(el)
+    assert said in str(e.value)
+    assert str(e.value).startswith(f"{el / 'package-installs.yaml'}:3:")
 
 
 @pytest.mark.parametrize("release", RELEASES)
