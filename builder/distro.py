@@ -107,6 +107,15 @@ class Profile:
         # The cloud flavour (virtio and Xen drivers, no hardware ones) came with buster.
         return "linux-image-cloud-amd64" if suite_at_least("debian", self.suite, "buster") else "linux-image-amd64"
 
+    def has_arch(self, arch: str) -> bool:
+        """Whether the release ships a kernel for `arch`: Debian dropped i386 as a
+        release architecture with trixie, Ubuntu with eoan (19.10)."""
+        if arch == "x86_64":
+            return True
+        if self.distro == "debian":
+            return not suite_at_least("debian", self.suite, "trixie")
+        return not suite_at_least("ubuntu", self.suite, "eoan")
+
     def mkfs_features(self, filesystem: str) -> list[str]:
         """Filesystem features the target's kernel and e2fsck understand."""
         if filesystem == "ext3":

@@ -157,9 +157,12 @@ def load_recipe(path: str | Path) -> Recipe:
     fill_defaults(data, recipe_schema())
 
     try:
-        profile_for(data["release"])
+        profile = profile_for(data["release"])
     except BakeError as e:
         raise RecipeError(path, loc.line_of(("release",)), "release", str(e).split(": ", 1)[-1]) from None
+    if not profile.has_arch(data["arch"]):
+        raise RecipeError(path, loc.line_of(("arch",)) or loc.line_of(("release",)), "arch",
+                          f"{data['release']} has no {data['arch']} kernel; use x86_64")
 
     # Elements: each must exist, its parameters must fit its schema, dependencies must resolve.
     entries = _element_entries(data)

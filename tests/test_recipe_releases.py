@@ -160,3 +160,18 @@ def test_a_recipe_mirror_that_is_not_an_archive_url_is_refused(tmp_path, mirror)
 def test_archive_urls_are_accepted_as_mirrors(tmp_path, mirror):
     r = bake("validate", str(recipe(tmp_path, "debian/bookworm", f"mirror: {mirror}\n")))
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("release, ok", [
+    ("debian/bookworm", True), ("debian/trixie", False), ("debian/stable", False), ("debian/sid", False),
+    ("ubuntu/lucid", True), ("ubuntu/bionic", True), ("ubuntu/eoan", False), ("ubuntu/noble", False),
+])
+def test_i386_is_refused_where_the_release_has_no_i386_kernel(tmp_path, release, ok):
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(f"name: r\nrelease: {release}\narch: i386\n")
+    proc = subprocess.run([BAKE, "validate", str(recipe)], capture_output=True, text=True)
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert proc.returncode == 1
+        assert f"{recipe}:3: arch: {release} has no i386 kernel; use x86_64" in proc.stderr
