@@ -93,8 +93,9 @@ class Profile:
 
     distro: str
     suite: str
-    init_system: str            # "systemd" or "upstart"
-    modules_at_boot: str        # "etc-modules" or "modules-load.d"
+    # "systemd" or "upstart"; also where modules are loaded at boot from (modules-load.d
+    # or /etc/modules), which the acpiphp element decides by BAKE_INIT_SYSTEM
+    init_system: str
     legacy_kernel: bool         # 2.6-era kernel and e2fsprogs: conservative filesystem features
     keyrings: tuple[str, ...] = field(default=())
 
@@ -222,9 +223,8 @@ def profile_for(release: str) -> Profile:
         # 2012 key (or later) only, which that file does not hold.
         keyrings = ((UBUNTU_KEYRING,) if suite_at_least("ubuntu", suite, "quantal")
                     else (UBUNTU_REMOVED_KEYRING, UBUNTU_KEYRING))
-        return Profile("ubuntu", suite, "upstart" if upstart else "systemd",
-                       "etc-modules" if upstart else "modules-load.d", legacy, keyrings)
-    return Profile("debian", suite, "systemd", "modules-load.d", False,
+        return Profile("ubuntu", suite, "upstart" if upstart else "systemd", legacy, keyrings)
+    return Profile("debian", suite, "systemd", False,
                    ("/usr/share/keyrings/debian-archive-keyring.gpg",))
 
 

@@ -26,18 +26,16 @@ ULTIMATE = REPO / "recipes" / "ultimate.yml"
 DEMO = REPO / "recipes" / "debian-demo.yml"
 
 
-def test_lucid_profile_is_upstart_with_etc_modules_and_the_virtual_kernel():
+def test_lucid_profile_is_upstart_with_the_virtual_kernel():
     p = profile_for("ubuntu/lucid")
     assert p.init_system == "upstart"
-    assert p.modules_at_boot == "etc-modules"
     assert p.kernel_package("x86_64") == "linux-image-virtual"
     assert p.security_suite() == "lucid-security"
 
 
-def test_debian_profile_is_systemd_with_modules_load_d_and_the_cloud_kernel():
+def test_debian_profile_is_systemd_with_the_cloud_kernel():
     p = profile_for("debian/bookworm")
     assert p.init_system == "systemd"
-    assert p.modules_at_boot == "modules-load.d"
     assert p.kernel_package("x86_64") == "linux-image-cloud-amd64"
     assert p.kernel_package("i386") == "linux-image-686-pae"
     assert p.security_suite() == "bookworm-security"
