@@ -54,6 +54,10 @@ def _show(argv: Sequence[str]) -> str:
     return " ".join(str(a) if str(a) and " " not in str(a) else repr(str(a)) for a in argv)
 
 
+# After a timeout, how long the output of an ended command is still read.
+OUTPUT_LINGER = 2.0
+
+
 def _stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
     """End a child's whole process group: SIGTERM, then SIGKILL after `grace` seconds."""
     if proc.poll() is not None:
@@ -122,20 +126,7 @@ def run(
                 proc.stdin.write(data)  # type: ignore[union-attr]
                 proc.stdin.close()  # type: ignore[union-attr]
 
-    feeder = threading.Thread(target=feed, daemon=True)
-    feeder.start()
-    timed_out = threading.Event()
-
-    def expire() -> None:
-        timed_out.set()
-        _stop_group(proc, grace=2.0)
-
-    # A silent hang prints nothing, so the deadline is kept by a timer, not by the reader.
-    timer = threading.Timer(timeout, expire) if timeout is not None else None
-    if timer is not None:
-        timer.daemon = True
-        timer.start()
-    try:
+    def read() -> None:
         assert proc.stdout is not None
         for raw in proc.stdout:
             line = raw.decode(errors="replace")
@@ -145,15 +136,37 @@ def run(
                 logfile.write(line)
             if not quiet:
                 log.debug("  | %s", line.rstrip("\n"))
-        proc.wait()
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    # The output is read on a thread of its own and the deadline kept by waiting for the
+    # process: a silent hang prints nothing, and a process outside the group may hold the
+    # pipe open after the command is gone (an SSH master connection, to which the client
+    # handed its output, keeps it until the remote command ends).
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _stop_group(proc, grace=2.0)
+        # What the command wrote before it ended is read to the end: without a deadline,
+        # until the pipe closes; with one, until the deadline (a process it left behind
+        # may hold the pipe), and after a timeout, what is already in the pipe.
+        if timed_out:
+            reader.join(OUTPUT_LINGER)
+        elif timeout is None:
+            reader.join()
+        else:
+            reader.join(max(OUTPUT_LINGER, timeout - (time.monotonic() - start)))
     except BaseException:
         _stop_group(proc)
         raise
     finally:
-        if timer is not None:
-            timer.cancel()
         feeder.join(timeout=1)
-    if timed_out.is_set():
+    if timed_out:
         raise CommandError(argv, proc.returncode, "".join(tail), (what or "command") + f" timed out after {timeout:.0f} s")
     seconds = time.monotonic() - start
     result = Result(argv, proc.returncode, "".join(lines), seconds)

@@ -31,6 +31,32 @@ def test_a_silent_hang_is_ended_at_the_timeout_with_its_whole_process_group(tmp_
     assert not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z"
 
 
+def test_the_timeout_holds_when_a_process_outside_the_group_keeps_the_output_open(tmp_path):
+    # as an SSH master connection does with the output of a client that was killed
+    pidfile = tmp_path / "holder"
+    start = time.monotonic()
+    try:
+        with pytest.raises(sh.CommandError, match="timed out after 1 s") as info:
+            sh.run(["sh", "-c", f"setsid sleep 30 & echo $! > {pidfile}; echo started; sleep 60"], timeout=1)
+        assert time.monotonic() - start < 1 + 2 + sh.OUTPUT_LINGER + 2
+        assert "started" in info.value.tail
+    finally:
+        if pidfile.exists():
+            subprocess.run(["kill", pidfile.read_text().strip()], check=False)
+
+
+def test_a_command_that_ends_in_time_is_not_held_by_what_it_left_running(tmp_path):
+    pidfile = tmp_path / "holder"
+    start = time.monotonic()
+    try:
+        r = sh.run(["sh", "-c", f"setsid sleep 30 & echo $! > {pidfile}; echo done"], timeout=3)
+        assert r.returncode == 0 and "done" in r.output
+        assert time.monotonic() - start < 3 + 2
+    finally:
+        if pidfile.exists():
+            subprocess.run(["kill", pidfile.read_text().strip()], check=False)
+
+
 def test_background_process_group_ends_with_the_block(tmp_path):
     pidfile = tmp_path / "child"
     with sh.background(["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"]) as proc:
