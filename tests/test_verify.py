@@ -57,6 +57,8 @@ def test_every_check_passes_on_the_demo_build(request, build):
     assert on_disk["result"] == "passed" and on_disk["info"]["accelerator"] in ("kvm", "tcg")
     assert results["boots"].evidence["boot_to_ready_seconds"] > 0
     assert results["volume-hotplug"].evidence["guest_device"].startswith("vd")
+    # b backed up by itself after the restore (the watcher), not because the check asked
+    assert results["sync-agent"].evidence["b_backup"]["kind"] != "explicit"
     assert (build.dir / "verify/a/console.log").read_text().count("bake-ready") >= 1
     assert (build.dir / "verify/a/qmp-events.jsonl").exists()
 

@@ -84,17 +84,32 @@ def _backup(inst: Instance, timeout: float) -> str:
                               what=f"the agent's running backup on instance {inst.name} to end")
 
 
-def _backup_covering(inst: Instance, since: float, timeout: float, what: str) -> tuple[str, str]:
-    """Wait for the agent's own (watch-triggered) backup that started after guest time
-    `since`, and return (generation, kind); when no watcher runs, back up explicitly."""
+def _covering(st: dict[str, Any], since: float) -> dict[str, Any] | None:
+    """The current generation, when it holds every change made before guest time `since`
+    (its `covers_until` is later: an incremental generation covers the events cut before
+    it started, not everything up to its start)."""
+    current = next((g for g in st.get("generations") or () if g.get("current")), None)
+    if current and current.get("restorable") and (current.get("covers_until") or 0) > since:
+        return current
+    return None
+
+
+def _backup_covering(inst: Instance, since: float, timeout: float, what: str, *,
+                     explicit: bool = True) -> tuple[str, str]:
+    """Wait until the current generation covers guest time `since` (made by the agent's
+    own, watch-triggered backups) and return (generation, kind). When no watcher runs,
+    back up explicitly if `explicit`, else fail: the agent is not backing up by itself."""
     deadline = time.monotonic() + timeout
     while True:
         mark = inst.console.mark()  # before asking, so that a backup ending meanwhile is not missed
         st = _status(inst)
-        last = st.get("last_backup") or {}
-        if last.get("result") == "ok" and last.get("generation") and (last.get("started") or 0) >= since:
-            return last["generation"], str(last.get("kind"))
+        gen = _covering(st, since)
+        if gen is not None:
+            return gen["name"], str(gen.get("kind"))
         if not (st.get("watcher") or {}).get("running"):
+            if not explicit:
+                raise CheckFailed(f"the agent's watcher is not running on instance {inst.name}, so nothing "
+                                  f"backs up {what} by itself", status=st)
             return _backup(inst, max(1.0, deadline - time.monotonic())), "explicit"
         inst.console.wait_for(BACKUP_DONE, since=mark, timeout=max(1.0, deadline - time.monotonic()),
                               what=f"the agent on instance {inst.name} to back up {what}")
@@ -221,7 +236,8 @@ def sync_agent(session, a: Instance, result: CheckResult, *, timeout: float) -> 
     # backups resume on b
     changed = b.ssh.run(f"{_root(b)}sh -c 'date > /etc/bake-verify-after-restore; sync; date +%s.%N'",
                         timeout=30).output.strip().splitlines()[-1]
-    gen_b, kind = _backup_covering(b, float(changed), timeout, "a change made after the restore")
+    # after a restore the agent must back up by itself again: no explicit backup here
+    gen_b, kind = _backup_covering(b, float(changed), timeout, "a change made after the restore", explicit=False)
     status_b = _status(b)
     ev["b_backup"] = {"generation": gen_b, "kind": kind}
     ev["b_status"] = {k: status_b.get(k) for k in ("current", "paired", "volume_id", "watcher")}
