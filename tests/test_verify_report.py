@@ -96,3 +96,26 @@ def test_asking_for_an_unknown_check_names_the_known_ones(tmp_path):
     b = Build.create(tmp_path, "r")
     with pytest.raises(BakeError, match=r"unknown check\(s\): bogus; known: boots, metadata, .*recipe:hello"):
         verify(b, only={"boots", "bogus"}, recipe_checks=[{"name": "hello", "run": "true"}])
+
+
+def test_a_verification_that_cannot_finish_leaves_a_failed_report_not_the_last_one(tmp_path, monkeypatch):
+    # a "kernel" of random bytes: QEMU refuses it at start, after the verification has
+    # cleared the evidence of the one before, and before any check could run
+    from eucalyptus_standin.trio import make_build
+    from builder.verify import verify
+
+    monkeypatch.setenv("BAKE_ACCEL", "tcg")
+    b = make_build(tmp_path / "output")
+    (b.dir / "verify.json").write_text(json.dumps({"result": "passed", "checks": []}))
+    b.data["verify"] = {"result": "passed"}
+    b.save()
+    with pytest.raises(BakeError) as e:
+        verify(b, user="nobody", boot_timeout=30)
+    assert "QEMU of instance a exited at start" in str(e.value) and "kernel" in str(e.value)
+    on_disk = json.loads((b.dir / "verify.json").read_text())
+    assert on_disk["result"] == "failed"
+    assert on_disk["checks"][-1]["name"] == "verification"
+    assert on_disk["checks"][-1]["summary"].startswith("did not finish: QEMU of instance a exited at start")
+    assert "verify/a/qemu.log" in on_disk["files"]
+    again = Build.load(b.dir)
+    assert again.data["verify"]["result"] == "failed" and again.data["result"] == "failed"

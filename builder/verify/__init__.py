@@ -11,10 +11,12 @@ summary to build.json's "verify" section. A failed check marks the build failed.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..build import Build
+from ..errors import BakeError
 from ..log import step
 from .report import REPORT, Report, render_table
 from .result import FAIL, PASS, SKIP, CheckResult
@@ -44,7 +46,6 @@ def verify(build: Build, *, cloud: bool = False, only: set[str] | None = None, r
     recipe = recipe if recipe is not None else recipe_of(build)
     section = recipe.verify if recipe is not None else {}
     if only:
-        from ..errors import BakeError
         from .checks import BUILTIN
 
         checks = options.get("recipe_checks", section.get("checks") or ())
@@ -65,8 +66,14 @@ def verify(build: Build, *, cloud: bool = False, only: set[str] | None = None, r
         from .local import LocalOptions, verify_local
 
         opts = LocalOptions.from_recipe(section, user=user, build=build, only=only, **options)
-        with step("Verify locally under QEMU"):
-            report = verify_local(build, opts)
+        report = Report("local")
+        with step("Verify locally under QEMU"), _recorded_if_unfinished(build, report):
+            report = verify_local(build, opts, report)
+    _record(build, report)
+    return report
+
+
+def _record(build: Build, report: Report) -> None:
     report.write(build.dir)
     build.data["verify"] = report.summary()
     if not report.ok:
@@ -74,4 +81,19 @@ def verify(build: Build, *, cloud: bool = False, only: set[str] | None = None, r
         failed = [r.name for r in report.results if r.status == FAIL]
         build.data["error"] = f"verification failed: {', '.join(failed)} (see {build.dir / REPORT})"
     build.save()
-    return report
+
+
+@contextlib.contextmanager
+def _recorded_if_unfinished(build: Build, report: Report) -> Iterator[None]:
+    """A verification that ends in an error or an interruption after it cleared the
+    evidence of the one before still leaves a report: what it found, and a failed
+    `verification` entry saying why it did not finish (not an earlier run's "passed")."""
+    try:
+        yield
+    except BaseException as e:
+        if report.begun:
+            why = str(e).splitlines()[0] if isinstance(e, BakeError) and str(e) else type(e).__name__
+            report.results.append(CheckResult("verification", FAIL, 0.0, f"did not finish: {why}"))
+            with contextlib.suppress(Exception):
+                _record(build, report)
+        raise

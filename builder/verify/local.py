@@ -109,14 +109,16 @@ def _prepare_workdir(build: Build) -> Path:
     return work
 
 
-def verify_local(build: Build, opts: LocalOptions) -> Report:
-    """Run the local checks on `build` and return the report (not yet written)."""
+def verify_local(build: Build, opts: LocalOptions, report: Report | None = None) -> Report:
+    """Run the local checks on `build` and return the report (not yet written), filling
+    `report` when given, so that a caller still has what was found if this raises."""
     # before the evidence of an earlier verification is cleared for this one
     trio = vm.Trio(**build.require_outputs("kernel", "ramdisk", "image"))
-    report = Report("local")
+    report = report if report is not None else Report("local")
     results: list[CheckResult] = report.results
     start = time.monotonic()
     work = _prepare_workdir(build)
+    report.begun = True
     try:
         with contextlib.ExitStack() as stack:
             s = Session(build, opts, stack, trio)

@@ -20,6 +20,9 @@ class Report:
     info: dict[str, Any] = field(default_factory=dict)   # accelerator, instance type, cloud ids, ...
     seconds: float = 0.0
     files: dict[str, str] = field(default_factory=dict)  # evidence files, relative to the build dir
+    # set once the verification has begun changing the build folder (its evidence of an
+    # earlier run cleared): from then on, an unfinished run still writes what it has
+    begun: bool = field(default=False, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:

@@ -232,7 +232,16 @@ def launch(trio: Trio, base_disk: Path, workdir: Path, *, name: str = "a", accel
             console = Console(proc.stdout, folder / "console.log", proc)
             qmp = ssh = None
             try:
-                qmp = Monitor(qmp_host, folder / "qmp-events.jsonl", name=name)
+                try:
+                    qmp = Monitor(qmp_host, folder / "qmp-events.jsonl", name=name)
+                except QMPFailure:
+                    try:  # a QEMU that refused its arguments is exiting as the greeting fails
+                        proc.wait(5)
+                    except subprocess.TimeoutExpired:
+                        raise QMPFailure(f"QEMU of instance {name} runs but did not greet on QMP") from None
+                    said = (folder / "qemu.log").read_text(errors="replace").strip().splitlines()[-5:]
+                    raise BakeError(f"QEMU of instance {name} exited at start (status {proc.returncode}): "
+                                    + (" / ".join(said) or "it printed nothing")) from None
                 if ssh_key and ssh_user:
                     # a short path: a socket's name must fit in 108 bytes
                     control_dir = Path(tempfile.mkdtemp(prefix="bake-ssh-"))
