@@ -136,7 +136,7 @@ def test_init_system_is_detected_in_the_target(tmp_path):
 
 # --- the acpiphp element's decision, run for real in a minimal chroot ----------------
 
-TOOLS = ("sh", "grep", "find", "mkdir", "cat")
+TOOLS = ("sh", "grep", "find", "mkdir", "cat", "uname")
 
 
 @pytest.fixture

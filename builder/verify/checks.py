@@ -72,8 +72,11 @@ def metadata(inst: Instance, result: CheckResult, *, public_key: str | None, use
 
 ACPIPHP_PROBE = r"""
 if [ -d /sys/module/acpiphp ]; then present=yes; else present=no; fi
-if grep -q '/acpiphp\.ko' /lib/modules/$(uname -r)/modules.builtin 2>/dev/null; then how=built-in
-elif grep -q '^acpiphp ' /proc/modules 2>/dev/null; then how=module
+# a loaded module is listed in /proc/modules; a built-in driver has /sys/module/acpiphp
+# (its parameters) but no entry there, and modules.builtin only exists from 2.6.33 on
+if grep -q '^acpiphp ' /proc/modules 2>/dev/null; then how=module
+elif [ $present = yes ] || grep -q '/acpiphp\.ko' /lib/modules/$(uname -r)/modules.builtin 2>/dev/null; then
+    how=built-in
 else how=none; fi
 disabled=$(cat /sys/module/acpiphp/parameters/disable 2>/dev/null || echo unknown)
 echo "present=$present how=$how disabled=$disabled kernel=$(uname -r)"
