@@ -34,7 +34,11 @@ class Monitor:
         self._client.register_listener(self._listener)
         self._events_log = open(events_log, "a", encoding="utf-8")
         self._seen: list[dict[str, Any]] = []
-        self._run(self._client.connect(sock), 15, "the QMP greeting")
+        try:
+            self._run(self._client.connect(sock), 15, "the QMP greeting")
+        except BaseException:
+            self.close()
+            raise
 
     def _run(self, coro, timeout: float, what: str):
         try:
@@ -103,6 +107,8 @@ class Monitor:
             self._loop.run_until_complete(asyncio.wait_for(self._client.disconnect(), 5))
         except Exception:
             pass
-        self._drain()
-        self._events_log.close()
-        self._loop.close()
+        try:
+            self._drain()
+        finally:
+            self._events_log.close()
+            self._loop.close()
