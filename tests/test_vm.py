@@ -137,6 +137,16 @@ def test_console_wait_says_what_it_waited_for_and_shows_the_tail(tmp_path):
     assert (tmp_path / "console.log").read_text() == "one\ntwo\n"
 
 
+def test_console_lines_are_whole_when_reads_split_a_character_or_an_escape(tmp_path):
+    # "é" (two bytes) and a colour escape each cut in half between two writes
+    script = r"printf 'caf\303'; sleep 0.3; printf '\251 \033['; sleep 0.3; printf '1;32mok\033[0m\r\n'"
+    with sh.background(["sh", "-c", script], stdout=subprocess.PIPE) as p:
+        c = Console(p.stdout, tmp_path / "console.log", p)
+        c.wait_for("ok", timeout=10, what="ok")
+        c.close()
+    assert c.lines() == ["café ok"]
+
+
 def test_console_wait_stops_at_a_failure_line(tmp_path):
     with sh.background(["sh", "-c", "echo 'Kernel panic - not syncing: VFS'; exec sleep 60"],
                        stdout=subprocess.PIPE) as p:

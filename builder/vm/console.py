@@ -8,6 +8,7 @@ or the timeout, and a timeout says what was awaited and shows the console's tail
 
 from __future__ import annotations
 
+import codecs
 import re
 import subprocess
 import threading
@@ -43,25 +44,28 @@ class Console:
         self._thread.start()
 
     def _pump(self, stream: IO[bytes]) -> None:
+        # a read may end inside a UTF-8 character or an escape sequence: characters are
+        # decoded across reads, and escapes removed from whole lines only
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         try:
             while True:
                 chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(4096)
                 if not chunk:
                     break
-                text = chunk.decode("utf-8", errors="replace")
+                text = decoder.decode(chunk)
                 self._file.write(text)
                 self._file.flush()
                 with self._cond:
-                    data = self._partial + _ANSI.sub("", text).replace("\r", "")
+                    data = self._partial + text.replace("\r", "")
                     *lines, self._partial = data.split("\n")
-                    self._text.extend(lines)
+                    self._text.extend(_ANSI.sub("", line) for line in lines)
                     self._cond.notify_all()
         except (OSError, ValueError):
             pass
         finally:
             with self._cond:
                 if self._partial:
-                    self._text.append(self._partial)
+                    self._text.append(_ANSI.sub("", self._partial))
                     self._partial = ""
                 self._closed = True
                 self._cond.notify_all()
@@ -80,7 +84,7 @@ class Console:
     def tail(self, n: int = 40) -> str:
         """The last `n` lines (the incomplete last line included) as one string."""
         with self._cond:
-            return "\n".join(self._text[-n:] + ([self._partial] if self._partial else []))
+            return "\n".join(self._text[-n:] + ([_ANSI.sub("", self._partial)] if self._partial else []))
 
     def wait_for(self, pattern: str | re.Pattern, *, timeout: float, what: str, since: int = 0,
                  fail: str | re.Pattern | None = None) -> re.Match:
