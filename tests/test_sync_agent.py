@@ -4,6 +4,7 @@ this machine's own root (see syncagent_helpers)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -15,8 +16,8 @@ import pytest
 
 from builder import sh
 from syncagent_helpers import (EX_BUSY, EX_REFUSED, TOOLS_PATH, assert_same_tree, attach, backup, kill_group,
-                               label_for, make_rich_root, mounted_volume, move_volume, needs_root_and_tools,
-                               new_instance, run_agent, start_agent, status, wait_paused)
+                               label_for, loop_image, make_rich_root, mounted_volume, move_volume,
+                               needs_root_and_tools, new_instance, run_agent, start_agent, status, wait_paused)
 
 pytestmark = pytest.mark.usefixtures("needs_root_and_tools")
 
@@ -171,6 +172,36 @@ def test_a_paired_instance_is_never_restored_over_without_force(tmp_path):
         assert not (a.root / "etc/newer").exists()
 
 
+def test_an_instance_paired_with_another_volume_is_never_restored_over_without_force(tmp_path):
+    # B backs up to a volume of its own; A's volume is attached to it.  A restore would
+    # make B's root A's and move B's pairing to A's volume, orphaning B's backups.
+    a = new_instance(tmp_path / "a", label_for(tmp_path))
+    b = new_instance(tmp_path / "b", a.label)
+    make_rich_root(a.root)
+    b_pair = b.root / "var/lib/rootsync/volume-id"
+    b_pair.write_text("b-own-volume\n")
+    (b.root / "etc").mkdir(parents=True)
+    (b.root / "etc/mine").write_text("mine\n")
+    with mounted_volume(a) as dev:
+        attach(a)
+        gen = a.current().name
+        move_volume(dev, a, b)
+        for args in ((), ("--generation", gen)):
+            r = run_agent(b, "restore", *args)
+            assert r.returncode == EX_REFUSED and "paired with another volume (b-own-volume)" in r.output, r.output
+            assert "restore complete" not in r.output
+        assert sorted(p.name for p in (b.root / "etc").iterdir()) == ["mine"]
+        assert b_pair.read_text() == "b-own-volume\n"
+        st = status(b)
+        assert not st["paired"] and st["instance_volume_id"] == "b-own-volume"
+        # Adopting the volume anyway is possible, explicitly.
+        r = run_agent(b, "restore", "--force")
+        assert r.returncode == 0 and "restore complete generation=" in r.output, r.output
+        assert_same_tree(a.root, b.root)
+        st = status(b)
+        assert st["paired"] and st["instance_volume_id"] == st["volume_id"]
+
+
 def test_two_backups_never_overlap_and_restore_waits_for_none(tmp_path):
     a = new_instance(tmp_path / "a", label_for(tmp_path))
     make_rich_root(a.root)
@@ -276,6 +307,82 @@ def test_memory_filesystems_mounted_below_the_root_are_neither_copied_nor_touche
             r = run_agent(b, "restore")
             assert r.returncode == 0, r.output
             assert (b.root / "lib/init/rw/b-only").read_text() == "b\n"
+
+
+def test_other_filesystems_mounted_below_the_root_are_neither_copied_nor_touched(tmp_path):
+    # The instance's ephemeral disk or a data volume is not its root filesystem: no
+    # backup copies it, no restore writes to it or deletes in it.  A disk filesystem at
+    # /data, and a bind mount (on the root's own device, where rsync -x alone would
+    # not stop) at a path with a blank, which /proc/mounts writes as \040.
+    a = new_instance(tmp_path / "a", label_for(tmp_path))
+    b = new_instance(tmp_path / "b", a.label)
+    make_rich_root(a.root)
+    others = ("data", "srv/with space")
+    for inst in (a, b):
+        for rel in others:
+            (inst.root / rel).mkdir(parents=True, exist_ok=True)
+        (inst.base / "outside").mkdir()
+    with contextlib.ExitStack() as stack:
+        dev = stack.enter_context(mounted_volume(a))
+        a_data = stack.enter_context(loop_image(tmp_path / "a-data.img", 32, "rtdata-a"))
+        stack.enter_context(sh.mount(a_data, a.root / "data"))
+        stack.enter_context(sh.mount(str(a.base / "outside"), a.root / "srv/with space", bind=True))
+        (a.root / "data/payload").write_text("on the data disk\n")
+        (a.root / "srv/with space/bound").write_text("bound\n")
+        attach(a)
+        tree = a.current() / "tree"
+        # The directories they are mounted on are kept, empty: a restored instance
+        # needs them to mount on.
+        for rel in others:
+            assert (tree / rel).is_dir() and os.listdir(tree / rel) == [], rel
+        assert_same_tree(a.root, tree, extra_excludes=others)
+        # Incremental: named changes there are left out as well.
+        (a.root / "data/later").write_text("later\n")
+        (a.root / "data/newdir").mkdir()
+        (a.root / "data/newdir/f").write_text("f\n")
+        (a.root / "srv/with space/later").write_text("later\n")
+        (a.root / "etc/hostname").write_text("changed\n")
+        events = tmp_path / "events"
+        events.write_text(f"CLOSE_WRITE,CLOSE {a.root}/data/later\n"
+                          f"CREATE,ISDIR {a.root}/data/newdir\n"
+                          f"CLOSE_WRITE,CLOSE {a.root}/srv/with space/later\n"
+                          f"CLOSE_WRITE,CLOSE {a.root}/etc/hostname\n")
+        assert "kind=incremental" in backup(a, "--changes", str(events))
+        tree = a.current() / "tree"
+        assert (tree / "etc/hostname").read_text() == "changed\n"
+        for rel in others:
+            # (Every incremental tree holds the top directory's entries, a directory
+            # there without what is below it.)
+            assert not (tree / rel).exists() or os.listdir(tree / rel) == [], rel
+        # What a generation made without this rule would hold: files for those
+        # directories, in the base and in the incremental tree, and deletions there.
+        base = a.volume_dir / "generations" / status(a)["generations"][-1]["base"] / "tree"
+        (base / "data/from-base").write_text("base\n")
+        (tree / "data").mkdir(exist_ok=True)
+        (tree / "data/from-incremental").write_text("incremental\n")
+        with open(a.current() / "deleted", "a") as f:
+            f.write("data/b-only\nsrv/with space\n")
+        # Instance B has the same kinds of mounts, with its own content.
+        b_data = stack.enter_context(loop_image(tmp_path / "b-data.img", 32, "rtdata-b"))
+        stack.enter_context(sh.mount(b_data, b.root / "data"))
+        stack.enter_context(sh.mount(str(b.base / "outside"), b.root / "srv/with space", bind=True))
+        (b.root / "data/b-only").write_text("b\n")
+        (b.root / "srv/with space/b-bound").write_text("b bound\n")
+        os.chmod(b.root / "data", 0o750)
+        os.utime(b.root / "data", ns=(1_200_000_000_000_000_000,) * 2)
+        before = {rel: (sorted(os.listdir(b.root / rel)), os.stat(b.root / rel)) for rel in others}
+        move_volume(dev, a, b)
+        r = run_agent(b, "restore")
+        assert r.returncode == 0, r.output
+        for rel in others:
+            names, st = before[rel]
+            now = os.stat(b.root / rel)
+            assert sorted(os.listdir(b.root / rel)) == names, rel
+            assert (now.st_mode, now.st_uid, now.st_gid, now.st_mtime_ns) == \
+                (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns), rel
+        assert (b.root / "data/b-only").read_text() == "b\n"
+        assert (b.base / "outside/b-bound").read_text() == "b bound\n"
+        assert_same_tree(a.root, b.root, extra_excludes=others)
 
 
 def test_pruning_keeps_the_base_of_a_kept_incremental_generation(tmp_path):

@@ -3,7 +3,10 @@ volume by a fresh instance (restore then reboot, restore only, or report)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import stat
 import time
 from pathlib import Path
 
@@ -28,6 +31,27 @@ def mounted_at(path) -> str | None:
             if target == str(path):
                 return dev
     return None
+
+
+def sources_at(path) -> list[str]:
+    """Every device mounted at `path`, bottom first."""
+    with open("/proc/self/mounts") as f:
+        return [ln.split()[0] for ln in f if ln.split()[1] == str(path)]
+
+
+@contextlib.contextmanager
+def mounted_through_node(tmp_path, inst, dev: str):
+    """`dev` mounted at `inst`'s mount point through a device node of its own, which a
+    test can remove: what an unplugged volume leaves, a mount whose device is gone."""
+    node = tmp_path / f"node-{os.path.basename(dev)}"
+    os.mknod(node, 0o600 | stat.S_IFBLK, os.stat(dev).st_rdev)
+    inst.mount_point.mkdir(parents=True, exist_ok=True)
+    try:
+        sh.run(["mount", str(node), str(inst.mount_point)], quiet=True)
+        yield node
+    finally:
+        sh.unmount_all_under(inst.mount_point)
+        node.unlink(missing_ok=True)
 
 
 def backed_up_volume(tmp_path, **conf):
@@ -134,6 +158,8 @@ def test_an_instance_paired_with_another_volume_neither_restores_nor_backs_up(tm
         assert r.returncode == EX_REFUSED and "another instance" in r.output, r.output
         assert sorted(p.name for p in (b.root / "etc").iterdir()) == ["mine"]
         assert run_agent(b, "backup").returncode == EX_REFUSED
+        assert run_agent(b, "restore").returncode == EX_REFUSED
+        assert sorted(p.name for p in (b.root / "etc").iterdir()) == ["mine"]
 
 
 def test_a_blank_volume_is_formatted_only_when_configured(tmp_path):
@@ -194,3 +220,68 @@ def test_the_udev_hand_off_returns_at_once_and_the_attach_runs_outside_it(tmp_pa
 
 def _lock_free(inst) -> bool:
     return sh.run(["flock", "-n", str(inst.run_dir / "lock"), "true"], check=False, quiet=True).returncode == 0
+
+
+@pytest.mark.parametrize("old", ["device-gone", "not-the-volume"])
+def test_attach_replaces_a_mount_that_is_not_the_live_volume(tmp_path, old):
+    # device-gone: the volume was unplugged while mounted; its mount stayed, and would
+    # answer every backup with I/O errors.  not-the-volume: another filesystem is
+    # mounted at the mount point.  Either way the labelled volume is mounted instead.
+    a = new_instance(tmp_path / "a", label_for(tmp_path))
+    (a.root / "etc").mkdir(parents=True)
+    (a.root / "etc/x").write_text("x\n")
+    old_label = a.label if old == "device-gone" else "rtother"
+    with loop_image(tmp_path / "old.img", 32, old_label) as old_dev, \
+            loop_image(tmp_path / "new.img", 96, a.label) as new_dev, \
+            mounted_through_node(tmp_path, a, old_dev) as node:
+        if old == "device-gone":
+            node.unlink()
+            # The old device is still labelled (only its node is gone): name the new one,
+            # as the udev hand-off does.
+            r = run_agent(a, "attach", new_dev)
+        else:
+            r = run_agent(a, "attach")
+        assert r.returncode == 0, r.output
+        assert f"{a.mount_point} is mounted from {node}" in r.output and "unmounting it lazily" in r.output
+        assert sources_at(a.mount_point) == [new_dev], sources_at(a.mount_point)
+        assert "backup complete" in r.output and (a.current() / "tree/etc/x").read_text() == "x\n"
+        st = status(a)
+        assert st["mounted"] and st["device"] == new_dev and st["paired"]
+        # The live volume stays mounted as it is.
+        r = run_agent(a, "attach")
+        assert r.returncode == 0 and "backups resume" in r.output and "lazily" not in r.output, r.output
+        assert sources_at(a.mount_point) == [new_dev]
+
+
+def test_detach_unmounts_the_volume_only_when_its_device_is_gone(tmp_path):
+    a = new_instance(tmp_path / "a", label_for(tmp_path))
+    (a.root / "etc").mkdir(parents=True)
+    with loop_image(tmp_path / "vol.img", 64, a.label) as dev, mounted_through_node(tmp_path, a, dev) as node:
+        attach(a)
+        r = run_agent(a, "detach", str(node))
+        assert r.returncode == 0 and "stays mounted" in r.output, r.output
+        assert sources_at(a.mount_point) == [str(node)]
+        node.unlink()
+        r = run_agent(a, "detach", str(node))
+        assert r.returncode == 0 and "unmounting it lazily" in r.output, r.output
+        assert sources_at(a.mount_point) == []
+        assert run_agent(a, "detach").returncode == 0
+        # Its backups are still there: the volume is attached again as it was.
+        attach(a)
+        assert sources_at(a.mount_point) == [dev] and status(a)["paired"]
+
+
+def test_the_udev_remove_hand_off_returns_at_once_and_the_detach_runs_outside_it(tmp_path):
+    if Path("/run/systemd/system").exists() or shutil.which("initctl"):
+        pytest.fail("this machine runs systemd or upstart, which the hand-off would ask to start the detach; "
+                    "run this test where neither runs (the hand-off then starts the detach itself)")
+    a = new_instance(tmp_path / "a", label_for(tmp_path))
+    (a.root / "etc").mkdir(parents=True)
+    with loop_image(tmp_path / "vol.img", 64, a.label) as dev, mounted_through_node(tmp_path, a, dev) as node:
+        attach(a)
+        node.unlink()
+        t = time.monotonic()
+        r = run_agent(a, "udev-remove", str(node))
+        assert r.returncode == 0, r.output
+        assert time.monotonic() - t < 2, "udev-remove must hand over and return, not do the work"
+        wait_for(lambda: sources_at(a.mount_point) == [], 30, "the detach started by udev-remove to unmount")

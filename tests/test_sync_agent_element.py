@@ -125,8 +125,8 @@ def test_install_hook_for_systemd_writes_the_config_units_timer_and_udev_rule(tm
                  "exclude=/home/*/.cache", "watch_exclude=/var/log"):
         assert line in conf, line
     units = tmp_path / "etc/systemd/system"
-    for name in ("rootsync-attach@.service", "rootsync-attach.service", "rootsync-watch.service",
-                 "rootsync-backup.service", "rootsync-backup.timer"):
+    for name in ("rootsync-attach@.service", "rootsync-detach@.service", "rootsync-attach.service",
+                 "rootsync-watch.service", "rootsync-backup.service", "rootsync-backup.timer"):
         assert (units / name).is_file(), name
     for wants, name in (("multi-user.target.wants", "rootsync-watch.service"),
                         ("multi-user.target.wants", "rootsync-attach.service"),
@@ -136,7 +136,10 @@ def test_install_hook_for_systemd_writes_the_config_units_timer_and_udev_rule(tm
     rules = (tmp_path / "etc/udev/rules.d/90-rootsync.rules").read_text()
     assert 'ENV{ID_FS_LABEL}=="myvol"' in rules and 'ENV{SYSTEMD_WANTS}+="rootsync-attach@%k.service"' in rules
     assert 'ENV{ID_FS_TYPE}==""' in rules  # the blank-disk rule, format_blank=yes
-    assert "RUN+=" not in rules
+    assert not [ln for ln in rule_lines(rules) if 'ACTION=="add"' in ln and "RUN+=" in ln]
+    assert_remove_rule(rules, "myvol")
+    assert "ExecStart=/usr/sbin/rootsync detach /dev/%i" in (units / "rootsync-detach@.service").read_text()
+    assert not list(units.glob("*.wants/rootsync-detach*"))  # started by the rule only
     assert oct((tmp_path / "var/lib/rootsync").stat().st_mode & 0o777) == "0o700"
     assert (tmp_path / "var/lib/rootsync/volume").is_dir()
     # The agent reads the written config as the hook meant it.
@@ -149,13 +152,27 @@ def test_install_hook_for_systemd_writes_the_config_units_timer_and_udev_rule(tm
     assert got["label"] == "myvol" and got["mount_point"] == "/var/lib/rootsync/volume" and not got["mounted"]
 
 
+def rule_lines(rules: str) -> list[str]:
+    return [ln for ln in rules.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def assert_remove_rule(rules: str, label: str) -> None:
+    """A removed device that carried the label goes to `rootsync udev-remove`, which
+    has the dead mount lazily unmounted outside udev."""
+    (line,) = [ln for ln in rule_lines(rules) if 'ACTION=="remove"' in ln]
+    assert 'SUBSYSTEM=="block"' in line and f'ENV{{ID_FS_LABEL}}=="{label}"' in line, line
+    assert line.endswith('RUN+="/usr/sbin/rootsync udev-remove $env{DEVNAME}"'), line
+
+
 def test_systemd_accepts_the_units(tmp_path):
     run = run_hook(tmp_path, "systemd", defaults())
     assert run.returncode == 0, run.output
     units = tmp_path / "etc/systemd/system"
-    shutil.copy(units / "rootsync-attach@.service", tmp_path / "rootsync-attach@vdb.service")
+    for name in ("attach", "detach"):
+        shutil.copy(units / f"rootsync-{name}@.service", tmp_path / f"rootsync-{name}@vdb.service")
     names = [units / n for n in ("rootsync-attach.service", "rootsync-watch.service", "rootsync-backup.service",
-                                 "rootsync-backup.timer")] + [tmp_path / "rootsync-attach@vdb.service"]
+                                 "rootsync-backup.timer")] + \
+        [tmp_path / "rootsync-attach@vdb.service", tmp_path / "rootsync-detach@vdb.service"]
     r = sh.run([tool("systemd-analyze"), "verify", *map(str, names)], check=False, quiet=True)
     # This machine has no /usr/sbin/rootsync; any other complaint is about the units.
     other = [ln for ln in r.output.splitlines()
@@ -166,15 +183,18 @@ def test_systemd_accepts_the_units(tmp_path):
 def test_install_hook_for_upstart_writes_jobs_cron_and_a_udev_rule_that_hands_off(tmp_path):
     r = run_hook(tmp_path, "upstart", defaults())
     assert r.returncode == 0, r.output
-    for job in ("rootsync-watch", "rootsync-attach", "rootsync-boot"):
+    for job in ("rootsync-watch", "rootsync-attach", "rootsync-detach", "rootsync-boot"):
         text = (tmp_path / f"etc/init/{job}.conf").read_text()
         assert "exec /usr/sbin/rootsync" in text and "console output" in text
     assert "rootsync-device" in (tmp_path / "etc/init/rootsync-attach.conf").read_text()
+    detach = (tmp_path / "etc/init/rootsync-detach.conf").read_text()
+    assert "start on rootsync-device-removed" in detach and "exec /usr/sbin/rootsync detach $DEVNAME" in detach
     cron = (tmp_path / "etc/cron.d/rootsync").read_text()
     assert re.search(r"^\* \* \* \* \* root /usr/sbin/rootsync backup --if-due", cron, re.M)
     rules = (tmp_path / "etc/udev/rules.d/90-rootsync.rules").read_text()
     assert 'ENV{ID_FS_LABEL}=="rootsync"' in rules
     assert 'RUN+="/usr/sbin/rootsync udev-add $env{DEVNAME}"' in rules
+    assert_remove_rule(rules, "rootsync")
     assert 'ID_FS_TYPE}==""' not in rules  # format_blank defaults to no
     assert not (tmp_path / "etc/systemd").exists()
     assert "format_blank=no" in (tmp_path / "etc/rootsync.conf").read_text()

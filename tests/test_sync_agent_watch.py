@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from syncagent_helpers import (assert_same_tree, attach, kill_group, label_for, listing, make_rich_root,
+from builder import sh
+from syncagent_helpers import (assert_same_tree, attach, kill_group, label_for, listing, loop_image, make_rich_root,
                                mounted_volume, move_volume, needs_root_and_tools, new_instance,
                                run_agent, start_agent, status, wait_for)
 
@@ -206,5 +207,30 @@ def test_changes_already_in_a_whole_tree_backup_make_no_further_generation(tmp_p
             (a.root / "etc/marker").write_text("after\n")
             wait_covered(a, t)
             assert (a.current() / "tree/etc/marker").read_text() == "after\n"
+        finally:
+            kill_group(proc)
+
+
+def test_changes_on_another_filesystem_below_the_root_are_not_watched(tmp_path):
+    # inotifywait -r would follow into a data disk mounted below the root; the
+    # watcher leaves it out, as the whole-tree pass does.
+    a = new_instance(tmp_path / "a", label_for(tmp_path), debounce=str(DEBOUNCE))
+    (a.root / "etc").mkdir(parents=True)
+    (a.root / "data").mkdir()
+    with mounted_volume(a), loop_image(tmp_path / "data.img", 32, "rtdata") as data, \
+            sh.mount(data, a.root / "data"):
+        attach(a)
+        proc = start_watch(a)
+        try:
+            gens = len(status(a)["generations"])
+            (a.root / "data/busy").write_text("on the data disk\n")
+            (a.root / "data/sub").mkdir()
+            time.sleep(DEBOUNCE + 3)
+            assert len(status(a)["generations"]) == gens, "a change on another filesystem started a backup"
+            (a.root / "etc/motd").write_text("watched\n")
+            gen = wait_covered(a, time.time())
+            assert gen["kind"] == "incremental"
+            assert (a.current() / "tree/etc/motd").read_text() == "watched\n"
+            assert not (a.current() / "tree/data/busy").exists() and not (a.current() / "tree/data/sub").exists()
         finally:
             kill_group(proc)
