@@ -1,10 +1,16 @@
 """`bake verify --cloud` against the Eucalyptus 3.x and 4.x stand-ins: run the published
 EMI with its EKI and ERI, wait for running and the ready line on the console, attach a
-volume and see the guest's kernel report it, and always terminate and delete."""
+volume and see the guest's kernel report it, and always terminate and delete.
+
+No guest boots here: `Guest` writes the console a booting guest would show."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import signal
 import threading
+import time
 
 import pytest
 
@@ -66,6 +72,26 @@ class Guest:
         self.thread.join(5)
 
 
+@contextlib.contextmanager
+def on_request(cloud, fn):
+    """Call `fn(record)` on every request the stand-in answers, for the block."""
+    cloud.front.on_request.append(fn)
+    try:
+        yield
+    finally:
+        cloud.front.on_request.remove(fn)
+
+
+def interrupt_main_thread(sig=signal.SIGINT):
+    # Sent to the main thread itself, so that the call it is blocked in is interrupted
+    # there, as a Ctrl-C at the terminal does.
+    signal.pthread_kill(threading.main_thread().ident, sig)
+
+
+def operations(cloud, *names):
+    return [q.operation for q in cloud.front.requests if q.operation in names]
+
+
 def _all_gone(cloud, clients):
     states = {r["Instances"][0]["State"]["Name"] for r in clients.ec2.describe_instances()["Reservations"]}
     assert states <= {"terminated", "shutting-down"}
@@ -112,8 +138,165 @@ def test_cloud_verify_terminates_the_instance_on_ctrl_c(euca_cloud, clients, pub
     def interrupt(seconds):
         raise KeyboardInterrupt
 
+    (published.dir / "verify.json").write_text(json.dumps({"result": "passed", "checks": []}))
     with pytest.raises(KeyboardInterrupt):
-        verify(published, cloud=True, clients=clients, wait=interrupt)
+        verify(published, cloud=True, clients=clients, wait=interrupt, poll_seconds=0.2)
+    _all_gone(euca_cloud, clients)
+    # the interrupted run is on record as failed, not the earlier "passed"
+    on_disk = json.loads((published.dir / "verify.json").read_text())
+    assert on_disk["result"] == "failed" and on_disk["mode"] == "cloud"
+    assert on_disk["checks"][-1] == {**on_disk["checks"][-1], "name": "verification", "status": "fail",
+                                     "summary": "did not finish: KeyboardInterrupt"}
+
+
+# --- API errors ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("not_listed", ["NotFound", "no reservations"])
+def test_cloud_verify_waits_while_the_new_instance_is_not_listed_yet(euca_cloud, clients, published, not_listed):
+    if not_listed == "NotFound":
+        euca_cloud.fail_ec2("DescribeInstances", "InvalidInstanceID.NotFound", times=2,
+                            message="The instance ID does not exist")
+    else:
+        euca_cloud.hide_instances(2)
+    with Guest(euca_cloud):
+        report = verify(published, cloud=True, clients=clients, poll_seconds=0.2, only={"boots"})
+    assert report.results[0].status == PASS, report.results[0].summary
+    if not_listed == "NotFound":
+        describes = [q.status for q in euca_cloud.front.requests if q.operation == "DescribeInstances"]
+        assert describes[:3] == [400, 400, 200]
+    else:
+        assert euca_cloud.front.hidden_describes == 0, "both empty answers were waited through"
+    _all_gone(euca_cloud, clients)
+
+
+@pytest.mark.parametrize("action, code", [("CreateVolume", "VolumeLimitExceeded"), ("AttachVolume", "IncorrectState")])
+def test_cloud_verify_fails_the_check_an_api_error_happens_in_and_still_writes_the_report(
+        euca_cloud, clients, published, action, code):
+    euca_cloud.fail_ec2(action, code, message="refused by the stand-in")
+    with Guest(euca_cloud):
+        report = verify(published, cloud=True, clients=clients, poll_seconds=0.2, volume_timeout=10)
+    r = {c.name: c for c in report.results}
+    assert r["boots"].status == PASS
+    hotplug = r["volume-hotplug"]
+    assert hotplug.status == FAIL and hotplug.summary == f"{action} failed: {code}: refused by the stand-in"
+    assert hotplug.evidence["api_error"] == code
+    saved = json.loads((published.dir / "verify.json").read_text())
+    assert saved["result"] == "failed" and published.data["result"] == "failed"
+    _all_gone(euca_cloud, clients)
+
+
+# --- cleanup ---------------------------------------------------------------------------------
+
+def test_cloud_verify_terminates_the_instance_before_it_releases_the_volume(euca_cloud, clients, published):
+    front = euca_cloud.front
+    state_at_delete = []
+
+    def interrupt_once_attached(seconds):
+        if any(v["attached"] is not None for v in front.volumes.values()):
+            raise KeyboardInterrupt
+        time.sleep(seconds)
+
+    def note(rec):
+        if rec.operation == "DeleteVolume":
+            terminate = [q for q in front.requests if q.operation == "TerminateInstances"][-1]
+            state_at_delete.append(front._instance_state(terminate.params["InstanceId.1"]))
+
+    with Guest(euca_cloud), on_request(euca_cloud, note), pytest.raises(KeyboardInterrupt):
+        verify(published, cloud=True, clients=clients, poll_seconds=0.2, wait=interrupt_once_attached)
+    cleanup = operations(euca_cloud, "TerminateInstances", "DetachVolume", "DeleteVolume")
+    assert cleanup[0] == "TerminateInstances" and cleanup[-1] == "DeleteVolume"
+    assert state_at_delete == ["terminated"], "the volume is deleted once the instance is gone"
+    _all_gone(euca_cloud, clients)
+
+
+def test_cloud_verify_fails_and_names_a_volume_that_never_becomes_free_to_delete(euca_cloud, clients, published):
+    def stick_volumes_at_terminate(rec):
+        if rec.operation == "TerminateInstances":
+            euca_cloud.stick_volumes()
+
+    try:
+        with Guest(euca_cloud), on_request(euca_cloud, stick_volumes_at_terminate):
+            report = verify(published, cloud=True, clients=clients, poll_seconds=0.2, cleanup_timeout=3)
+        r = {c.name: c for c in report.results}
+        vid = r["volume-hotplug"].evidence["volume"]
+        assert r["boots"].status == PASS and r["volume-hotplug"].status == PASS
+        assert not report.ok and r["cleanup"].status == FAIL
+        assert vid in r["cleanup"].summary and "remove by hand" in r["cleanup"].summary
+        assert "VolumeInUse" in r["cleanup"].evidence["left"][f"volume {vid}"]
+        assert f"volume {vid}" in render_table(report)
+        assert published.data["result"] == "failed" and "cleanup" in published.data["error"]
+        assert operations(euca_cloud, "DeleteVolume")[-1:] == ["DeleteVolume"], "deleting was tried anyway"
+    finally:
+        euca_cloud.clear_faults()
+        for leftover in list(euca_cloud.front.volumes):
+            clients.ec2.delete_volume(VolumeId=leftover)
+    _all_gone(euca_cloud, clients)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_cloud_verify_finishes_cleaning_up_through_a_second_interrupt_then_raises_it(
+        euca_cloud, clients, published, sig):
+    def as_interrupt(signum, frame):
+        raise KeyboardInterrupt        # what the command line makes of SIGTERM
+
+    def interrupt_at_terminate(rec):
+        if rec.operation == "TerminateInstances":
+            interrupt_main_thread(sig)
+
+    before = signal.signal(signal.SIGTERM, as_interrupt)
+    try:
+        with Guest(euca_cloud), on_request(euca_cloud, interrupt_at_terminate), pytest.raises(KeyboardInterrupt):
+            verify(published, cloud=True, clients=clients, poll_seconds=0.2)
+        assert signal.getsignal(signal.SIGTERM) is as_interrupt
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert operations(euca_cloud, "TerminateInstances", "DeleteVolume") == ["TerminateInstances", "DeleteVolume"]
+    _all_gone(euca_cloud, clients)
+
+
+def test_cloud_verify_finds_and_terminates_the_instance_of_an_interrupted_run_by_its_client_token(
+        euca_cloud, clients, published):
+    front = euca_cloud.front
+    before = set(front.instances)
+
+    def interrupt_at_run(rec):
+        if rec.operation == "RunInstances" and rec.status == 200:
+            interrupt_main_thread()
+
+    with on_request(euca_cloud, interrupt_at_run), pytest.raises(KeyboardInterrupt):
+        verify(published, cloud=True, clients=clients, poll_seconds=0.2)
+    (started,) = set(front.instances) - before
+    token = [q for q in front.requests if q.operation == "RunInstances"][-1].params["ClientToken"]
+    assert any(q.operation == "DescribeInstances" and q.params.get("Filter.1.Name") == "client-token"
+               and q.params.get("Filter.1.Value.1") == token for q in front.requests)
+    assert [q.params["InstanceId.1"] for q in front.requests if q.operation == "TerminateInstances"] == [started]
+    _all_gone(euca_cloud, clients)
+
+
+# --- the console log -------------------------------------------------------------------------
+
+def test_cloud_verify_saves_the_console_before_terminating_even_when_boots_fails(euca_cloud, clients, published):
+    with Guest(euca_cloud, boots=False):
+        report = verify(published, cloud=True, clients=clients, poll_seconds=0.2, boot_timeout=4)
+    assert report.results[0].status == FAIL
+    log = published.dir / "verify-cloud-console.log"
+    assert "Kernel panic" in log.read_text() and log.name in report.files
+    ops = operations(euca_cloud, "GetConsoleOutput", "TerminateInstances")
+    assert ops[-2:] == ["GetConsoleOutput", "TerminateInstances"]
+    _all_gone(euca_cloud, clients)
+
+
+def test_cloud_verify_records_why_the_console_could_not_be_saved(euca_cloud, clients, published):
+    euca_cloud.fail_ec2("GetConsoleOutput", "Unsupported", times=None, message="no console on this node")
+    with Guest(euca_cloud):
+        report = verify(published, cloud=True, clients=clients, poll_seconds=0.2, boot_timeout=4)
+    boots = report.results[0]
+    assert boots.status == FAIL and "GetConsoleOutput failed: Unsupported" in boots.summary
+    assert report.info["console_log"] == "not saved: GetConsoleOutput failed: Unsupported: no console on this node"
+    assert not (published.dir / "verify-cloud-console.log").exists()
+    saved = json.loads((published.dir / "verify.json").read_text())
+    assert saved["info"]["console_log"].startswith("not saved")
     _all_gone(euca_cloud, clients)
 
 

@@ -60,8 +60,9 @@ def verify(build: Build, *, cloud: bool = False, only: set[str] | None = None, r
         if recipe is not None:
             options.setdefault("publish_section", recipe.publish)
         opts = CloudOptions.from_recipe(section, user=user, only=only, **options)
-        with step("Verify on the cloud"):
-            report = verify_cloud(build, opts)
+        report = Report("cloud")
+        with step("Verify on the cloud"), _recorded_if_unfinished(build, report):
+            report = verify_cloud(build, opts, report)
     else:
         from .local import LocalOptions, verify_local
 

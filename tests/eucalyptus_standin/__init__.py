@@ -10,6 +10,9 @@ cloud does, and keeps moto's EC2 and S3 backends behind it.
         cloud.env()                          # EC2_URL, S3_URL, EC2_ACCESS_KEY, ... as a dict
         cloud.front.requests                 # every request answered (RequestRecord)
         cloud.fail_puts(after=2)             # object PUTs fail once two succeeded
+        cloud.fail_ec2("CreateVolume", "VolumeLimitExceeded")   # the next CreateVolume is refused
+        cloud.hide_instances(2)              # the next two DescribeInstances list nothing
+        cloud.stick_volumes()                # the volumes there are now stay in-use
         cloud.front.console_output[iid] = "..."   # what GetConsoleOutput returns
 
 Pytest fixtures: `tests/eucalyptus_standin/fixtures.py` (euca3, euca4, euca_cloud).
@@ -31,7 +34,7 @@ from typing import Iterator
 from werkzeug.serving import WSGIRequestHandler, make_server
 
 from .keys import TestIdentity
-from .server import Front, PutFault, RequestRecord
+from .server import Ec2Fault, Front, PutFault, RequestRecord
 
 __all__ = ["Standin", "eucalyptus_standin", "RequestRecord", "TestIdentity"]
 
@@ -80,8 +83,28 @@ class Standin:
         `times` of them (all of them when None)."""
         self.front.put_faults.append(PutFault(re.compile(match), after, status, times))
 
+    def fail_ec2(self, action: str, code: str, *, times: int | None = 1, message: str = "injected failure",
+                 status: int = 400) -> None:
+        """Answer the next `times` calls of EC2 `action` (all of them when None) with error
+        `code`, before the call does anything."""
+        self.front.ec2_faults.append(Ec2Fault(action, code, message, status, times))
+
+    def hide_instances(self, times: int) -> None:
+        """Answer the next `times` DescribeInstances calls with no reservations, as a cloud
+        may just after RunInstances."""
+        self.front.hidden_describes = times
+
+    def stick_volumes(self) -> None:
+        """Keep every volume that exists now `in-use` (attached) from now on, whatever is
+        asked: detaching does nothing and DeleteVolume refuses it."""
+        self.front.stuck_volumes.update(self.front.volumes)
+
     def clear_faults(self) -> None:
+        """Undo every injected fault: failing PUTs and EC2 calls, hidden instances, stuck volumes."""
         self.front.put_faults.clear()
+        self.front.ec2_faults.clear()
+        self.front.hidden_describes = 0
+        self.front.stuck_volumes.clear()
 
     def puts(self, match: str = "") -> list[str]:
         """Paths of the successful object PUTs so far whose path matches `match`."""

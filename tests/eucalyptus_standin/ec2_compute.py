@@ -1,7 +1,9 @@
 """The stand-in's instances and volumes: moto keeps them, the front makes their states
 change after a delay (pending → running, creating → available, attaching → attached,
 shutting-down → terminated) and refuses what Eucalyptus refuses (bad device names,
-attaching to an instance that is not running)."""
+attaching to an instance that is not running). Terminating an instance detaches its
+volumes, as on Eucalyptus (and in moto). DescribeInstances knows the `client-token`
+filter, which moto lacks."""
 
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ class ComputeMixin:
     volumes: dict[str, dict]
     console_output: dict[str, str]
     default_console: str
+    hidden_describes: int
+    stuck_volumes: set[str]
     _lock: threading.RLock
 
     def _ec2_forward(self, params: dict) -> tuple[int, bytes]:
@@ -91,7 +95,11 @@ class ComputeMixin:
         return "pending" if now - rec["launched"] < self.state_delay else "running"
 
     def _ec2_DescribeInstances(self, p: dict) -> tuple[int, bytes]:
-        p, local = X.split_filters(p, {"instance-state-name", "instance-state-code"})
+        with self._lock:
+            if self.hidden_describes > 0:
+                self.hidden_describes -= 1
+                return 200, X.ec2_reply("DescribeInstancesResponse", "<reservationSet/>")
+        p, local = X.split_filters(p, {"instance-state-name", "instance-state-code", "client-token"})
         status, out = self._ec2_forward(p)
         if status != 200:
             return status, out
@@ -108,7 +116,9 @@ class ComputeMixin:
                         state = self._instance_state(X.text(item, "instanceId"))
                         code = {"pending": "0", "running": "16", "shutting-down": "32", "terminated": "48"}.get(state)
                         names, codes = local.get("instance-state-name"), local.get("instance-state-code")
-                        if (names and state not in names) or (codes and code not in codes):
+                        tokens = local.get("client-token")
+                        if (names and state not in names) or (codes and code not in codes) or \
+                                (tokens and X.text(item, "clientToken") not in tokens):
                             inst_set.remove(item)
                     if not len(inst_set):
                         res_set.remove(res)
@@ -119,9 +129,13 @@ class ComputeMixin:
         if status == 200:
             now = time.monotonic()
             with self._lock:
-                for k, v in p.items():
-                    if k.startswith("InstanceId.") and v in self.instances and self.instances[v]["terminated"] is None:
-                        self.instances[v]["terminated"] = now
+                ended = {v for k, v in p.items() if k.startswith("InstanceId.")
+                         and v in self.instances and self.instances[v]["terminated"] is None}
+                for iid in ended:
+                    self.instances[iid]["terminated"] = now
+                for rec in self.volumes.values():
+                    if rec["attached"] is not None and rec.get("instance") in ended:
+                        rec.update(attached=None, detached=now)
         return status, out
 
     def _ec2_GetConsoleOutput(self, p: dict) -> tuple[int, bytes]:
@@ -139,6 +153,8 @@ class ComputeMixin:
         rec = self.volumes.get(vid)
         if rec is None:
             return "available", None
+        if vid in self.stuck_volumes:
+            return "in-use", "attached"
         now = time.monotonic()
         if now - rec["created"] < self.state_delay:
             return "creating", None
@@ -155,7 +171,7 @@ class ComputeMixin:
         root = ET.fromstring(out)
         vid = X.text(root, "volumeId")
         with self._lock:
-            self.volumes[vid] = {"created": time.monotonic(), "attached": None, "detached": None}
+            self.volumes[vid] = {"created": time.monotonic(), "attached": None, "detached": None, "instance": None}
         for child in root:
             if child.tag.endswith("}status"):
                 child.text = "creating"
@@ -175,7 +191,7 @@ class ComputeMixin:
             return status, out
         with self._lock:
             if vid in self.volumes:
-                self.volumes[vid].update(attached=time.monotonic(), detached=None)
+                self.volumes[vid].update(attached=time.monotonic(), detached=None, instance=iid)
         root = ET.fromstring(out)
         for child in root:
             if child.tag.endswith("}status"):

@@ -109,6 +109,18 @@ class PutFault:
     failed: int = 0
 
 
+@dataclass
+class Ec2Fault:
+    """Answer EC2 `action` with error `code` (HTTP `status`) `times` times (None: always)."""
+
+    action: str
+    code: str
+    message: str = "injected failure"
+    status: int = 400
+    times: int | None = 1
+    failed: int = 0
+
+
 class Front(ImagesMixin, ComputeMixin):
     """The WSGI application: one Eucalyptus cloud in 3.x or 4.x mode."""
 
@@ -128,12 +140,16 @@ class Front(ImagesMixin, ComputeMixin):
         self.admin = True   # only administrators may register kernel and ramdisk images
         self.clock_offset = 0.0   # seconds the cloud's clock is ahead of this machine's
         self.instances: dict[str, dict] = {}      # id -> {"launched": t, "terminated": t|None, "kernel":…}
-        self.volumes: dict[str, dict] = {}        # id -> {"created": t, "attached": t|None, "detached": t|None}
+        # id -> {"created": t, "attached": t|None, "detached": t|None, "instance": the last attached to}
+        self.volumes: dict[str, dict] = {}
         self.console_output: dict[str, str] = {}
         self.default_console = ("Linux version 2.6.32 (stand-in)\nFreeing unused kernel memory\n"
                                 "Ubuntu login: \n")
         self.requests: list[RequestRecord] = []
         self.put_faults: list[PutFault] = []
+        self.ec2_faults: list[Ec2Fault] = []
+        self.hidden_describes = 0                 # DescribeInstances calls still to answer with no reservations
+        self.stuck_volumes: set[str] = set()      # volumes that stay in-use whatever is asked
         self.on_request: list[Callable[[RequestRecord], None]] = []
         self._lock = threading.RLock()
 
@@ -255,6 +271,7 @@ class Front(ImagesMixin, ComputeMixin):
                 unknown = sigs.names_matching(params, _KNOWN[action])
                 if unknown:
                     raise X.Ec2Error("InvalidParameter", "Failed to bind the following fields: " + ", ".join(sorted(unknown)))
+            self._ec2_fault(action)
             handler = getattr(self, f"_ec2_{action}", None)
             clean = {k: v for k, v in params.items() if k not in COMMON or k in ("Action", "Version")}
             if handler is not None:
@@ -266,6 +283,13 @@ class Front(ImagesMixin, ComputeMixin):
             return e.status, [("Content-Type", "text/xml")], X.ec2_error(e.code, e.message)
         self._log(RequestRecord("ec2", req.method, "/", action, status, _visible(params)))
         return status, [("Content-Type", "text/xml;charset=UTF-8")], out
+
+    def _ec2_fault(self, action: str) -> None:
+        with self._lock:
+            for fault in self.ec2_faults:
+                if fault.action == action and (fault.times is None or fault.failed < fault.times):
+                    fault.failed += 1
+                    raise X.Ec2Error(fault.code, fault.message, fault.status)
 
     def _ec2_forward(self, params: dict) -> tuple[int, bytes]:
         status, _, out = self._moto_call("POST", "/", "", {"Content-Type": "application/x-www-form-urlencoded"},
