@@ -91,22 +91,14 @@ def test_each_release_gets_one_name_for_each_tool(release):
         assert {"systemd-sysv"} <= pkgs and not pkgs & {"ifupdown", "dhcp3-client", "isc-dhcp-client"}, sorted(pkgs)
 
 
-def test_module_tools_are_module_init_tools_up_to_quantal_and_kmod_after():
-    raring = UBUNTU_SUITES.index("raring")
+@pytest.mark.parametrize("old, new, first", [("module-init-tools", "kmod", "raring"),
+                                              ("iproute", "iproute2", "trusty")])
+def test_tools_have_their_old_name_on_ubuntu_before_the_rename_and_the_new_one_after_and_on_debian(old, new, first):
     for suite in supported_suites("ubuntu"):
-        want = "kmod" if UBUNTU_SUITES.index(suite) >= raring else "module-init-tools"
+        want = new if UBUNTU_SUITES.index(suite) >= UBUNTU_SUITES.index(first) else old
         assert want in packages_of(f"ubuntu/{suite}"), suite
     for suite in supported_suites("debian"):
-        assert "kmod" in packages_of(f"debian/{suite}"), suite
-
-
-def test_ip_tools_are_iproute_up_to_saucy_and_iproute2_after():
-    trusty = UBUNTU_SUITES.index("trusty")
-    for suite in supported_suites("ubuntu"):
-        want = "iproute2" if UBUNTU_SUITES.index(suite) >= trusty else "iproute"
-        assert want in packages_of(f"ubuntu/{suite}"), suite
-    for suite in supported_suites("debian"):
-        assert "iproute2" in packages_of(f"debian/{suite}"), suite
+        assert new in packages_of(f"debian/{suite}"), suite
 
 
 def test_jammy_gets_kmod_and_iproute2_and_precise_gets_their_old_names():

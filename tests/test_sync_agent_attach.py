@@ -202,10 +202,16 @@ def test_attach_without_a_labelled_volume_reports_and_does_nothing(tmp_path):
     assert not (a.root / "var/lib/rootsync/volume-id").exists()
 
 
-def test_the_udev_hand_off_returns_at_once_and_the_attach_runs_outside_it(tmp_path):
+def no_init_system_here(what: str) -> None:
+    """Fail loudly where systemd or upstart runs: the udev hand-off would ask it to start
+    the attach or detach instead of starting it itself, which is what these tests watch."""
     if Path("/run/systemd/system").exists() or shutil.which("initctl"):
-        pytest.fail("this machine runs systemd or upstart, which the hand-off would ask to start the attach; "
-                    "run this test where neither runs (the hand-off then starts the attach itself)")
+        pytest.fail(f"this machine runs systemd or upstart, which the hand-off would ask to start the {what}; "
+                    f"run this test where neither runs (the hand-off then starts the {what} itself)")
+
+
+def test_the_udev_hand_off_returns_at_once_and_the_attach_runs_outside_it(tmp_path):
+    no_init_system_here("attach")
     a = new_instance(tmp_path / "a", label_for(tmp_path))
     (a.root / "etc").mkdir(parents=True)
     with loop_image(tmp_path / "vol.img", 64, a.label) as dev:
@@ -272,9 +278,7 @@ def test_detach_unmounts_the_volume_only_when_its_device_is_gone(tmp_path):
 
 
 def test_the_udev_remove_hand_off_returns_at_once_and_the_detach_runs_outside_it(tmp_path):
-    if Path("/run/systemd/system").exists() or shutil.which("initctl"):
-        pytest.fail("this machine runs systemd or upstart, which the hand-off would ask to start the detach; "
-                    "run this test where neither runs (the hand-off then starts the detach itself)")
+    no_init_system_here("detach")
     a = new_instance(tmp_path / "a", label_for(tmp_path))
     (a.root / "etc").mkdir(parents=True)
     with loop_image(tmp_path / "vol.img", 64, a.label) as dev, mounted_through_node(tmp_path, a, dev) as node:
