@@ -118,9 +118,9 @@ class Build:
                 gone.append(f"{p} (its {role})")
         problems = []
         if unrecorded:
-            problems.append(f"this build has no {_and(unrecorded)} (stage not run?)")
+            problems.append(f"this build has no {and_list(unrecorded)} (stage not run?)")
         if gone:
-            problems.append(f"recorded but missing: {_and(gone)}")
+            problems.append(f"recorded but missing: {and_list(gone)}")
         if problems:
             raise BakeError(f"{self.dir}: " + "; ".join(problems))
         return found
@@ -149,7 +149,8 @@ def _kind(value: Any) -> str:
     return _JSON_KINDS.get(type(value), type(value).__name__)
 
 
-def _and(items: list[str]) -> str:
+def and_list(items: list[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
@@ -157,12 +158,12 @@ def check_record(path: Path, data: Any) -> None:
     """Raise a BakeError naming `path` unless `data` has the shape of a build record: an
     object with build_id, outputs (role → object with a "path") and stages, and objects
     for the sections it has."""
-    expected = f"a build record (a JSON object with {_and(list(REQUIRED_FIELDS))}, as `bake build` writes)"
+    expected = f"a build record (a JSON object with {and_list(list(REQUIRED_FIELDS))}, as `bake build` writes)"
     if not isinstance(data, dict):
         raise BakeError(f"{path}: expected {expected}, found {_kind(data)}")
     missing = [k for k in REQUIRED_FIELDS if k not in data]
     if missing:
-        raise BakeError(f"{path}: not {expected}: {_and(missing)} missing")
+        raise BakeError(f"{path}: not {expected}: {and_list(missing)} missing")
     for key, kind in REQUIRED_FIELDS.items():
         if not isinstance(data[key], kind):
             raise BakeError(f"{path}: \"{key}\" should be {_JSON_KINDS[kind]}, found {_kind(data[key])}")

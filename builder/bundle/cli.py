@@ -87,11 +87,6 @@ def _type_and_ids(args) -> tuple[str, str | None, str | None]:
     return image_type, args.kernel, args.ramdisk
 
 
-NO_CREDENTIALS = ("your certificate (-c), private key (-k), the cloud's certificate (--ec2cert) and your account "
-                  "id (-u), or EC2_CERT, EC2_PRIVATE_KEY, EUCALYPTUS_CERT and EC2_USER_ID")
-NO_CREDENTIALS_SHORT = "-c, -k, --ec2cert, -u, or EC2_CERT, EC2_PRIVATE_KEY, EUCALYPTUS_CERT, EC2_USER_ID"
-
-
 def _check_readable_image(image: Path) -> None:
     # Checked before any destination folder is made, so that a typo costs nothing.
     try:
@@ -107,7 +102,7 @@ def _default_destination_parent() -> Path:
 
 
 def cmd_bundle(args) -> int:
-    from .keys import resolve_keys
+    from .keys import credentials_wanted, resolve_keys
     from .writer import PART_SIZE
 
     keys = resolve_keys({"cert": args.cert, "private_key": args.privatekey,
@@ -119,7 +114,7 @@ def cmd_bundle(args) -> int:
     if not args.image:
         raise BakeError("nothing to bundle: give -i IMAGE or a build directory")
     if keys is None:
-        raise BakeError(f"bundling an image needs {NO_CREDENTIALS} (a build directory, `bake bundle BUILD_DIR`, "
+        raise BakeError(f"bundling an image needs {credentials_wanted()} (a build directory, `bake bundle BUILD_DIR`, "
                         "is bundled locally without them)")
     return _bundle_one_image(args, keys, bdm, part_size)
 
@@ -127,6 +122,7 @@ def cmd_bundle(args) -> int:
 def _bundle_build_dir(args, keys, bdm, part_size: int) -> int:
     from ..build import Build
     from ..stages.bundle import bundle_and_record
+    from .keys import credentials_wanted
 
     if args.image:
         raise BakeError("give either a build directory or -i IMAGE, not both")
@@ -140,7 +136,7 @@ def _bundle_build_dir(args, keys, bdm, part_size: int) -> int:
         print(build.dir / entry["manifest"])
     if local:
         own = build.dir / "bundle-keys"
-        print(f"note: bundled locally, as no credentials were given ({NO_CREDENTIALS_SHORT}): these bundles "
+        print(f"note: bundled locally, as no credentials were given ({credentials_wanted(short=True)}): these bundles "
               f"are signed and sealed with the build's own key pair ({own}/) and addressed to no cloud; "
               "`bake publish` bundles the build again with the cloud's certificate\n"
               f"note: to check one: bake unbundle -m MANIFEST -k {own / 'local-pk.pem'} -c {own / 'local-cert.pem'}",

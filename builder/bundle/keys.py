@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from ..build import and_list
 from ..errors import BakeError
 
 # field → (environment variables, first found wins; the option that sets it; recipe key).
@@ -94,6 +95,17 @@ def resolve_keys(given: Mapping[str, str | None] | None = None, *,
 
 _WHAT = {"cert": "user certificate", "private_key": "user private key", "cloud_cert": "cloud certificate",
          "user_id": "account id"}
+_ASKED = {"cert": "your certificate", "private_key": "private key", "cloud_cert": "the cloud's certificate",
+          "user_id": "your account id"}
+
+
+def credentials_wanted(*, short: bool = False) -> str:
+    """What bundling asks for, by option and by environment variable (from FIELDS)."""
+    options = [FIELDS[n][1].split("/")[0] for n in FIELDS]
+    variables = [FIELDS[n][0][0] for n in FIELDS]
+    if short:
+        return ", ".join(options) + ", or " + ", ".join(variables)
+    return and_list([f"{_ASKED[n]} ({o})" for n, o in zip(FIELDS, options)]) + ", or " + and_list(variables)
 
 
 LOCAL_USER_ID = "000000000000"
