@@ -36,7 +36,7 @@ from ..build import Build
 from ..errors import BakeError
 from ..log import step
 from .report import Report
-from .result import FAIL, CheckFailed, CheckResult, checking, skipped
+from .result import FAIL, CheckFailed, CheckResult, CheckSkipped, checking, skipped
 
 log = logging.getLogger("bake.verify")
 
@@ -101,6 +101,10 @@ class TimedOut(CheckFailed):
         self.waiting_for = f"timed out after {timeout:.0f} s waiting for {waiting_for}"
         self.last = last
         super().__init__(f"{self.waiting_for} (last seen: {shown})")
+
+    def with_console_tail(self) -> CheckFailed:
+        """For a wait on the console: the failure with the console's last lines as evidence."""
+        return CheckFailed(self.waiting_for, console_tail="\n".join(str(self.last or "").splitlines()[-40:]))
 
 
 class _Cloud:
@@ -363,7 +367,7 @@ def _run(cloud: _Cloud, section: dict, opts: CloudOptions, results: list[CheckRe
                              what=f"the end-of-boot line 'bake-ready' on {cloud.instance_id}'s console",
                              show=lambda c: f"{len(c)} characters of console")
         except TimedOut as e:
-            raise CheckFailed(e.waiting_for, console_tail="\n".join(str(e.last or "").splitlines()[-40:])) from None
+            raise e.with_console_tail() from None
         m = READY.search(out)
         r.evidence.update(ready_line=m.group(0), boot_to_ready_seconds=round(time.monotonic() - t0, 1))
         r.summary = f"{cloud.instance_id} running, ready in {time.monotonic() - t0:.0f} s: {m.group(0)}"
@@ -375,18 +379,18 @@ def _run(cloud: _Cloud, section: dict, opts: CloudOptions, results: list[CheckRe
     if opts.wants("acpiphp"):
         with checking("acpiphp", results) as r:
             if not booted:
-                raise _skip("the instance did not boot")
+                raise CheckSkipped("the instance did not boot")
             lines = [l.strip() for l in cloud.console().splitlines() if "acpiphp" in l]
             r.evidence["console"] = lines[-3:]
             if any("disabled by user" in l for l in lines):
                 raise CheckFailed("the kernel says acpiphp is disabled: attached volumes will not appear", **r.evidence)
             if not any(ACPIPHP.search(l) for l in lines):
-                raise _skip("the console does not show whether acpiphp is loaded (quiet kernel?)")
+                raise CheckSkipped("the console does not show whether acpiphp is loaded (quiet kernel?)")
             r.summary = "the console shows the ACPI PCI hot-plug driver: " + lines[-1][:80]
     if opts.wants("volume-hotplug"):
         with checking("volume-hotplug", results) as r:
             if not booted:
-                raise _skip("the instance did not boot")
+                raise CheckSkipped("the instance did not boot")
             _volume_hotplug(cloud, opts, r, report)
     for spec in opts.recipe_checks:
         if opts.wants(f"recipe:{spec['name']}"):
@@ -421,11 +425,6 @@ def _launch(cloud: _Cloud, section: dict, opts: CloudOptions) -> None:
     cloud.launch_unsure = False
 
 
-def _skip(reason: str):
-    from .result import CheckSkipped
-    return CheckSkipped(reason)
-
-
 def _volume_hotplug(cloud: _Cloud, opts: CloudOptions, r: CheckResult, report: Report) -> None:
     zone = report.info.get("availability_zone")
     if not zone:
@@ -450,7 +449,7 @@ def _volume_hotplug(cloud: _Cloud, opts: CloudOptions, r: CheckResult, report: R
         out = cloud.poll(cloud.console, lambda c: len(disk_line.findall(c)) > before, timeout=opts.volume_timeout,
                          what=f"the guest's kernel to report a new {opts.volume_gib} GiB disk on the console")
     except TimedOut as e:
-        raise CheckFailed(e.waiting_for, console_tail="\n".join(str(e.last or "").splitlines()[-40:])) from None
+        raise e.with_console_tail() from None
     name = disk_line.findall(out)[-1]
     r.evidence.update(guest_device=name, seconds_to_appear=round(time.monotonic() - t0, 1))
     cloud.call("detach_volume", VolumeId=cloud.volume_id, InstanceId=cloud.instance_id)
