@@ -123,6 +123,18 @@ def _element_entries(data: dict) -> list[tuple[int | None, str, dict]]:
     return implicit + out
 
 
+def _named_once(path, loc, data: dict, section: str, what: str, name_of, *, where: tuple) -> None:
+    """A RecipeError at the second item of `section` with the name of an earlier one."""
+    seen: dict[str, int] = {}
+    for i, item in enumerate(data.get(section) or []):
+        name = name_of(item)
+        if name in seen:
+            at = (section, i, *where)
+            raise RecipeError(path, loc.line_of(at), format_path(at),
+                              f"{what} '{name}' is already listed at {section}[{seen[name]}]")
+        seen[name] = i
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read, validate and resolve a recipe; one RecipeError (file, line, key path,
     expected, found) or BakeError for the first problem found."""
@@ -140,19 +152,9 @@ def load_recipe(path: str | Path) -> Recipe:
                           + ("an empty file" if data is None else type(data).__name__))
     validate(data, recipe_schema(), loc)
     # Uniqueness by name is what JSON Schema's uniqueItems (whole items) cannot say.
-    seen: dict[str, int] = {}
-    for i, item in enumerate(data.get("elements") or []):
-        name = item if isinstance(item, str) else item["name"]
-        if name in seen:
-            raise RecipeError(path, loc.line_of(("elements", i)), f"elements[{i}]",
-                              f"element '{name}' is already listed at elements[{seen[name]}]")
-        seen[name] = i
-    seen = {}
-    for i, user in enumerate(data.get("users") or []):
-        if user["name"] in seen:
-            raise RecipeError(path, loc.line_of(("users", i, "name")), f"users[{i}].name",
-                              f"user '{user['name']}' is already listed at users[{seen[user['name']]}]")
-        seen[user["name"]] = i
+    _named_once(path, loc, data, "elements", "element", lambda item: item if isinstance(item, str) else item["name"],
+                where=())
+    _named_once(path, loc, data, "users", "user", lambda user: user["name"], where=("name",))
     given = frozenset(data)
     fill_defaults(data, recipe_schema())
 
