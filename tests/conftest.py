@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -24,6 +25,11 @@ os.environ.setdefault("BAKE_CACHE", str(REPO / "output" / ".cache"))
 def pytest_sessionstart(session):
     if os.geteuid() != 0:
         raise pytest.UsageError("the test suite bakes and boots images for real: run it as root (see README)")
+    # A run started in the background of a non-interactive shell (cron, a CI runner,
+    # `scripts/test &`) inherits SIGINT ignored, and Python then installs no handler of its
+    # own: the interrupt tests would interrupt nothing, and every process they start would
+    # inherit the ignored signal too. The suite runs with Python's usual SIGINT handling.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
