@@ -18,6 +18,7 @@ from typing import Any
 from .errors import BakeError
 
 RECORD = "build.json"
+LOCK = ".lock"
 
 
 def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
@@ -49,10 +50,13 @@ class Build:
         base.mkdir(parents=True, exist_ok=True)
         d = base / build_id
         n = 1
-        while d.exists():
-            n += 1
-            d = base / f"{build_id}.{n}"
-        d.mkdir()
+        while True:
+            try:
+                d.mkdir()        # atomic: of two bakes started in the same second, each gets its own
+                break
+            except FileExistsError:
+                n += 1
+                d = base / f"{build_id}.{n}"
         b = cls(d, {"build_id": d.name, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "outputs": {}, "stages": {}})
         b.save()
@@ -77,9 +81,15 @@ class Build:
 
     def save(self) -> None:
         """Write build.json atomically."""
-        tmp = self.dir / (RECORD + ".tmp")
+        tmp = self.dir / f"{RECORD}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(self.data, indent=2, sort_keys=False) + "\n")
         os.replace(tmp, self.dir / RECORD)
+
+    def lock(self, *, wait: bool = True):
+        """Hold this build for the block (a context manager): one bake, verification or
+        publication works on a build folder at a time; the lock ends with its holder."""
+        from . import locks
+        return locks.held(self.dir / LOCK, f"build {self.dir}", wait=wait)
 
     @property
     def id(self) -> str:

@@ -15,9 +15,12 @@ import sys
 from pathlib import Path
 
 from .errors import BakeError
+from . import interrupts
 from . import log as steplog
 
 AREA_CLIS = ("builder.bundle.cli", "builder.cloud.cli", "builder.verify.cli")
+# Commands that mount, boot or write builds: before them, what killed bakes left is undone.
+CLEANS_FIRST = ("build", "bundle", "publish", "unpublish", "verify")
 
 
 class _StepPrinter:
@@ -44,10 +47,6 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.setLevel(level)
     if not quiet:
         steplog.add_listener(_StepPrinter())
-
-
-def _sigterm_as_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 # --- core commands --------------------------------------------------------------------
@@ -99,6 +98,25 @@ def cmd_build(args) -> int:
     return 0 if build.data.get("result", "ok") == "ok" else 1
 
 
+def cmd_doctor(args) -> int:
+    """Undo what killed bakes left (as every bake does before it starts) and say what
+    was found; list the bakes running now."""
+    from . import lifetime
+
+    found = lifetime.clean_stale()
+    for s in found:
+        print(f"{s.describe()} was killed and had left:")
+        for line in s.found:
+            print(f"  {line}")
+        for line in s.failed:
+            print(f"  could not undo: {line}")
+    if not found:
+        print("nothing left behind by a killed bake")
+    for h in lifetime.running():
+        print(f"running now: pid {h.get('pid')} (`{h.get('command', '?')}`, started {h.get('started', '?')})")
+    return 1 if any(s.failed for s in found) else 0
+
+
 def cmd_schema(args) -> int:
     from .recipe import recipe_schema
     from .schemadoc import markdown
@@ -144,6 +162,12 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="skip this stage (repeatable)")
     sp.add_argument("--cloud", action="store_true", help="verify on the cloud instead of locally under QEMU")
     sp.set_defaults(func=cmd_build)
+
+    sp = sub.add_parser("doctor", help="undo what killed bakes left behind (mounts, loop devices, processes, "
+                                       "work trees, overlays) and say what was found",
+                        description="Every bake does this before it starts; doctor does it on demand. Exits 1 "
+                                    "when something could not be undone.")
+    sp.set_defaults(func=cmd_doctor)
 
     for mod in AREA_CLIS:
         try:
@@ -257,8 +281,11 @@ def _run(argv: list[str]) -> int:
         parser.print_help()
         return 2
     _setup_logging(args.verbose, args.quiet)
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    interrupts.install()
     try:
+        if args.command in CLEANS_FIRST:
+            from . import lifetime
+            lifetime.report_stale(lifetime.clean_stale())
         status = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, while it can still be handled
         return status
@@ -267,7 +294,7 @@ def _run(argv: list[str]) -> int:
         return 1
     except KeyboardInterrupt:
         print("bake: interrupted; everything mounted or started was undone", file=sys.stderr)
-        return 130
+        return interrupts.EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

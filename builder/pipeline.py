@@ -13,7 +13,8 @@ import shutil
 import time
 from pathlib import Path
 
-from . import sh
+from . import lifetime, sh
+from .interrupts import deferred
 from .build import Build
 from .errors import BakeError
 from .log import step
@@ -45,6 +46,13 @@ def bake(recipe: Recipe, output_root: Path, *, stop_after: str | None = None,
         "result": "running",
     })
     build.save()
+    with build.lock(), lifetime.tracked("build", build.dir), \
+            lifetime.tracked("path", build.dir / "work", what="work tree"):
+        return _run_stages(build, recipe, plan, output_root, stop_after=stop_after, skip=skip, cloud=cloud)
+
+
+def _run_stages(build: Build, recipe: Recipe, plan, output_root: Path, *, stop_after: str | None,
+                skip: set[str], cloud: bool) -> Build:
     work = build.dir / "work"
     work.mkdir()
     start = time.monotonic()
@@ -84,7 +92,8 @@ def bake(recipe: Recipe, output_root: Path, *, stop_after: str | None = None,
         build.data["error"] = (str(e) if isinstance(e, BakeError) else "interrupted" if isinstance(e, KeyboardInterrupt)
                                else f"{type(e).__name__}: {e}")
         build.save()
-        _discard(work)
+        with deferred():
+            _discard(work)
         raise
     if build.data.get("result") == "running":
         build.data["result"] = "ok"

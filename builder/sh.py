@@ -2,8 +2,11 @@
 
 Every child is started in its own session so that an interrupted build can stop the
 whole process tree it started; every mount, loop device and background process is a
-context manager whose exit undoes it, on success, on failure and on Ctrl-C.
-Nothing here uses a shell.
+context manager whose exit undoes it, on success, on failure and on Ctrl-C (the undoing
+runs with interrupts held, so a second Ctrl-C cannot cut it short). Each of them is also
+written in this process's journal while it lives, and every child carries its cookie,
+so that when bake is killed outright its watchdog ends the processes and the next bake
+undoes the rest (see `lifetime`). Nothing here uses a shell.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator, Mapping, Sequence
 
+from . import lifetime
 from .errors import BakeError
+from .interrupts import deferred
 
 log = logging.getLogger("bake.sh")
 
@@ -101,6 +106,8 @@ def run(
     if extra_env:
         full_env.update(extra_env)
     full_env.setdefault("LC_ALL", "C")
+    session = lifetime.session()
+    full_env[lifetime.COOKIE] = session.token
     if not quiet:
         log.debug("run: %s", _show(argv))
     start = time.monotonic()
@@ -116,6 +123,7 @@ def run(
         )
     except OSError as e:
         raise CommandError(argv, None, str(e), what) from None
+    session.add("pgid", proc.pid)
     lines: list[str] = []
     tail: deque[str] = deque(maxlen=TAIL_LINES)
 
@@ -162,10 +170,12 @@ def run(
         else:
             reader.join(max(OUTPUT_LINGER, timeout - (time.monotonic() - start)))
     except BaseException:
-        _stop_group(proc)
+        with deferred():
+            _stop_group(proc)
         raise
     finally:
         feeder.join(timeout=1)
+        session.remove("pgid", proc.pid)
     if timed_out:
         raise CommandError(argv, proc.returncode, "".join(tail), (what or "command") + f" timed out after {timeout:.0f} s")
     seconds = time.monotonic() - start
@@ -238,11 +248,13 @@ def mount(source: str, target: str | os.PathLike, *, fstype: str | None = None,
     if options:
         argv += ["-o", options]
     argv += [source, str(target)]
-    run(argv, what=f"mounting {source} on {target}", quiet=True)
-    try:
-        yield target
-    finally:
-        unmount_all_under(target)
+    with lifetime.tracked("mount", os.path.realpath(target)):
+        try:
+            run(argv, what=f"mounting {source} on {target}", quiet=True)
+            yield target
+        finally:
+            with deferred():
+                unmount_all_under(target)
 
 
 @contextlib.contextmanager
@@ -251,11 +263,14 @@ def loop_device(image: str | os.PathLike, *, read_only: bool = False) -> Iterato
     argv = ["losetup", "--find", "--show"]
     if read_only:
         argv.append("--read-only")
-    dev = output(argv + [os.fspath(image)], what=f"attaching {image} to a loop device")
-    try:
-        yield dev
-    finally:
-        run(["losetup", "-d", dev], check=False, quiet=True)
+    # journalled by its file before it is attached: a kill in between still leaves a trace
+    with lifetime.tracked("loop", os.path.realpath(image)):
+        dev = output(argv + [os.fspath(image)], what=f"attaching {image} to a loop device")
+        try:
+            yield dev
+        finally:
+            with deferred():
+                run(["losetup", "-d", dev], check=False, quiet=True)
 
 
 # --- chroots --------------------------------------------------------------------------
@@ -297,20 +312,32 @@ def kill_chroot_processes(root: str | os.PathLike) -> list[int]:
 
 
 @contextlib.contextmanager
+def chroot_guard(root: str | os.PathLike) -> Iterator[Path]:
+    """For a tree that processes chroot into (and mount things in) during the block: on
+    exit, end any process left in it and undo every mount under it; while it lasts, it
+    is in the journal, so that a killed bake's watchdog ends its processes and the next
+    bake its mounts."""
+    root = Path(root)
+    with lifetime.tracked("chroot", os.path.realpath(root)):
+        try:
+            yield root
+        finally:
+            with deferred():
+                kill_chroot_processes(root)
+                unmount_all_under(root)
+
+
+@contextlib.contextmanager
 def chroot_mounts(root: str | os.PathLike) -> Iterator[Path]:
     """Bind /proc, /sys, /dev and /dev/pts into `root`; on exit, end any process left in
     the chroot and undo every mount under it."""
-    root = Path(root)
-    try:
+    with chroot_guard(root) as root:
         run(["mount", "-t", "proc", "proc", root / "proc"], what="mounting /proc in the chroot", quiet=True)
         run(["mount", "--rbind", "/sys", root / "sys"], quiet=True)
         run(["mount", "--make-rslave", root / "sys"], quiet=True)
         run(["mount", "--bind", "/dev", root / "dev"], quiet=True)
         run(["mount", "-t", "devpts", "-o", "newinstance,ptmxmode=0666", "devpts", root / "dev/pts"], quiet=True)
         yield root
-    finally:
-        kill_chroot_processes(root)
-        unmount_all_under(root)
 
 
 def chroot_run(root: str | os.PathLike, argv: Sequence[str], **kw) -> Result:
@@ -324,6 +351,7 @@ def chroot_run(root: str | os.PathLike, argv: Sequence[str], **kw) -> Result:
         "DEBCONF_NONINTERACTIVE_SEEN": "true",
         "TERM": "dumb",
     }
+    env.update(lifetime.child_env())
     env.update(kw.pop("extra_env", None) or {})
     return run(["chroot", os.fspath(root), *argv], env=env, **kw)
 
@@ -338,20 +366,26 @@ def background(argv: Sequence[str | os.PathLike], *, stdout: IO | int | None = N
     """Start `argv` and yield its Popen; on any exit its whole process group is ended."""
     argv = [os.fspath(a) for a in argv]
     log.debug("start: %s", _show(argv))
+    session = lifetime.session()
+    full_env = dict(os.environ if env is None else env)
+    full_env[lifetime.COOKIE] = session.token
     try:
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL if stdin is None else stdin,
             stdout=subprocess.DEVNULL if stdout is None else stdout,
             stderr=subprocess.STDOUT if stderr is None and stdout is not None else (stderr or subprocess.DEVNULL),
-            env=None if env is None else dict(env),
+            env=full_env,
             cwd=cwd,
             start_new_session=True,
             pass_fds=tuple(pass_fds),
         )
     except OSError as e:
         raise CommandError(argv, None, str(e)) from None
+    session.add("pgid", proc.pid)
     try:
         yield proc
     finally:
-        _stop_group(proc, grace)
+        with deferred():
+            _stop_group(proc, grace)
+        session.remove("pgid", proc.pid)

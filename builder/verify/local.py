@@ -21,7 +21,7 @@ from typing import Any
 from ..build import Build
 from ..errors import BakeError
 from ..log import step
-from .. import vm
+from .. import lifetime, vm
 from . import checks
 from .report import Report
 from .result import CheckResult, CheckSkipped, checking, skipped
@@ -86,6 +86,7 @@ class Session:
         self.trio = trio
         self.workdir = build.dir / WORKDIR
         self.scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".scratch-", dir=self.workdir)))
+        stack.enter_context(lifetime.tracked("path", self.scratch, what="verification scratch folder"))
         self.key, self.public_key = vm.make_keypair(self.scratch)
         self.accel = opts.accel or vm.choose_accel(self.trio.kernel, self.trio.ramdisk)
         itype = vm.instance_type(opts.instance_type)

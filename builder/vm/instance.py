@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .. import sh
+from .. import lifetime, sh
+from ..interrupts import deferred
 from ..errors import BakeError
 from . import disk, metadata
 from .accel import Accel
@@ -198,6 +199,8 @@ def launch(trio: Trio, base_disk: Path, workdir: Path, *, name: str = "a", accel
     instance_id = instance_id or f"i-{secrets.token_hex(4)}"
     scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=workdir))
     qmp_host, qmp_guest = socket.socketpair()
+    session = lifetime.session()
+    session.add("path", scratch, what="instance overlay folder")
     try:
         root = disk.overlay(base_disk, scratch / "root.qcow2")
         md_file = folder / "metadata.json"
@@ -245,21 +248,26 @@ def launch(trio: Trio, base_disk: Path, workdir: Path, *, name: str = "a", accel
                 if ssh_key and ssh_user:
                     # a short path: a socket's name must fit in 108 bytes
                     control_dir = Path(tempfile.mkdtemp(prefix="bake-ssh-"))
+                    session.add("path", control_dir, what="SSH control folder")
                     ssh = SSH(ssh_port, ssh_user, ssh_key, control=control_dir / "c")
                 yield Instance(name, folder, proc, console, qmp, ssh, instance_id, accel, itype, md_file,
                                started, scratch, kernel_command_line=cmdline)
             finally:
-                if ssh is not None:
-                    ssh.close()
-                    shutil.rmtree(ssh.control.parent, ignore_errors=True)
-                if qmp is not None:
-                    qmp.close()
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, 9)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(10)
-                console.close()
+                with deferred():
+                    if ssh is not None:
+                        ssh.close()
+                        shutil.rmtree(ssh.control.parent, ignore_errors=True)
+                        session.remove("path", ssh.control.parent)
+                    if qmp is not None:
+                        qmp.close()
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(proc.pid, 9)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(10)
+                    console.close()
     finally:
-        qmp_host.close()
-        qmp_guest.close()
-        shutil.rmtree(scratch, ignore_errors=True)
+        with deferred():
+            qmp_host.close()
+            qmp_guest.close()
+            shutil.rmtree(scratch, ignore_errors=True)
+            session.remove("path", scratch)
