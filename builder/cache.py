@@ -1,19 +1,25 @@
 """A content-addressed store of stage outputs: a root tree saved as a tar under its key.
 
-An entry is written to a temporary name and renamed into place, so an interrupted
-build never leaves a half-written entry that a later build would trust.
+An entry is written to a temporary name of its writer's own and renamed into place, so
+an interrupted build never leaves a half-written entry that a later build would trust,
+and two writers never share a file. Whoever makes an entry holds its lock (`lock`)
+from the look-up to the save, so two bakes that need the same entry make it once: the
+second waits and finds it made. A temporary file a killed writer left is removed by the
+next bake (it is in the writer's journal) or by the next holder of the entry's lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import sh
+from . import lifetime, locks, sh
 
 TAR_FLAGS = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "--sparse"]
 
@@ -55,18 +61,36 @@ class TreeCache:
         except (OSError, json.JSONDecodeError):
             return {}
 
+    def lock(self, key: str):
+        """Hold the entry `key` for making it: a context manager that waits while another
+        bake holds it. Leftover temporary files of the entry are removed once held (only
+        the holder writes them)."""
+        @contextlib.contextmanager
+        def held():
+            with locks.held(self.dir / f"{key}.lock", f"the {self.namespace} cache entry {key}"):
+                for left in self.dir.glob(f"{key}.*.tmp"):
+                    left.unlink(missing_ok=True)
+                yield
+        return held()
+
     def save(self, key: str, tree: Path, meta: dict[str, Any]) -> None:
-        """Store `tree` under `key` (atomically), with `meta` beside it."""
+        """Store `tree` under `key` (atomically), with `meta` beside it. The caller holds
+        `lock(key)`."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path(key).with_suffix(".tar.tmp")
-        try:
-            sh.run(["tar", *TAR_FLAGS, "-C", tree, "-cf", tmp, "."], what=f"saving {self.namespace} cache entry")
-            os.replace(tmp, self.path(key))
-        finally:
-            tmp.unlink(missing_ok=True)
-        m = self.meta_path(key)
-        m.with_suffix(".tmp").write_text(json.dumps(meta, indent=2))
-        os.replace(m.with_suffix(".tmp"), m)
+        mine = f"{os.getpid()}-{secrets.token_hex(3)}"
+        tmp = self.dir / f"{key}.tar.{mine}.tmp"
+        mtmp = self.dir / f"{key}.json.{mine}.tmp"
+        with lifetime.tracked("path", tmp, what="half-written cache entry"), \
+                lifetime.tracked("path", mtmp, what="half-written cache entry"):
+            try:
+                sh.run(["tar", *TAR_FLAGS, "-C", tree, "-cf", tmp, "."], what=f"saving {self.namespace} cache entry")
+                mtmp.write_text(json.dumps(meta, indent=2))
+                # the tree first, its meta last: `has` trusts an entry only once both are there
+                os.replace(tmp, self.path(key))
+                os.replace(mtmp, self.meta_path(key))
+            finally:
+                tmp.unlink(missing_ok=True)
+                mtmp.unlink(missing_ok=True)
 
     def restore(self, key: str, tree: Path) -> None:
         """Unpack the entry `key` into the (empty or absent) directory `tree`."""

@@ -131,7 +131,8 @@ def _bundle_build_dir(args, keys, bdm, part_size: int) -> int:
         if value:
             raise BakeError(f"{opt} applies to a single image (-i), not to a build directory")
     build = Build.load(args.build)
-    records, local = bundle_and_record(build, keys, arch=args.arch, block_device_mapping=bdm, part_size=part_size)
+    with build.lock():
+        records, local = bundle_and_record(build, keys, arch=args.arch, block_device_mapping=bdm, part_size=part_size)
     for entry in records.values():
         print(build.dir / entry["manifest"])
     if local:

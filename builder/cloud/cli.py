@@ -50,7 +50,8 @@ def cmd_publish(args) -> int:
     from .publish import publish
 
     build, creds, opts = _setup(args)
-    cloud = publish(build, creds, opts)
+    with build.lock():
+        cloud = publish(build, creds, opts)
     for role in ("kernel", "ramdisk", "image"):
         if cloud.get(role + "_id"):
             print(f"{role}\t{cloud[role + '_id']}")
@@ -61,7 +62,8 @@ def cmd_unpublish(args) -> int:
     from .publish import unpublish
 
     build, creds, opts = _setup(args, where_published=True)
-    removed = unpublish(build, creds, opts)
+    with build.lock():
+        removed = unpublish(build, creds, opts)
     for image_id in removed["images"]:
         print(f"deregistered\t{image_id}")
     print(f"deleted\t{len(removed['objects'])} object(s)" + (f" and bucket {removed['bucket']}" if removed["bucket"] else ""))

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .. import sh
+from .. import locks, sh
 from ..build import Build
 from ..cache import TreeCache, cache_root
 from ..distro import DEB_ARCH
@@ -57,40 +57,47 @@ def run(build: Build, recipe: Recipe, plan: Plan, work: Path) -> Path | None:
                 raise
             log.warning("%s; using the cached base tree", e)
             digest = cache.meta(key).get("release_sha256", "")
-        if cache.has(key) and cache.meta(key).get("release_sha256") == digest:
-            build.record_stage("bootstrap", cached=True, key=key, release_sha256=digest,
-                               seconds=round(time.monotonic() - start, 2))
-            return None
-        sh.require("debootstrap")
-        tree = work / "bootstrap"
-        if tree.exists():
-            shutil.rmtree(tree)
-        argv = ["debootstrap", f"--variant={d['variant']}", f"--arch={DEB_ARCH[recipe.arch]}",
-                f"--components={','.join(d['components'])}"]
-        # --force-check-gpg: a Release file that cannot be checked stops debootstrap
-        argv += [f"--keyring={keyring}", "--force-check-gpg"]
-        debs = cache.root / "debs" / f"{prof.distro}-{prof.suite}-{recipe.arch}"
-        debs.mkdir(parents=True, exist_ok=True)
-        argv.append(f"--cache-dir={debs}")
-        argv += [prof.suite, str(tree), plan.mirror]
-        script = prof.debootstrap_script()
-        if script:
-            log.info("this debootstrap has no script for %s; using its %s script", prof.suite, script)
-            argv.append(script)
-        with open(build.dir / "bootstrap.log", "w") as logf:
-            try:
-                sh.run(argv, what="debootstrap", logfile=logf)
-            except BaseException:
-                # debootstrap mounts /proc and /sys in the target; never leave them behind.
-                sh.kill_chroot_processes(tree)
-                sh.unmount_all_under(tree)
-                shutil.rmtree(tree, ignore_errors=True)
-                raise
-        sh.unmount_all_under(tree)
-        with step("Saving the base tree to the cache"):
-            cache.save(key, tree, {"release": d["release"], "mirror": plan.mirror, "arch": recipe.arch,
-                                   "variant": d["variant"], "release_sha256": digest,
-                                   "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        # Held from the look-up to the save: a second bake of the same base waits here
+        # and then finds the entry made, instead of debootstrapping it again.
+        with cache.lock(key):
+            if cache.has(key) and cache.meta(key).get("release_sha256") == digest:
+                build.record_stage("bootstrap", cached=True, key=key, release_sha256=digest,
+                                   seconds=round(time.monotonic() - start, 2))
+                return None
+            tree = _debootstrap(build, recipe, plan, work, cache, keyring)
+            with step("Saving the base tree to the cache"):
+                cache.save(key, tree, {"release": d["release"], "mirror": plan.mirror, "arch": recipe.arch,
+                                       "variant": d["variant"], "release_sha256": digest,
+                                       "created": time.strftime("%Y-%m-%d %H:%M:%S")})
         build.record_stage("bootstrap", cached=False, key=key, release_sha256=digest,
                            seconds=round(time.monotonic() - start, 2))
         return tree
+
+
+def _debootstrap(build: Build, recipe: Recipe, plan: Plan, work: Path, cache: TreeCache, keyring: str) -> Path:
+    """debootstrap the recipe's base into `work/bootstrap`; returns the tree."""
+    prof = recipe.profile
+    d = recipe.data
+    sh.require("debootstrap")
+    tree = work / "bootstrap"
+    if tree.exists():
+        shutil.rmtree(tree)
+    argv = ["debootstrap", f"--variant={d['variant']}", f"--arch={DEB_ARCH[recipe.arch]}",
+            f"--components={','.join(d['components'])}"]
+    # --force-check-gpg: a Release file that cannot be checked stops debootstrap
+    argv += [f"--keyring={keyring}", "--force-check-gpg"]
+    debs = cache.root / "debs" / f"{prof.distro}-{prof.suite}-{recipe.arch}"
+    debs.mkdir(parents=True, exist_ok=True)
+    argv.append(f"--cache-dir={debs}")
+    argv += [prof.suite, str(tree), plan.mirror]
+    script = prof.debootstrap_script()
+    if script:
+        log.info("this debootstrap has no script for %s; using its %s script", prof.suite, script)
+        argv.append(script)
+    # debootstrap's package cache is one folder per suite and architecture, which
+    # debootstrap itself does not guard: one debootstrap at a time uses it.
+    with locks.held(debs.with_name(debs.name + ".lock"), f"debootstrap's package cache {debs}"), \
+            open(build.dir / "bootstrap.log", "w") as logf, \
+            sh.chroot_guard(tree):   # debootstrap mounts /proc and /sys in the target
+        sh.run(argv, what="debootstrap", logfile=logf)
+    return tree

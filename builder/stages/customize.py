@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path, PurePosixPath
 
-from .. import sh
+from .. import locks, sh
 from ..build import Build
 from ..cache import TreeCache, cache_root
 from ..elements import CHROOT_PHASES, Element, Hook, ordered_hooks, parameter_env
@@ -177,7 +177,11 @@ class Customizer:
         (archives / "partial").mkdir(parents=True, exist_ok=True)
         target = self.root / "var/cache/apt/archives"
         target.mkdir(parents=True, exist_ok=True)
-        with step(f"Installing {len(pkgs)} packages"), sh.mount(str(archives), target, bind=True), \
+        # apt's own lock on the shared archives would make a second bake's apt fail at
+        # once: bakes of one suite take turns with it instead.
+        with step(f"Installing {len(pkgs)} packages"), \
+                locks.held(archives.with_name(archives.name + ".lock"), f"the apt package cache {archives}"), \
+                sh.mount(str(archives), target, bind=True), \
                 open(self.build.dir / "packages.log", "w") as logf:
             sh.chroot_run(self.root, ["apt-get", "-q", "update"], what="apt-get update", logfile=logf)
             sh.chroot_run(self.root, ["apt-get", *APT_OPTS, "install", *pkgs], what="installing packages", logfile=logf)
@@ -419,6 +423,38 @@ def resolved_enabled(root: Path) -> bool:
     return any(etc.glob("*.wants/systemd-resolved.service"))
 
 
+def _first_half(c: Customizer, ckpt: TreeCache, plan: Plan, recipe: Recipe, output_root: Path,
+                fresh_tree: Path | None) -> bool:
+    """Bring `c.root` to the package checkpoint: unpacked from the cache, or made (and
+    saved) from the base tree. Returns whether it came from the cache. The checkpoint's
+    lock is held throughout, so two bakes that need the same checkpoint make it once."""
+    root = c.root
+    with ckpt.lock(plan.checkpoint.key):
+        if ckpt.has(plan.checkpoint.key):
+            with step("Unpacking the package checkpoint"):
+                ckpt.restore(plan.checkpoint.key, root)
+            c.init_system = ckpt.meta(plan.checkpoint.key).get("init_system", c.init_system)
+            return True
+        if fresh_tree is not None:
+            os.rename(fresh_tree, root)
+        else:
+            with step("Unpacking the base tree"):
+                TreeCache(cache_root(output_root), "bootstrap").restore(plan.bootstrap.key, root)
+        c.init_system = detect_init_system(root, recipe.profile.init_system)
+        with sh.chroot_mounts(root):
+            c.guard()
+            c.copy_elements_in()
+            c.run_phase("root.d")
+            c.run_phase("extra-data.d")
+            c.run_phase("pre-install.d")
+            c.install_packages()
+            c.remove_elements()
+        with step("Saving the package checkpoint"):
+            ckpt.save(plan.checkpoint.key, root, {"init_system": c.init_system, "packages": plan.package_names,
+                                                  "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    return False
+
+
 def run(build: Build, recipe: Recipe, plan: Plan, work: Path, fresh_tree: Path | None) -> Path:
     """Customize the image's root tree under `work`; returns the tree."""
     start = time.monotonic()
@@ -429,30 +465,7 @@ def run(build: Build, recipe: Recipe, plan: Plan, work: Path, fresh_tree: Path |
     ckpt = TreeCache(cache_root(output_root), "packages")
     with step("Customize"):
         c = Customizer(build, recipe, plan, root)
-        if ckpt.has(plan.checkpoint.key):
-            with step("Unpacking the package checkpoint"):
-                ckpt.restore(plan.checkpoint.key, root)
-            c.init_system = ckpt.meta(plan.checkpoint.key).get("init_system", c.init_system)
-            cached = True
-        else:
-            cached = False
-            if fresh_tree is not None:
-                os.rename(fresh_tree, root)
-            else:
-                with step("Unpacking the base tree"):
-                    TreeCache(cache_root(output_root), "bootstrap").restore(plan.bootstrap.key, root)
-            c.init_system = detect_init_system(root, recipe.profile.init_system)
-            with sh.chroot_mounts(root):
-                c.guard()
-                c.copy_elements_in()
-                c.run_phase("root.d")
-                c.run_phase("extra-data.d")
-                c.run_phase("pre-install.d")
-                c.install_packages()
-                c.remove_elements()
-            with step("Saving the package checkpoint"):
-                ckpt.save(plan.checkpoint.key, root, {"init_system": c.init_system, "packages": plan.package_names,
-                                                      "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        cached = _first_half(c, ckpt, plan, recipe, output_root, fresh_tree)
         with sh.chroot_mounts(root):
             # packages (systemd-resolved's postinst, for one) may have pointed it elsewhere
             c.use_host_resolver()

@@ -18,7 +18,8 @@ def cmd_verify(args) -> int:
     if args.accel:
         from ..vm import Accel
         options["accel"] = Accel(args.accel, "--accel " + args.accel)
-    report = verify(build, cloud=args.cloud, only=only, **options)
+    with build.lock():
+        report = verify(build, cloud=args.cloud, only=only, **options)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, default=str))
     else:
