@@ -63,7 +63,9 @@ def test_failing_hook_names_element_phase_hook_and_output_tail(demo_build, tmp_p
 
 
 @pytest.mark.e2e
-def test_sigint_during_customize_undoes_every_mount_and_process(demo_build, tmp_path):
+@pytest.mark.parametrize("signals", [(signal.SIGINT,), (signal.SIGTERM,), (signal.SIGINT, signal.SIGTERM)],
+                         ids=["SIGINT", "SIGTERM", "SIGINT-then-SIGTERM-during-cleanup"])
+def test_sigint_during_customize_undoes_every_mount_and_process(demo_build, tmp_path, signals):
     recipe = demo_plus("sleeps-in-install", "interrupted", tmp_path)
     out = tmp_path / "out"
     env = dict(os.environ, BAKE_ELEMENTS_PATH=str(TEST_ELEMENTS))
@@ -82,14 +84,17 @@ def test_sigint_during_customize_undoes_every_mount_and_process(demo_build, tmp_
         build_dir = marker.parents[4]
         assert sh.mounts_under(build_dir), "customize should have its chroot mounts while the hook runs"
         assert sh.chroot_processes(build_dir / "work" / "rootfs"), "the hook should be running in the chroot"
-        proc.send_signal(signal.SIGINT)
+        for sig in signals:
+            proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            proc.kill()     # its watchdog ends what it started
             proc.wait()
     assert proc.returncode == 130, stderr
-    assert "interrupted" in stderr
+    assert "interrupted; everything mounted or started was undone" in stderr
+    if len(signals) > 1:
+        assert "still cleaning up after the interrupt" in stderr
     assert_nothing_left(build_dir)
     record = json.loads((build_dir / "build.json").read_text())
     assert record["result"] == "failed"

@@ -16,7 +16,7 @@ import pytest
 
 from builder import sh
 from builder.verify import FAIL, PASS, SKIP, render_table, verify
-from vm_builds import copy_build, default_user, leftovers, qemu_processes_under, source_build
+from vm_builds import copy_build, default_user, kill_qemu_under, leftovers, qemu_processes_under, source_build
 
 pytestmark = pytest.mark.e2e
 
@@ -34,7 +34,9 @@ def build(request, tmp_path):
     """A private copy of the build to verify (outputs hard-linked)."""
     b = copy_build(source_build(request), tmp_path)
     yield b
-    assert not qemu_processes_under(tmp_path), "a QEMU process outlived the verification"
+    left = qemu_processes_under(tmp_path)
+    kill_qemu_under(tmp_path)       # reported below, but never left running for later tests
+    assert not left, "a QEMU process outlived the verification"
     assert not leftovers(tmp_path), "temporary files outlived the verification"
 
 

@@ -9,9 +9,12 @@ test damages them), so evidence and disks of one test never mix with another's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -76,9 +79,8 @@ def default_user(build: Build) -> str:
     return (r.default_user if r is not None else "") or os.environ.get("BAKE_TEST_TRIO_USER") or "root"
 
 
-def qemu_processes_under(path: Path) -> list[str]:
-    """Command lines of live QEMU processes that use files under `path`."""
-    found = []
+def _qemu_under(path: Path) -> dict[int, str]:
+    found = {}
     p = str(Path(path).resolve())
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -88,8 +90,23 @@ def qemu_processes_under(path: Path) -> list[str]:
         except OSError:
             continue
         if cmd and cmd[0].endswith(b"qemu-system-x86_64") and any(p.encode() in a for a in cmd):
-            found.append(b" ".join(cmd).decode(errors="replace"))
+            found[int(pid)] = b" ".join(cmd).decode(errors="replace")
     return found
+
+
+def qemu_processes_under(path: Path) -> list[str]:
+    """Command lines of live QEMU processes that use files under `path`."""
+    return list(_qemu_under(path).values())
+
+
+def kill_qemu_under(path: Path, timeout: float = 30) -> None:
+    """SIGKILL every QEMU process that uses files under `path`, and wait until they are gone."""
+    deadline = time.monotonic() + timeout
+    while (pids := _qemu_under(path)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
 
 
 def leftovers(build_dir: Path) -> list[str]:
