@@ -38,9 +38,11 @@ def demo_build():
     from builder.pipeline import bake
     from builder.recipe import load_recipe
 
-    # Earlier runs' builds are a gigabyte or more each; keep only this run's.
+    # Earlier runs' builds are a gigabyte or more each; keep only this run's, and those of
+    # runs still going beside it (their pid is in the name).
     for old in (TEST_OUTPUT / "debian-demo").glob("run-*"):
-        if old.name != f"run-{os.getpid()}":
+        pid = old.name.removeprefix("run-")
+        if old.name != f"run-{os.getpid()}" and not (pid.isdigit() and os.path.exists(f"/proc/{pid}")):
             shutil.rmtree(old, ignore_errors=True)
     recipe = load_recipe(REPO / "recipes" / "debian-demo.yml")
     build = bake(recipe, TEST_OUTPUT, stop_after="image", build_id=f"run-{os.getpid()}")

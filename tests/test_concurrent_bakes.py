@@ -27,7 +27,9 @@ def recipes(tmp_path: Path) -> list[Path]:
     paths = []
     for name in ("shared-base-a", "shared-base-b"):
         data = dict(demo, name=name)
-        data["files"] = [*(demo.get("files") or []), {"dest": f"/etc/{name}", "content": f"{name}\n"}]
+        own = tmp_path / f"{name}.txt"
+        own.write_text(f"{name}\n")
+        data["files"] = [*(demo.get("files") or []), {"source": str(own), "dest": f"/etc/{name}"}]
         p = tmp_path / f"{name}.yml"
         p.write_text(yaml.safe_dump(data))
         paths.append(p)

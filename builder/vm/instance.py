@@ -80,10 +80,18 @@ class Volume:
     size: int
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_HOST_FORWARD = re.compile(r"TCP\[HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+22\b")
+
+
+def _forwarded_ssh_port(qmp: Monitor) -> int:
+    """The host port QEMU's user network bound for the guest's SSH. QEMU is given port 0
+    and the kernel picks a free one as it binds, so that instances started at the same
+    time (parallel bakes) can never be handed the same port."""
+    table = qmp.execute("human-monitor-command", {"command-line": "info usernet"})
+    m = _HOST_FORWARD.search(table or "")
+    if not m:
+        raise BakeError(f"QEMU did not report its SSH port forward; `info usernet` said: {table!r}")
+    return int(m.group(1))
 
 
 def _opt(value: str) -> str:
@@ -208,9 +216,8 @@ def launch(trio: Trio, base_disk: Path, workdir: Path, *, name: str = "a", accel
             instance_id=instance_id, local_ipv4=GUEST_IPV4, hostname=instance_id,
             ssh_public_key=ssh_public_key, instance_type=itype.name))
         server = f"{shlex.quote(sys.executable)} -I {shlex.quote(os.path.abspath(metadata.__file__))} {shlex.quote(str(md_file))}"
-        ssh_port = _free_port()
         netdev = (f"user,id=net0,net={NETWORK},hostname={instance_id},"
-                  f"hostfwd=tcp:127.0.0.1:{ssh_port}-:22,"
+                  "hostfwd=tcp:127.0.0.1:0-:22,"
                   f"guestfwd=tcp:169.254.169.254:80-cmd:{_opt(server)}")
         cmdline = " ".join(["root=/dev/vda1 console=ttyS0", *accel.kernel_args(), append]).strip()
         argv = [
@@ -249,7 +256,7 @@ def launch(trio: Trio, base_disk: Path, workdir: Path, *, name: str = "a", accel
                     # a short path: a socket's name must fit in 108 bytes
                     control_dir = Path(tempfile.mkdtemp(prefix="bake-ssh-"))
                     session.add("path", control_dir, what="SSH control folder")
-                    ssh = SSH(ssh_port, ssh_user, ssh_key, control=control_dir / "c")
+                    ssh = SSH(_forwarded_ssh_port(qmp), ssh_user, ssh_key, control=control_dir / "c")
                 yield Instance(name, folder, proc, console, qmp, ssh, instance_id, accel, itype, md_file,
                                started, scratch, kernel_command_line=cmdline)
             finally:
