@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import watchdog
+from .errors import BakeError
 
 log = logging.getLogger("bake.lifetime")
 
@@ -73,7 +74,11 @@ class Session:
         self.pid = os.getpid()
         self.token = f"{time.strftime('%Y%m%d%H%M%S')}-{self.pid}-{secrets.token_hex(4)}"
         d = sessions_dir()
-        d.mkdir(parents=True, exist_ok=True)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BakeError(f"cannot make bake's state folder {d} ({e.strerror}): bake keeps there what it "
+                            "must undo if it is killed; set BAKE_STATE_DIR to a folder it can write") from None
         self.lock_path = d / f"{self.token}.lock"
         self.journal_path = d / f"{self.token}.jsonl"
         self._mutex = threading.Lock()

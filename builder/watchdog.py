@@ -118,7 +118,7 @@ def end_processes(token: str, journal: str, *, same_boot: bool = True, patience:
         _, live = read_journal(journal)
         pids = set(processes_with_cookie(token))
         for (kind, value) in live:
-            if kind == "chroot":
+            if kind == "chroot" and os.path.realpath(value) != "/":    # never the host's own root
                 pids.update(processes_rooted_in(value))
             elif kind == "pgid" and same_boot:
                 pids.update(processes_in_group(int(value)))
