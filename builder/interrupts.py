@@ -65,8 +65,8 @@ def _enforce_bound() -> None:
         if left <= 0:
             break
         time.sleep(min(left, 0.5))
-    _say(f"cleanup did not finish within the bound after the interrupt; ending now "
-         f"(the watchdog ends what it started, the next bake or `bake doctor` undoes the rest)")
+    _say("cleanup did not finish within the bound after the interrupt; ending now "
+         "(the watchdog ends what it started, the next bake or `bake doctor` undoes the rest)")
     with contextlib.suppress(Exception):
         sys.stderr.flush()
     os._exit(EXIT_INTERRUPTED)

@@ -16,23 +16,13 @@ import yaml
 
 from builder import lifetime, sh, watchdog
 from conftest import BAKE, REPO
+from events import wait_for
 from test_build_failures import TEST_ELEMENTS, demo_plus
 from vm_builds import copy_build, default_user, qemu_processes_under, source_build
 
 pytestmark = pytest.mark.e2e
 
 GONE_WITHIN = 5     # seconds from the SIGKILL to the last process of the bake
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def token_of(pid: int) -> str:

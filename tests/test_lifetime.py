@@ -10,33 +10,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from builder import lifetime, locks, sh, watchdog
 from conftest import BAKE, REPO
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-def session_token(pid: int) -> str | None:
-    """The session token of the bake process `pid`, from its journal's header."""
-    for journal in lifetime.sessions_dir().glob("*.jsonl"):
-        header, _ = watchdog.read_journal(str(journal))
-        if header.get("pid") == pid:
-            return header["token"]
-    return None
+from events import wait_for
 
 
 class Child:
