@@ -12,8 +12,8 @@ Checks that need a shell in the guest (metadata, sync-agent, the recipe's) are r
 as skipped with the reason. An API error inside a check fails that check. The console is
 saved to verify-cloud-console.log while the instance still exists; then the instance is
 terminated and, once it is gone, the volume deleted, on success, failure and Ctrl-C
-(SIGINT and SIGTERM wait until that is done). What could not be cleaned up fails the
-report as the "cleanup" check. Clients come from builder.cloud (the only package that
+(SIGINT and SIGTERM wait until that is done, which is bounded: see `_Cloud.release`).
+What could not be cleaned up fails the report as the "cleanup" check. Clients come from builder.cloud (the only package that
 speaks to the cloud's API library).
 """
 
@@ -176,10 +176,15 @@ class _Cloud:
     def release(self) -> None:
         """Terminate the instance (found by its client token if RunInstances never
         answered), wait until it is terminated, then detach and delete the volume. Never
-        raises for the cloud's errors: what is left behind goes to `leaks`."""
+        raises for the cloud's errors: what is left behind goes to `leaks`.
+
+        Bounded: every wait here, the search by client token included, ends at
+        cleanup_timeout (600 s by default) after the start; past it only calls already
+        sent finish (each within the client's connect and read timeouts), and the
+        terminate and delete requests are still sent once."""
         deadline = time.monotonic() + self.opts.cleanup_timeout
         if self.instance_id is None and self.launch_unsure:
-            self._find_launched()
+            self._find_launched(deadline)
         if self.instance_id:
             self._terminate(deadline)
         if self.volume_id:
@@ -199,7 +204,10 @@ class _Cloud:
             return e.reason
         return None
 
-    def _find_launched(self) -> None:
+    def _find_launched(self, deadline: float) -> None:
+        """Look the instance up by our client token: at most three DescribeInstances,
+        poll_seconds apart (6 s of waiting with the default 3 s), never waiting past
+        `deadline`. Not found by then: nothing was started."""
         token = self.client_token
         for attempt in range(3):
             try:
@@ -217,8 +225,10 @@ class _Cloud:
                 self.instance_id = ids[0]
                 self.cleanup.append(f"found {ids[0]} by its client token")
                 return
-            if attempt < 2:     # the cloud may not list a new instance at once
-                time.sleep(self.opts.poll_seconds)
+            left = deadline - time.monotonic()
+            if attempt == 2 or left <= 0:
+                break
+            time.sleep(min(self.opts.poll_seconds, left))   # the cloud may not list a new instance at once
         self.cleanup.append(f"no instance has client token {token}: none was started")
 
     def _terminate(self, deadline: float) -> None:
