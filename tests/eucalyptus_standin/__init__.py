@@ -14,6 +14,7 @@ cloud does, and keeps moto's EC2 and S3 backends behind it.
         cloud.hide_instances(2)              # the next two DescribeInstances list nothing
         cloud.stick_volumes()                # the volumes there are now stay in-use
         cloud.front.console_output[iid] = "..."   # what GetConsoleOutput returns
+        cloud.remove_leftovers()             # faults undone, instances terminated, volumes deleted
 
 Pytest fixtures: `tests/eucalyptus_standin/fixtures.py` (euca3, euca4, euca_cloud).
 
@@ -105,6 +106,27 @@ class Standin:
         self.front.ec2_faults.clear()
         self.front.hidden_describes = 0
         self.front.stuck_volumes.clear()
+
+    def remove_leftovers(self) -> list[str]:
+        """Undo every fault, terminate every instance not terminated yet and delete every
+        volume, as the cloud's administrator would (no signature, no state checks), so
+        that what one test left behind is not in the way of the next. Returns the ids
+        it removed."""
+        self.clear_faults()
+        front, removed = self.front, []
+        with front._lock:
+            running = [iid for iid, rec in front.instances.items() if rec["terminated"] is None]
+            volumes = list(front.volumes)
+        for iid in running:
+            front._ec2_TerminateInstances({"Action": "TerminateInstances", "InstanceId.1": iid})
+            removed.append(iid)
+        for vid in volumes:
+            front._ec2_forward({"Action": "DetachVolume", "VolumeId": vid, "Force": "true"})
+            front._ec2_forward({"Action": "DeleteVolume", "VolumeId": vid})
+            with front._lock:
+                front.volumes.pop(vid, None)
+            removed.append(vid)
+        return removed
 
     def puts(self, match: str = "") -> list[str]:
         """Paths of the successful object PUTs so far whose path matches `match`."""

@@ -26,9 +26,13 @@ def euca4(tmp_path_factory):
 
 @pytest.fixture(params=["3", "4"], ids=["euca3", "euca4"])
 def euca_cloud(request):
-    """Each of the 3.x and 4.x stand-ins in turn, request log and faults cleared."""
+    """Each of the 3.x and 4.x stand-ins in turn, request log and faults cleared; what a
+    test leaves on it (faults, instances, volumes) is removed after it, however it ended,
+    so that a failed test cannot fail the tests after it."""
     cloud = request.getfixturevalue(f"euca{request.param}")
     cloud.clear_log()
-    cloud.clear_faults()
-    yield cloud
-    cloud.clear_faults()
+    cloud.remove_leftovers()
+    try:
+        yield cloud
+    finally:
+        cloud.remove_leftovers()
