@@ -2,7 +2,12 @@
 EMI with its EKI and ERI, wait for running and the ready line on the console, attach a
 volume and see the guest's kernel report it, and always terminate and delete.
 
-No guest boots here: `Guest` writes the console a booting guest would show."""
+No guest boots here: `Guest` writes the console a booting guest would show.
+
+Every verification here runs with bounded waits (`SAFETY_NETS`): a test whose event never
+comes fails within minutes, it does not poll for the defaults' five or ten. A timeout a
+test relies on to fail a check leaves several seconds beyond the stand-in's 1.5 s state
+changes, for a machine two or three times slower than usual."""
 
 from __future__ import annotations
 
@@ -26,6 +31,14 @@ BOOT = ("Linux version 6.1.0-50-cloud-amd64 (stand-in)\n"
         "acpiphp: ACPI Hot Plug PCI Controller Driver version: 0.5\n"
         "bake-ready first_boot=yes instance_id={iid} uptime=11.20\n")
 DISK = "virtio_blk virtio2: [vdb] 2097152 512-byte logical blocks (1.07 GB/1.00 GiB)\n"
+# Upper bounds only, far above what any step takes here even on a loaded machine; the
+# defaults (300 s to boot, 600 s to clean up) would let a broken test poll for minutes.
+SAFETY_NETS = {"boot_timeout": 60.0, "volume_timeout": 60.0, "cleanup_timeout": 60.0, "poll_seconds": 0.2}
+
+
+def cloud_verify(build, clients, **options):
+    """`verify(build, cloud=True)` with the safety nets, which `options` override."""
+    return verify(build, cloud=True, clients=clients, **{**SAFETY_NETS, **options})
 
 
 @pytest.fixture
@@ -53,23 +66,37 @@ class Guest:
     def __init__(self, cloud, *, boots=True, sees_volumes=True):
         self.cloud, self.boots, self.sees = cloud, boots, sees_volumes
         self.stop = threading.Event()
+        self.error: BaseException | None = None
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def run(self):
+        try:
+            while not self.stop.wait(0.05):
+                self.play()
+        except BaseException as e:      # the test fails at the block's end, not by a wait running out
+            self.error = e
+
+    def play(self):
         front = self.cloud.front
-        while not self.stop.wait(0.05):
-            for iid in list(front.instances):
-                text = BOOT.format(iid=iid) if self.boots else "Kernel panic - not syncing: VFS\n"
-                attached = any(v["attached"] is not None for v in front.volumes.values())
-                front.console_output[iid] = text + (DISK if attached and self.sees and self.boots else "")
+        # Copied under the front's lock: the server's threads add and remove entries meanwhile.
+        with front._lock:
+            instances = list(front.instances)
+            volumes = list(front.volumes.values())
+        attached = any(v["attached"] is not None for v in volumes)
+        for iid in instances:
+            text = BOOT.format(iid=iid) if self.boots else "Kernel panic - not syncing: VFS\n"
+            front.console_output[iid] = text + (DISK if attached and self.sees and self.boots else "")
 
     def __enter__(self):
         self.thread.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         self.stop.set()
-        self.thread.join(5)
+        self.thread.join(10)
+        if exc_type is None:
+            assert not self.thread.is_alive(), "the guest's console writer did not stop"
+            assert self.error is None, f"the guest's console writer failed: {self.error!r}"
 
 
 @contextlib.contextmanager
@@ -80,6 +107,25 @@ def on_request(cloud, fn):
         yield
     finally:
         cloud.front.on_request.remove(fn)
+
+
+@pytest.fixture
+def interrupts():
+    """SIGINT raises KeyboardInterrupt with Python's own handler and SIGTERM raises it too
+    (as the command line makes it), whatever the test run inherited (a run started in the
+    background of a shell has SIGINT ignored); both handlers are put back afterwards.
+    Yields the SIGTERM handler."""
+    def as_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, as_interrupt)
+    try:
+        yield as_interrupt
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 def interrupt_main_thread(sig=signal.SIGINT):
@@ -100,7 +146,7 @@ def _all_gone(cloud, clients):
 
 def test_cloud_verify_boots_the_published_emi_with_its_eki_and_eri_and_cleans_up(euca_cloud, clients, published):
     with Guest(euca_cloud):
-        report = verify(published, cloud=True, clients=clients, poll_seconds=0.2)
+        report = cloud_verify(published, clients)
     print(render_table(report))
     r = {c.name: c for c in report.results}
     assert r["boots"].status == PASS and "bake-ready" in r["boots"].evidence["ready_line"]
@@ -118,7 +164,7 @@ def test_cloud_verify_boots_the_published_emi_with_its_eki_and_eri_and_cleans_up
 
 def test_cloud_verify_fails_and_still_cleans_up_when_the_guest_never_sees_the_volume(euca_cloud, clients, published):
     with Guest(euca_cloud, sees_volumes=False):
-        report = verify(published, cloud=True, clients=clients, poll_seconds=0.2, volume_timeout=4)
+        report = cloud_verify(published, clients, volume_timeout=8)
     r = {c.name: c for c in report.results}
     assert r["volume-hotplug"].status == FAIL and "new 1 GiB disk" in r["volume-hotplug"].summary
     assert published.data["result"] == "failed"
@@ -127,7 +173,7 @@ def test_cloud_verify_fails_and_still_cleans_up_when_the_guest_never_sees_the_vo
 
 def test_cloud_verify_fails_boots_with_the_console_tail(euca_cloud, clients, published):
     with Guest(euca_cloud, boots=False):
-        report = verify(published, cloud=True, clients=clients, poll_seconds=0.2, boot_timeout=5)
+        report = cloud_verify(published, clients, boot_timeout=8)
     boots = report.results[0]
     assert boots.status == FAIL and "Kernel panic" in boots.evidence["console_tail"]
     assert all(c.status == SKIP for c in report.results[1:])
@@ -140,7 +186,7 @@ def test_cloud_verify_terminates_the_instance_on_ctrl_c(euca_cloud, clients, pub
 
     (published.dir / "verify.json").write_text(json.dumps({"result": "passed", "checks": []}))
     with pytest.raises(KeyboardInterrupt):
-        verify(published, cloud=True, clients=clients, wait=interrupt, poll_seconds=0.2)
+        cloud_verify(published, clients, wait=interrupt)
     _all_gone(euca_cloud, clients)
     # the interrupted run is on record as failed, not the earlier "passed"
     on_disk = json.loads((published.dir / "verify.json").read_text())
@@ -159,7 +205,7 @@ def test_cloud_verify_waits_while_the_new_instance_is_not_listed_yet(euca_cloud,
     else:
         euca_cloud.hide_instances(2)
     with Guest(euca_cloud):
-        report = verify(published, cloud=True, clients=clients, poll_seconds=0.2, only={"boots"})
+        report = cloud_verify(published, clients, only={"boots"})
     assert report.results[0].status == PASS, report.results[0].summary
     if not_listed == "NotFound":
         describes = [q.status for q in euca_cloud.front.requests if q.operation == "DescribeInstances"]
@@ -174,7 +220,7 @@ def test_cloud_verify_fails_the_check_an_api_error_happens_in_and_still_writes_t
         euca_cloud, clients, published, action, code):
     euca_cloud.fail_ec2(action, code, message="refused by the stand-in")
     with Guest(euca_cloud):
-        report = verify(published, cloud=True, clients=clients, poll_seconds=0.2, volume_timeout=10)
+        report = cloud_verify(published, clients, volume_timeout=10)
     r = {c.name: c for c in report.results}
     assert r["boots"].status == PASS
     hotplug = r["volume-hotplug"]
@@ -202,7 +248,7 @@ def test_cloud_verify_terminates_the_instance_before_it_releases_the_volume(euca
             state_at_delete.append(front._instance_state(terminate.params["InstanceId.1"]))
 
     with Guest(euca_cloud), on_request(euca_cloud, note), pytest.raises(KeyboardInterrupt):
-        verify(published, cloud=True, clients=clients, poll_seconds=0.2, wait=interrupt_once_attached)
+        cloud_verify(published, clients, wait=interrupt_once_attached)
     cleanup = operations(euca_cloud, "TerminateInstances", "DetachVolume", "DeleteVolume")
     assert cleanup[0] == "TerminateInstances" and cleanup[-1] == "DeleteVolume"
     assert state_at_delete == ["terminated"], "the volume is deleted once the instance is gone"
@@ -216,7 +262,7 @@ def test_cloud_verify_fails_and_names_a_volume_that_never_becomes_free_to_delete
 
     try:
         with Guest(euca_cloud), on_request(euca_cloud, stick_volumes_at_terminate):
-            report = verify(published, cloud=True, clients=clients, poll_seconds=0.2, cleanup_timeout=3)
+            report = cloud_verify(published, clients, cleanup_timeout=5)
         r = {c.name: c for c in report.results}
         vid = r["volume-hotplug"].evidence["volume"]
         assert r["boots"].status == PASS and r["volume-hotplug"].status == PASS
@@ -235,28 +281,21 @@ def test_cloud_verify_fails_and_names_a_volume_that_never_becomes_free_to_delete
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_cloud_verify_finishes_cleaning_up_through_a_second_interrupt_then_raises_it(
-        euca_cloud, clients, published, sig):
-    def as_interrupt(signum, frame):
-        raise KeyboardInterrupt        # what the command line makes of SIGTERM
-
+        euca_cloud, clients, published, sig, interrupts):
     def interrupt_at_terminate(rec):
         if rec.operation == "TerminateInstances":
             interrupt_main_thread(sig)
 
-    before = signal.signal(signal.SIGTERM, as_interrupt)
-    try:
-        with Guest(euca_cloud), on_request(euca_cloud, interrupt_at_terminate), pytest.raises(KeyboardInterrupt):
-            verify(published, cloud=True, clients=clients, poll_seconds=0.2)
-        assert signal.getsignal(signal.SIGTERM) is as_interrupt
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    with Guest(euca_cloud), on_request(euca_cloud, interrupt_at_terminate), pytest.raises(KeyboardInterrupt):
+        cloud_verify(published, clients)
+    assert signal.getsignal(signal.SIGTERM) is interrupts
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert operations(euca_cloud, "TerminateInstances", "DeleteVolume") == ["TerminateInstances", "DeleteVolume"]
     _all_gone(euca_cloud, clients)
 
 
 def test_cloud_verify_finds_and_terminates_the_instance_of_an_interrupted_run_by_its_client_token(
-        euca_cloud, clients, published):
+        euca_cloud, clients, published, interrupts):
     front = euca_cloud.front
     before = set(front.instances)
 
@@ -265,7 +304,7 @@ def test_cloud_verify_finds_and_terminates_the_instance_of_an_interrupted_run_by
             interrupt_main_thread()
 
     with on_request(euca_cloud, interrupt_at_run), pytest.raises(KeyboardInterrupt):
-        verify(published, cloud=True, clients=clients, poll_seconds=0.2)
+        cloud_verify(published, clients)
     (started,) = set(front.instances) - before
     token = [q for q in front.requests if q.operation == "RunInstances"][-1].params["ClientToken"]
     assert any(q.operation == "DescribeInstances" and q.params.get("Filter.1.Name") == "client-token"
@@ -278,7 +317,7 @@ def test_cloud_verify_finds_and_terminates_the_instance_of_an_interrupted_run_by
 
 def test_cloud_verify_saves_the_console_before_terminating_even_when_boots_fails(euca_cloud, clients, published):
     with Guest(euca_cloud, boots=False):
-        report = verify(published, cloud=True, clients=clients, poll_seconds=0.2, boot_timeout=4)
+        report = cloud_verify(published, clients, boot_timeout=8)
     assert report.results[0].status == FAIL
     log = published.dir / "verify-cloud-console.log"
     assert "Kernel panic" in log.read_text() and log.name in report.files
@@ -290,7 +329,7 @@ def test_cloud_verify_saves_the_console_before_terminating_even_when_boots_fails
 def test_cloud_verify_records_why_the_console_could_not_be_saved(euca_cloud, clients, published):
     euca_cloud.fail_ec2("GetConsoleOutput", "Unsupported", times=None, message="no console on this node")
     with Guest(euca_cloud):
-        report = verify(published, cloud=True, clients=clients, poll_seconds=0.2, boot_timeout=4)
+        report = cloud_verify(published, clients, boot_timeout=8)
     boots = report.results[0]
     assert boots.status == FAIL and "GetConsoleOutput failed: Unsupported" in boots.summary
     assert report.info["console_log"] == "not saved: GetConsoleOutput failed: Unsupported: no console on this node"
