@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 # builder.cloud is the one package that imports the API library; its calls module
 # carries the error types and the rule for what may have reached the cloud.
 from ..cloud.calls import BotoCoreError, ClientError, error_code, retryable
+from .. import interrupts
 from ..build import Build
 from ..errors import BakeError
 from ..log import step
@@ -328,6 +329,9 @@ def verify_cloud(build: Build, opts: CloudOptions, report: Report | None = None)
     try:
         _run(cloud, section, opts, report.results, report)
     finally:
+        # after an interrupt, the process's bound would cut this short: what is on the
+        # cloud costs until it is gone, so the cleanup gets its own deadline
+        interrupts.extend(opts.cleanup_timeout + 60)
         with _interrupts_held():
             try:
                 if cloud.instance_id:
