@@ -35,6 +35,12 @@ DEFAULT_EXCLUDES = ("proc", "sys", "dev", "run", "tmp", "mnt", "media", "var/run
 
 EX_FAIL, EX_REFUSED, EX_BUSY = 1, 3, 4
 
+# Deadlines are a safety net, never a measure: every wait ends on an event, and a
+# deadline only stops a test that would otherwise hang.  They are set so that a machine
+# several times slower than a quiet one (CPU hogs beside the run, a fresh machine's cold
+# caches) still passes: a whole-tree pass or a backup takes seconds there.
+PATIENCE = 300
+
 # SYNC_AGENT_TEST_TOOLS=DIR runs the agent with the rsync and inotifywait found in DIR
 # first (Lucid's versions, built from their sources), instead of this machine's.
 TOOLS_PATH = os.environ["SYNC_AGENT_TEST_TOOLS"] + ":" if os.environ.get("SYNC_AGENT_TEST_TOOLS") else ""
@@ -102,7 +108,7 @@ def new_instance(base: Path, label: str, **conf: str) -> Instance:
 
 
 def run_agent(inst: Instance, *args: str, env_extra: dict[str, str] | None = None,
-              timeout: float = 120) -> sh.Result:
+              timeout: float = PATIENCE) -> sh.Result:
     """Run the real agent against `inst` (never against this machine's root)."""
     env = inst.env(**(env_extra or {}))
     assert env["ROOTSYNC_ROOT"] not in ("", "/"), "tests must never run the agent on /"
@@ -129,13 +135,16 @@ def loop_image(path: Path, size_mb: int, label: str | None) -> Iterator[str]:
         try:
             yield dev
         finally:
+            # Wherever the agent or a test mounted it (move_volume too), unmounted before
+            # the loop device is detached.
             for target in _mount_targets_of(dev):
                 sh.unmount_all_under(target)
 
 
 def _mount_targets_of(dev: str) -> list[str]:
+    # /proc/self/mounts writes a blank in a path as \040.
     with open("/proc/self/mounts") as f:
-        return [ln.split()[1] for ln in f if ln.split()[0] == dev]
+        return [ln.split()[1].encode().decode("unicode_escape") for ln in f if ln.split()[0] == dev]
 
 
 @contextlib.contextmanager
@@ -296,18 +305,86 @@ def assert_same_tree(a: Path, b: Path, extra_excludes: tuple[str, ...] = ()) -> 
 
 def start_agent(inst: Instance, *args: str, env_extra: dict[str, str] | None = None,
                 log: Path | None = None) -> subprocess.Popen:
-    """Start the agent in its own process group (so a test can kill -9 all of it)."""
+    """Start the agent in its own process group (so a test can kill -9 all of it).
+
+    Only for `running_agent`, which ends it on every exit path."""
     env = inst.env(**(env_extra or {}))
     assert env["ROOTSYNC_ROOT"] not in ("", "/")
-    out = open(log or (inst.base / "agent.log"), "ab")
-    return subprocess.Popen([str(AGENT), *args], env=env, stdout=out, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    with open(log or (inst.base / "agent.log"), "ab") as out:
+        return subprocess.Popen([str(AGENT), *args], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the agent's whole process group and reap it; a second call does nothing
+    (its group ID could by then be another process's)."""
+    if getattr(proc, "group_killed", False):
+        return
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    proc.group_killed = True  # type: ignore[attr-defined]
+    proc.wait(timeout=PATIENCE)
+
+
+def agent_pids(inst: Instance) -> list[int]:
+    """Every process that runs for `inst`: the agent and all it started, in its process
+    group or not (the udev hand-off starts the attach in a session of its own).  Each
+    carries the instance's own run directory in its environment, which no process of
+    another test or of this machine does."""
+    marker = f"ROOTSYNC_RUN_DIR={inst.run_dir}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    pids.append(int(entry))
+        except OSError:  # gone meanwhile, or a kernel thread
+            continue
+    return pids
+
+
+def end_agents(inst: Instance) -> None:
+    """SIGKILL every process still running for `inst` (see agent_pids), until none is
+    left: a shell killed between two scans may have started one more child."""
+    deadline = time.monotonic() + 30  # a process in uninterruptible I/O dies once it returns
+    while time.monotonic() < deadline:
+        pids = agent_pids(inst)
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    raise AssertionError(f"processes of {inst.base} survive SIGKILL: {agent_pids(inst)}")
+
+
+@contextlib.contextmanager
+def agents_ended(inst: Instance) -> Iterator[None]:
+    """On any exit, every process still running for `inst` is killed (see agent_pids)."""
+    try:
+        yield
+    finally:
+        end_agents(inst)
+
+
+@contextlib.contextmanager
+def running_agent(inst: Instance, *args: str, env_extra: dict[str, str] | None = None,
+                  log: Path | None = None) -> Iterator[subprocess.Popen]:
+    """The agent started with `args` (see start_agent), yielded; on any exit its whole
+    process group, and anything else it left running for `inst`, is killed."""
+    with agents_ended(inst):
+        proc = start_agent(inst, *args, env_extra=env_extra, log=log)
+        try:
+            yield proc
+        finally:
+            kill_group(proc)
+
+
+def lock_free(inst: Instance) -> bool:
+    """No backup, restore or attach runs for `inst` (none holds the agent's lock)."""
+    return sh.run(["flock", "-n", str(inst.run_dir / "lock"), "true"], check=False, quiet=True).returncode == 0
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
@@ -320,7 +397,7 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def wait_paused(inst: Instance, stage: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+def wait_paused(inst: Instance, stage: str, proc: subprocess.Popen, timeout: float = PATIENCE) -> None:
     marker = inst.run_dir / "paused-at"
 
     def paused() -> bool:

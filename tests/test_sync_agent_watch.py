@@ -4,6 +4,7 @@ tree exactly as it was."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -11,37 +12,62 @@ import time
 import pytest
 
 from builder import sh
-from syncagent_helpers import (assert_same_tree, attach, kill_group, label_for, listing, loop_image, make_rich_root,
-                               mounted_volume, move_volume, needs_root_and_tools, new_instance,
-                               run_agent, start_agent, status, wait_for)
+from syncagent_helpers import (PATIENCE, assert_same_tree, attach, kill_group, label_for, listing, lock_free,
+                               loop_image, make_rich_root, mounted_volume, move_volume, needs_root_and_tools,
+                               new_instance, run_agent, running_agent, status, wait_for)
 
 pytestmark = pytest.mark.usefixtures("needs_root_and_tools")
 
 DEBOUNCE = 1
 
 
-def start_watch(inst):
-    proc = start_agent(inst, "watch")
-    # The watcher runs, has set up its watches, and made its starting whole-tree pass.
+@contextlib.contextmanager
+def watching(inst):
+    """The watcher running on `inst`, its starting whole-tree pass complete and the agent
+    idle again (a backup by hand right after is not refused as busy); ended on any exit,
+    the wait for that pass included."""
+    # Read before the start: on a fast machine the pass could otherwise be done first.
     first = status(inst)["current"]
+    with running_agent(inst, "watch") as proc:
+        def ready():
+            assert proc.poll() is None, (inst.base / "agent.log").read_text()
+            st = status(inst)
+            return st["watcher"]["running"] and st["current"] != first and lock_free(inst) and st["current"]
 
-    def ready():
-        assert proc.poll() is None, (inst.base / "agent.log").read_text()
-        st = status(inst)
-        return st["watcher"]["running"] and st["current"] != first and st["current"]
-
-    wait_for(ready, 60, "the watcher's first whole-tree pass", interval=0.2)
-    return proc
+        wait_for(ready, PATIENCE, "the watcher's first whole-tree pass", interval=0.2)
+        yield proc
 
 
-def wait_covered(inst, t: float, timeout: float = 30) -> dict:
+def covering_generation(inst, t: float) -> str | None:
+    """The current generation if it covers every change made before time `t`.  Read from
+    the volume directly, which is quicker than `status` and so adds less to a measured
+    recovery point."""
+    with contextlib.suppress(OSError, ValueError):
+        name = os.readlink(inst.volume_dir / "current").rsplit("/", 1)[-1]
+        info = dict(ln.split("=", 1) for ln in (inst.volume_dir / "generations" / name / "info").read_text().splitlines()
+                    if "=" in ln)
+        if info.get("covers_until") and float(info["covers_until"]) > t:
+            return name
+    return None
+
+
+def generation(inst, name: str) -> dict:
+    """`status`'s entry for generation `name`, which must be the current one."""
+    (gen,) = [g for g in status(inst)["generations"] if g["name"] == name]
+    assert gen["current"], gen
+    return gen
+
+
+def wait_covered(inst, t: float) -> dict:
     """Wait for a complete generation that covers every change made before time `t`."""
-    def covered():
-        st = status(inst)
-        cur = [g for g in st["generations"] if g["current"]]
-        return cur and cur[0]["covers_until"] and cur[0]["covers_until"] > t and cur[0]
+    name = wait_for(lambda: covering_generation(inst, t), PATIENCE, "a generation covering the change")
+    return generation(inst, name)
 
-    return wait_for(covered, timeout, "a generation covering the change", interval=0.1)
+
+def wait_idle(inst) -> None:
+    """Wait for the backup that made the current generation to end (it still prunes and
+    exits after publishing it): a backup by hand now is not refused as busy."""
+    wait_for(lambda: lock_free(inst), PATIENCE, "the watcher's backup to end", interval=0.1)
 
 
 def test_a_change_is_in_a_complete_generation_within_the_debounce_plus_sync_time(tmp_path):
@@ -49,14 +75,15 @@ def test_a_change_is_in_a_complete_generation_within_the_debounce_plus_sync_time
     make_rich_root(a.root)
     with mounted_volume(a):
         attach(a)
-        proc = start_watch(a)
-        try:
+        with watching(a):
             first_gen = a.current()
             before = listing(first_gen / "tree")
             t0 = time.time()
             (a.root / "etc/hostname").write_text("written while watched\n")
-            gen = wait_covered(a, t0)
+            name = wait_for(lambda: covering_generation(a, t0), PATIENCE, "a generation covering the change",
+                            interval=0.02)
             elapsed = time.time() - t0
+            gen = generation(a, name)
             assert gen["kind"] == "incremental"
             tree = a.current() / "tree"
             assert (tree / "etc/hostname").read_text() == "written while watched\n"
@@ -66,8 +93,6 @@ def test_a_change_is_in_a_complete_generation_within_the_debounce_plus_sync_time
             assert gen["files"] == 1
             assert listing(first_gen / "tree") == before
             assert (first_gen / "tree/etc/hostname").read_text() == "instance-a\n"
-        finally:
-            kill_group(proc)
 
 
 def test_a_series_of_watched_changes_restores_to_exactly_the_watched_tree(tmp_path):
@@ -76,8 +101,7 @@ def test_a_series_of_watched_changes_restores_to_exactly_the_watched_tree(tmp_pa
     make_rich_root(a.root)
     with mounted_volume(a) as dev:
         attach(a)
-        proc = start_watch(a)
-        try:
+        with watching(a):
             gen0 = a.current()
             before = listing(gen0 / "tree")
             r = a.root
@@ -113,8 +137,6 @@ def test_a_series_of_watched_changes_restores_to_exactly_the_watched_tree(tmp_pa
             assert g2["kind"] == "incremental" and g2["base"] == g1["base"]
             # The whole-tree generation the incremental ones build on is unchanged.
             assert listing(gen0 / "tree") == before
-        finally:
-            kill_group(proc)
         move_volume(dev, a, b)
         r2 = run_agent(b, "restore")
         assert r2.returncode == 0, r2.output
@@ -127,15 +149,12 @@ def test_a_new_hard_link_makes_the_watcher_take_a_whole_tree_pass(tmp_path):
     make_rich_root(a.root)
     with mounted_volume(a) as dev:
         attach(a)
-        proc = start_watch(a)
-        try:
+        with watching(a):
             os.link(a.root / "etc/passwd", a.root / "srv/data/passwd-link")
             with open(a.root / "usr/bin/perl", "ab") as f:
                 f.write(b"# appended through one of three names\n")
             gen = wait_covered(a, time.time())
             assert gen["kind"] == "full"
-        finally:
-            kill_group(proc)
         move_volume(dev, a, b)
         r = run_agent(b, "restore")
         assert r.returncode == 0, r.output
@@ -146,20 +165,19 @@ def test_a_new_hard_link_makes_the_watcher_take_a_whole_tree_pass(tmp_path):
 def test_the_watcher_waits_for_a_paired_volume(tmp_path):
     a = new_instance(tmp_path / "a", label_for(tmp_path), debounce=str(DEBOUNCE))
     (a.root / "etc").mkdir(parents=True)
-    proc = start_agent(a, "watch")
-    try:
-        wait_for(lambda: "waiting for a paired volume" in (a.base / "agent.log").read_text(), 20,
+    with running_agent(a, "watch") as proc:
+        wait_for(lambda: "waiting for a paired volume" in (a.base / "agent.log").read_text(), PATIENCE,
                  "the watcher to report it is waiting")
         assert proc.poll() is None
         with mounted_volume(a):
+            # Ended while the volume is still mounted (running_agent's own end comes after
+            # the unmount, too late to leave it free).
             try:
                 attach(a)
-                wait_for(lambda: status(a)["watcher"]["running"] and len(status(a)["generations"]) >= 2, 30,
+                wait_for(lambda: status(a)["watcher"]["running"] and len(status(a)["generations"]) >= 2, PATIENCE,
                          "the watcher's first pass once the volume is there", interval=0.2)
             finally:
                 kill_group(proc)
-    finally:
-        kill_group(proc)
 
 
 def test_changes_under_var_log_wait_for_the_whole_tree_pass(tmp_path):
@@ -168,20 +186,25 @@ def test_changes_under_var_log_wait_for_the_whole_tree_pass(tmp_path):
     (a.root / "var/log").mkdir(parents=True)
     with mounted_volume(a):
         attach(a)
-        proc = start_watch(a)
-        try:
+        with watching(a):
             gens = len(status(a)["generations"])
             (a.root / "var/log/syslog").write_text("a log line\n")
+            # The watcher says nothing of a change it does not watch: this wait is no
+            # proof on its own (on a slow machine a backup it started could still be
+            # running), which the check after the next change gives.
             time.sleep(DEBOUNCE + 3)
             assert len(status(a)["generations"]) == gens, "a change under /var/log started a backup"
             (a.root / "etc/motd").write_text("watched\n")
-            wait_covered(a, time.time())
+            gen = wait_covered(a, time.time())
+            # inotify reports in order: an event for the log line would have come before
+            # this change's, so in this generation or in one before it.
+            assert len(status(a)["generations"]) == gens + 1, "a change under /var/log started a backup"
             assert not (a.current() / "tree/var/log/syslog").exists()
+            wait_idle(a)
             r = run_agent(a, "backup")
             assert r.returncode == 0, r.output
+            assert a.current().name != gen["name"]
             assert (a.current() / "tree/var/log/syslog").read_text() == "a log line\n"
-        finally:
-            kill_group(proc)
 
 
 def test_changes_already_in_a_whole_tree_backup_make_no_further_generation(tmp_path):
@@ -191,24 +214,30 @@ def test_changes_already_in_a_whole_tree_backup_make_no_further_generation(tmp_p
     make_rich_root(a.root)
     with mounted_volume(a):
         attach(a)
-        proc = start_watch(a)
-        try:
-            (a.root / "etc/marker").write_text("written just before a manual backup\n")
+        with watching(a):
+            marker = a.root / "etc/marker"
+            marker.write_text("written just before a manual backup\n")
+            # Once the watcher holds the change's last event the backup below starts
+            # after it, however slowly the watcher's reader runs on a loaded machine.
+            spool = (a.run_dir / "events", a.run_dir / "events.batch")
+            wait_for(lambda: any(f"CLOSE_WRITE,CLOSE {marker}" in p.read_text() for p in spool if p.exists()),
+                     PATIENCE, "the watcher to receive the change")
             r = run_agent(a, "backup")
             assert r.returncode == 0, r.output
             manual = status(a)["current"]
-            time.sleep(2 + 3)
+            # The watcher says when it finds the changes already in a generation.
+            log = a.base / "agent.log"
+            wait_for(lambda: f"are already in generation {manual}" in log.read_text(), PATIENCE,
+                     "the watcher to handle the change", interval=0.2)
             st = status(a)
             assert st["current"] == manual, "the watcher made a generation for changes already backed up"
             assert (a.current() / "tree/etc/marker").exists()
-            assert "are already in generation" in (a.base / "agent.log").read_text()
+            assert "are already in generation" in log.read_text()
             # A change after the manual backup still gets its own generation.
             t = time.time()
             (a.root / "etc/marker").write_text("after\n")
             wait_covered(a, t)
             assert (a.current() / "tree/etc/marker").read_text() == "after\n"
-        finally:
-            kill_group(proc)
 
 
 def test_changes_on_another_filesystem_below_the_root_are_not_watched(tmp_path):
@@ -220,17 +249,16 @@ def test_changes_on_another_filesystem_below_the_root_are_not_watched(tmp_path):
     with mounted_volume(a), loop_image(tmp_path / "data.img", 32, "rtdata") as data, \
             sh.mount(data, a.root / "data"):
         attach(a)
-        proc = start_watch(a)
-        try:
+        with watching(a):
             gens = len(status(a)["generations"])
             (a.root / "data/busy").write_text("on the data disk\n")
             (a.root / "data/sub").mkdir()
+            # No proof on its own (see the /var/log test); the count below is.
             time.sleep(DEBOUNCE + 3)
             assert len(status(a)["generations"]) == gens, "a change on another filesystem started a backup"
             (a.root / "etc/motd").write_text("watched\n")
             gen = wait_covered(a, time.time())
+            assert len(status(a)["generations"]) == gens + 1, "a change on another filesystem started a backup"
             assert gen["kind"] == "incremental"
             assert (a.current() / "tree/etc/motd").read_text() == "watched\n"
             assert not (a.current() / "tree/data/busy").exists() and not (a.current() / "tree/data/sub").exists()
-        finally:
-            kill_group(proc)
