@@ -18,7 +18,6 @@ from typing import Any
 from .errors import BakeError
 
 RECORD = "build.json"
-LOCK = ".lock"
 
 
 def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
@@ -88,8 +87,11 @@ class Build:
     def lock(self, *, wait: bool = True):
         """Hold this build for the block (a context manager): one bake, verification or
         publication works on a build folder at a time; the lock ends with its holder."""
-        from . import locks
-        return locks.held(self.dir / LOCK, f"build {self.dir}", wait=wait)
+        from . import lifetime, locks
+        # kept beside bake's journals, not in the folder: a command refused for what the
+        # folder lacks must leave it exactly as it was
+        name = hashlib.sha256(str(self.dir.resolve()).encode()).hexdigest()[:32]
+        return locks.held(lifetime.state_dir() / "builds" / f"{name}.lock", f"build {self.dir}", wait=wait)
 
     @property
     def id(self) -> str:
