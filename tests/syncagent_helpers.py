@@ -324,6 +324,26 @@ def kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.group_killed = True  # type: ignore[attr-defined]
     proc.wait(timeout=PATIENCE)
+    # Its other members are reaped by init, not by us; a test that checks for processes
+    # left over finds none once they are gone.
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: not _group_members(proc.pid), 10, "the agent's process group to be reaped")
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Processes (zombies too) in process group `pgid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:  # state, ppid, pgrp
+            found.append(int(entry))
+    return found
 
 
 def agent_pids(inst: Instance) -> list[int]:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from builder import sh
-from syncagent_helpers import (EX_BUSY, EX_REFUSED, TOOLS_PATH, assert_same_tree, attach, backup, kill_group,
-                               label_for, loop_image, make_rich_root, mounted_volume, move_volume,
-                               needs_root_and_tools, new_instance, run_agent, start_agent, status, wait_paused)
+from syncagent_helpers import (EX_BUSY, EX_REFUSED, TOOLS_PATH, assert_same_tree, attach, backup, label_for,
+                               loop_image, make_rich_root, mounted_volume, move_volume, needs_root_and_tools,
+                               new_instance, run_agent, running_agent, status, wait_paused)
 
 pytestmark = pytest.mark.usefixtures("needs_root_and_tools")
 
@@ -207,8 +207,7 @@ def test_two_backups_never_overlap_and_restore_waits_for_none(tmp_path):
     make_rich_root(a.root)
     with mounted_volume(a):
         attach(a)
-        proc = start_agent(a, "backup", env_extra={"ROOTSYNC_TEST_PAUSE_AT": "before-copy"})
-        try:
+        with running_agent(a, "backup", env_extra={"ROOTSYNC_TEST_PAUSE_AT": "before-copy"}) as proc:
             wait_paused(a, "before-copy", proc)
             r = run_agent(a, "backup")
             assert r.returncode == EX_BUSY and "running" in r.output, r.output
@@ -217,8 +216,6 @@ def test_two_backups_never_overlap_and_restore_waits_for_none(tmp_path):
             # The timer's backup quietly gives way.
             r = run_agent(a, "backup", "--if-attached")
             assert r.returncode == 0 and "backup complete" not in r.output
-        finally:
-            kill_group(proc)
         backup(a)
 
 

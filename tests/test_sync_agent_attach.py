@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from builder import sh
-from syncagent_helpers import (EX_BUSY, EX_REFUSED, assert_same_tree, attach, backup, kill_group, label_for,
-                               loop_image, make_rich_root, needs_root_and_tools, new_instance, run_agent,
-                               start_agent, status, wait_for)
+from syncagent_helpers import (EX_BUSY, EX_REFUSED, PATIENCE, agents_ended, assert_same_tree, attach, backup,
+                               label_for, lock_free, loop_image, make_rich_root, needs_root_and_tools, new_instance,
+                               run_agent, running_agent, status, wait_for)
 
 pytestmark = pytest.mark.usefixtures("needs_root_and_tools")
 
@@ -112,15 +112,15 @@ def test_no_backup_runs_while_the_restored_instance_goes_down_for_its_reboot(tmp
     with loop_image(tmp_path / "vol.img", 96, a.label):
         attach(a)
         sh.unmount_all_under(a.mount_point)
-        proc = start_agent(b, "attach", env_extra={"ROOTSYNC_REBOOT_COMMAND": "true", "ROOTSYNC_REBOOT_WAIT": "30"})
-        try:
-            wait_for(lambda: "rebooting" in (b.base / "agent.log").read_text(), 60, "the restore to finish")
+        # The attach keeps the lock for as long as the reboot may take: far longer than
+        # the checks below need on any machine, and it is killed once they are done.
+        with running_agent(b, "attach", env_extra={"ROOTSYNC_REBOOT_COMMAND": "true",
+                                                   "ROOTSYNC_REBOOT_WAIT": str(PATIENCE)}) as proc:
+            wait_for(lambda: "rebooting" in (b.base / "agent.log").read_text(), PATIENCE, "the restore to finish")
             assert status(b)["paired"]
             r = run_agent(b, "backup")
             assert r.returncode == EX_BUSY, r.output
             assert proc.poll() is None
-        finally:
-            kill_group(proc)
 
 
 def test_report_only_adoption_changes_nothing(tmp_path):
@@ -214,18 +214,15 @@ def test_the_udev_hand_off_returns_at_once_and_the_attach_runs_outside_it(tmp_pa
     no_init_system_here("attach")
     a = new_instance(tmp_path / "a", label_for(tmp_path))
     (a.root / "etc").mkdir(parents=True)
-    with loop_image(tmp_path / "vol.img", 64, a.label) as dev:
+    # The attach runs in a session of its own, which agents_ended ends too.
+    with loop_image(tmp_path / "vol.img", 64, a.label) as dev, agents_ended(a):
         t = time.monotonic()
         r = run_agent(a, "udev-add", dev)
         assert r.returncode == 0, r.output
         assert time.monotonic() - t < 2, "udev-add must hand over and return, not do the work"
-        wait_for(lambda: mounted_at(a.mount_point) == dev and status(a)["current"], 60,
+        wait_for(lambda: mounted_at(a.mount_point) == dev and status(a)["current"], PATIENCE,
                  "the attach started by udev-add to mount and back up")
-        wait_for(lambda: not (a.run_dir / "lock").exists() or _lock_free(a), 30, "the attach to finish")
-
-
-def _lock_free(inst) -> bool:
-    return sh.run(["flock", "-n", str(inst.run_dir / "lock"), "true"], check=False, quiet=True).returncode == 0
+        wait_for(lambda: not (a.run_dir / "lock").exists() or lock_free(a), PATIENCE, "the attach to finish")
 
 
 @pytest.mark.parametrize("old", ["device-gone", "not-the-volume"])
@@ -281,11 +278,13 @@ def test_the_udev_remove_hand_off_returns_at_once_and_the_detach_runs_outside_it
     no_init_system_here("detach")
     a = new_instance(tmp_path / "a", label_for(tmp_path))
     (a.root / "etc").mkdir(parents=True)
-    with loop_image(tmp_path / "vol.img", 64, a.label) as dev, mounted_through_node(tmp_path, a, dev) as node:
+    # The detach runs in a session of its own, which agents_ended ends too.
+    with loop_image(tmp_path / "vol.img", 64, a.label) as dev, mounted_through_node(tmp_path, a, dev) as node, \
+            agents_ended(a):
         attach(a)
         node.unlink()
         t = time.monotonic()
         r = run_agent(a, "udev-remove", str(node))
         assert r.returncode == 0, r.output
         assert time.monotonic() - t < 2, "udev-remove must hand over and return, not do the work"
-        wait_for(lambda: sources_at(a.mount_point) == [], 30, "the detach started by udev-remove to unmount")
+        wait_for(lambda: sources_at(a.mount_point) == [], PATIENCE, "the detach started by udev-remove to unmount")

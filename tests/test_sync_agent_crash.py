@@ -10,9 +10,9 @@ import shutil
 
 import pytest
 
-from syncagent_helpers import (EX_FAIL, attach, backup, content, kill_group, label_for, listing,
-                               make_rich_root, mounted_volume, move_volume, needs_root_and_tools,
-                               new_instance, run_agent, start_agent, status, wait_for, wait_paused)
+from syncagent_helpers import (EX_FAIL, PATIENCE, attach, backup, content, label_for, listing, make_rich_root,
+                               mounted_volume, move_volume, needs_root_and_tools, new_instance, run_agent,
+                               running_agent, status, wait_for, wait_paused)
 
 pytestmark = pytest.mark.usefixtures("needs_root_and_tools")
 
@@ -81,8 +81,7 @@ def test_backup_killed_at_any_point_leaves_a_complete_restorable_generation(tmp_
         env = {"ROOTSYNC_TEST_PAUSE_AT": stage}
         if stage == "mid-tree":
             env = {"ROOTSYNC_TEST_RSYNC_ARGS": "--bwlimit=150"}
-        proc = start_agent(a, "backup", env_extra=env)
-        try:
+        with running_agent(a, "backup", env_extra=env) as proc:
             if stage == "mid-tree":
                 work = a.volume_dir / "work"
 
@@ -91,13 +90,11 @@ def test_backup_killed_at_any_point_leaves_a_complete_restorable_generation(tmp_
                     return any(p.name.startswith("blob") and p.stat().st_size > 0
                                for p in work.glob("*/tree/srv/new/*"))
 
-                wait_for(some_new_blobs_copied, 60, "the copy to be under way")
+                wait_for(some_new_blobs_copied, PATIENCE, "the copy to be under way")
                 partial = list(work.glob("*/tree/srv/new/blob*"))
                 assert 0 < len(partial) < 12 or any(p.name.startswith(".") for p in partial)
             else:
                 wait_paused(a, stage, proc)
-        finally:
-            kill_group(proc)
         assert proc.returncode == -9
         restored = restore_elsewhere(tmp_path, dev, a, "fresh1")
         assert_is_state(restored, state_a if expected == "A" else state_b, expected)
@@ -124,11 +121,8 @@ def test_incremental_backup_killed_leaves_a_complete_restorable_generation(tmp_p
         changes = tmp_path / "changes"
         changes.write_text(f"CLOSE_WRITE,CLOSE {a.root}/etc/hostname\nDELETE {a.root}/etc/passwd\n")
         state_b = snapshot(a.root)
-        proc = start_agent(a, "backup", "--changes", str(changes), env_extra={"ROOTSYNC_TEST_PAUSE_AT": stage})
-        try:
+        with running_agent(a, "backup", "--changes", str(changes), env_extra={"ROOTSYNC_TEST_PAUSE_AT": stage}) as proc:
             wait_paused(a, stage, proc)
-        finally:
-            kill_group(proc)
         restored = restore_elsewhere(tmp_path, dev, a, "fresh1")
         assert_is_state(restored, state_a if expected == "A" else state_b, expected)
         r = run_agent(a, "backup", "--changes", str(changes))
@@ -170,15 +164,12 @@ def test_a_backup_killed_when_the_volume_filled_up_is_cleaned_by_the_next(tmp_pa
         state_a = snapshot(a.root)
         (a.root / "srv/huge").write_bytes(os.urandom(40 * 1024 * 1024))
         # Stopped after rsync failed on the full volume, before its own clean-up.
-        proc = start_agent(a, "backup", env_extra={"ROOTSYNC_TEST_RSYNC_ARGS": "--bwlimit=4000"})
-        try:
+        with running_agent(a, "backup", env_extra={"ROOTSYNC_TEST_RSYNC_ARGS": "--bwlimit=4000"}) as proc:
             def volume_full():
                 assert proc.poll() is None or proc.returncode == EX_FAIL
                 free = os.statvfs(a.mount_point)
                 return free.f_bavail * free.f_frsize < 2 * 1024 * 1024 or proc.poll() is not None
-            wait_for(volume_full, 60, "the volume to fill up")
-        finally:
-            kill_group(proc)
+            wait_for(volume_full, PATIENCE, "the volume to fill up")
         restored = restore_elsewhere(tmp_path, dev, a, "fresh1")
         assert_is_state(restored, state_a, "A")
         (a.root / "srv/huge").unlink()
@@ -197,11 +188,8 @@ def test_a_backup_killed_while_pruning_leaves_the_new_generation_current(tmp_pat
         backup(a)
         change_to_state_b(a.root)
         state_b = snapshot(a.root)
-        proc = start_agent(a, "backup", env_extra={"ROOTSYNC_TEST_PAUSE_AT": "pruning"})
-        try:
+        with running_agent(a, "backup", env_extra={"ROOTSYNC_TEST_PAUSE_AT": "pruning"}) as proc:
             wait_paused(a, "pruning", proc)
-        finally:
-            kill_group(proc)
         # The pruned generation is out of generations/ before any of it is deleted.
         assert not (a.volume_dir / "generations" / oldest).exists()
         assert (a.volume_dir / "work" / f"pruning-{oldest}").exists()
