@@ -77,7 +77,13 @@ class Instance:
         for k, v in self.extra_conf.items():
             lines = [ln for ln in lines if not ln.startswith(k + "=")] + [f"{k}={v}"]
         lines += [f"exclude={e}" for e in self.excludes]
-        self.conf.write_text("\n".join(lines) + "\n")
+        text = "\n".join(lines) + "\n"
+        # Written before every run of the agent, while another (a watcher) may be reading
+        # it: replaced whole, never truncated under a reader, which would take defaults.
+        if not self.conf.exists() or self.conf.read_text() != text:
+            new = self.conf.with_name(self.conf.name + ".new")
+            new.write_text(text)
+            os.replace(new, self.conf)
 
     def env(self, **extra: str) -> dict[str, str]:
         self.write_conf()
