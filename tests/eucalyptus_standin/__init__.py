@@ -121,7 +121,10 @@ class Standin:
             front._ec2_TerminateInstances({"Action": "TerminateInstances", "InstanceId.1": iid})
             removed.append(iid)
         for vid in volumes:
-            front._ec2_forward({"Action": "DetachVolume", "VolumeId": vid, "Force": "true"})
+            # moto cannot detach a volume attached to nothing (it looks the instance up by
+            # None); such a volume has nothing to detach
+            with contextlib.suppress(Exception):
+                front._ec2_forward({"Action": "DetachVolume", "VolumeId": vid, "Force": "true"})
             front._ec2_forward({"Action": "DeleteVolume", "VolumeId": vid})
             with front._lock:
                 front.volumes.pop(vid, None)
