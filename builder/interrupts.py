@@ -7,6 +7,16 @@ in the background of a non-interactive shell inherits SIGINT ignored). Later sig
 only say that cleanup is under way. Cleanup code runs inside `deferred()`: a signal that
 arrives there is held until the block is done, so it cannot leave a mount half undone.
 
+Python runs signal handlers in the main thread only, and only between two steps of
+Python code. When the kernel hands a process-wide signal to another thread (it does
+when the main thread already has one pending, as after SIGINT and SIGTERM sent back to
+back on a busy machine), the main thread is not woken from a blocking wait such as
+`waitpid` and the handler would not run until that wait ends by itself, which for a
+hook that sleeps is never. So every thread started after `install()`, bake's own or a
+library's, starts with SIGINT and SIGTERM blocked, and the kernel can only hand them to
+the main thread; and bake's own waits in the main thread wake up at least twice a
+second (`sh.run`).
+
 From the first signal on, the bake has `BOUND` seconds to finish its cleanup; a cleanup
 that talks to a cloud may ask for more (`extend`). Past that the process ends with
 status 130 at once: its watchdog ends every process it started, and the next bake (or
@@ -23,6 +33,7 @@ import threading
 import time
 from typing import Iterator
 
+SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 BOUND = 30.0            # seconds from the first SIGINT/SIGTERM to the end of the process
 EXIT_INTERRUPTED = 130
 
@@ -72,10 +83,28 @@ def _enforce_bound() -> None:
     os._exit(EXIT_INTERRUPTED)
 
 
+_thread_start = threading.Thread.start
+
+
+def _start_with_signals_blocked(self: threading.Thread) -> None:
+    """`Thread.start`, with SIGINT and SIGTERM blocked in the new thread (a thread
+    inherits the signal mask of the one that creates it)."""
+    if threading.current_thread() is not threading.main_thread():
+        _thread_start(self)         # other threads already have them blocked
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        _thread_start(self)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def install() -> None:
     """Handle SIGINT and SIGTERM as described above (main thread only)."""
-    for s in (signal.SIGINT, signal.SIGTERM):
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+    for s in SIGNALS:
         signal.signal(s, _handler)
+    threading.Thread.start = _start_with_signals_blocked  # type: ignore[method-assign]
     _s.installed = True
 
 

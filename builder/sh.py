@@ -81,6 +81,33 @@ def _stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+# The longest a wait of the main thread blocks in one call: Python runs a signal handler
+# only when the main thread runs Python code (see `interrupts`).
+WAKE = 0.5
+
+
+def _wait(proc: subprocess.Popen, timeout: float | None) -> int:
+    """`proc.wait(timeout)`, never blocking in one system call for longer than WAKE."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        step = WAKE if deadline is None else min(WAKE, deadline - time.monotonic())
+        try:
+            return proc.wait(max(step, 0.0))
+        except subprocess.TimeoutExpired:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
+
+
+def _join(thread: threading.Thread, timeout: float | None) -> None:
+    """`thread.join(timeout)` in steps of at most WAKE."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while thread.is_alive():
+        left = WAKE if deadline is None else deadline - time.monotonic()
+        if left <= 0:
+            return
+        thread.join(min(WAKE, left))
+
+
 def run(
     argv: Sequence[str | os.PathLike],
     *,
@@ -156,7 +183,7 @@ def run(
     timed_out = False
     try:
         try:
-            proc.wait(timeout)
+            _wait(proc, timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
             _stop_group(proc, grace=2.0)
@@ -164,11 +191,11 @@ def run(
         # until the pipe closes; with one, until the deadline (a process it left behind
         # may hold the pipe), and after a timeout, what is already in the pipe.
         if timed_out:
-            reader.join(OUTPUT_LINGER)
+            _join(reader, OUTPUT_LINGER)
         elif timeout is None:
-            reader.join()
+            _join(reader, None)
         else:
-            reader.join(max(OUTPUT_LINGER, timeout - (time.monotonic() - start)))
+            _join(reader, max(OUTPUT_LINGER, timeout - (time.monotonic() - start)))
     except BaseException:
         with deferred():
             _stop_group(proc)

@@ -124,3 +124,70 @@ def test_a_cleanup_that_overruns_the_bound_is_ended_with_status_130(tmp_path, ch
     assert p.returncode == 130, err
     assert "cleanup did not finish within the bound" in err
     assert time.monotonic() - sent < 60, "ended by the bound, not by the 600 s cleanup"
+
+
+def blocked_signals(pid: int, tid: int) -> set[int]:
+    for line in open(f"/proc/{pid}/task/{tid}/status"):
+        if line.startswith("SigBlk:"):
+            mask = int(line.split()[1], 16)
+            return {n for n in range(1, 65) if mask & (1 << (n - 1))}
+    raise AssertionError(f"no SigBlk line for thread {tid} of {pid}")
+
+
+def test_only_the_main_thread_can_receive_sigint_and_sigterm(tmp_path, children):
+    # The kernel hands a process-wide signal to any thread that does not block it; one
+    # handled on another thread leaves the main thread asleep in its wait.
+    p = child(tmp_path, """
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+        from builder import sh
+        interrupts.install()
+        gate = threading.Event()
+        threading.Thread(target=gate.wait, daemon=True).start()
+        pool = ThreadPoolExecutor(2)
+        pool.submit(gate.wait)
+        pool.submit(gate.wait)
+        try:
+            sh.run(["sh", "-c", "touch %s/ready; exec sleep 600" % tmp])
+        except KeyboardInterrupt:
+            gate.set()
+            print("interrupted", flush=True)
+            sys.exit(130)
+    """)
+    children.append(p)
+    wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, 60, "the command to start")
+    threads = [int(t) for t in __import__("os").listdir(f"/proc/{p.pid}/task")]
+    others = [t for t in threads if t != p.pid]
+    assert len(others) >= 4, f"the child should run its output reader and three more threads: {threads}"
+    assert not blocked_signals(p.pid, p.pid) & {signal.SIGINT, signal.SIGTERM}
+    for t in others:
+        assert {signal.SIGINT, signal.SIGTERM} <= blocked_signals(p.pid, t), f"thread {t} can receive them"
+    p.send_signal(signal.SIGINT)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and out == "interrupted\n", err
+
+
+def test_a_signal_handled_on_another_thread_still_wakes_a_waiting_command(tmp_path, children):
+    # A thread that did not come through `threading.Thread.start` (a C library's) takes
+    # the signal itself; the main thread, waiting for a command, must still act on it.
+    p = child(tmp_path, """
+        import _thread, signal, threading
+        from builder import sh
+        interrupts.install()
+        def hit():
+            while not (tmp / "ready").exists():
+                time.sleep(0.05)
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        _thread.start_new_thread(hit, ())
+        try:
+            sh.run(["sh", "-c", "echo $$ > %s/pid.tmp; mv %s/pid.tmp %s/ready; exec sleep 600" % (tmp, tmp, tmp)])
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+            sys.exit(130)
+    """)
+    children.append(p)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and out == "interrupted\n", err
+    sleeper = int((tmp_path / "ready").read_text())
+    wait_for(lambda: not __import__("os").path.exists(f"/proc/{sleeper}"), 30, "the command's process to end")
