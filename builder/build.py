@@ -84,14 +84,21 @@ class Build:
         tmp.write_text(json.dumps(self.data, indent=2, sort_keys=False) + "\n")
         os.replace(tmp, self.dir / RECORD)
 
-    def lock(self, *, wait: bool = True):
-        """Hold this build for the block (a context manager): one bake, verification or
-        publication works on a build folder at a time; the lock ends with its holder."""
-        from . import lifetime, locks
+    @property
+    def lock_path(self) -> Path:
+        """The lock file of this build folder (`locks.is_held` on it tells whether some
+        command works on the build now)."""
+        from . import lifetime
         # kept beside bake's journals, not in the folder: a command refused for what the
         # folder lacks must leave it exactly as it was
         name = hashlib.sha256(str(self.dir.resolve()).encode()).hexdigest()[:32]
-        return locks.held(lifetime.state_dir() / "builds" / f"{name}.lock", f"build {self.dir}", wait=wait)
+        return lifetime.state_dir() / "builds" / f"{name}.lock"
+
+    def lock(self, *, wait: bool = True):
+        """Hold this build for the block (a context manager): one bake, verification or
+        publication works on a build folder at a time; the lock ends with its holder."""
+        from . import locks
+        return locks.held(self.lock_path, f"build {self.dir}", wait=wait)
 
     @property
     def id(self) -> str:
