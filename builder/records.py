@@ -95,7 +95,10 @@ def failed_stage(data: dict[str, Any]) -> str | None:
 
 def is_building(build: Build) -> bool:
     """Whether a command (a bake, a verification, a publication) holds the build now."""
-    return locks.is_held(build.lock_path)
+    try:
+        return locks.is_held(build.lock_path)
+    except OSError:
+        return True     # cannot tell: a live bake must not be called dead
 
 
 def state_of(build: Build) -> tuple[str, str | None]:
@@ -212,7 +215,8 @@ def resolve_build(spec: str, output_root: str | os.PathLike) -> Build:
     if len(parts) == 2 and (root / parts[0] / parts[1]).exists():
         return load_build(root / parts[0] / parts[1])
     if len(parts) == 1:
-        matches = [d / spec for d in (sorted(root.iterdir()) if root.is_dir() else ()) if (d / spec).is_dir()]
+        recipes = _subdirs(root, []) if root.is_dir() else []
+        matches = [d / spec for d in recipes if (d / spec).is_dir()]
         if len(matches) == 1:
             return load_build(matches[0])
         if len(matches) > 1:
@@ -270,7 +274,6 @@ def render_table(builds: list[BuildSummary]) -> str:
 
 def _state_sentence(build: Build) -> str:
     state, stage = state_of(build)
-    data = build.data
     if state == BUILDING:
         return f"building: held by {locks.holder_of(build.lock_path)}"
     if state == KILLED:
