@@ -15,10 +15,12 @@ import sys
 from pathlib import Path
 
 from .errors import BakeError
-from . import interrupts
+from .locks import Busy
+from .schemaerrors import RecipeError
+from . import exitcodes, interrupts
 from . import log as steplog
 
-AREA_CLIS = ("builder.bundle.cli", "builder.cloud.cli", "builder.verify.cli")
+AREA_CLIS = ("builder.bundle.cli", "builder.cloud.cli", "builder.verify.cli", "builder.records")
 # Commands that mount, boot or write builds: before them, what killed bakes left is undone.
 CLEANS_FIRST = ("build", "bundle", "publish", "unpublish", "verify")
 
@@ -66,7 +68,7 @@ def cmd_validate(args) -> int:
             continue
         print(f"{path}: ok ({r.name}, {r.release.distro}/{r.release.suite}, {r.arch}, "
               f"elements: {', '.join(r.element_names) or 'none'})", flush=True)
-    return 1 if failed else 0
+    return exitcodes.RECIPE_INVALID if failed else exitcodes.OK
 
 
 def cmd_plan(args) -> int:
@@ -83,19 +85,39 @@ def cmd_plan(args) -> int:
 
 
 def cmd_build(args) -> int:
+    if len(args.recipes) > 1:
+        return _build_many(args)
     from .pipeline import bake
     from .recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipes[0])
     build = bake(recipe, output_root=Path(args.output), stop_after=args.stop_after,
-                 skip=set(args.skip or ()), cloud=args.cloud)
+                 skip=set(args.skip or ()), cloud=args.cloud, wait=not args.no_wait)
     report = build.dir / "verify.json"
     if report.is_file() and not args.quiet:
         import json
         from .verify import render_table
         print(render_table(json.loads(report.read_text())), file=sys.stderr)
     print(build.dir)
-    return 0 if build.data.get("result", "ok") == "ok" else 1
+    return exitcodes.for_build(build.data)
+
+
+def _build_many(args) -> int:
+    from .many import bake_many, render_summary
+
+    build_args: list[str] = []
+    if args.stop_after:
+        build_args += ["--stop-after", args.stop_after]
+    for s in args.skip or ():
+        build_args += ["--skip", s]
+    if args.cloud:
+        build_args.append("--cloud")
+    if args.no_wait:
+        build_args.append("--no-wait")
+    global_args = ["-v"] * args.verbose + (["-q"] if args.quiet else [])
+    status, jobs = bake_many(args.recipes, build_args, args.jobs, global_args=global_args, output=args.output)
+    print(render_summary(jobs), flush=True)
+    return status
 
 
 def cmd_doctor(args) -> int:
@@ -153,9 +175,15 @@ def _build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--markdown", action="store_true", help="render the reference as Markdown")
     sp.set_defaults(func=cmd_schema)
 
-    sp = sub.add_parser("build", help="bake a recipe: bootstrap, customize, image, then bundle/publish/verify as configured")
-    sp.add_argument("recipe", metavar="RECIPE")
+    sp = sub.add_parser("build", help="bake recipes: bootstrap, customize, image, then bundle/publish/verify as configured",
+                        epilog="Exit statuses: " + "; ".join(f"{n} {text}" for n, text in exitcodes.TABLE) + ".")
+    sp.add_argument("recipes", nargs="+", metavar="RECIPE")
     sp.add_argument("--output", default=os.environ.get("BAKE_OUTPUT", "output"), help="output root (default: $BAKE_OUTPUT, else output)")
+    sp.add_argument("-j", "--jobs", type=int, default=1, metavar="N",
+                    help="with several recipes: bake N at a time (default 1); each in a process of its own")
+    sp.add_argument("--no-wait", action="store_true",
+                    help=f"when another bake holds the recipe, exit at once with status {exitcodes.BUSY} "
+                         "(default: wait for it)")
     sp.add_argument("--stop-after", choices=("bootstrap", "customize", "image", "bundle", "publish", "verify"),
                     help="stop after this stage")
     sp.add_argument("--skip", action="append", choices=("bundle", "publish", "verify"),
@@ -279,7 +307,7 @@ def _run(argv: list[str]) -> int:
     args = parser.parse_args(_with_build_command(argv, commands, parser))
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return exitcodes.USAGE
     _setup_logging(args.verbose, args.quiet)
     interrupts.install()
     try:
@@ -289,12 +317,18 @@ def _run(argv: list[str]) -> int:
         status = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, while it can still be handled
         return status
+    except Busy as e:
+        print(f"bake: busy: {e}", file=sys.stderr)
+        return exitcodes.BUSY
+    except RecipeError as e:
+        print(f"bake: error: {e}", file=sys.stderr)
+        return exitcodes.RECIPE_INVALID
     except BakeError as e:
         print(f"bake: error: {e}", file=sys.stderr)
-        return 1
+        return exitcodes.FAILED
     except KeyboardInterrupt:
         print("bake: interrupted; everything mounted or started was undone", file=sys.stderr)
-        return interrupts.EXIT_INTERRUPTED
+        return exitcodes.INTERRUPTED
 
 
 if __name__ == "__main__":

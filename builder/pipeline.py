@@ -7,13 +7,15 @@ folder is removed and build.json says what failed.
 
 from __future__ import annotations
 
+import datetime as _dt
 import importlib
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
 
-from . import lifetime, sh
+from . import lifetime, locks, sh
 from .interrupts import deferred
 from .build import Build
 from .errors import BakeError
@@ -31,11 +33,26 @@ def _later_stage(name: str):
     return importlib.import_module(f"builder.stages.{name}")
 
 
+def recipe_lock(name: str, *, wait: bool = True):
+    """Hold recipe `name` for the block: one bake of a recipe at a time on this box (a
+    second waits, or with `wait=False` raises locks.Busy naming the holder). An flock:
+    the kernel releases it when its holder dies, however it dies."""
+    return locks.held(lifetime.state_dir() / "recipes" / f"{name}.lock", f"recipe {name}", wait=wait)
+
+
 def bake(recipe: Recipe, output_root: Path, *, stop_after: str | None = None,
-         skip: set[str] | None = None, cloud: bool = False, build_id: str | None = None) -> Build:
-    """Run the recipe's stages into a new build directory and return the build."""
+         skip: set[str] | None = None, cloud: bool = False, build_id: str | None = None,
+         wait: bool = True) -> Build:
+    """Run the recipe's stages into a new build directory and return the build. Another
+    bake of the same recipe is waited for (`wait=False`: locks.Busy at once)."""
     sh.require("debootstrap", "chroot", "mount", "tar")
-    skip = set(skip or ())
+    with recipe_lock(recipe.name, wait=wait):
+        return _bake(recipe, output_root, stop_after=stop_after, skip=skip or set(), cloud=cloud,
+                     build_id=build_id)
+
+
+def _bake(recipe: Recipe, output_root: Path, *, stop_after: str | None, skip: set[str], cloud: bool,
+          build_id: str | None) -> Build:
     output_root = Path(output_root).resolve()
     plan = make_plan(recipe, output_root)  # mirrors and packages resolve before anything is made
     build = Build.create(output_root, recipe.name, build_id)
@@ -43,7 +60,7 @@ def bake(recipe: Recipe, output_root: Path, *, stop_after: str | None = None,
         "recipe": {"name": recipe.name, "path": str(recipe.path)},
         "release": str(recipe.release), "arch": recipe.arch, "mirror": plan.mirror,
         "elements": [{"name": u.name, "params": u.params} for u in recipe.elements],
-        "result": "running",
+        "result": "running", "pid": os.getpid(),
     })
     build.save()
     with build.lock(), lifetime.tracked("build", build.dir), \
@@ -57,15 +74,18 @@ def _run_stages(build: Build, recipe: Recipe, plan, output_root: Path, *, stop_a
     work.mkdir()
     start = time.monotonic()
     stages_run: list[str] = []
+    current = "bootstrap"
     try:
         with step(f"Bake {recipe.name} → {build.dir}"):
             fresh = bootstrap.run(build, recipe, plan, work)
             stages_run.append("bootstrap")
             if stop_after != "bootstrap":
+                current = "customize"
                 plan = make_plan(recipe, output_root)  # the checkpoint key follows the base just made
                 root = customize.run(build, recipe, plan, work, fresh)
                 stages_run.append("customize")
                 if stop_after != "customize":
+                    current = "image"
                     image.run(build, recipe, root)
                     stages_run.append("image")
                     shutil.rmtree(work)
@@ -79,6 +99,7 @@ def _run_stages(build: Build, recipe: Recipe, plan, output_root: Path, *, stop_a
                         if section.get("enabled") is False:
                             build.record_stage(name, skipped="disabled in the recipe")
                             continue
+                        current = name
                         mod = _later_stage(name)
                         if name == "verify" and cloud:
                             mod.run(build, recipe, cloud=True)
@@ -86,11 +107,15 @@ def _run_stages(build: Build, recipe: Recipe, plan, output_root: Path, *, stop_a
                             mod.run(build, recipe)
                         stages_run.append(name)
                         if build.data.get("result") == "failed":
+                            build.data["failed_stage"] = name
                             break
     except BaseException as e:
         build.data["result"] = "failed"
+        build.data["failed_stage"] = current
+        build.data["stages_run"] = stages_run
         build.data["error"] = (str(e) if isinstance(e, BakeError) else "interrupted" if isinstance(e, KeyboardInterrupt)
                                else f"{type(e).__name__}: {e}")
+        build.data["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         build.save()
         with deferred():
             _discard(work)
@@ -99,6 +124,7 @@ def _run_stages(build: Build, recipe: Recipe, plan, output_root: Path, *, stop_a
         build.data["result"] = "ok"
     build.data["stages_run"] = stages_run
     build.data["seconds"] = round(time.monotonic() - start, 2)
+    build.data["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     build.save()
     _discard(work)
     return build

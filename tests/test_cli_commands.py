@@ -41,7 +41,7 @@ def test_shorthand_takes_build_options_before_or_after_the_recipe(tmp_path, args
     argv = [str(TYPO) if a == "RECIPE" else a.replace("OUT", str(out)) for a in args]
     r = bake(*argv)
     # the recipe was read (and refused) by the build command: the options were understood
-    assert r.returncode == 1, r.stderr
+    assert r.returncode == 3, r.stderr  # recipe invalid
     assert r.stderr.strip().splitlines()[-1] == TYPO_ERROR
     assert "unrecognized arguments" not in r.stderr and "Traceback" not in r.stderr
     assert r.stdout == ""
@@ -59,7 +59,7 @@ def test_shorthand_options_reach_the_build_command(tmp_path):
 def test_an_existing_file_without_yml_suffix_is_a_recipe(tmp_path):
     (tmp_path / "myrecipe").write_text(TYPO.read_text())
     r = bake("myrecipe", cwd=tmp_path)
-    assert r.returncode == 1
+    assert r.returncode == 3
     assert r.stderr.strip() == "bake: error: myrecipe:3: pakages: unknown key 'pakages' (did you mean 'packages'?)"
 
 
@@ -91,7 +91,7 @@ def test_an_unknown_word_with_no_close_command_gets_no_suggestion(tmp_path):
 def test_validate_reports_every_file(tmp_path):
     missing = tmp_path / "nosuch.yml"
     r = bake("validate", LUCID, TYPO, missing, DEMO)
-    assert r.returncode == 1
+    assert r.returncode == 3
     ok = r.stdout.splitlines()
     assert [line.split(": ok (")[0] for line in ok] == [str(LUCID), str(DEMO)]
     assert r.stderr.splitlines() == [TYPO_ERROR, f"bake: error: {missing}: no such recipe file"]

@@ -31,7 +31,7 @@ def refused(tmp_path: Path, text: str) -> str:
     """The one error line `bake validate` prints for a recipe it refuses, without the
     recipe's path."""
     rc, out, err = validate(tmp_path, text)
-    assert rc == 1, out
+    assert rc == 3, out  # recipe invalid
     assert out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1, err

@@ -70,7 +70,7 @@ def test_cli_prints_one_error_and_builds_nothing(tmp_path):
     recipe = BAD / "24-element-param-type.yml"
     env = dict(os.environ, BAKE_ELEMENTS_PATH=str(TEST_ELEMENTS))
     r = subprocess.run([BAKE, "build", str(recipe), "--output", str(tmp_path)], capture_output=True, text=True, env=env)
-    assert r.returncode == 1
+    assert r.returncode == 3  # recipe invalid
     assert r.stdout == ""
     assert r.stderr.strip().splitlines() == [
         f'bake: error: {recipe}:8: elements[2].with.interval: expected a whole number, found "five" (a string)'
@@ -82,6 +82,6 @@ def test_validate_checks_every_recipe_and_fails_on_the_bad_one(tmp_path):
     good = HERE.parent / "recipes" / "lucid-uec.yml"
     bad = BAD / "12-unknown-key-typo.yml"
     r = subprocess.run([BAKE, "validate", str(good), str(bad)], capture_output=True, text=True)
-    assert r.returncode == 1
+    assert r.returncode == 3
     assert f"{good}: ok" in r.stdout
     assert f"{bad}:3: pakages: unknown key 'pakages' (did you mean 'packages'?)" in r.stderr

@@ -33,7 +33,7 @@ def recipe(tmp_path: Path, release: str, extra: str = "") -> Path:
 def release_error(tmp_path: Path, release: str) -> str:
     f = recipe(tmp_path, release)
     r = bake("validate", str(f))
-    assert r.returncode == 1 and r.stdout == ""
+    assert r.returncode == 3 and r.stdout == ""
     prefix = f"bake: error: {f}:2: release: "
     line = r.stderr.strip()
     assert "\n" not in line and line.startswith(prefix), r.stderr
@@ -151,7 +151,7 @@ def test_bake_mirror_that_is_not_a_url_is_refused_before_anything_runs(tmp_path)
 def test_a_recipe_mirror_that_is_not_an_archive_url_is_refused(tmp_path, mirror):
     f = recipe(tmp_path, "debian/bookworm", f"mirror: '{mirror}'\n")
     r = bake("validate", str(f))
-    assert r.returncode == 1
+    assert r.returncode == 3
     assert r.stderr.strip() == (
         f'bake: error: {f}:3: mirror: expected an http://, https:// or file:// URL, found "{mirror}" (a string)')
 
@@ -173,5 +173,5 @@ def test_i386_is_refused_where_the_release_has_no_i386_kernel(tmp_path, release,
     if ok:
         assert proc.returncode == 0, proc.stderr
     else:
-        assert proc.returncode == 1
+        assert proc.returncode == 3
         assert f"{recipe}:3: arch: {release} has no i386 kernel; use x86_64" in proc.stderr

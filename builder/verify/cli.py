@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .. import exitcodes
+
 
 def cmd_verify(args) -> int:
     from ..build import Build
@@ -24,7 +26,7 @@ def cmd_verify(args) -> int:
         print(json.dumps(report.as_dict(), indent=2, default=str))
     else:
         print(render_table(report))
-    return 0 if report.ok else 1
+    return exitcodes.OK if report.ok else exitcodes.VERIFY_FAILED
 
 
 def register(subparsers) -> None:
@@ -32,7 +34,7 @@ def register(subparsers) -> None:
         "verify", help="boot a build (under QEMU, or on the cloud it was published to) and check it",
         description="Boot the build's kernel, ramdisk and image as a Eucalyptus node does and run the checks: "
                     "boots, metadata, acpiphp, volume-hotplug, sync-agent and the recipe's own. "
-                    "Writes verify.json in the build directory; exits 1 when a check fails.")
+                    "Writes verify.json in the build directory; exits 5 when a check fails.")
     sp.add_argument("build_dir", metavar="BUILD_DIR", help="a build directory (output/<recipe>/<build-id>)")
     sp.add_argument("--cloud", action="store_true", help="run an instance on the cloud the build was published to")
     sp.add_argument("--checks", action="append", metavar="NAME[,NAME...]",

@@ -1,0 +1,7 @@
+"""`python -m builder ...` is `bake ...` (how `bake build A B -j N` starts each bake)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
