@@ -46,15 +46,17 @@ def bake(recipe: Recipe, output_root: Path, *, stop_after: str | None = None,
     """Run the recipe's stages into a new build directory and return the build. Another
     bake of the same recipe is waited for (`wait=False`: locks.Busy at once)."""
     sh.require("debootstrap", "chroot", "mount", "tar")
+    output_root = Path(output_root).resolve()
+    # mirrors and packages resolve before anything is made, and before waiting for the
+    # recipe: bad input is said at once
+    plan = make_plan(recipe, output_root)
     with recipe_lock(recipe.name, wait=wait):
-        return _bake(recipe, output_root, stop_after=stop_after, skip=skip or set(), cloud=cloud,
+        return _bake(recipe, plan, output_root, stop_after=stop_after, skip=skip or set(), cloud=cloud,
                      build_id=build_id)
 
 
-def _bake(recipe: Recipe, output_root: Path, *, stop_after: str | None, skip: set[str], cloud: bool,
+def _bake(recipe: Recipe, plan, output_root: Path, *, stop_after: str | None, skip: set[str], cloud: bool,
           build_id: str | None) -> Build:
-    output_root = Path(output_root).resolve()
-    plan = make_plan(recipe, output_root)  # mirrors and packages resolve before anything is made
     build = Build.create(output_root, recipe.name, build_id)
     build.data.update({
         "recipe": {"name": recipe.name, "path": str(recipe.path)},

@@ -10,34 +10,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
 from builder import lifetime, sh
-from conftest import BAKE, REPO
+from conftest import BAKE
+from shared_base import intact, recipes
 
 pytestmark = pytest.mark.e2e
 
-ROUNDS = 3
-
-
-def recipes(tmp_path: Path) -> list[Path]:
-    """The demo recipe and a copy under another name (a file of its own, so the images
-    differ while base and packages are the same)."""
-    demo = yaml.safe_load((REPO / "recipes" / "debian-demo.yml").read_text())
-    paths = []
-    for name in ("shared-base-a", "shared-base-b"):
-        data = dict(demo, name=name)
-        own = tmp_path / f"{name}.txt"
-        own.write_text(f"{name}\n")
-        data["files"] = [*(demo.get("files") or []), {"source": str(own), "dest": f"/etc/{name}"}]
-        p = tmp_path / f"{name}.yml"
-        p.write_text(yaml.safe_dump(data))
-        paths.append(p)
-    return paths
-
-
-def intact(tar: Path) -> bool:
-    return sh.run(["tar", "-tf", tar], check=False, quiet=True).returncode == 0
+ROUNDS = 2      # a third round of two bakes on an empty cache is in test_many_bakes
 
 
 @pytest.mark.parametrize("round_", range(1, ROUNDS + 1))
