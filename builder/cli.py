@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import BakeError
 from .locks import Busy
 from .schemaerrors import RecipeError
-from . import exitcodes, interrupts
+from . import events, exitcodes, interrupts
 from . import log as steplog
 
 AREA_CLIS = ("builder.bundle.cli", "builder.cloud.cli", "builder.verify.cli", "builder.records")
@@ -91,6 +91,7 @@ def cmd_build(args) -> int:
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipes[0])
+    events.set_build(None, recipe.name)
     build = bake(recipe, output_root=Path(args.output), stop_after=args.stop_after,
                  skip=set(args.skip or ()), cloud=args.cloud, wait=not args.no_wait)
     report = build.dir / "verify.json"
@@ -98,7 +99,8 @@ def cmd_build(args) -> int:
         import json
         from .verify import render_table
         print(render_table(json.loads(report.read_text())), file=sys.stderr)
-    print(build.dir)
+    if not args.json:
+        print(build.dir)     # with --json, the result event names it
     return exitcodes.for_build(build.data)
 
 
@@ -114,9 +116,15 @@ def _build_many(args) -> int:
         build_args.append("--cloud")
     if args.no_wait:
         build_args.append("--no-wait")
+    if args.json:
+        build_args.append("--json")
     global_args = ["-v"] * args.verbose + (["-q"] if args.quiet else [])
     status, jobs = bake_many(args.recipes, build_args, args.jobs, global_args=global_args, output=args.output)
-    print(render_summary(jobs), flush=True)
+    if args.json:
+        events.set_build(None, None)
+        events.emit("summary", exit_status=status, recipes=[j.as_dict() for j in jobs])
+    else:
+        print(render_summary(jobs), flush=True)
     return status
 
 
@@ -189,6 +197,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--skip", action="append", choices=("bundle", "publish", "verify"),
                     help="skip this stage (repeatable)")
     sp.add_argument("--cloud", action="store_true", help="verify on the cloud instead of locally under QEMU")
+    sp.add_argument("--json", action="store_true",
+                    help="print events (stages, progress, checks, the result) as JSON lines on stdout, and nothing "
+                         "else there; schema: builder/schema/events.schema.json")
     sp.set_defaults(func=cmd_build)
 
     sp = sub.add_parser("doctor", help="undo what killed bakes left behind (mounts, loop devices, processes, "
@@ -310,6 +321,8 @@ def _run(argv: list[str]) -> int:
         return exitcodes.USAGE
     _setup_logging(args.verbose, args.quiet)
     interrupts.install()
+    if getattr(args, "json", False) and args.command == "build":
+        events.enable(sys.stdout)
     try:
         if args.command in CLEANS_FIRST:
             from . import lifetime
@@ -318,17 +331,19 @@ def _run(argv: list[str]) -> int:
         sys.stdout.flush()  # a closed pipe shows here, while it can still be handled
         return status
     except Busy as e:
-        print(f"bake: busy: {e}", file=sys.stderr)
-        return exitcodes.BUSY
+        return _failed(f"bake: busy: {e}", exitcodes.BUSY)
     except RecipeError as e:
-        print(f"bake: error: {e}", file=sys.stderr)
-        return exitcodes.RECIPE_INVALID
+        return _failed(f"bake: error: {e}", exitcodes.RECIPE_INVALID)
     except BakeError as e:
-        print(f"bake: error: {e}", file=sys.stderr)
-        return exitcodes.FAILED
+        return _failed(f"bake: error: {e}", exitcodes.FAILED)
     except KeyboardInterrupt:
-        print("bake: interrupted; everything mounted or started was undone", file=sys.stderr)
-        return exitcodes.INTERRUPTED
+        return _failed("bake: interrupted; everything mounted or started was undone", exitcodes.INTERRUPTED)
+
+
+def _failed(message: str, status: int) -> int:
+    print(message, file=sys.stderr)
+    events.emit("error", message=message.split(": ", 1)[1], exit_status=status)
+    return status
 
 
 if __name__ == "__main__":

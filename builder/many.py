@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from . import exitcodes, interrupts, lifetime
+from . import events, exitcodes, interrupts, lifetime
 from .errors import BakeError
 
 # How a bake's exit status reads in the summary.
@@ -54,8 +54,8 @@ class Job:
     stdout: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"recipe": self.name, "path": self.path, "status": self.status, "result": self.result,
-                "build_dir": self.build_dir, "seconds": round(self.seconds, 1), "error": self.error}
+        return {"recipe": self.name, "path": self.path, "exit_status": self.status, "result": self.result,
+                "dir": self.build_dir, "seconds": round(self.seconds, 1), "error": self.error}
 
 
 def _prefix_lines(stream: IO[str], name: str, out: IO[str]) -> None:
@@ -66,7 +66,11 @@ def _prefix_lines(stream: IO[str], name: str, out: IO[str]) -> None:
 
 
 def _collect(stream: IO[str], into: list[str]) -> None:
-    into.extend(stream)
+    """Keep a bake's stdout; with --json, its events are passed on as they come."""
+    for line in stream:
+        into.append(line)
+        if events.enabled() and line.startswith("{"):
+            events.relay(line)
 
 
 def bake_many(paths: list[str], build_args: list[str], jobs: int, *, global_args: list[str] = (),
@@ -87,6 +91,8 @@ def bake_many(paths: list[str], build_args: list[str], jobs: int, *, global_args
             # others are baked all the same
             job = Job(path, Path(path).stem, status=exitcodes.RECIPE_INVALID, result="invalid recipe", error=str(e))
             print(f"bake: error: {e}", file=out, flush=True)
+            events.set_build(None, None)
+            events.emit("error", message=str(e), exit_status=exitcodes.RECIPE_INVALID)
             done.append(job)
             continue
         todo.append(Job(path, name))

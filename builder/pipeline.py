@@ -7,6 +7,7 @@ folder is removed and build.json says what failed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib
 import logging
@@ -14,8 +15,9 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Iterator
 
-from . import lifetime, locks, sh
+from . import events, lifetime, locks, sh
 from .interrupts import deferred
 from .build import Build
 from .errors import BakeError
@@ -77,36 +79,42 @@ def _run_stages(build: Build, recipe: Recipe, plan, output_root: Path, *, stop_a
     start = time.monotonic()
     stages_run: list[str] = []
     current = "bootstrap"
+    events.set_build(build.id, recipe.name)
+    events.emit("build", dir=str(build.dir))
     try:
         with step(f"Bake {recipe.name} → {build.dir}"):
-            fresh = bootstrap.run(build, recipe, plan, work)
+            with _stage(build, "bootstrap"):
+                fresh = bootstrap.run(build, recipe, plan, work)
             stages_run.append("bootstrap")
             if stop_after != "bootstrap":
                 current = "customize"
-                plan = make_plan(recipe, output_root)  # the checkpoint key follows the base just made
-                root = customize.run(build, recipe, plan, work, fresh)
+                with _stage(build, "customize"):
+                    plan = make_plan(recipe, output_root)  # the checkpoint key follows the base just made
+                    root = customize.run(build, recipe, plan, work, fresh)
                 stages_run.append("customize")
                 if stop_after != "customize":
                     current = "image"
-                    image.run(build, recipe, root)
+                    with _stage(build, "image"):
+                        image.run(build, recipe, root)
                     stages_run.append("image")
                     shutil.rmtree(work)
                     for name in LATER_STAGES:
                         if stop_after in stages_run:
                             break
                         if name in skip:
-                            build.record_stage(name, skipped="--skip")
+                            _skipped(build, name, "--skip")
                             continue
                         section = recipe.section(name)
                         if section.get("enabled") is False:
-                            build.record_stage(name, skipped="disabled in the recipe")
+                            _skipped(build, name, "disabled in the recipe")
                             continue
                         current = name
                         mod = _later_stage(name)
-                        if name == "verify" and cloud:
-                            mod.run(build, recipe, cloud=True)
-                        else:
-                            mod.run(build, recipe)
+                        with _stage(build, name):
+                            if name == "verify" and cloud:
+                                mod.run(build, recipe, cloud=True)
+                            else:
+                                mod.run(build, recipe)
                         stages_run.append(name)
                         if build.data.get("result") == "failed":
                             build.data["failed_stage"] = name
@@ -121,6 +129,7 @@ def _run_stages(build: Build, recipe: Recipe, plan, output_root: Path, *, stop_a
         build.save()
         with deferred():
             _discard(work)
+        _result_event(build)
         raise
     if build.data.get("result") == "running":
         build.data["result"] = "ok"
@@ -129,7 +138,45 @@ def _run_stages(build: Build, recipe: Recipe, plan, output_root: Path, *, stop_a
     build.data["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     build.save()
     _discard(work)
+    _result_event(build)
     return build
+
+
+@contextlib.contextmanager
+def _stage(build: Build, name: str) -> Iterator[None]:
+    """Emit the stage's events around the block: started, then finished (with what the
+    stage recorded: cached, or skipped by the stage itself) or failed."""
+    events.emit("stage", stage=name, status="started")
+    start = time.monotonic()
+    try:
+        yield
+    except BaseException as e:
+        error = str(e) if isinstance(e, BakeError) else "interrupted" if isinstance(e, KeyboardInterrupt) \
+            else type(e).__name__
+        events.emit("stage", stage=name, status="failed", seconds=round(time.monotonic() - start, 2),
+                    error=error.split("\n", 1)[0])
+        raise
+    seconds = round(time.monotonic() - start, 2)
+    info = (build.data.get("stages") or {}).get(name) or {}
+    if info.get("skipped"):
+        events.emit("stage", stage=name, status="skipped", reason=str(info["skipped"]))
+    elif build.data.get("result") == "failed":
+        events.emit("stage", stage=name, status="failed", seconds=seconds,
+                    error=str(build.data.get("error") or f"{name} failed").split("\n", 1)[0])
+    else:
+        extra = {"cached": bool(info["cached"])} if "cached" in info else {}
+        events.emit("stage", stage=name, status="finished", seconds=seconds, **extra)
+
+
+def _skipped(build: Build, name: str, reason: str) -> None:
+    build.record_stage(name, skipped=reason)
+    events.emit("stage", stage=name, status="skipped", reason=reason)
+
+
+def _result_event(build: Build) -> None:
+    from . import exitcodes
+    events.emit("result", result=build.data.get("result", "failed"), failed_stage=build.data.get("failed_stage"),
+                error=build.data.get("error"), dir=str(build.dir), exit_status=exitcodes.for_build(build.data))
 
 
 def _discard(work: Path) -> None:

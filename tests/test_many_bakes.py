@@ -16,6 +16,7 @@ import pytest
 from builder import exitcodes, lifetime, sh
 from builder.pipeline import recipe_lock
 from conftest import BAKE, REPO
+from event_stream import parse
 from events import wait_for
 from shared_base import recipes
 
@@ -106,7 +107,7 @@ def test_two_recipes_sharing_a_base_baked_and_verified_with_j2_and_one_debootstr
 
     waiter_err = tmp_path / "waiter.stderr"
     try:
-        many = start(str(a), str(b), "-j", "2")
+        many = start(str(a), str(b), "-j", "2", "--json")
         wait_for(lambda: list(out.glob("shared-base-a/*/build.json")) or many.poll() is not None, 600,
                  "the bake of shared-base-a to start")
         busy = subprocess.run([BAKE, "build", str(a), "--no-wait", "--output", str(out)], capture_output=True,
@@ -127,13 +128,25 @@ def test_two_recipes_sharing_a_base_baked_and_verified_with_j2_and_one_debootstr
     assert "recipe shared-base-a is in use by pid" in busy.stderr and busy.stdout == ""
 
     assert many.returncode == exitcodes.OK, stderr
-    summary = stdout.splitlines()
-    rows = {line.split()[0]: line for line in summary[1:] if line.strip()}
-    assert set(rows) == {"shared-base-a", "shared-base-b"}, stdout
-    builds = {}
-    for name, row in rows.items():
-        assert row.split()[1] == "ok", row
-        builds[name] = Path(row.split()[-1])
+    # stdout is events only, each valid against the schema, the summary last
+    events = parse(stdout)
+    summary = events[-1]
+    assert summary["event"] == "summary" and summary["exit_status"] == exitcodes.OK
+    assert {x["recipe"]: x["result"] for x in summary["recipes"]} == {"shared-base-a": "ok", "shared-base-b": "ok"}
+    builds = {x["recipe"]: Path(x["dir"]) for x in summary["recipes"]}
+    for name, d in builds.items():
+        mine = [e for e in events if e["recipe"] == name]
+        assert {e["build_id"] for e in mine} == {d.name}
+        stages = [(e["stage"], e["status"]) for e in mine if e["event"] == "stage"]
+        for stage in ("bootstrap", "customize", "image", "verify"):
+            assert stages.index((stage, "started")) < stages.index((stage, "finished")), stages
+        assert ("publish", "skipped") in stages, stages
+        checks = {e["check"]: e["result"] for e in mine if e["event"] == "check"}
+        assert checks and set(checks.values()) == {"passed"}, checks
+        assert {"boots", "acpiphp", "volume-hotplug", "sync-agent"} <= set(checks), checks
+        [result] = [e for e in mine if e["event"] == "result"]
+        assert (result["result"], result["exit_status"], result["dir"]) == ("ok", 0, str(d))
+        assert mine[-1] is result
     assert any(line.startswith("shared-base-a | ") for line in stderr.splitlines())
     assert any(line.startswith("shared-base-b | ") for line in stderr.splitlines())
 

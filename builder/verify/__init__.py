@@ -20,6 +20,7 @@ from ..errors import BakeError
 from ..log import step
 from .report import REPORT, Report, render_table
 from .result import FAIL, PASS, SKIP, CheckResult
+from .result import event as result_event
 
 __all__ = ["verify", "recipe_of", "Report", "render_table", "CheckResult", "PASS", "FAIL", "SKIP", "REPORT"]
 
@@ -95,6 +96,7 @@ def _recorded_if_unfinished(build: Build, report: Report) -> Iterator[None]:
         if report.begun:
             why = str(e).splitlines()[0] if isinstance(e, BakeError) and str(e) else type(e).__name__
             report.results.append(CheckResult("verification", FAIL, 0.0, f"did not finish: {why}"))
+            result_event(report.results[-1])
             with contextlib.suppress(Exception):
                 _record(build, report)
         raise

@@ -38,6 +38,7 @@ from ..errors import BakeError
 from ..log import step
 from .report import Report
 from .result import FAIL, CheckFailed, CheckResult, CheckSkipped, checking, skipped
+from .result import event as result_event
 
 log = logging.getLogger("bake.verify")
 
@@ -345,6 +346,7 @@ def verify_cloud(build: Build, opts: CloudOptions, report: Report | None = None)
                         "cleanup", FAIL, 0.0, f"left on the cloud, remove by hand: {', '.join(cloud.leaks)}",
                         {"left": dict(cloud.leaks),
                          "detail": "\n".join(f"{what}: {why}" for what, why in cloud.leaks.items())}))
+                    result_event(report.results[-1])
                 report.seconds = time.monotonic() - start
     return report
 

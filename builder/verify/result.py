@@ -74,10 +74,19 @@ def checking(name: str, results: list[CheckResult]) -> Iterator[CheckResult]:
     finally:
         result.seconds = round(time.monotonic() - start, 2)
         results.append(result)
+        event(result)
+
+
+def event(result: CheckResult) -> None:
+    """Emit `result` as a `check` event (see builder.events)."""
+    from .. import events
+    events.emit("check", check=result.name, result={PASS: "passed", FAIL: "failed", SKIP: "skipped"}.get(
+        result.status, str(result.status)), summary=result.summary or "", seconds=result.seconds)
 
 
 def skipped(name: str, reason: str, results: list[CheckResult]) -> CheckResult:
     """Record check `name` as skipped for `reason` without running it."""
     r = CheckResult(name, SKIP, 0.0, reason)
     results.append(r)
+    event(r)
     return r
