@@ -47,8 +47,34 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root = logging.getLogger("bake")
     root.handlers[:] = [handler]
     root.setLevel(level)
-    if not quiet:
+    if quiet:
+        return
+    from . import display
+    if display.wanted(sys.stderr):
+        # live progress bars on a terminal; the steps are printed above them
+        term = display.TerminalDisplay(sys.stderr)
+        term.attach()
+        handler.setStream(_ConsoleStream(term.console))
+        import atexit
+        atexit.register(term.detach)
+    else:
         steplog.add_listener(_StepPrinter())
+
+
+class _ConsoleStream:
+    """A stream for logging that prints through the terminal display's console, so that
+    a message does not tear a progress bar."""
+
+    def __init__(self, console):
+        self.console = console
+
+    def write(self, text: str) -> None:
+        text = text.rstrip("\n")
+        if text:
+            self.console.print(text, markup=False, highlight=False)
+
+    def flush(self) -> None:
+        pass
 
 
 # --- core commands --------------------------------------------------------------------

@@ -26,7 +26,7 @@ import datetime as _dt
 import json
 import threading
 import time
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 SCHEMA_NAME = "events.schema.json"
 
@@ -34,7 +34,7 @@ _lock = threading.Lock()
 _sink: IO[str] | None = None
 _context: dict[str, Any] = {"build_id": None, "recipe": None}
 _last_progress: dict[tuple, float] = {}
-PROGRESS_EVERY = 0.5        # seconds between two progress events of one step
+PROGRESS_EVERY = 0.2        # seconds between two progress events of one step
 
 
 def enable(stream: IO[str]) -> None:
@@ -57,10 +57,18 @@ def now() -> str:
 
 
 def emit(kind: str, **fields: Any) -> None:
-    """Write one event of `kind` (see the module's description)."""
-    if _sink is None:
+    """Send one event of `kind` (see the module's description) to the listeners and,
+    with --json, to stdout."""
+    if _sink is None and not _listeners:
         return
     rec = {"event": kind, "time": now(), "build_id": _context["build_id"], "recipe": _context["recipe"], **fields}
+    for fn in list(_listeners):
+        try:
+            fn(rec)
+        except Exception:       # a display that fails must not fail the bake
+            pass
+    if _sink is None:
+        return
     line = json.dumps(rec, default=str, ensure_ascii=False)
     with _lock:
         try:
@@ -83,25 +91,27 @@ def relay(line: str) -> None:
 
 
 def progress(stage: str, step: str, done: int, total: int | None, unit: str, *, final: bool = False) -> None:
-    """A progress event for `step` of `stage`, sent at most every PROGRESS_EVERY
-    seconds per step (and always when `final`)."""
-    listeners = list(_progress_listeners)
-    for fn in listeners:
-        fn(stage, step, done, total, unit, final)
-    if _sink is None:
+    """A progress event: `done` of `total` (None: not known) `unit`s of `step` in
+    `stage`. Sent at most every PROGRESS_EVERY seconds per step, and always when
+    `final` (the step is complete)."""
+    if _sink is None and not _listeners:
         return
     key = (stage, step)
     t = time.monotonic()
     if not final and t - _last_progress.get(key, 0.0) < PROGRESS_EVERY:
         return
     _last_progress[key] = t
-    emit("progress", stage=stage, step=step, done=done, total=total, unit=unit)
+    emit("progress", stage=stage, step=step, done=int(done), total=None if total is None else int(total), unit=unit)
 
 
-_progress_listeners: list = []
+_listeners: list[Callable[[dict], None]] = []
 
 
-def add_progress_listener(fn) -> None:
-    """Call `fn(stage, step, done, total, unit, final)` on every progress report (the
-    terminal's progress display)."""
-    _progress_listeners.append(fn)
+def add_listener(fn: Callable[[dict], None]) -> None:
+    """Call `fn(event)` with every event (the terminal's progress display)."""
+    _listeners.append(fn)
+
+
+def remove_listener(fn: Callable[[dict], None]) -> None:
+    if fn in _listeners:
+        _listeners.remove(fn)

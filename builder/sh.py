@@ -21,7 +21,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Mapping, Sequence
+from typing import IO, Callable, Iterator, Mapping, Sequence
 
 from . import lifetime
 from .errors import BakeError
@@ -120,10 +120,12 @@ def run(
     what: str = "",
     logfile: IO[str] | None = None,
     quiet: bool = False,
+    on_line: Callable[[str], None] | None = None,
 ) -> Result:
     """Run `argv` to completion and return its combined output.
 
-    Output is logged line by line at debug level (and copied to `logfile`), and the last
+    Output is logged line by line at debug level (copied to `logfile`, and each line
+    handed to `on_line`, on the reader's thread, e.g. to count progress), and the last
     lines are kept for the error raised when the command fails and `check` is true.
     An exception (Ctrl-C included) while it runs ends the command's whole process group
     before propagating.
@@ -169,6 +171,8 @@ def run(
             tail.append(line)
             if logfile is not None:
                 logfile.write(line)
+            if on_line is not None:
+                on_line(line)
             if not quiet:
                 log.debug("  | %s", line.rstrip("\n"))
 

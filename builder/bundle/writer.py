@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from .. import events
 from ..errors import BakeError
 from ..log import step
 from . import crypto
@@ -186,9 +187,12 @@ def _encrypt_into_parts(src: BinaryIO, size: int, directory: Path, prefix: str, 
     compressed = 0
     enc = crypto.encryptor(bytes.fromhex(key), bytes.fromhex(iv))
     try:
+        read = 0
         with ParallelGzip(gzip_level, workers) as gz:
             for chunk, last in _tar_stream(src, prefix, size, BLOCK_SIZE):
                 tar_sha1.update(chunk)
+                read += len(chunk)
+                events.progress("bundle", f"bundling {prefix}", min(read, size), size, "bytes", final=last)
                 for out in gz.write(chunk, final=last):
                     compressed += len(out)
                     parts.write(enc.update(out))

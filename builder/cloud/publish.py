@@ -17,6 +17,7 @@ from typing import Any, Callable
 from botocore.exceptions import ClientError
 
 from ..build import Build
+from .. import events
 from ..errors import BakeError
 from ..log import step
 from .calls import MISSING_CODES, cloud_error, error_code
@@ -195,6 +196,14 @@ def publish(build: Build, creds: Credentials, opts: PublishOptions | None = None
     }
     sent = skipped = 0
     changed: dict[str, bool] = {}
+    total = sum(f.stat().st_size for b in bundles for f in (*b.parts, b.manifest))
+    done = 0
+
+    def count(f: Path) -> None:
+        nonlocal done
+        done += f.stat().st_size
+        events.progress("publish", f"uploading to {bucket}", done, total, "bytes", final=done >= total)
+
     with step(f"Uploading bundles to {bucket}/{prefix}"):
         if ensure_bucket(clients, bucket, opts, creds):
             section["bucket_created"] = True
@@ -204,10 +213,12 @@ def publish(build: Build, creds: Credentials, opts: PublishOptions | None = None
                     sent += 1
                 else:
                     skipped += 1
+                count(part)
             # the manifest last: a manifest in the bucket means its parts are there
             changed[b.role] = upload_file(clients, b.manifest, bucket, key_of(b.manifest), opts, creds)
             sent += changed[b.role]
             skipped += not changed[b.role]
+            count(b.manifest)
     log.info("uploaded %d file(s), %d already there", sent, skipped)
     ids: dict[str, str] = {}
     name = _image_name(opts, build)

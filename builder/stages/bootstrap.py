@@ -21,6 +21,7 @@ from ..cache import TreeCache, cache_root
 from ..distro import DEB_ARCH
 from ..errors import BakeError
 from ..log import step
+from ..progress import DebootstrapCounter
 from ..plan import Plan
 from ..recipe import Recipe
 
@@ -99,5 +100,7 @@ def _debootstrap(build: Build, recipe: Recipe, plan: Plan, work: Path, cache: Tr
     with locks.held(debs.with_name(debs.name + ".lock"), f"debootstrap's package cache {debs}"), \
             open(build.dir / "bootstrap.log", "w") as logf, \
             sh.chroot_guard(tree):   # debootstrap mounts /proc and /sys in the target
-        sh.run(argv, what="debootstrap", logfile=logf)
+        counter = DebootstrapCounter()
+        sh.run(argv, what="debootstrap", logfile=logf, on_line=counter)
+        counter.done()
     return tree

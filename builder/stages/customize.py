@@ -25,6 +25,7 @@ from ..elements import CHROOT_PHASES, Element, Hook, ordered_hooks, parameter_en
 from ..errors import BakeError
 from ..distro import DEB_ARCH
 from ..log import step
+from ..progress import AptCounter
 from ..plan import Plan
 from ..recipe import Recipe
 
@@ -184,7 +185,10 @@ class Customizer:
                 sh.mount(str(archives), target, bind=True), \
                 open(self.build.dir / "packages.log", "w") as logf:
             sh.chroot_run(self.root, ["apt-get", "-q", "update"], what="apt-get update", logfile=logf)
-            sh.chroot_run(self.root, ["apt-get", *APT_OPTS, "install", *pkgs], what="installing packages", logfile=logf)
+            counter = AptCounter()
+            sh.chroot_run(self.root, ["apt-get", *APT_OPTS, "install", *pkgs], what="installing packages",
+                          logfile=logf, on_line=counter)
+            counter.done()
 
     def copy_static(self) -> None:
         statics = [u.element.static for u in self.recipe.elements if u.element.static]
