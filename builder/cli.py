@@ -21,7 +21,7 @@ from . import events, exitcodes, interrupts
 from . import log as steplog
 
 AREA_CLIS = ("builder.bundle.cli", "builder.cloud.cli", "builder.verify.cli", "builder.records", "builder.release",
-             "builder.gc")
+             "builder.gc", "builder.nightly")
 # Commands that mount, boot or write builds: before them, what killed bakes left is undone.
 CLEANS_FIRST = ("build", "bundle", "publish", "unpublish", "verify")
 

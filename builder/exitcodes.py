@@ -16,6 +16,7 @@ PUBLISH_FAILED = 4      # the image was made but publishing it failed
 VERIFY_FAILED = 5       # the image was made (and published) but its verification failed
 BUSY = 6                # --no-wait: the recipe (or build) is in use by another bake
 SOME_FAILED = 7         # several recipes: at least one did not succeed (the summary says which)
+COULD_NOT_RUN = 8       # bake nightly: bake itself could not run (no recipes, output not writable)
 INTERRUPTED = 130       # SIGINT or SIGTERM; everything started was undone
 
 TABLE = (
@@ -27,6 +28,7 @@ TABLE = (
     (VERIFY_FAILED, "verification failed"),
     (BUSY, "with --no-wait: the recipe or build is in use by another bake"),
     (SOME_FAILED, "several recipes: at least one did not succeed"),
+    (COULD_NOT_RUN, "bake nightly: nothing could be baked (no recipes, output not writable)"),
     (INTERRUPTED, "interrupted by SIGINT or SIGTERM; everything started was undone"),
 )
 
