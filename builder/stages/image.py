@@ -71,13 +71,20 @@ def newest_kernel(root: Path) -> str:
 
 
 def package_list(root: Path) -> list[dict[str, str]]:
+    """The packages installed in the tree at `root`: name, version, architecture and the
+    Debian source package each was built from (with the source's version where it
+    differs from the binary's, as for binNMUs and packages like the kernel's)."""
     out = sh.output(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W",
-                     "-f", "${Package}\t${Version}\t${Architecture}\t${db:Status-Abbrev}\n"])
+                     "-f", "${Package}\t${Version}\t${Architecture}\t${db:Status-Abbrev}\t"
+                           "${source:Package}\t${source:Version}\n"])
     pkgs = []
     for line in out.splitlines():
-        name, version, arch, status = (line.split("\t") + ["", "", "", ""])[:4]
+        name, version, arch, status, source, source_version = (line.split("\t") + [""] * 6)[:6]
         if status.startswith("ii"):
-            pkgs.append({"name": name, "version": version, "arch": arch})
+            pkg = {"name": name, "version": version, "arch": arch, "source": source or name}
+            if source_version and source_version != version:
+                pkg["source_version"] = source_version
+            pkgs.append(pkg)
     return pkgs
 
 
