@@ -61,13 +61,32 @@ class TreeCache:
         except (OSError, json.JSONDecodeError):
             return {}
 
+    def lock_path(self, key: str) -> Path:
+        """The lock file of the entry `key` (held while the entry is made or removed)."""
+        return self.dir / f"{key}.lock"
+
+    def keys(self) -> list[str]:
+        """The keys of the entries in this namespace, whole or with only one of their two
+        files left."""
+        if not self.dir.is_dir():
+            return []
+        return sorted({p.name.split(".", 1)[0] for p in self.dir.iterdir()
+                       if p.name.endswith((".tar", ".json")) and p.name.count(".") == 1})
+
+    def remove(self, key: str) -> None:
+        """Delete the entry `key`: its meta first, so that `has` stops trusting it before
+        the tree goes. The caller holds the entry's lock; the lock file itself stays (a
+        waiter may have it open)."""
+        self.meta_path(key).unlink(missing_ok=True)
+        self.path(key).unlink(missing_ok=True)
+
     def lock(self, key: str):
         """Hold the entry `key` for making it: a context manager that waits while another
         bake holds it. Leftover temporary files of the entry are removed once held (only
         the holder writes them)."""
         @contextlib.contextmanager
         def held():
-            with locks.held(self.dir / f"{key}.lock", f"the {self.namespace} cache entry {key}"):
+            with locks.held(self.lock_path(key), f"the {self.namespace} cache entry {key}"):
                 for left in self.dir.glob(f"{key}.*.tmp"):
                     left.unlink(missing_ok=True)
                 yield
