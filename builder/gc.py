@@ -162,6 +162,7 @@ class Survey:
     other_images: list[CloudImage] = field(default_factory=list)    # the account's images of no build
     scope: list[str] | None = None          # recipes gc was asked about (None: all)
     other_cache_users: dict[tuple[str, str], str] = field(default_factory=dict)  # entries builds out of scope use
+    local_builds: int = 0                   # builds found under the output root, of any recipe
     warnings: list[str] = field(default_factory=list)
 
 
@@ -346,6 +347,10 @@ def _cache_verdict(c: CacheFacts, survey: Survey, kept_keys: dict[tuple[str, str
     user = kept_keys.get((c.namespace, c.key))
     if user:
         return kept(f"used by {user}")
+    if not survey.local_builds:
+        # more likely a wrong --output, or a cache shared with other output roots
+        # (BAKE_CACHE), than a cache nobody needs
+        return kept(f"there is no build under {survey.output} to tell which entries are needed")
     if older_than is not None and now - c.modified < older_than:
         return kept(f"younger than {_words(older_than)}")
     return CacheVerdict(c.namespace, c.key, True, "no kept build uses it", c.bytes)
@@ -404,6 +409,7 @@ def survey_local(output: str | os.PathLike, scope: Iterable[str] | None = None) 
         except BakeError as e:
             survey.warnings.append(" ".join(str(e).split()) + "; skipped")
             continue
+        survey.local_builds += 1
         facts = BuildFacts(s.recipe, s.build_id, s.dir, s.state, s.failed_stage, _parse_time(s.created),
                            released_record=bool(s.released), cache_keys=_recorded_keys(build.data),
                            record_cloud=build.data.get("cloud") or {})

@@ -270,6 +270,17 @@ def test_nothing_of_a_recipe_being_baked_goes_nor_any_cache_entry(isolated, caps
     assert "kept: a bake is under way and may need it: busy" in lines_of(out, f"cache packages/{orphan}")
 
 
+def test_with_no_build_under_the_output_root_the_cache_is_left_alone(isolated, capsys):
+    """An empty output root says more likely a wrong --output, or a cache other output
+    roots share, than a cache nobody needs."""
+    output, cache = isolated / "output", isolated / "cache"
+    entry = cache_entry(cache, "bootstrap")
+    status, out = gc_cmd(capsys, "--keep", "1", "--output", str(output))
+    assert status == 0
+    assert TreeCache(cache, "bootstrap").has(entry)
+    assert f"kept: there is no build under {output}" in lines_of(out, f"cache bootstrap/{entry}")
+
+
 def test_older_than_keeps_young_builds_and_bad_arguments_are_usage_errors(isolated, capsys):
     output = isolated / "output"
     now = _dt.datetime.now(_dt.timezone.utc)
