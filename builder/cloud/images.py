@@ -66,3 +66,26 @@ def check_credentials(clients: Clients, creds: Credentials) -> None:
         clients.ec2.describe_availability_zones()
     except (ClientError, BotoCoreError) as e:
         raise cloud_error(e, f"connecting to {creds.ec2_url}", creds) from None
+
+
+def grant_public_launch(clients: Clients, image_id: str, creds: Credentials) -> None:
+    """Let every account launch `image_id` (launch permission for the group "all").
+
+    Sent in the query form of EC2 API versions up to 2010-06-15
+    (`Attribute=launchPermission&OperationType=add&UserGroup.1=all`): Eucalyptus 3.0 to
+    3.2 bind only that form and refuse `LaunchPermission.Add.1.Group` as a field they
+    cannot bind; 3.3 and every 4.x accept both, and so does EC2."""
+    try:
+        clients.ec2.modify_image_attribute(ImageId=image_id, Attribute="launchPermission", OperationType="add",
+                                           UserGroups=["all"])
+    except ClientError as e:
+        raise cloud_error(e, f"granting launch permission on {image_id} to all", creds) from None
+
+
+def launch_permissions(clients: Clients, image_id: str, creds: Credentials) -> list[dict[str, str]]:
+    """Who may launch `image_id`, as the cloud says: [{"Group": "all"}, {"UserId": ...}]."""
+    try:
+        r = clients.ec2.describe_image_attribute(ImageId=image_id, Attribute="launchPermission")
+    except ClientError as e:
+        raise cloud_error(e, f"reading the launch permissions of {image_id}", creds) from None
+    return list(r.get("LaunchPermissions") or [])

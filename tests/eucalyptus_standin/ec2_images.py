@@ -1,12 +1,14 @@
 """The stand-in's image registry: Eucalyptus' own ids (emi-/eki-/eri-, which moto
-would refuse in DescribeImages), the manifest checks RegisterImage makes, and
-DescribeImages with the filters the tool uses."""
+would refuse in DescribeImages), the manifest checks RegisterImage makes,
+DescribeImages with the filters the tool uses, and launch permissions
+(ModifyImageAttribute, DescribeImageAttribute)."""
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import xmlutil as X
 from .manifest_check import ManifestRefused, check_manifest
@@ -24,10 +26,13 @@ class Image:
     ramdisk_id: str | None = None
     description: str = ""
     state: str = "available"
+    public: bool = False                                    # launch permission for the group "all"
+    launch_users: set[str] = field(default_factory=set)     # accounts granted launch permission
 
 
 class ImagesMixin:
-    """RegisterImage, DeregisterImage, DescribeImages (mixed into the Front)."""
+    """RegisterImage, DeregisterImage, DescribeImages, ModifyImageAttribute and
+    DescribeImageAttribute (mixed into the Front)."""
 
     version: str
     admin: bool
@@ -106,7 +111,7 @@ class ImagesMixin:
             out.append(
                 f"<item><imageId>{im.id}</imageId><imageLocation>{X.esc(im.location)}</imageLocation>"
                 f"<imageState>{im.state}</imageState><imageOwnerId>{im.owner}</imageOwnerId>"
-                f"<isPublic>false</isPublic><architecture>{im.architecture}</architecture>"
+                f"<isPublic>{'true' if im.public else 'false'}</isPublic><architecture>{im.architecture}</architecture>"
                 f"<imageType>{im.type}</imageType>"
                 + (f"<kernelId>{im.kernel_id}</kernelId>" if im.kernel_id else "")
                 + (f"<ramdiskId>{im.ramdisk_id}</ramdiskId>" if im.ramdisk_id else "")
@@ -115,3 +120,60 @@ class ImagesMixin:
                 f"<blockDeviceMapping/><virtualizationType>paravirtual</virtualizationType>"
                 f"<hypervisor>kvm</hypervisor></item>")
         return 200, X.ec2_reply("DescribeImagesResponse", f"<imagesSet>{''.join(out)}</imagesSet>")
+
+    def _image(self, image_id: str | None) -> Image:
+        with self._lock:
+            image = self.images.get(image_id or "")
+        if image is None:
+            raise X.Ec2Error("InvalidAMIID.NotFound", f"The image id '[{image_id}]' does not exist")
+        return image
+
+    def _ec2_ModifyImageAttribute(self, p: dict) -> tuple[int, bytes]:
+        image = self._image(p.get("ImageId"))
+        if image.owner != self.identity.account_id:
+            raise X.Ec2Error("AuthFailure", "Not authorized to modify image attribute")
+        if "Description.Value" in p:
+            image.description = p["Description.Value"]
+            return 200, X.ec2_reply("ModifyImageAttributeResponse", "<return>true</return>")
+        def listed(pattern: str) -> list[str]:
+            return [v for k, v in sorted(p.items()) if re.fullmatch(pattern, k)]
+        if "Attribute" in p or "OperationType" in p:      # the form up to 2010-06-15
+            if p.get("Attribute") != "launchPermission":
+                raise X.Ec2Error("InvalidParameterValue", f"unsupported attribute {p.get('Attribute')!r}")
+            if p.get("OperationType") not in ("add", "remove"):
+                raise X.Ec2Error("InvalidParameterValue", "OperationType must be add or remove")
+            users, groups = listed(r"UserId\.\d+"), listed(r"(User)?Group\.\d+")
+            changes = {p["OperationType"]: (users, groups)}
+        else:
+            changes = {op.lower(): (listed(rf"LaunchPermission\.{op}\.\d+\.UserId"),
+                                    listed(rf"LaunchPermission\.{op}\.\d+\.Group")) for op in ("Add", "Remove")}
+        if not any(u or g for u, g in changes.values()):
+            raise X.Ec2Error("MissingParameter", "No userId provided")
+        for _, groups in changes.values():
+            if any(g != "all" for g in groups):
+                raise X.Ec2Error("InvalidParameterValue", "the only launch permission group is \"all\"")
+        with self._lock:
+            for op, (users, groups) in changes.items():
+                if op == "add":
+                    image.launch_users.update(users)
+                    image.public = image.public or bool(groups)
+                else:
+                    image.launch_users.difference_update(users)
+                    image.public = image.public and not groups
+        return 200, X.ec2_reply("ModifyImageAttributeResponse", "<return>true</return>")
+
+    def _ec2_DescribeImageAttribute(self, p: dict) -> tuple[int, bytes]:
+        image = self._image(p.get("ImageId"))
+        attribute = p.get("Attribute")
+        if attribute == "launchPermission":
+            items = ("<item><group>all</group></item>" if image.public else "") + "".join(
+                f"<item><userId>{u}</userId></item>" for u in sorted(image.launch_users))
+            inner = f"<launchPermission>{items}</launchPermission>"
+        elif attribute == "description":
+            inner = f"<description><value>{X.esc(image.description)}</value></description>"
+        elif attribute in ("kernel", "ramdisk"):
+            ref = image.kernel_id if attribute == "kernel" else image.ramdisk_id
+            inner = f"<{attribute}>" + (f"<value>{ref}</value>" if ref else "") + f"</{attribute}>"
+        else:
+            raise X.Ec2Error("InvalidParameterValue", f"unsupported attribute {attribute!r}")
+        return 200, X.ec2_reply("DescribeImageAttributeResponse", f"<imageId>{image.id}</imageId>{inner}")

@@ -78,8 +78,19 @@ KNOWN_PARAMS: dict[str, list[str]] = {
     "CreateTags": [r"ResourceId\.\d+", r"Tag\.\d+\.(Key|Value)"],
     "DeleteTags": [r"ResourceId\.\d+", r"Tag\.\d+\.(Key|Value)"],
     "DescribeTags": [*FILTER],
+    "DescribeImageAttribute": ["ImageId", "Attribute"],
 }
+# ModifyImageAttribute: Eucalyptus 3.0-3.2 bind only the query form of EC2 API versions up
+# to 2010-06-15 (Attribute, OperationType, UserId.N, UserGroup.N) and refuse
+# LaunchPermission.Add.N.Group as a field they cannot bind; the newer form came with 3.3
+# (EUCA-4270) and 4.x keeps both. The 3.x stand-in is strict as 3.0-3.2 are.
+MODIFY_IMAGE_UP_TO_2010 = ["ImageId", "Attribute", "OperationType", r"UserId\.\d+", r"UserGroup\.\d+",
+                           r"ProductCode\.\d+"]
+KNOWN_PARAMS["ModifyImageAttribute"] = [*MODIFY_IMAGE_UP_TO_2010, r"Group\.\d+", "Description.Value",
+                                        r"LaunchPermission\.(Add|Remove)\.\d+\.(UserId|Group)"]
+KNOWN_PARAMS_3X = {"ModifyImageAttribute": MODIFY_IMAGE_UP_TO_2010}
 _KNOWN = {a: [re.compile(p) for p in COMMON + ps] for a, ps in KNOWN_PARAMS.items()}
+_KNOWN_3X = {**_KNOWN, **{a: [re.compile(p) for p in COMMON + ps] for a, ps in KNOWN_PARAMS_3X.items()}}
 
 
 @dataclass
@@ -267,8 +278,9 @@ class Front(ImagesMixin, ComputeMixin):
                 sigs.verify_sigv2(req, params, self.keys)
             else:
                 raise sigs.AuthError("MissingAuthenticationToken", "request is not signed")
-            if action in _KNOWN:
-                unknown = sigs.names_matching(params, _KNOWN[action])
+            known = _KNOWN_3X if self.version == "3" else _KNOWN
+            if action in known:
+                unknown = sigs.names_matching(params, known[action])
                 if unknown:
                     raise X.Ec2Error("InvalidParameter", "Failed to bind the following fields: " + ", ".join(sorted(unknown)))
             self._ec2_fault(action)
