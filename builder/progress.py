@@ -1,7 +1,7 @@
 """Counting the progress of long steps from what their commands print.
 
-debootstrap prints `I: Retrieving NAME`, then `I: Unpacking NAME` and `I: Configuring
-NAME` for every package; apt-get says how many packages it will install (`N newly
+debootstrap prints `I: Validating NAME VERSION` for every package, then `I: Unpacking
+NAME...` and `I: Configuring NAME...`; apt-get says how many packages it will install (`N newly
 installed`) before `Unpacking NAME (...)` and `Setting up NAME (...)` lines. Counters
 are handed to `sh.run(on_line=...)` and report through `events.progress`.
 """
@@ -14,40 +14,49 @@ from . import events
 
 _APT_PLAN = re.compile(r"^(\d+) upgraded, (\d+) newly installed")
 _APT_SETUP = re.compile(r"^Setting up \S+ \(")
-_DEBOOTSTRAP = re.compile(r"^I: (Retrieving|Unpacking|Configuring) (\S+)")
+# `I: Validating NAME VERSION` comes for every package (fetched or found in the package
+# cache), `I: Retrieving NAME VERSION` for those fetched; `I: Unpacking NAME...` and
+# `I: Configuring NAME...` per package (and the same words before a phase's own title,
+# `I: Unpacking required packages...`, which the name pattern leaves out).
+_DEBOOTSTRAP_GET = re.compile(r"^I: (?:Retrieving|Validating) ([a-z0-9][a-z0-9+.-]*) \S+$")
+_DEBOOTSTRAP_STEP = re.compile(r"^I: (Unpacking|Configuring) ([a-z0-9][a-z0-9+.-]*(?::[a-z0-9]+)?)\.\.\.$")
 
 
 class DebootstrapCounter:
-    """debootstrap's packages: retrieved (the total is not known yet), then installed
-    (unpacked and configured) out of those retrieved."""
+    """debootstrap's packages: fetched or validated (the total is not known yet), then
+    installed: each unpacked and configured, out of twice the packages fetched."""
 
     def __init__(self, stage: str = "bootstrap") -> None:
         self.stage = stage
-        self.retrieved: set[str] = set()
-        self.unpacked = 0
-        self.configured = 0
+        self.known: set[str] = set()
+        self.unpacked: set[str] = set()
+        self.configured: set[str] = set()
+
+    def _installed(self) -> tuple[int, int | None]:
+        done = len(self.unpacked) + len(self.configured)
+        total = max(2 * len(self.known), done) if self.known else None
+        return done, total
 
     def __call__(self, line: str) -> None:
-        m = _DEBOOTSTRAP.match(line)
+        line = line.rstrip("\n")
+        m = _DEBOOTSTRAP_GET.match(line)
+        if m:
+            if m.group(1) not in self.known:
+                self.known.add(m.group(1))
+                events.progress(self.stage, "packages fetched", len(self.known), None, "packages")
+            return
+        m = _DEBOOTSTRAP_STEP.match(line)
         if not m:
             return
         what, name = m.groups()
-        if what == "Retrieving":
-            if name in ("Release", "Packages", "InRelease"):
-                return
-            self.retrieved.add(name)
-            events.progress(self.stage, "packages retrieved", len(self.retrieved), None, "packages")
-        else:
-            if what == "Unpacking":
-                self.unpacked += 1
-            else:
-                self.configured += 1
-            total = 2 * len(self.retrieved) if self.retrieved else None
-            events.progress(self.stage, "packages installed", self.unpacked + self.configured, total, "packages")
+        (self.unpacked if what == "Unpacking" else self.configured).add(name.split(":")[0])
+        done, total = self._installed()
+        events.progress(self.stage, "packages installed", done, total, "packages")
 
     def done(self) -> None:
-        n = len(self.retrieved)
-        events.progress(self.stage, "packages installed", 2 * n, 2 * n, "packages", final=True)
+        done, total = self._installed()
+        total = total or done
+        events.progress(self.stage, "packages installed", total, total, "packages", final=True)
 
 
 class AptCounter:
