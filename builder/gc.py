@@ -541,9 +541,14 @@ def execute(plan: GcPlan, survey: Survey, clients=None, creds=None) -> GcPlan:
                 except (BakeError, OSError) as e:
                     # the others are still tried; the command's status says one failed
                     v.outcome = f"failed: {e}"
+    # a build that was to go but stays (held, or an instance started since) still needs its entries
+    facts = {(b.recipe, b.build_id): b for b in survey.builds}
+    still_used = {k: f"{v.recipe}/{v.build_id}" for v in plan.builds if v.goes and v.outcome != "removed"
+                  for k in facts[(v.recipe, v.build_id)].cache_keys}
     for c in plan.cache:
         if c.goes:
-            c.outcome = _remove_cache_entry(survey.cache_root, c)
+            user = still_used.get((c.namespace, c.key))
+            c.outcome = f"skipped: {user} stays, and uses it" if user else _remove_cache_entry(survey.cache_root, c)
     return plan
 
 

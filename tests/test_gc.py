@@ -270,6 +270,22 @@ def test_nothing_of_a_recipe_being_baked_goes_nor_any_cache_entry(isolated, caps
     assert "kept: a bake is under way and may need it: busy" in lines_of(out, f"cache packages/{orphan}")
 
 
+def test_a_build_taken_between_the_plan_and_its_removal_stays_with_its_cache_entries(isolated):
+    output, cache = isolated / "output", isolated / "cache"
+    old = (cache_entry(cache, "bootstrap"), cache_entry(cache, "packages"))
+    b1 = make_build(output, "late", IDS[0], old)
+    b2 = make_build(output, "late", IDS[1])
+    survey = gc.survey_local(output)
+    plan = gc.plan_gc(survey, 1)
+    assert [v.goes for v in plan.builds] == [False, True] and all(c.goes for c in plan.cache)
+    with b1.lock():     # a verification, say, starts on it now
+        gc.execute(plan, survey)
+    assert b1.dir.is_dir() and b2.dir.is_dir()
+    assert plan.builds[1].outcome.startswith(f"skipped: build {b1.dir} is in use by pid {os.getpid()}")
+    assert [c.outcome for c in plan.cache] == [f"skipped: late/{b1.id} stays, and uses it"] * 2
+    assert TreeCache(cache, "bootstrap").has(old[0]) and TreeCache(cache, "packages").has(old[1])
+
+
 def test_with_no_build_under_the_output_root_the_cache_is_left_alone(isolated, capsys):
     """An empty output root says more likely a wrong --output, or a cache other output
     roots share, than a cache nobody needs."""
