@@ -186,6 +186,22 @@ def test_cloud_gc_finds_the_builds_from_the_clouds_listing_with_a_fresh_output(p
     assert not fresh.exists() or not any(fresh.iterdir())
 
 
+def test_a_public_image_is_kept_though_nothing_else_protects_it(published, capsys):
+    from builder.cloud.images import grant_public_launch
+
+    p = published
+    other = p["builds"][2]
+    emi = other.data["cloud"]["image_id"]
+    grant_public_launch(p["clients"], emi, load_credentials({"eucarc": str(p["cloud"].eucarc)}))
+    before = cloud_state(p)
+    status, out = gc_cmd(capsys, "--keep", "1", "--cloud", "--eucarc", str(p["cloud"].eucarc),
+                         "--output", str(p["output"]), p["recipe"])
+    assert status == 0, out
+    assert f"kept: public (anyone may launch {emi})" in lines_of(out, f"{p['recipe']}/{other.id}")
+    assert cloud_state(p) == before
+    assert all(b.dir.is_dir() for b in p["builds"])
+
+
 def test_an_instance_that_ends_frees_its_image_for_the_next_gc(published, capsys):
     p = published
     old_released, in_use, other, newest = p["builds"]
