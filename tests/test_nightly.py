@@ -4,6 +4,7 @@ systemd-analyze, a cron line), the summary file and the exit statuses a schedule
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 from pathlib import Path
@@ -98,3 +99,37 @@ def test_some_failed_is_its_own_status_and_the_summary_says_which(tmp_path):
         "a-bad": exitcodes.RECIPE_INVALID, "debian-demo": exitcodes.BUSY}
     assert (summary["passed"], summary["failed"], summary["gc"]) == (0, 2, None)
     assert not [f for f in (out / "nightly").iterdir() if f.name.endswith(".tmp")]
+
+
+@pytest.mark.e2e
+def test_two_nights_bake_the_folder_and_gc_keeps_one_build_per_recipe(demo_build, tmp_path):
+    import yaml
+
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    data = yaml.safe_load(DEMO.read_text())
+    data.update(name="nightly-demo", verify={"enabled": False})     # the base and packages of the demo's
+    (folder / "nightly-demo.yml").write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    # gc removes cache entries no kept build of its output root uses: it gets a cache of
+    # its own, hard links to the suite's (made by the demo build), not the suite's own
+    cache = tmp_path / "cache"
+    subprocess.run(["cp", "-al", os.environ["BAKE_CACHE"], str(cache)], check=True)
+    env = dict(os.environ, BAKE_CACHE=str(cache))
+    nights = []
+    for _ in range(2):
+        r = subprocess.run([BAKE, "nightly", str(folder), "--keep", "1", "--output", str(out)],
+                           capture_output=True, text=True, timeout=1800, env=env)
+        assert r.returncode == exitcodes.OK, r.stderr
+        nights.append(json.loads(Path(r.stdout.strip().splitlines()[-1]).read_text()))
+    first, second = nights
+    for night in nights:
+        assert (night["passed"], night["failed"], night["exit_status"]) == (1, 0, 0)
+        assert night["gc"]["exit_status"] == 0, night["gc"]
+        [recipe] = night["recipes"]
+        assert recipe["recipe"] == "nightly-demo" and recipe["result"] == "ok"
+    old, new = Path(first["recipes"][0]["dir"]), Path(second["recipes"][0]["dir"])
+    assert old != new
+    assert new.is_dir() and not old.exists(), "the second night's gc removed the first night's build"
+    assert sorted(p.name for p in (out / "nightly-demo").iterdir() if p.is_dir()) == [new.name]
+    assert json.loads((out / "nightly" / "latest.json").read_text()) == second
