@@ -14,7 +14,9 @@ marks the build released in its record (`released`: when, public or not, and tho
 files), so that `bake gc` keeps it, and rebuilds the stream index of released images
 under the output root (`streams/v1/`, simplestreams v1, the format Ubuntu publishes its
 cloud images in). With `--public` the EMI, EKI and ERI are first made launchable by
-every account of the cloud.
+every account of the cloud. A published build's release is also said in its bucket:
+the release marker (`released.json`, a copy of the record's `released` section) is put
+beside its bundles, where `bake gc --cloud` finds it even without the build's record.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .log import step
 SHA256SUMS = "SHA256SUMS"
 SBOM = "sbom.spdx.json"
 NOTES = "RELEASE-NOTES.md"
+RELEASE_MARKER = "released.json"       # the name `bake gc --cloud` looks for beside a build's bundles
 STREAMS = "streams/v1"
 CONTENT_ID = "bake:released:image-ids"
 ROLES = ("kernel", "ramdisk", "image")
@@ -68,6 +71,19 @@ def refusal(build: Build) -> str | None:
     if result == "failed":
         return f"{where} failed{' at ' + data['failed_stage'] if data.get('failed_stage') else ''}: {data.get('error', '')}"
     return None
+
+
+def check_releasable(build: Build, *, public: bool = False) -> None:
+    """A BakeError saying why `build` may not be released (see `refusal`), or is released
+    already (again only to make it public)."""
+    why = refusal(build)
+    if why:
+        raise BakeError(why)
+    already = build.data.get("released")
+    if already and (not public or (isinstance(already, dict) and already.get("public"))):
+        at = already.get("at", "?") if isinstance(already, dict) else "?"
+        raise BakeError(f"{build.dir} was released already ({at})"
+                        + ("" if public else "; `bake release --public` makes its images public"))
 
 
 def image_ids(build: Build) -> dict[str, str | None]:
@@ -379,6 +395,29 @@ def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
 
 
+def check_same_cloud(build: Build, creds) -> None:
+    """A BakeError unless `creds` name the cloud the build was published to."""
+    cloud = build.data.get("cloud") or {}
+    if cloud.get("ec2_url") and cloud["ec2_url"].rstrip("/") != creds.ec2_url.rstrip("/"):
+        raise BakeError(f"{build.dir} was published to {cloud['ec2_url']}, but the credentials ({creds.source}) "
+                        f"name {creds.ec2_url}")
+
+
+def put_release_marker(build: Build, creds, marker: Path) -> str:
+    """Upload `marker` beside the build's bundles (`BUCKET/PREFIX/released.json`);
+    returns "BUCKET/KEY"."""
+    from .cloud.clients import make_clients
+    from .cloud.publish import PublishOptions
+    from .cloud.store import upload_file
+
+    cloud = build.data.get("cloud") or {}
+    bucket, prefix = cloud["bucket"], str(cloud.get("prefix") or "").strip("/")
+    key = f"{prefix}/{marker.name}" if prefix else marker.name
+    with step(f"Putting the release marker at {bucket}/{key}"):
+        upload_file(make_clients(creds), marker, bucket, key, PublishOptions(), creds)
+    return f"{bucket}/{key}"
+
+
 def make_public(build: Build, creds) -> list[str]:
     """Grant launch permission to all on the build's EMI, EKI and ERI, and check that the
     cloud says so. Returns the ids."""
@@ -389,10 +428,7 @@ def make_public(build: Build, creds) -> list[str]:
     if not image_ids(build)["emi"]:
         raise BakeError(f"{build.dir} was not published: `bake publish {build.dir}` first; --public grants "
                         "launch permission on its EMI, EKI and ERI")
-    cloud = build.data.get("cloud") or {}
-    if cloud.get("ec2_url") and cloud["ec2_url"].rstrip("/") != creds.ec2_url.rstrip("/"):
-        raise BakeError(f"{build.dir} was published to {cloud['ec2_url']}, but the credentials ({creds.source}) "
-                        f"name {creds.ec2_url}")
+    check_same_cloud(build, creds)
     clients = make_clients(creds)
     with step(f"Granting launch permission to all on {', '.join(ids)}"):
         for image_id in ids:
@@ -408,17 +444,16 @@ def release(build: Build, *, public: bool = False, creds=None) -> dict[str, Any]
     Credentials) are needed with `public`. Returns the build's `released` section."""
     with build.lock():
         build.data = Build.load(build.dir).data     # as it is now that nobody else works on it
-        why = refusal(build)
-        if why:
-            raise BakeError(why)
-        already = build.data.get("released")
-        if already and (not public or (isinstance(already, dict) and already.get("public"))):
-            at = already.get("at", "?") if isinstance(already, dict) else "?"
-            raise BakeError(f"{build.dir} was released already ({at})"
-                            + ("" if public else "; `bake release --public` makes its images public"))
-        if public and creds is None:
-            raise BakeError("--public needs the cloud the build was published to: source its eucarc (or pass "
-                            "--eucarc), or set EC2_URL, S3_URL, EC2_ACCESS_KEY and EC2_SECRET_KEY")
+        check_releasable(build, public=public)
+        published = bool((build.data.get("cloud") or {}).get("bucket")) and bool(image_ids(build)["emi"])
+        if (public or published) and creds is None:
+            why = ("--public grants launch permission on its images" if public else
+                   "its release marker is put beside its bundles, so that gc on the cloud keeps its images")
+            raise BakeError(f"{build.dir} was published to {(build.data.get('cloud') or {}).get('ec2_url', 'a cloud')}"
+                            f" and {why}: source its eucarc (or pass --eucarc), or set EC2_URL, S3_URL, "
+                            "EC2_ACCESS_KEY and EC2_SECRET_KEY")
+        if published:
+            check_same_cloud(build, creds)
         at = _now()
         with step(f"Release {build.dir.parent.name}/{build.id}"):
             sums, image_digest = sha256sums(build)
@@ -429,9 +464,14 @@ def release(build: Build, *, public: bool = False, creds=None) -> dict[str, Any]
             notes = release_notes(build, previous, at=at.isoformat(), public=public)
             for name, text in ((SHA256SUMS, sums), (SBOM, json.dumps(doc, indent=2) + "\n"), (NOTES, notes)):
                 _write_atomically(build.dir / name, text)
-            build.data["released"] = {"at": at.isoformat(), "public": public, "sha256sums": SHA256SUMS,
-                                      "sbom": SBOM, "notes": NOTES, "previous": previous.id if previous else None,
-                                      "images": image_ids(build)}
+            released = {"at": at.isoformat(), "public": public, "sha256sums": SHA256SUMS, "sbom": SBOM,
+                        "notes": NOTES, "previous": previous.id if previous else None, "images": image_ids(build)}
+            if published:
+                marker = build.dir / RELEASE_MARKER
+                _write_atomically(marker, json.dumps({"recipe": build.dir.parent.name, "build_id": build.id,
+                                                      **released}, indent=2) + "\n")
+                released.update(marker=RELEASE_MARKER, marker_at=put_release_marker(build, creds, marker))
+            build.data["released"] = released
             build.save()
     write_streams(build.dir.parent.parent)
     return build.data["released"]
@@ -471,8 +511,9 @@ def cmd_release(args) -> int:
     from .records import resolve_build
 
     build = resolve_build(args.build, args.output)
+    check_releasable(build, public=args.public)    # said before the recipe and credentials are read
     creds = None
-    if args.public:
+    if args.public or image_ids(build)["emi"]:
         from .cloud.credentials import load_credentials
         from .verify import recipe_of
 
@@ -513,7 +554,8 @@ def register(subparsers) -> None:
     sp.add_argument("build", metavar="BUILD", help="a build directory, RECIPE/BUILD_ID, or a build id")
     sp.add_argument("--public", action="store_true",
                     help="also grant launch permission to all on the build's EMI, EKI and ERI")
-    sp.add_argument("--eucarc", help="with --public: the cloud's eucarc (default: the recipe's, else the environment)")
+    sp.add_argument("--eucarc", help="for a published build: its cloud's eucarc (default: the recipe's, else the "
+                                     "environment)")
     sp.add_argument("--output", default=os.environ.get("BAKE_OUTPUT", "output"), help=output_help)
     sp.set_defaults(func=cmd_release)
     sp = subparsers.add_parser(

@@ -42,9 +42,15 @@ SSTREAM_QUERY = str(Path(BAKE).parent / "sstream-query")
 PYSPDXTOOLS = str(Path(BAKE).parent / "pyspdxtools")
 
 
-def bake(*args: str, env: dict | None = None, timeout: float = 1200) -> subprocess.CompletedProcess:
-    return subprocess.run([BAKE, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+def bake(*args: str, env: dict | None = None, timeout: float = 1200, no_cloud: bool = False) -> subprocess.CompletedProcess:
+    """Run bake; with `no_cloud`, without any cloud credential variable of the test run's environment."""
+    from builder.cloud.credentials import ENV_NAMES
+
+    environ = {**os.environ, **(env or {})}
+    if no_cloud:
+        environ = {k: v for k, v in environ.items() if not any(k in names for names in ENV_NAMES.values())}
+    return subprocess.run([BAKE, *args], capture_output=True, text=True, timeout=timeout, env=environ,
+                          stdin=subprocess.DEVNULL)
 
 
 def make_deb(dest: Path, work: Path, name: str, version: str, source: str | None) -> Path:
@@ -329,6 +335,34 @@ def test_the_stand_ins_bind_launch_permission_forms_as_eucalyptus_does(euca3, eu
         ec2.modify_image_attribute(ImageId=emi, Attribute="launchPermission", OperationType="remove",
                                    UserGroups=["all"])
         assert ec2.describe_images(ImageIds=[emi])["Images"][0]["Public"] is False
+
+
+def test_a_published_release_puts_the_marker_gc_looks_for_beside_its_bundles(released_b, euca3):
+    from builder import gc
+
+    b, _, _ = released_b
+    cloud = b.data["cloud"]
+    key = f"{cloud['prefix']}/{gc.RELEASE_MARKER}"
+    assert b.data["released"]["marker_at"] == f"{cloud['bucket']}/{key}"
+    s3 = make_clients(load_credentials({}, eucarc=euca3.eucarc)).s3
+    marker = json.loads(s3.get_object(Bucket=cloud["bucket"], Key=key)["Body"].read())
+    assert (marker["build_id"], marker["recipe"], marker["images"], marker["public"]) == \
+        (b.id, RECIPE, b.data["released"]["images"], True)
+
+
+def test_a_published_build_is_not_released_without_its_clouds_credentials(released_b, env, tmp_path):
+    b, _, _ = released_b
+    copy = tmp_path / RECIPE / b.id
+    copy.mkdir(parents=True)
+    data = {k: v for k, v in b.data.items() if k != "released"}
+    for entry in data["outputs"].values():
+        os.link(b.dir / entry["path"], copy / entry["path"])
+    data.pop("bundle")
+    (copy / "build.json").write_text(json.dumps(data))
+    r = bake("release", str(copy), env=env, no_cloud=True)
+    assert r.returncode == 1
+    assert f"was published to {b.data['cloud']['ec2_url']}" in r.stderr and "--eucarc" in r.stderr
+    assert not (copy / "SHA256SUMS").exists() and "released" not in json.loads((copy / "build.json").read_text())
 
 
 def test_releasing_again_is_refused(released_b):

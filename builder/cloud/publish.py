@@ -266,6 +266,9 @@ def unpublish(build: Build, creds: Credentials, opts: PublishOptions | None = No
         keys += [key_of(p) for p in b.parts] + [key_of(b.manifest)]
     for im in images.values():
         keys += [k for k in im.get("objects", []) if k not in keys]
+    released = build.data.get("released")
+    if isinstance(released, dict) and released.get("marker"):
+        keys.append(key_of(Path(released["marker"])))     # the release marker `bake release` put beside them
     removed: dict[str, Any] = {"images": [], "objects": [], "bucket": None}
     with step("Deregistering images"):
         for role in ("image", "ramdisk", "kernel"):   # the EMI names the EKI/ERI: it goes first
