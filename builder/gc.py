@@ -383,7 +383,8 @@ def _recorded_keys(data: dict[str, Any]) -> list[tuple[str, str]]:
 
 def recipe_lock_path(recipe: str) -> Path:
     """Where `pipeline.recipe_lock` keeps recipe `recipe`'s lock (read here without taking it)."""
-    return lifetime.state_dir() / "recipes" / f"{recipe}.lock"
+    from .pipeline import recipe_lock_path as path
+    return path(recipe)
 
 
 def _held(path: Path) -> str | None:

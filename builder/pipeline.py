@@ -35,11 +35,16 @@ def _later_stage(name: str):
     return importlib.import_module(f"builder.stages.{name}")
 
 
+def recipe_lock_path(name: str) -> Path:
+    """The lock file of recipe `name` (`bake gc` reads it without taking it)."""
+    return lifetime.state_dir() / "recipes" / f"{name}.lock"
+
+
 def recipe_lock(name: str, *, wait: bool = True):
     """Hold recipe `name` for the block: one bake of a recipe at a time on this box (a
     second waits, or with `wait=False` raises locks.Busy naming the holder). An flock:
     the kernel releases it when its holder dies, however it dies."""
-    return locks.held(lifetime.state_dir() / "recipes" / f"{name}.lock", f"recipe {name}", wait=wait)
+    return locks.held(recipe_lock_path(name), f"recipe {name}", wait=wait)
 
 
 def bake(recipe: Recipe, output_root: Path, *, stop_after: str | None = None,
