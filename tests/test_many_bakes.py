@@ -191,3 +191,34 @@ def _cmdline_mentions(pid: str, text: str) -> bool:
         return text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+
+
+@pytest.mark.e2e
+def test_sigterm_to_a_j2_bake_ends_every_bake_with_everything_undone(demo_build, tmp_path):
+    from test_build_failures import TEST_ELEMENTS, assert_nothing_left, demo_plus
+
+    paths = [demo_plus("sleeps-in-install", name, tmp_path) for name in ("sleepy-a", "sleepy-b")]
+    out = tmp_path / "out"
+    env = dict(os.environ, BAKE_ELEMENTS_PATH=str(TEST_ELEMENTS))
+    p = subprocess.Popen([BAKE, "build", *map(str, paths), "-j", "2", "--stop-after", "image", "--output", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        markers = lambda: list(out.glob("sleepy-*/*/work/rootfs/var/tmp/bake-test-sleeping"))  # noqa: E731
+        wait_for(lambda: len(markers()) == 2 or p.poll() is not None, 900, "both bakes to reach the sleeping hook")
+        assert p.poll() is None, p.communicate()[1]
+        builds = [m.parents[4] for m in markers()]
+        p.send_signal(signal.SIGTERM)
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        lifetime.clean_stale()
+    assert p.returncode == exitcodes.INTERRUPTED, stderr
+    for name in ("sleepy-a", "sleepy-b"):
+        assert f"{name} | bake: interrupted; everything mounted or started was undone" in stderr, stderr
+    for b in builds:
+        assert_nothing_left(b)
+        assert json.loads((b / "build.json").read_text())["result"] == "failed"
+    leftover = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline_mentions(pid, str(out))]
+    assert leftover == []
