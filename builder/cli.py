@@ -14,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+from .options import add_output
 from .errors import BakeError
 from .locks import Busy
 from .schemaerrors import RecipeError
@@ -202,7 +203,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("plan", help="show the stages, element hooks, packages and cache hits of a recipe")
     sp.add_argument("recipe", metavar="RECIPE")
-    sp.add_argument("--output", default=os.environ.get("BAKE_OUTPUT", "output"), help="output root (default: $BAKE_OUTPUT, else output)")
+    add_output(sp)
     sp.add_argument("--json", action="store_true", help="print the plan as JSON")
     sp.set_defaults(func=cmd_plan)
 
@@ -213,7 +214,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("build", help="bake recipes: bootstrap, customize, image, then bundle/publish/verify as configured",
                         epilog="Exit statuses: " + "; ".join(f"{n} {text}" for n, text in exitcodes.TABLE) + ".")
     sp.add_argument("recipes", nargs="+", metavar="RECIPE")
-    sp.add_argument("--output", default=os.environ.get("BAKE_OUTPUT", "output"), help="output root (default: $BAKE_OUTPUT, else output)")
+    add_output(sp)
     sp.add_argument("-j", "--jobs", type=int, default=1, metavar="N",
                     help="with several recipes: bake N at a time (default 1); each in a process of its own")
     sp.add_argument("--no-wait", action="store_true",

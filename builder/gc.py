@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from .options import add_output
 from . import lifetime, locks, records
 from .build import Build
 from .cache import TreeCache, cache_root
@@ -731,7 +732,6 @@ def register(subparsers) -> None:
                          "cloud's listing (the cloud from the environment or --eucarc, as for publish)")
     sp.add_argument("--eucarc", help="read endpoints and credentials from this eucarc (default: the environment)")
     sp.add_argument("--dry-run", action="store_true", help="change nothing; say what would go and why the rest stays")
-    sp.add_argument("--output", default=os.environ.get("BAKE_OUTPUT", "output"),
-                    help="output root (default: $BAKE_OUTPUT, else output)")
+    add_output(sp)
     sp.add_argument("--json", action="store_true", help="print the plan (and outcomes) as JSON")
     sp.set_defaults(func=cmd_gc)

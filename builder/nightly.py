@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .options import add_output
 from . import exitcodes, lifetime
 from .errors import BakeError
 
@@ -116,8 +117,7 @@ def register(subparsers) -> None:
                     "`bake gc --keep N`; a summary in OUTPUT/nightly/. Exit 0: all passed; 7: some recipe or gc "
                     "failed; 8: nothing could be baked.")
     sp.add_argument("recipes", nargs="+", metavar="RECIPES_OR_DIR")
-    sp.add_argument("--output", default=os.environ.get("BAKE_OUTPUT", "output"),
-                    help="output root (default: $BAKE_OUTPUT, else output)")
+    add_output(sp)
     sp.add_argument("-j", "--jobs", type=int, default=1, metavar="N", help="bake N recipes at a time (default 1)")
     sp.add_argument("--keep", type=int, metavar="N",
                     help="after baking, keep the N newest builds per recipe (and every released one)")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .options import add_output
 from . import locks
 from .build import RECORD, Build
 from .errors import BakeError
@@ -420,14 +421,13 @@ def cmd_show(args) -> int:
 
 def register(subparsers) -> None:
     """Add `ls` and `show` to the `bake` command."""
-    output_help = "output root (default: $BAKE_OUTPUT, else output)"
     sp = subparsers.add_parser(
         "ls", help="list builds: recipe, id, state, sizes, cloud ids, verification",
         description="List every build under the output root (OUTPUT/<recipe>/<build-id>/build.json), oldest "
                     "first per recipe, with its state: building, killed (its bake died), failed at STAGE, baked, "
                     "published, verified or released. A build.json that cannot be read is skipped with a warning.")
     sp.add_argument("recipe", nargs="?", metavar="RECIPE", help="only the builds of this recipe (its name)")
-    sp.add_argument("--output", default=os.environ.get("BAKE_OUTPUT", "output"), help=output_help)
+    add_output(sp)
     sp.add_argument("--json", action="store_true", help="print a JSON array (sizes in bytes) instead of a table")
     sp.set_defaults(func=cmd_ls)
     sp = subparsers.add_parser(
@@ -435,6 +435,6 @@ def register(subparsers) -> None:
         description="Show one build's record. BUILD is a build directory, RECIPE/BUILD_ID under the output root, "
                     "or a build id that only one recipe has.")
     sp.add_argument("build", metavar="BUILD", help="a build directory, RECIPE/BUILD_ID, or a build id")
-    sp.add_argument("--output", default=os.environ.get("BAKE_OUTPUT", "output"), help=output_help)
+    add_output(sp)
     sp.add_argument("--json", action="store_true", help="print build.json with the computed state as JSON")
     sp.set_defaults(func=cmd_show)

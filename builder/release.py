@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from .options import add_output
 from .build import Build, and_list, sha256_file
 from .errors import BakeError
 from .log import step
@@ -543,7 +544,6 @@ def cmd_latest(args) -> int:
 
 def register(subparsers) -> None:
     """Add `release` and `latest` to the `bake` command."""
-    output_help = "output root (default: $BAKE_OUTPUT, else output)"
     sp = subparsers.add_parser(
         "release", help="release a verified build: SHA256SUMS, SBOM, release notes, stream index; --public",
         description="Release a build whose verification passed: write SHA256SUMS, an SPDX 2.3 SBOM and release "
@@ -556,7 +556,7 @@ def register(subparsers) -> None:
                     help="also grant launch permission to all on the build's EMI, EKI and ERI")
     sp.add_argument("--eucarc", help="for a published build: its cloud's eucarc (default: the recipe's, else the "
                                      "environment)")
-    sp.add_argument("--output", default=os.environ.get("BAKE_OUTPUT", "output"), help=output_help)
+    add_output(sp)
     sp.set_defaults(func=cmd_release)
     sp = subparsers.add_parser(
         "latest", help="print the newest published (or released) build's EMI, EKI and ERI",
@@ -565,5 +565,5 @@ def register(subparsers) -> None:
     sp.add_argument("recipe", metavar="RECIPE", help="a recipe's name (or its file)")
     sp.add_argument("--released", action="store_true", help="the newest released build, not the newest published")
     sp.add_argument("--json", action="store_true", help="print a JSON object")
-    sp.add_argument("--output", default=os.environ.get("BAKE_OUTPUT", "output"), help=output_help)
+    add_output(sp)
     sp.set_defaults(func=cmd_latest)
