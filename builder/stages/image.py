@@ -88,6 +88,26 @@ def package_list(root: Path) -> list[dict[str, str]]:
     return pkgs
 
 
+def make_filesystem(root: Path, image: Path, *, fs: str, label: str, size: int, features: list[str],
+                    inodes: int) -> None:
+    """Write a `size`-byte `fs` filesystem holding the tree at `root` to `image` with
+    `mkfs -d` (no loop mount): owners, modes, links, device nodes, xattrs and ACLs as the
+    tree has them. Written beside `image` and renamed into place once checked."""
+    tmp = image.with_suffix(image.suffix + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.truncate(size)
+        n_inodes = max(2 * inodes, 32768)
+        sh.run([f"mkfs.{fs}", "-q", "-F", "-d", str(root), "-L", label, "-b", "4096",
+                "-I", str(INODE_SIZE), "-N", str(n_inodes), "-O", "none," + ",".join(features),
+                "-E", "lazy_itable_init=0,lazy_journal_init=0", str(tmp)],
+               what=f"making the {fs} filesystem")
+        sh.run(["e2fsck", "-f", "-n", str(tmp)], what="checking the new filesystem", quiet=True)
+        os.replace(tmp, image)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def run(build: Build, recipe: Recipe, root: Path) -> dict:
     """Write kernel, ramdisk and partition image into the build directory."""
     start = time.monotonic()
@@ -101,20 +121,8 @@ def run(build: Build, recipe: Recipe, root: Path) -> dict:
             raise BakeError(f"size {d['size']} is smaller than the image's content ({content // MiB} MiB); "
                             "raise `size` or use `size: auto`")
         image = build.dir / f"{recipe.name}.img"
-        tmp = image.with_suffix(".img.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.truncate(size)
-            features = recipe.profile.mkfs_features(fs)
-            n_inodes = max(2 * inodes, 32768)
-            sh.run([f"mkfs.{fs}", "-q", "-F", "-d", str(root), "-L", d["label"], "-b", "4096",
-                    "-I", str(INODE_SIZE), "-N", str(n_inodes), "-O", "none," + ",".join(features),
-                    "-E", "lazy_itable_init=0,lazy_journal_init=0", str(tmp)],
-                   what=f"making the {fs} filesystem")
-            sh.run(["e2fsck", "-f", "-n", str(tmp)], what="checking the new filesystem", quiet=True)
-            os.replace(tmp, image)
-        finally:
-            tmp.unlink(missing_ok=True)
+        features = recipe.profile.mkfs_features(fs)
+        make_filesystem(root, image, fs=fs, label=d["label"], size=size, features=features, inodes=inodes)
         version = newest_kernel(root)
         kernel = build.dir / f"vmlinuz-{version}"
         ramdisk = build.dir / f"initrd.img-{version}"
