@@ -1,0 +1,1 @@
+"""Existing images as a recipe's base: formats, opening, inspection."""
