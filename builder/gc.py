@@ -39,7 +39,7 @@ from .errors import BakeError
 
 log = logging.getLogger("bake.gc")
 
-NAMESPACES = ("bootstrap", "packages")          # the TreeCache namespaces gc looks after
+NAMESPACES = ("bootstrap", "base", "packages")  # the TreeCache namespaces gc looks after
 RELEASE_MARKER = "released.json"                # beside a build's bundles: `<prefix>/released.json`
 IN_USE_STATES = ("pending", "running", "stopping", "stopped")
 BUILD_ID = re.compile(r"^(\d{8}-\d{6})(?:\.(\d+))?$")
@@ -371,14 +371,15 @@ def _tree_bytes(path: Path) -> int:
 
 
 def _recorded_keys(data: dict[str, Any]) -> list[tuple[str, str]]:
-    """The cache entries a build's record says it used (bootstrap key, package checkpoint)."""
+    """The cache entries a build's record says it used (bootstrap or base key, package checkpoint)."""
     stages = data.get("stages") if isinstance(data.get("stages"), dict) else {}
     found = []
     where = (("bootstrap", "bootstrap", "key"), ("packages", "customize", "checkpoint_key"))
     for namespace, stage, field_name in where:
         rec = stages.get(stage)
         if isinstance(rec, dict) and isinstance(rec.get(field_name), str) and rec[field_name]:
-            found.append((namespace, rec[field_name]))
+            # a base image's root tree is kept in a namespace of its own, which its record names
+            found.append((rec.get("namespace") or namespace, rec[field_name]))
     return found
 
 

@@ -24,7 +24,7 @@ from .errors import BakeError
 from .log import step
 from .plan import make_plan
 from .recipe import Recipe
-from .stages import bootstrap, customize, image
+from .stages import baseimage, bootstrap, customize, image
 
 log = logging.getLogger("bake")
 
@@ -52,7 +52,13 @@ def bake(recipe: Recipe, output_root: Path, *, stop_after: str | None = None,
          wait: bool = True) -> Build:
     """Run the recipe's stages into a new build directory and return the build. Another
     bake of the same recipe is waited for (`wait=False`: locks.Busy at once)."""
-    sh.require("debootstrap", "chroot", "mount", "tar")
+    base = recipe.base
+    if base and base["method"] == "guestfs":
+        sh.require("qemu-img", "e2fsck", "resize2fs", "debugfs")
+    elif base:
+        sh.require("chroot", "mount", "tar", "qemu-img", "debugfs")
+    else:
+        sh.require("debootstrap", "chroot", "mount", "tar")
     output_root = Path(output_root).resolve()
     # mirrors and packages resolve before anything is made, and before waiting for the
     # recipe: bad input is said at once
@@ -88,19 +94,31 @@ def _run_stages(build: Build, recipe: Recipe, plan, output_root: Path, *, stop_a
     events.emit("build", dir=str(build.dir))
     try:
         with step(f"Bake {recipe.name} → {build.dir}"):
+            light = bool(recipe.base) and recipe.base["method"] == "guestfs"
             with _stage(build, "bootstrap"):
-                fresh = bootstrap.run(build, recipe, plan, work)
+                if light:
+                    opened = baseimage.prepare_light(build, recipe, work)
+                elif recipe.base:
+                    fresh = baseimage.run(build, recipe, plan, work)
+                else:
+                    fresh = bootstrap.run(build, recipe, plan, work)
             stages_run.append("bootstrap")
             if stop_after != "bootstrap":
                 current = "customize"
                 with _stage(build, "customize"):
-                    plan = make_plan(recipe, output_root)  # the checkpoint key follows the base just made
-                    root = customize.run(build, recipe, plan, work, fresh)
+                    if light:
+                        _light_customize(build, recipe, opened)
+                    else:
+                        plan = make_plan(recipe, output_root)  # the checkpoint key follows the base just made
+                        root = customize.run(build, recipe, plan, work, fresh)
                 stages_run.append("customize")
                 if stop_after != "customize":
                     current = "image"
                     with _stage(build, "image"):
-                        image.run(build, recipe, root)
+                        if light:
+                            baseimage.finish_light(build, recipe, opened)
+                        else:
+                            image.run(build, recipe, root)
                     stages_run.append("image")
                     shutil.rmtree(work)
                     for name in LATER_STAGES:
@@ -145,6 +163,23 @@ def _run_stages(build: Build, recipe: Recipe, plan, output_root: Path, *, stop_a
     _discard(work)
     _result_event(build)
     return build
+
+
+def _light_customize(build: Build, recipe: Recipe, opened) -> None:
+    """The customize stage of `base.method: guestfs`: the recipe's changes made inside
+    the base's filesystem through libguestfs."""
+    from .base import light
+    from .distro import suite_at_least
+    start = time.monotonic()
+    init = opened.record.get("init_system") or recipe.profile.init_system
+    # Lucid-era glibc calls into the vsyscall page, which the appliance's kernel lacks
+    old_glibc = recipe.release.distro == "ubuntu" and not suite_at_least("ubuntu", recipe.release.suite, "precise")
+    with step("Customize in place (libguestfs)"):
+        notes = light.apply(build, recipe, opened.unpacked.image, init_system=init, lucid=old_glibc,
+                            root_label=recipe.data["label"])
+    build.record_stage("customize", method="guestfs", init_system=init, seconds=round(time.monotonic() - start, 2))
+    if notes:
+        build.set("notes", notes)
 
 
 @contextlib.contextmanager

@@ -83,7 +83,9 @@ def collect_packages(recipe: Recipe) -> list[tuple[str, str]]:
     """Every package the image gets beyond the bootstrap, with where it comes from."""
     prof = recipe.profile
     out: dict[str, str] = {}
-    out[recipe.kernel_package] = "kernel"
+    if not recipe.base or (recipe.data.get("kernel") or {}).get("package"):
+        # an image evolved from a base keeps the base's kernel unless the recipe names one
+        out[recipe.kernel_package] = "kernel"
     for use in recipe.elements:
         for pkg, rule in use.element.packages.items():
             if package_applies(rule, distro=prof.distro, suite=prof.suite, init=prof.init_system):
@@ -98,6 +100,15 @@ def collect_packages(recipe: Recipe) -> list[tuple[str, str]]:
 def bootstrap_key(recipe: Recipe, mirror: str) -> str:
     d = recipe.data
     return cache_mod.key_of("bootstrap", 1, d["release"], mirror, recipe.arch, d["variant"], sorted(d["components"]))
+
+
+def base_key(recipe: Recipe) -> str:
+    """The key of the root tree taken out of the recipe's base image: the image's content
+    (its SHA-256; an EMI by its id, which a cloud never points at other content) and which
+    partition of it."""
+    from .base.source import source_digest
+    b = recipe.base
+    return cache_mod.key_of("base", 1, source_digest(recipe), b["partition"], recipe.arch)
 
 
 def checkpoint_key(recipe: Recipe, boot_key: str, release_digest: str, apt_sources: str,
@@ -124,12 +135,20 @@ def make_plan(recipe: Recipe, output_root: Path) -> Plan:
     hooks = {ph: hs for ph, hs in hooks.items() if hs}
 
     root = cache_mod.cache_root(output_root)
-    bkey = bootstrap_key(recipe, mirror)
-    bcache = cache_mod.TreeCache(root, "bootstrap")
+    base = recipe.base
+    if base:
+        bkey = base_key(recipe)
+        bcache = cache_mod.TreeCache(root, "base")
+    else:
+        bkey = bootstrap_key(recipe, mirror)
+        bcache = cache_mod.TreeCache(root, "bootstrap")
     bhit = bcache.has(bkey)
     bmeta = bcache.meta(bkey) if bhit else {}
-    boot = CacheEntry("bootstrap", bkey, bhit,
-                      f"built {bmeta.get('created', '?')}; the archive's Release file is checked when baking" if bhit else "")
+    if base:
+        note = f"root tree of {base.get('image') or base.get('emi')}, opened {bmeta.get('created', '?')}" if bhit else ""
+    else:
+        note = f"built {bmeta.get('created', '?')}; the archive's Release file is checked when baking" if bhit else ""
+    boot = CacheEntry(bcache.namespace, bkey, bhit, note)
     release_digest = bmeta.get("release_sha256", "")
     ckey = checkpoint_key(recipe, bkey, release_digest, apt_sources, [p for p, _ in packages])
     ccache = cache_mod.TreeCache(root, "packages")
@@ -137,10 +156,23 @@ def make_plan(recipe: Recipe, output_root: Path) -> Plan:
     check = CacheEntry("packages", ckey, chit, "root tree after package installation" if chit else "")
 
     plan = Plan(recipe, mirror, security, apt_sources, packages, hooks, boot, check)
-    plan.stages.append(("bootstrap", "cached" if bhit else f"debootstrap --variant={d['variant']} {prof.suite}"))
-    plan.stages.append(("customize", ("packages cached; " if chit else f"install {len(packages)} packages; ")
-                        + "run element hooks, files, commands; initramfs once"))
-    plan.stages.append(("image", f"mkfs.{d['filesystem']} -d (features for {prof.distro}/{prof.suite}), kernel, ramdisk"))
+    if base and base["method"] == "guestfs":
+        src = base.get("image") or base.get("emi")
+        plan.stages.append(("bootstrap", f"copy of {src} ({base['partition']} partition), grown by {base['grow']}"))
+        plan.stages.append(("customize", "in the image through libguestfs, no root: static files, element hooks, "
+                            "users, files, commands (no packages, no initramfs)"))
+        plan.stages.append(("image", f"the customized copy; kernel and ramdisk {base['kernel']}"))
+    else:
+        if base:
+            src = base.get("image") or base.get("emi")
+            plan.stages.append(("bootstrap", "cached" if bhit else f"open {src} and take out its root tree"))
+        else:
+            plan.stages.append(("bootstrap", "cached" if bhit else f"debootstrap --variant={d['variant']} {prof.suite}"))
+        plan.stages.append(("customize", ("packages cached; " if chit else f"install {len(packages)} packages; ")
+                            + "run element hooks, files, commands; initramfs once"))
+        plan.stages.append(("image", f"mkfs.{d['filesystem']} -d (features for {prof.distro}/{prof.suite}), "
+                            + ("kernel, ramdisk" if not base or base["kernel"] == "from-image"
+                               else "kernel and ramdisk from the source")))
     b = recipe.bundle
     plan.stages.append(("bundle", "off" if b.get("enabled") is False else "bundle kernel, ramdisk, image (EC2 format)"))
     p = recipe.publish

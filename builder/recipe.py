@@ -91,6 +91,17 @@ class Recipe:
     def hostname(self) -> str:
         return self.data.get("hostname") or self.name.replace(".", "-").replace("_", "-")
 
+    @property
+    def base(self) -> dict[str, Any] | None:
+        """The `base:` section (an existing image to start from), None for a debootstrap."""
+        return self.data.get("base")
+
+    @property
+    def base_image(self) -> Path | None:
+        """`base.image` resolved against the recipe's folder."""
+        b = self.base
+        return (self.path.parent / b["image"]).resolve() if b and b.get("image") else None
+
     def section(self, key: str) -> dict[str, Any]:
         """A reserved section (bundle, publish, verify) as a plain dict, empty if absent."""
         return dict(self.data.get(key) or {})
@@ -197,6 +208,8 @@ def load_recipe(path: str | Path) -> Recipe:
         fill_defaults(params, el.schema)
         uses.append(ElementUse(el, params, explicit=idx is not None))
 
+    _check_base(path, loc, data, given)
+
     # Files to copy must exist now, not halfway through a build.
     for i, f in enumerate(data.get("files") or []):
         src = (path.parent / f["source"]).resolve()
@@ -204,3 +217,32 @@ def load_recipe(path: str | Path) -> Recipe:
             raise RecipeError(path, loc.line_of(("files", i, "source")), f"files[{i}].source",
                               f"no such file: {f['source']} (looked for {src})")
     return Recipe(path.resolve(), data, uses, given)
+
+
+def _check_base(path: Path, loc: Located, data: dict, given: frozenset[str]) -> None:
+    """What the schema cannot say of `base:`: the keys only debootstrap reads are refused
+    beside it, the light path installs no package, and the image is there."""
+    base = data.get("base")
+    if not base:
+        return
+    if bool(base.get("image")) == bool(base.get("emi")):
+        raise RecipeError(path, loc.line_of(("base",)), "base",
+                          "expected exactly one of image (a file or build folder) and emi (an image in the cloud), "
+                          "found " + ("both" if base.get("image") else "neither"))
+    if "variant" in given:
+        raise RecipeError(path, loc.line_of(("variant",)), "variant",
+                          "variant is debootstrap's, and a recipe with base: starts from that image instead; "
+                          "remove variant")
+    if base["method"] == "guestfs":
+        if data.get("packages"):
+            raise RecipeError(path, loc.line_of(("packages",)), "packages",
+                              "base.method guestfs changes the image in place without a package manager; "
+                              "remove packages, or use method: unpack to install them")
+        if (data.get("kernel") or {}).get("package"):
+            raise RecipeError(path, loc.line_of(("kernel", "package")), "kernel.package",
+                              "base.method guestfs keeps the image's kernel; use method: unpack to install another")
+    if base.get("image"):
+        src = (path.parent / base["image"]).resolve()
+        if not src.exists():
+            raise RecipeError(path, loc.line_of(("base", "image")), "base.image",
+                              f"no such image: {base['image']} (looked for {src})")

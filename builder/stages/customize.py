@@ -69,6 +69,7 @@ class Customizer:
             "BAKE_DEFAULT_USER": r.default_user, "BAKE_ROOT_LABEL": d["label"],
             "BAKE_FILESYSTEM": d["filesystem"], "BAKE_IMAGE_NAME": r.name,
             "BAKE_HOSTNAME": r.hostname, "BAKE_LOCALE": d["locale"], "BAKE_TIMEZONE": d["timezone"],
+            "BAKE_BASE": "image" if r.base else "debootstrap",
         }
 
     def hook_env(self, hook: Hook, inside: bool) -> dict[str, str]:
@@ -443,7 +444,7 @@ def _first_half(c: Customizer, ckpt: TreeCache, plan: Plan, recipe: Recipe, outp
             os.rename(fresh_tree, root)
         else:
             with step("Unpacking the base tree"):
-                TreeCache(cache_root(output_root), "bootstrap").restore(plan.bootstrap.key, root)
+                TreeCache(cache_root(output_root), plan.bootstrap.namespace).restore(plan.bootstrap.key, root)
         c.init_system = detect_init_system(root, recipe.profile.init_system)
         with sh.chroot_mounts(root):
             c.guard()

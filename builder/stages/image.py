@@ -108,6 +108,23 @@ def make_filesystem(root: Path, image: Path, *, fs: str, label: str, size: int, 
         tmp.unlink(missing_ok=True)
 
 
+def _take_source_boot(root: Path, dest: Path) -> tuple[Path, Path, str] | None:
+    """The kernel and ramdisk a base image came with (`base.kernel: from-source`), moved
+    out of the tree into `dest`: (kernel, ramdisk, version), else None."""
+    from .baseimage import SOURCE_BOOT, source_kernel_of
+    from ..base.source import kernel_version
+    found = source_kernel_of(root)
+    if found is None:
+        shutil.rmtree(root / SOURCE_BOOT, ignore_errors=True)
+        return None
+    version = kernel_version(found[0]) or "source"
+    kernel, ramdisk = dest / f"vmlinuz-{version}", dest / f"initrd.img-{version}"
+    shutil.move(str(found[0]), kernel)
+    shutil.move(str(found[1]), ramdisk)
+    shutil.rmtree(root / SOURCE_BOOT)
+    return kernel, ramdisk, version
+
+
 def run(build: Build, recipe: Recipe, root: Path) -> dict:
     """Write kernel, ramdisk and partition image into the build directory."""
     start = time.monotonic()
@@ -115,6 +132,7 @@ def run(build: Build, recipe: Recipe, root: Path) -> dict:
     fs = d["filesystem"]
     sh.require(f"mkfs.{fs}", "e2fsck")
     with step(f"Image: {fs} partition image, kernel, ramdisk"):
+        source_boot = _take_source_boot(root, build.dir)
         content, inodes = tree_usage(root)
         size = parse_size(d["size"]) if d["size"] != "auto" else auto_size(content, inodes, parse_size(d["headroom"]))
         if size < content:
@@ -123,11 +141,14 @@ def run(build: Build, recipe: Recipe, root: Path) -> dict:
         image = build.dir / f"{recipe.name}.img"
         features = recipe.profile.mkfs_features(fs)
         make_filesystem(root, image, fs=fs, label=d["label"], size=size, features=features, inodes=inodes)
-        version = newest_kernel(root)
-        kernel = build.dir / f"vmlinuz-{version}"
-        ramdisk = build.dir / f"initrd.img-{version}"
-        shutil.copyfile(root / "boot" / f"vmlinuz-{version}", kernel)
-        shutil.copyfile(root / "boot" / f"initrd.img-{version}", ramdisk)
+        if source_boot:
+            kernel, ramdisk, version = source_boot
+        else:
+            version = newest_kernel(root)
+            kernel = build.dir / f"vmlinuz-{version}"
+            ramdisk = build.dir / f"initrd.img-{version}"
+            shutil.copyfile(root / "boot" / f"vmlinuz-{version}", kernel)
+            shutil.copyfile(root / "boot" / f"initrd.img-{version}", ramdisk)
         for p in (image, kernel, ramdisk):
             p.chmod(0o644)
         build.record_output("kernel", kernel)
