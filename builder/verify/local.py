@@ -24,7 +24,7 @@ from ..log import step
 from .. import lifetime, vm
 from . import checks
 from .report import Report
-from .result import CheckResult, CheckSkipped, checking, skipped
+from .result import CheckFailed, CheckResult, CheckSkipped, checking, skipped
 
 WORKDIR = "verify"
 
@@ -191,10 +191,17 @@ def _run_checks(s: Session, results: list[CheckResult], report: Report) -> None:
 
     if opts.wants("sync-agent"):
         explicit = opts.only is not None and "sync-agent" in opts.only
-        if not channel:
+        if opts.sync_agent_in_image is False:
+            # asked for by name, a check of an agent the image does not have fails: the
+            # image cannot bring a dead instance back, whatever the guest could show
+            without = "the image was baked without the sync-agent element"
+            if explicit:
+                with checking("sync-agent", results):
+                    raise CheckFailed(without)
+            else:
+                skipped("sync-agent", without, results)
+        elif not channel:
             skipped("sync-agent", why, results)
-        elif opts.sync_agent_in_image is False and not explicit:
-            skipped("sync-agent", "the image was baked without the sync-agent element", results)
         else:
             from .syncagent import sync_agent
             with step("Check sync-agent (backup on a, kill a, restore on b)"), checking("sync-agent", results) as r:

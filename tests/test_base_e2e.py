@@ -1,0 +1,148 @@
+"""Evolving existing images, end to end: real bakes from a base image, real QEMU boots.
+
+The base is a plain bookworm image made for the test (kernel, systemd, networking and
+the end-of-boot line; no SSH server, no metadata element, no sync agent; label
+uec-rootfs). Evolved with openssh-server and the acpiphp, ec2-metadata and sync-agent
+elements it passes every check; the base itself fails metadata and sync-agent, which
+shows the checks tell the two apart. A second case evolves the demo build the run bakes
+anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from builder import sh
+from builder.build import Build
+from conftest import BAKE, TEST_OUTPUT
+from vm_builds import kill_qemu_under, leftovers
+
+OUT = TEST_OUTPUT / "base-e2e"
+ALL_CHECKS = "boots,metadata,acpiphp,volume-hotplug,sync-agent"
+
+
+def bake(*args: str, timeout: float = 2400) -> subprocess.CompletedProcess:
+    return subprocess.run([BAKE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def write_recipe(folder: Path, data: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{data['name']}.yml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def bake_image(recipe: Path) -> Build:
+    """`bake build RECIPE --stop-after image` into this module's output; the build."""
+    r = bake("build", str(recipe), "--stop-after", "image", "--output", str(OUT))
+    assert r.returncode == 0, r.stderr[-4000:]
+    builds = sorted((OUT / yaml.safe_load(recipe.read_text())["name"]).iterdir(), key=lambda p: p.stat().st_mtime)
+    return Build.load(builds[-1])
+
+
+def verify(build: Build, checks: str, *extra: str) -> tuple[int, dict[str, str], str]:
+    """`bake verify BUILD --checks ... --json`: (exit status, status by check, stderr)."""
+    try:
+        r = bake("verify", str(build.dir), "--checks", checks, "--json", *extra, timeout=1800)
+    finally:
+        kill_qemu_under(build.dir)
+    report = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}
+    return r.returncode, {c["name"]: c["status"] for c in report.get("checks", [])}, r.stderr
+
+
+@pytest.fixture(scope="module")
+def handmade_base(tmp_path_factory) -> Build:
+    """A plain bookworm image: bake's base and kernel elements only, label uec-rootfs."""
+    folder = tmp_path_factory.mktemp("handmade")
+    recipe = write_recipe(folder, {"name": "handmade-base", "release": "debian/bookworm", "variant": "minbase",
+                                   "label": "uec-rootfs", "size": "auto", "headroom": "128M"})
+    return bake_image(recipe)
+
+
+def image_file(image: Path, path: str) -> str:
+    from builder.base.formats import read_file
+    data = read_file(image, path)
+    assert data is not None, f"{path} is not in {image}"
+    return data.decode()
+
+
+def test_the_base_itself_fails_metadata_and_sync_agent(handmade_base):
+    status, checks, err = verify(handmade_base, "boots,metadata,sync-agent")
+    assert checks.get("boots") == "pass", err[-3000:]
+    assert checks.get("metadata") == "fail", checks
+    assert checks.get("sync-agent") == "fail", checks
+    assert status == 5
+    assert not leftovers(handmade_base.dir)
+
+
+def test_the_evolved_base_passes_every_check(handmade_base, tmp_path):
+    recipe = write_recipe(tmp_path, {
+        "name": "evolved-base", "release": "debian/bookworm",
+        "base": {"image": str(handmade_base.dir)},
+        "packages": ["openssh-server"],
+        "elements": ["acpiphp", "ec2-metadata", {"name": "sync-agent", "with": {"label": "rootsync", "interval": 5}}],
+    })
+    build = bake_image(recipe)
+    base = build.data["base"]
+    assert base["type"] == "build" and base["source"] == str(handmade_base.dir)
+    assert (base["distro"], base["release"]) == ("debian", "bookworm")
+    assert base["filesystem"]["label"] == "uec-rootfs"
+    assert base["opened_by"] == "host loop mount + tar"
+    assert base["sha256"] == handmade_base.data["outputs"]["image"]["sha256"]
+    assert build.data["filesystem"]["label"] == "uec-rootfs"          # the base's label is kept
+    image = build.output_path("image")
+    fstab = image_file(image, "/etc/fstab")
+    assert "LABEL=uec-rootfs\t/" in fstab or "LABEL=uec-rootfs /" in fstab, fstab
+    names = {p["name"] for p in build.data["packages"]}
+    assert {"openssh-server", "rsync", "inotify-tools"} <= names
+    assert "openssh-server" not in {p["name"] for p in handmade_base.data["packages"]}
+
+    status, checks, err = verify(build, ALL_CHECKS)
+    assert checks == dict.fromkeys(ALL_CHECKS.split(","), "pass"), err[-4000:]
+    assert status == 0
+    assert not leftovers(build.dir)
+
+
+def test_evolving_the_demo_build_keeps_its_label_and_adds_what_the_recipe_asks(demo_build, tmp_path):
+    marker = tmp_path / "evolved.txt"
+    marker.write_text("evolved from the demo build\n")
+    recipe = write_recipe(tmp_path, {
+        "name": "evolved-demo", "release": "debian/bookworm",
+        "base": {"image": str(demo_build.dir), "sha256": demo_build.data["outputs"]["image"]["sha256"]},
+        "packages": ["less"],
+        "files": [{"source": str(marker), "dest": "/etc/evolved.txt", "mode": "0640"}],
+        "verify": {"checks": [{"name": "evolved", "run": "cat /etc/evolved.txt", "expect": "from the demo build"}]},
+    })
+    build = bake_image(recipe)
+    assert build.data["base"]["type"] == "build"
+    assert build.data["filesystem"]["label"] == demo_build.data["filesystem"]["label"]
+    status, checks, err = verify(build, "boots,metadata,recipe:evolved", "--user", "debian")
+    assert checks == {"boots": "pass", "metadata": "pass", "recipe:evolved": "pass"}, err[-4000:]
+    assert status == 0
+
+
+def test_a_pinned_base_that_changed_is_refused_before_anything_is_built(demo_build, tmp_path):
+    recipe = write_recipe(tmp_path, {
+        "name": "pinned-wrong", "release": "debian/bookworm",
+        "base": {"image": str(demo_build.dir), "sha256": "0" * 64},
+    })
+    r = bake("build", str(recipe), "--stop-after", "bootstrap", "--output", str(tmp_path / "out"))
+    assert r.returncode == 1
+    assert "not the " + "0" * 64 + " the recipe pins" in r.stderr
+
+
+def test_a_base_of_another_release_is_refused_naming_both(demo_build, tmp_path):
+    recipe = write_recipe(tmp_path, {
+        "name": "wrong-release", "release": "debian/bullseye",
+        "base": {"image": str(demo_build.dir)},
+    })
+    r = bake("build", str(recipe), "--stop-after", "bootstrap", "--output", str(tmp_path / "out"))
+    assert r.returncode == 1
+    assert "is debian/bookworm, but the recipe says release: debian/bullseye" in r.stderr
+    assert not sh.mounts_under(tmp_path)
