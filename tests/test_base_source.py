@@ -122,3 +122,34 @@ def test_the_plan_of_the_light_path_says_it_changes_the_image_in_place(tmp_path)
     stages = dict(make_plan(recipe, tmp_path / "out").stages)
     assert stages["customize"].startswith("in the image through libguestfs, no root")
     assert stages["bootstrap"] == "copy of base.img (auto partition), grown by 0M"
+
+
+# --- a base whose kernel has acpiphp as a module ------------------------------------------
+
+from test_distro_profiles import kernel_tree, mini_root, run_hook  # noqa: E402,F401  (mini_root: a fixture)
+
+
+@pytest.mark.parametrize("init, loads_from", [("upstart", "etc/modules"),
+                                              ("systemd", "etc/modules-load.d/acpiphp.conf")])
+def test_a_base_whose_kernel_has_acpiphp_as_a_module_gets_it_loaded_at_boot(mini_root, tmp_path, init, loads_from):
+    """base image → tree (host path) → the acpiphp element's hook in a chroot → image:
+    the new image loads the module at boot, the way its init system reads."""
+    from base_fixtures import fs_image
+    from builder.base.formats import read_file
+    from builder.base.hostcopy import copy_tree
+    from builder.stages.image import make_filesystem, tree_usage
+
+    kernel_tree(mini_root, "2.6.32-38-virtual", "module")          # acpiphp.ko, not in modules.builtin
+    base = fs_image(mini_root, tmp_path / "base.img", label="uec-rootfs")
+    assert read_file(base, "/etc/modules") is None
+    tree = tmp_path / "tree"
+    copy_tree(base, tree)
+    r = run_hook(tree, init)
+    assert r.returncode == 0, r.stderr
+    assert "acpiphp is a module in kernel 2.6.32-38-virtual; loading it at boot" in r.stdout
+    image = tmp_path / "evolved.img"
+    _, inodes = tree_usage(tree)
+    make_filesystem(tree, image, fs="ext4", label="uec-rootfs", size=64 << 20, features=["has_journal", "extent"],
+                    inodes=inodes)
+    assert read_file(image, "/" + loads_from).decode().splitlines() == ["acpiphp"]
+    assert read_file(image, "/etc/initramfs-tools/modules").decode().splitlines() == ["acpiphp"]
