@@ -193,6 +193,20 @@ def _open_bundle_key(m: Manifest, private_key: Path) -> tuple[bytes, bytes]:
                     "nor its ec2_encrypted_key was made for it): wrong key")
 
 
+def opens_user_key(m: Manifest, private_key: Path) -> bool:
+    """Whether `private_key` opens the bundle's `user_encrypted_key` and `_iv`, that is,
+    whether the bundle was sealed to this key's certificate (the bundling user's).
+
+    Only the user pair is tried: the `ec2_encrypted_*` pair is sealed to the cloud's
+    certificate and opens only with the cloud's own key. False tells a bundle made for
+    another certificate apart from a damaged one, before any part is read."""
+    if not m.user_encrypted_key or not m.user_encrypted_iv:
+        return False
+    private = crypto.load_private_key(private_key)
+    return crypto.unwrap(private, m.user_encrypted_key) is not None and \
+        crypto.unwrap(private, m.user_encrypted_iv) is not None
+
+
 _ZEROS = bytes(CHUNK)
 
 
