@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from builder import sh
+from builder.base.formats import fs_facts
 
 EXCLUDED = {"lost+found"}      # at the top only: what mkfs makes, not part of a tree
 
@@ -115,7 +116,9 @@ def listing(root: Path) -> list[str]:
 def image_listing(image: Path) -> list[str]:
     """`listing` of the filesystem in `image`, mounted read-only (its journal not replayed)
     on a loop device for the reading."""
+    fstype = fs_facts(image).type
+    options = "ro" if fstype == "ext2" else "ro,noload"     # ext2 has no journal to leave alone
     with tempfile.TemporaryDirectory(prefix="bake-listing-") as mnt, \
             sh.loop_device(image, read_only=True) as dev, \
-            sh.mount(dev, mnt, options="ro,noload"):
+            sh.mount(dev, mnt, fstype=fstype, options=options):
         return listing(Path(mnt))
