@@ -146,3 +146,50 @@ def test_a_base_of_another_release_is_refused_naming_both(demo_build, tmp_path):
     assert r.returncode == 1
     assert "is debian/bookworm, but the recipe says release: debian/bullseye" in r.stderr
     assert not sh.mounts_under(tmp_path)
+
+
+@pytest.mark.e2e
+def test_an_emi_published_from_a_build_is_evolved_in_place_and_boots(demo_build, euca4, tmp_path):
+    """Publish the demo build to the Eucalyptus stand-in, then a recipe whose base is its
+    EMI, changed in place through libguestfs (`method: guestfs`): downloaded and
+    decrypted with the account's own key, a file added, booted and checked."""
+    import secrets
+    import shutil
+
+    from builder.bundle.keys import BundleKeys
+    from builder.cloud.credentials import load_credentials
+    from builder.cloud.publish import PublishOptions, publish
+    from builder.stages.bundle import bundle_build
+
+    source = Build.create(tmp_path / "published", "debian-demo")
+    for role in ("kernel", "ramdisk", "image"):
+        src = demo_build.output_path(role)
+        shutil.copy2(src, source.dir / src.name)
+        source.record_output(role, source.dir / src.name)
+    source.set("arch", "x86_64")
+    i = euca4.identity
+    bundle_build(source, BundleKeys(user_id=i.account_id, cert=i.user_cert, private_key=i.user_key,
+                                    cloud_cert=i.cloud_cert))
+    creds = load_credentials({"eucarc": str(euca4.eucarc)}, environ={})
+    emi = publish(source, creds, PublishOptions(bucket="evolve-" + secrets.token_hex(4)))["image_id"]
+    shutil.rmtree(source.dir)                     # the cloud's copy is the only one now
+
+    marker = tmp_path / "from-the-cloud.txt"
+    marker.write_text("evolved from an EMI\n")
+    recipe = write_recipe(tmp_path, {
+        "name": "evolved-emi", "release": "debian/bookworm",
+        "base": {"emi": emi, "method": "guestfs", "grow": "32M"},
+        "files": [{"source": str(marker), "dest": "/etc/from-the-cloud.txt", "mode": "0600"}],
+        "publish": {"eucarc": str(euca4.eucarc)},
+        "verify": {"checks": [{"name": "evolved", "run": "cat /etc/from-the-cloud.txt", "expect": "from an EMI"}]},
+    })
+    build = bake_image(recipe)
+    base = build.data["base"]
+    assert (base["source"], base["emi"]) == (f"emi:{emi}", emi)
+    assert base["sha256"] == demo_build.data["outputs"]["image"]["sha256"]
+    assert base["opened_by"] == "libguestfs in place"
+    assert build.data["stages"]["customize"]["method"] == "guestfs"
+    status, checks, err = verify(build, "boots,metadata,recipe:evolved", "--user", "debian")
+    assert checks == {"boots": "pass", "metadata": "pass", "recipe:evolved": "pass"}, err[-4000:]
+    assert status == 0
+    assert not leftovers(build.dir)
