@@ -86,6 +86,14 @@ def test_a_tarball_without_an_image_member_is_refused(made, work):
         identify(bad)
 
 
+def test_a_tarball_whose_image_is_a_disk_says_so(made, work):
+    disk = raw_disk(made["base"], work / "disk1.img")
+    tarball = uec_tarball(work, "cloud", disk, initrd=False, loader=False)
+    with pytest.raises(BakeError, match="its image cloud.img is no bare ext2/ext3/ext4 filesystem"):
+        unpack(identify(tarball), work / "unpacked")
+    assert list((work / "unpacked").iterdir()) == []
+
+
 # --- disks --------------------------------------------------------------------------
 
 def test_a_compressed_qcow2_partition_larger_than_its_filesystem_gives_exactly_the_filesystem(made, work):
@@ -111,6 +119,15 @@ def test_raw_and_vmdk_disks_unpack_the_same_bytes(made, work, fmt):
     disk = disk_image(made["base"], work / f"disk.{fmt}", fmt=fmt)
     source = identify(disk)
     assert (source.kind, source.format) == ("disk", fmt)
+    assert sha256_file(unpack(source, work / "unpacked").image) == made["sha"]
+
+
+def test_a_qcow2_of_a_bare_filesystem_is_one_whole_disk_partition_numbered_0(made, work):
+    disk = work / "bare.qcow2"
+    sh.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", made["base"], disk])
+    source = identify(disk)
+    [p] = partitions(disk, source.format, work / "scan")
+    assert (p.number, p.start, p.size, p.has_root) == (0, 0, 64 * MiB, True)
     assert sha256_file(unpack(source, work / "unpacked").image) == made["sha"]
 
 

@@ -151,7 +151,7 @@ def _identify_tarball(path: Path) -> Source:
     compressed = _is_gzip(path)
     members: dict[str, str] = {}
     try:
-        with tarfile.open(path, "r:gz" if compressed else "r:") as tar:
+        with tarfile.open(path, "r|gz" if compressed else "r|") as tar:
             for m in tar:
                 role = member_role(m.name)
                 if role is None or not m.isfile():
@@ -185,7 +185,7 @@ def _disk_format(path: Path) -> str | None:
     fmt = info.get("format")
     if fmt != "raw":
         return fmt
-    return "raw" if _partition_table(path, check=False) is not None else None
+    return "raw" if _partition_table(path) is not None else None
 
 
 def sha256_of(source: Source) -> str:
@@ -362,17 +362,14 @@ def grow(image: Path, extra: int) -> None:
 
 # --- disks --------------------------------------------------------------------------
 
-def _partition_table(raw: Path, *, check: bool = True) -> dict | None:
+def _partition_table(raw: Path) -> dict | None:
+    """sfdisk's reading of the partition table of `raw`, None when it finds none."""
     r = sh.run(["sfdisk", "-J", raw], check=False, quiet=True)
-    if r.returncode != 0:
-        if check:
-            raise BakeError(f"{raw}: no partition table sfdisk reads (MBR or GPT):\n{r.output.strip()}")
+    if r.returncode != 0 or "{" not in r.output:
         return None
     try:
         return json.loads(r.output[r.output.index("{"):])["partitiontable"]
     except (ValueError, KeyError):
-        if check:
-            raise BakeError(f"{raw}: sfdisk's listing of the partition table could not be read") from None
         return None
 
 
@@ -393,8 +390,15 @@ def _raw_disk(disk: Path, fmt: str, work: Path) -> Iterator[Path]:
         raw.unlink(missing_ok=True)
 
 
-def _partitions_of_raw(raw: Path) -> list[Partition]:
+def _partitions_of_raw(raw: Path, disk: Path) -> list[Partition]:
     table = _partition_table(raw)
+    if table is None:
+        # a disk image of a bare filesystem (some clouds take those): the whole disk, as number 0
+        facts = _facts_at(raw)
+        if facts is None:
+            raise BakeError(f"{disk}: neither a partition table (MBR or GPT) nor an ext filesystem on the disk")
+        with _e2name(raw) as name:
+            return [Partition(0, 0, os.path.getsize(raw), "", facts, _holds_root(name))]
     sector = int(table.get("sectorsize", 512))
     found = []
     for p in table.get("partitions", []):
@@ -414,9 +418,11 @@ def _partitions_of_raw(raw: Path) -> list[Partition]:
 def partitions(disk: Path, fmt: str, work: Path) -> list[Partition]:
     """The partitions of disk image `disk` (qemu-img format `fmt`; MBR or GPT), each with
     the ext filesystem it holds and whether that holds a root tree. A disk that is not
-    raw is converted to a sparse raw file under `work` for the reading and that removed."""
+    raw is converted to a sparse raw file under `work` for the reading and that removed.
+    A disk with no partition table whose whole content is an ext filesystem has one
+    partition, number 0, the whole disk."""
     with _raw_disk(disk, fmt, work) as raw:
-        return _partitions_of_raw(raw)
+        return _partitions_of_raw(raw, disk)
 
 
 def describe(p: Partition) -> str:
@@ -524,16 +530,28 @@ def _copy_range(src: Path, offset: int, length: int, dst: Path) -> None:
         w.finish(length)
 
 
-def _extract_member(tarball: Path, member: str, dst: Path) -> None:
-    with tarfile.open(tarball, "r:*") as tar:
-        f = tar.extractfile(member)
-        if f is None:
-            raise BakeError(f"{tarball}: member {member} is not a regular file")
-        with f, open(dst, "wb") as out:
-            w = _SparseWriter(out)
-            while chunk := f.read(CHUNK):
-                w.write(chunk)
-            w.finish(w.pos)
+def _extract_members(tarball: Path, wanted: dict[str, Path]) -> None:
+    """Write members `wanted` (name -> file) of `tarball`, sparse, in one pass over it
+    (a compressed tarball cannot be read out of order cheaply)."""
+    left = dict(wanted)
+    try:
+        with tarfile.open(tarball, "r|*") as tar:
+            for m in tar:
+                if m.name not in left or not m.isfile():
+                    continue
+                f = tar.extractfile(m)
+                assert f is not None
+                with f, open(left.pop(m.name), "wb") as out:
+                    w = _SparseWriter(out)
+                    while chunk := f.read(CHUNK):
+                        w.write(chunk)
+                    w.finish(w.pos)
+                if not left:
+                    break
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise BakeError(f"{tarball}: the tarball could not be read to its end ({e})") from None
+    if left:
+        raise BakeError(f"{tarball}: member(s) {', '.join(sorted(left))} missing from the tarball")
 
 
 # --- unpacking ----------------------------------------------------------------------
@@ -556,16 +574,16 @@ def unpack(source: Source, work: Path, *, partition: int | str = "auto") -> Unpa
             _copy_whole_fs(source.path, 0, facts, image, os.path.getsize(source.path))
         elif source.kind == "disk":
             with _raw_disk(source.path, source.format, work) as raw:
-                chosen = choose_partition(source.path, _partitions_of_raw(raw), partition)
+                chosen = choose_partition(source.path, _partitions_of_raw(raw, source.path), partition)
                 assert chosen.fs is not None
                 _copy_whole_fs(raw, chosen.start, chosen.fs, image, chosen.size)
         elif source.kind == "uec-tarball":
-            _extract_member(source.path, source.members["image"], image)
             for role in ("kernel", "ramdisk", "loader"):
                 if role in source.members:
                     extras[role] = work / source.members[role].rsplit("/", 1)[-1]
-                    _extract_member(source.path, source.members[role], extras[role])
-            _cut_to_fs(image, source.path)
+            _extract_members(source.path, {source.members["image"]: image,
+                                           **{source.members[r]: p for r, p in extras.items()}})
+            _cut_to_fs(image, source.path, source.members["image"])
         elif source.kind == "build":
             src = source.path / source.members["image"]
             facts = fs_facts(src)
@@ -591,10 +609,13 @@ def _copy_whole_fs(src: Path, offset: int, facts: FsFacts, dst: Path, available:
     _copy_range(src, offset, facts.size, dst)
 
 
-def _cut_to_fs(image: Path, origin: Path) -> None:
-    facts = fs_facts(image)
+def _cut_to_fs(image: Path, tarball: Path, member: str) -> None:
+    facts = _facts_at(image)
+    if facts is None:
+        raise BakeError(f"{tarball}: its image {member} is no bare ext2/ext3/ext4 filesystem (a disk image "
+                        "in a tarball is not a UEC image: unpack it and give the disk image as the base)")
     have = os.path.getsize(image)
     if facts.size > have:
-        raise BakeError(f"{origin}: its image's {facts.type} filesystem is {facts.size} bytes but the member "
-                        f"holds only {have} (a truncated image)")
+        raise BakeError(f"{tarball}: the {facts.type} filesystem in {member} is {facts.size} bytes but the "
+                        f"member holds only {have} (a truncated image)")
     os.truncate(image, facts.size)
