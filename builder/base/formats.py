@@ -177,10 +177,10 @@ def _disk_format(path: Path) -> str | None:
     """qemu-img's name for the format of disk image `path`, None when it is no disk image
     (qemu-img calls anything it does not know "raw": a raw disk must have a partition
     table)."""
+    r = sh.run(["qemu-img", "info", "-U", "--output=json", path], check=False, quiet=True)
     try:
-        info = json.loads(sh.output(["qemu-img", "info", "-U", "--output=json", path],
-                                    what=f"reading the format of {path}"))
-    except (sh.CommandError, json.JSONDecodeError):
+        info = json.loads(r.output[r.output.index("{"):]) if r.returncode == 0 else {}
+    except ValueError:      # no JSON object (a warning ahead of it is skipped)
         return None
     fmt = info.get("format")
     if fmt != "raw":
