@@ -116,7 +116,7 @@ def test_evolving_the_demo_build_keeps_its_label_and_adds_what_the_recipe_asks(d
         "name": "evolved-demo", "release": "debian/bookworm",
         "base": {"image": str(demo_build.dir), "sha256": demo_build.data["outputs"]["image"]["sha256"]},
         "packages": ["less"],
-        "files": [{"source": str(marker), "dest": "/etc/evolved.txt", "mode": "0640"}],
+        "files": [{"source": str(marker), "dest": "/etc/evolved.txt", "mode": "0644"}],
         "verify": {"checks": [{"name": "evolved", "run": "cat /etc/evolved.txt", "expect": "from the demo build"}]},
     })
     build = bake_image(recipe)
@@ -179,7 +179,7 @@ def test_an_emi_published_from_a_build_is_evolved_in_place_and_boots(demo_build,
     recipe = write_recipe(tmp_path, {
         "name": "evolved-emi", "release": "debian/bookworm",
         "base": {"emi": emi, "method": "guestfs", "grow": "32M"},
-        "files": [{"source": str(marker), "dest": "/etc/from-the-cloud.txt", "mode": "0600"}],
+        "files": [{"source": str(marker), "dest": "/etc/from-the-cloud.txt", "mode": "0644"}],
         "publish": {"eucarc": str(euca4.eucarc)},
         "verify": {"checks": [{"name": "evolved", "run": "cat /etc/from-the-cloud.txt", "expect": "from an EMI"}]},
     })

@@ -182,6 +182,8 @@ def run(build: Build, recipe: Recipe, plan: Plan, work: Path) -> Path | None:
         if cache.has(key):
             meta = cache.meta(key)
             record = dict(meta["base"], opened_by="cache")
+            # the key is the image's content, not the release a recipe expects of it
+            check_release(recipe, (record["distro"], record["release"]), f"base {record['source']}")
             recipe.data["label"] = root_label(recipe, record)
             build.set("base", record)
             build.record_stage("bootstrap", cached=True, key=key, namespace="base",
