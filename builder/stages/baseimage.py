@@ -181,7 +181,9 @@ def run(build: Build, recipe: Recipe, plan: Plan, work: Path) -> Path | None:
     with cache.lock(key):
         if cache.has(key):
             meta = cache.meta(key)
-            record = dict(meta["base"], opened_by="cache")
+            # the same content may have come by another path (or as an EMI): this recipe's is recorded
+            b_src = f"emi:{b['emi']}" if b.get("emi") else str(recipe.base_image)
+            record = dict(meta["base"], source=b_src, opened_by=f"cache (opened by {meta['base'].get('opened_by')})")
             # the key is the image's content, not the release a recipe expects of it
             check_release(recipe, (record["distro"], record["release"]), f"base {record['source']}")
             recipe.data["label"] = root_label(recipe, record)
