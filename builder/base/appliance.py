@@ -78,6 +78,9 @@ def _host_kernel() -> tuple[Path, Path] | None:
     return kernel, initrd
 
 
+_chosen: dict[tuple[Path, Path], vm_accel.Accel] = {}
+
+
 def settings() -> tuple[str, list[str], str]:
     """(backend, backend settings, why) for libguestfs: the direct backend, with
     `force_tcg` unless KVM really boots kernels here. LIBGUESTFS_BACKEND_SETTINGS in the
@@ -92,7 +95,9 @@ def settings() -> tuple[str, list[str], str]:
     boot = _host_kernel()
     if boot is None:
         return "direct", ["force_tcg"], "no /boot/vmlinuz-* with its initrd.img to probe KVM with"
-    chosen = vm_accel.choose(*boot)
+    if boot not in _chosen:     # choose() asks QEMU its version each time: once per process is enough
+        _chosen[boot] = vm_accel.choose(*boot)
+    chosen = _chosen[boot]
     return "direct", ["force_tcg"] if chosen.name == "tcg" else [], f"{chosen.name}: {chosen.reason}"
 
 
@@ -148,11 +153,43 @@ class Handle(guestfs.GuestFS):
         return call
 
 
+def _new_handle() -> Handle:
+    """A handle whose warnings are logged (see `_silence` for its errors)."""
+    g = Handle(python_return_dict=True, close_on_exit=False)
+    g.set_event_callback(lambda event, handle, buf, array: log.warning("libguestfs: %s", buf.strip()),
+                         guestfs.EVENT_WARNING)
+    _silence(g)         # for the calls made on this thread: configuration, close
+    return g
+
+
+def _error_handler_setter() -> Callable[[Handle], None] | None:
+    try:
+        get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+        get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+        lib = ctypes.CDLL("libguestfs.so.0")
+        lib.guestfs_set_error_handler.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.guestfs_set_error_handler.restype = None
+    except (OSError, AttributeError):
+        return None
+    return lambda g: lib.guestfs_set_error_handler(get_pointer(g._o, b"guestfs_h"), None, None)
+
+
+_set_no_error_handler = _error_handler_setter()
+
+
+def _silence(g: Handle) -> None:
+    """Keep libguestfs from writing its errors to stderr as well (they come out as
+    exceptions): its error handler is per thread, so each worker sets it."""
+    if _set_no_error_handler is not None and g._o:
+        _set_no_error_handler(g)
+
+
 def _call(g: Handle, name: str, fn: Callable, args: tuple, kw: dict) -> Any:
     outcome: dict[str, Any] = {}
 
     def work() -> None:
         try:
+            _silence(g)
             outcome["value"] = fn(*args, **kw)
         except BaseException as e:  # handed to the caller's thread
             outcome["error"] = e
@@ -219,7 +256,7 @@ def opened(drives: list[Path], *, readonly: bool = True, lucid: bool = False,
     names = ", ".join(d.name for d in drives)
     session = lifetime.session()        # the cookie is in os.environ before QEMU inherits it
     backend, backend_settings, why = settings()
-    g = Handle(python_return_dict=True, close_on_exit=False)
+    g = _new_handle()
     closed = False
     try:
         with doing(f"starting libguestfs for {names}"):
