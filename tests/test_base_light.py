@@ -1,0 +1,217 @@
+"""The light path (`base.method: guestfs`) changes a copy of the demo image in place as a
+user with no privileges at all: the recipe's files, users and the acpiphp load line
+land in the image, owned by root, without a loop device, a mount or root on the host.
+A recipe whose element needs packages the image lacks is refused, saying to unpack.
+
+The base is the demo build's image with a kernel whose acpiphp is a module (a fake
+`acpiphp.ko` and a modules.builtin without it): Debian's own kernels build it in."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import yaml
+
+from builder import sh
+from builder.base import appliance, light
+from builder.errors import BakeError
+from builder.recipe import load_recipe
+from conftest import REPO
+
+FAKE_KERNEL = "6.1.0-99-hotplug"
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHbakeLightPathTestKeyOnlyNotARealOne0000 alice@test"
+
+# Run by the unprivileged user: the light path on one image, and what it ran as.
+CHILD = """
+import json, os, sys
+from pathlib import Path
+from builder.base import light
+from builder.recipe import load_recipe
+notes = light.apply(None, load_recipe(sys.argv[1]), Path(sys.argv[2]), init_system=sys.argv[3])
+status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+print(json.dumps({"notes": notes, "euid": os.geteuid(), "capeff": status["CapEff"].strip()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def scratch_dir() -> Iterator[Path]:
+    """A folder every user can reach (pytest's own is root's alone)."""
+    d = Path(tempfile.mkdtemp(prefix="bake-test-light-", dir="/var/tmp"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def user(scratch_dir) -> Iterator[str]:
+    """A system user of this test's own, with no group but its own."""
+    name = f"bakelight{os.getpid()}"
+    sh.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], what="adding a test user")
+    try:
+        yield name
+    finally:
+        sh.run(["userdel", name], check=False)
+
+
+@pytest.fixture(scope="module")
+def base(demo_build, scratch_dir) -> Path:
+    """The demo image with a kernel whose acpiphp is a module."""
+    image = scratch_dir / "base.img"
+    sh.run(["cp", "--sparse=always", demo_build.dir / "debian-demo.img", image])
+    modules = f"/usr/lib/modules/{FAKE_KERNEL}"
+    with appliance.opened([image], readonly=False) as g:
+        g.mkdir_p(f"{modules}/kernel/drivers/pci/hotplug")
+        g.write(f"{modules}/kernel/drivers/pci/hotplug/acpiphp.ko", b"a module, as far as the hook can tell\n")
+        g.write(f"{modules}/modules.builtin", b"kernel/drivers/pci/pcie/portdrv.ko\n")
+    return image
+
+
+def copy_for(user: str, image: Path, dest: Path) -> Path:
+    sh.run(["cp", "--sparse=always", image, dest])
+    shutil.chown(dest, user, user)
+    return dest
+
+
+def write_recipe(folder: Path, data: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "recipe.yml"
+    path.write_text(yaml.safe_dump({"name": "light-test", "release": "debian/bookworm", "arch": "x86_64", **data}))
+    return path
+
+
+def run_as(user: str, scratch: Path, recipe: Path, image: Path, init_system: str) -> dict:
+    """light.apply run by `user` in a process of its own: HOME, libguestfs cache and
+    temporary folder are its own, and nothing of root's environment is passed on."""
+    home = scratch / f"home-{user}"
+    for d in (home, home / "cache", home / "tmp"):
+        d.mkdir(exist_ok=True)
+        shutil.chown(d, user, user)
+    env = {"HOME": str(home), "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LC_ALL": "C.UTF-8",
+           "LIBGUESTFS_CACHEDIR": str(home / "cache"), "TMPDIR": str(home / "tmp")}
+    r = sh.run(["runuser", "-u", user, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()),
+                str(REPO / ".venv/bin/python"), "-c", CHILD, recipe, image, init_system],
+               cwd=REPO, check=False, what=f"the light path as {user}")
+    assert r.returncode == 0, r.output
+    return json.loads(r.output.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def mounted(image: Path) -> Iterator[Path]:
+    """`image` mounted read-only, for looking at what the light path left in it."""
+    with tempfile.TemporaryDirectory(prefix="bake-test-light-mnt-") as mnt, \
+            sh.loop_device(image, read_only=True) as dev, \
+            sh.mount(dev, mnt, fstype="ext4", options="ro,noload"):
+        yield Path(mnt)
+
+
+def loops_of(image: Path) -> list[str]:
+    return sh.output(["losetup", "-j", image]).splitlines()
+
+
+def account(root: Path, name: str) -> tuple[int, int, str]:
+    for line in (root / "etc/passwd").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == name:
+            return int(fields[2]), int(fields[3]), fields[5]
+    raise AssertionError(f"no user {name} in the image")
+
+
+def test_an_unprivileged_user_adds_files_users_and_the_acpiphp_line(base, user, scratch_dir):
+    work = scratch_dir / "systemd"
+    work.mkdir()
+    (work / "motd").write_text("evolved by the light path\n")
+    (work / "conf.d").mkdir()
+    (work / "conf.d/a.conf").write_text("a = 1\n")
+    (work / "notes.txt").write_text("alice's\n")
+    recipe = write_recipe(work, {
+        "elements": ["acpiphp"],
+        "users": [{"name": "alice", "sudo": True, "ssh_authorized_keys": [KEY]}],
+        "files": [{"source": "motd", "dest": "/etc/motd-light", "mode": "0640"},
+                  {"source": "conf.d", "dest": "/etc/light.d", "mode": "0750"},
+                  {"source": "notes.txt", "dest": "/home/alice/", "owner": "alice"}],
+        "commands": ['echo "made by $BAKE_IMAGE_NAME for $BAKE_INIT_SYSTEM" > /etc/light-command'],
+    })
+    for p in [work, *work.rglob("*")]:
+        shutil.chown(p, user, user)
+    image = copy_for(user, base, work / "image.img")
+    assert sh.run(["runuser", "-u", user, "--", "test", "-w", "/dev/loop-control"], check=False).returncode != 0
+
+    ran = run_as(user, scratch_dir, recipe, image, "systemd")
+
+    assert ran["euid"] == pwd.getpwnam(user).pw_uid != 0
+    assert int(ran["capeff"], 16) == 0
+    assert loops_of(image) == []
+    assert f"acpiphp: acpiphp is a module in kernel {FAKE_KERNEL}; loading it at boot" in ran["notes"]
+    sh.run(["e2fsck", "-f", "-n", image], what="checking the changed image")
+    with mounted(image) as root:
+        motd = (root / "etc/motd-light").lstat()
+        assert (motd.st_uid, motd.st_gid, stat.S_IMODE(motd.st_mode)) == (0, 0, 0o640)
+        assert (root / "etc/motd-light").read_text() == "evolved by the light path\n"
+        folder, conf = (root / "etc/light.d").lstat(), (root / "etc/light.d/a.conf").lstat()
+        assert (folder.st_uid, stat.S_IMODE(folder.st_mode), conf.st_uid) == (0, 0o750, 0)
+        assert (root / "etc/modules-load.d/acpiphp.conf").read_text() == "acpiphp\n"
+        assert (root / "etc/modules-load.d/acpiphp.conf").lstat().st_uid == 0
+        assert (root / "etc/light-command").read_text() == "made by light-test for systemd\n"
+
+        uid, gid, home = account(root, "alice")
+        inside = root / home.lstrip("/")
+        assert (inside.lstat().st_uid, (inside / "notes.txt").lstat().st_uid) == (uid, uid)
+        assert (inside / ".ssh/authorized_keys").read_text() == KEY + "\n"
+        assert (inside / ".ssh/authorized_keys").lstat().st_uid == uid
+        sudoers = root / "etc/sudoers.d/90-bake-users"
+        assert "alice ALL=(ALL) NOPASSWD:ALL" in sudoers.read_text()
+        assert (sudoers.lstat().st_uid, stat.S_IMODE(sudoers.lstat().st_mode)) == (0, 0o440)
+
+        # nothing of bake's own is left: its files, the daemon and initramfs guards
+        assert not (root / "tmp/bake").exists()
+        assert not (root / "usr/sbin/policy-rc.d").exists()
+        assert not (root / "usr/sbin/update-initramfs.distrib").exists()
+        assert b"bake" not in (root / "usr/sbin/update-initramfs").read_bytes()
+
+
+def test_an_upstart_image_gets_the_acpiphp_line_in_etc_modules(base, user, scratch_dir):
+    """An upstart image has /etc/init and its base element's network tools (ifupdown)."""
+    work = scratch_dir / "upstart"
+    work.mkdir()
+    recipe = write_recipe(work, {"elements": ["acpiphp"]})
+    image = copy_for(user, base, work / "image.img")
+    with appliance.opened([image], readonly=False) as g:
+        g.mkdir_p("/etc/init")
+        g.write_append("/var/lib/dpkg/status", b"\nPackage: ifupdown\nStatus: install ok installed\n"
+                                                b"Architecture: amd64\nVersion: 0.8.41\n")
+
+    ran = run_as(user, scratch_dir, recipe, image, "upstart")
+
+    assert ran["euid"] != 0 and loops_of(image) == []
+    with mounted(image) as root:
+        assert "acpiphp" in (root / "etc/modules").read_text().splitlines()
+        assert not (root / "etc/modules-load.d/acpiphp.conf").exists()
+        assert (root / "etc/init/ttyS0.conf").exists()          # the base element's upstart branch ran
+        assert not (root / "usr/sbin/initctl").exists()         # the upstart guard is gone again
+
+
+def test_an_element_whose_packages_the_image_lacks_is_refused(base, tmp_path, monkeypatch):
+    element = tmp_path / "elements/needs-cowsay"
+    (element / "install.d").mkdir(parents=True)
+    (element / "element.yaml").write_text("description: Says things through a cow.\n")
+    (element / "package-installs.yaml").write_text("cowsay:\n")
+    hook = element / "install.d/10-moo"
+    hook.write_text("#!/bin/sh\ncowsay moo\n")
+    hook.chmod(0o755)
+    monkeypatch.setenv("BAKE_ELEMENTS_PATH", str(tmp_path / "elements"))
+    recipe = load_recipe(write_recipe(tmp_path / "recipe", {"elements": ["acpiphp", "needs-cowsay"]}))
+    image = tmp_path / "image.img"
+    sh.run(["cp", "--sparse=always", base, image])
+    with pytest.raises(BakeError, match=r"lacks packages .*element 'needs-cowsay' needs cowsay.*method: unpack"):
+        light.apply(None, recipe, image, init_system="systemd")
