@@ -215,3 +215,26 @@ def test_an_element_whose_packages_the_image_lacks_is_refused(base, tmp_path, mo
     sh.run(["cp", "--sparse=always", base, image])
     with pytest.raises(BakeError, match=r"lacks packages .*element 'needs-cowsay' needs cowsay.*method: unpack"):
         light.apply(None, recipe, image, init_system="systemd")
+
+
+def test_a_failing_hook_says_which_with_its_output_and_the_chroot_paths_environment(base, tmp_path, monkeypatch):
+    element = tmp_path / "elements/fails"
+    (element / "install.d").mkdir(parents=True)
+    (element / "element.yaml").write_text(yaml.safe_dump({
+        "description": "Fails, after saying what it was given.",
+        "parameters": {"type": "object", "additionalProperties": False, "properties": {"word": {"type": "string"}}},
+    }))
+    hook = element / "install.d/10-fail"
+    hook.write_text('#!/bin/sh\necho "dir=$BAKE_ELEMENT_DIR label=$BAKE_ROOT_LABEL init=$BAKE_INIT_SYSTEM '
+                    'word=$FAILS_WORD home=$HOME"\nls "$BAKE_ELEMENT_DIR/install.d"\necho "it went wrong" >&2\n'
+                    'exit 3\n')
+    hook.chmod(0o755)
+    monkeypatch.setenv("BAKE_ELEMENTS_PATH", str(tmp_path / "elements"))
+    recipe = load_recipe(write_recipe(tmp_path / "recipe", {"elements": [{"name": "fails", "with": {"word": "hi"}}]}))
+    image = tmp_path / "image.img"
+    sh.run(["cp", "--sparse=always", base, image])
+    with pytest.raises(BakeError) as e:
+        light.apply(None, recipe, image, init_system="systemd", root_label="from-the-base")
+    assert str(e.value) == (
+        "element 'fails', phase install.d, hook 10-fail failed (exit 3)\n--- last lines of its output ---\n"
+        "dir=/tmp/bake/elements/fails label=from-the-base init=systemd word=hi home=/root\n10-fail\nit went wrong")
