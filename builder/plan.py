@@ -104,11 +104,12 @@ def bootstrap_key(recipe: Recipe, mirror: str) -> str:
 
 def base_key(recipe: Recipe) -> str:
     """The key of the root tree taken out of the recipe's base image: the image's content
-    (its SHA-256; an EMI by its id, which a cloud never points at other content) and which
-    partition of it."""
+    (its SHA-256; an EMI by its id, which a cloud never points at other content), which
+    partition of it, and whether its own kernel comes along."""
     from .base.source import source_digest
     b = recipe.base
-    return cache_mod.key_of("base", 1, source_digest(recipe), b["partition"], recipe.arch)
+    # with from-source, the source's kernel and ramdisk are kept in the cached tree
+    return cache_mod.key_of("base", 1, source_digest(recipe), b["partition"], recipe.arch, b["kernel"])
 
 
 def checkpoint_key(recipe: Recipe, boot_key: str, release_digest: str, apt_sources: str,

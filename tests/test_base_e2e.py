@@ -193,3 +193,16 @@ def test_an_emi_published_from_a_build_is_evolved_in_place_and_boots(demo_build,
     assert checks == {"boots": "pass", "metadata": "pass", "recipe:evolved": "pass"}, err[-4000:]
     assert status == 0
     assert not leftovers(build.dir)
+
+
+def test_kernel_from_source_takes_the_bases_own_kernel_and_ramdisk(demo_build, tmp_path):
+    recipe = write_recipe(tmp_path, {
+        "name": "evolved-own-kernel", "release": "debian/bookworm",
+        "base": {"image": str(demo_build.dir), "kernel": "from-source"},
+    })
+    build = bake_image(recipe)
+    for role in ("kernel", "ramdisk"):
+        assert build.data["outputs"][role]["sha256"] == demo_build.data["outputs"][role]["sha256"], role
+    assert build.data["kernel_version"] == demo_build.data["kernel_version"]
+    from builder.base.formats import list_dir
+    assert ".bake-source-boot" not in list_dir(build.output_path("image"), "/")

@@ -111,7 +111,7 @@ def kernel_version(path: Path) -> str | None:
     """The version a Linux bzImage announces in its setup header (as `file` shows it),
     None for anything else."""
     with open(path, "rb") as f:
-        head = f.read(0x4000)
+        head = f.read(0x10000)   # the setup code (and the version string in it) is at most 32 KiB
     if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
         return None
     off = int.from_bytes(head[0x20E:0x210], "little") + 0x200
