@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Evolving an image against baking it again: the demo build plus one package.
 
-    .venv/bin/python bench/bench_evolve.py [--dir /var/tmp] [--keep] [--package less]
+    .venv/bin/python bench/bench_evolve.py [--dir /var/tmp] [--keep] [--package tree]
 
 Run as root. First the demo recipe (recipes/debian-demo.yml) is baked into a new, empty
 stage cache (its image is the base to evolve; the time is not one of the figures).
@@ -66,7 +66,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", default="/var/tmp")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    ap.add_argument("--package", default="less", help="the one package added (default: less)")
+    ap.add_argument("--package", default="tree", help="the one package added (default: tree)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: run as root (bakes need it)")
