@@ -56,6 +56,9 @@ def bake(recipe: Recipe, output_root: Path, *, stop_after: str | None = None,
     if base and base["method"] == "guestfs":
         sh.require("qemu-img", "e2fsck", "resize2fs", "debugfs")
     elif base:
+        if os.geteuid() != 0:
+            raise BakeError("base.method unpack customizes the base's tree in a chroot, which needs root: run bake "
+                            "as root, or use base.method: guestfs to change the image in place without root")
         sh.require("chroot", "mount", "tar", "qemu-img", "debugfs")
     else:
         sh.require("debootstrap", "chroot", "mount", "tar")
