@@ -108,6 +108,15 @@ def _join(thread: threading.Thread, timeout: float | None) -> None:
         thread.join(min(WAKE, left))
 
 
+def _program(argv: list[str]) -> str | None:
+    """The program `argv` runs, found as `which` finds it (None: as Popen finds it). An
+    unprivileged user's PATH usually lacks the sbin directories, where e2fsprogs and
+    other tools live that need no root for work on files."""
+    if argv and "/" not in argv[0]:
+        return which(argv[0])
+    return None
+
+
 def run(
     argv: Sequence[str | os.PathLike],
     *,
@@ -143,6 +152,7 @@ def run(
     try:
         proc = subprocess.Popen(
             argv,
+            executable=_program(argv),
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -403,6 +413,7 @@ def background(argv: Sequence[str | os.PathLike], *, stdout: IO | int | None = N
     try:
         proc = subprocess.Popen(
             argv,
+            executable=_program(argv),
             stdin=subprocess.DEVNULL if stdin is None else stdin,
             stdout=subprocess.DEVNULL if stdout is None else stdout,
             stderr=subprocess.STDOUT if stderr is None and stdout is not None else (stderr or subprocess.DEVNULL),
