@@ -238,3 +238,42 @@ def test_a_failing_hook_says_which_with_its_output_and_the_chroot_paths_environm
     assert str(e.value) == (
         "element 'fails', phase install.d, hook 10-fail failed (exit 3)\n--- last lines of its output ---\n"
         "dir=/tmp/bake/elements/fails label=from-the-base init=systemd word=hi home=/root\n10-fail\nit went wrong")
+
+
+def test_a_whole_bake_by_an_unprivileged_user_makes_the_trio_from_the_base(base, user, scratch_dir):
+    """`bake build` itself, not only the light path, run by the unprivileged user with a
+    PATH without the sbin folders: the base is opened, inspected, grown, changed in place
+    and becomes the build's image, with the kernel and ramdisk from its /boot."""
+    folder = scratch_dir / "whole-bake"
+    folder.mkdir()
+    shutil.chown(folder, user, user)
+    image = copy_for(user, base, folder / "base.img")
+    marker = folder / "marker.txt"
+    marker.write_text("baked without root\n")
+    recipe = write_recipe(folder, {"name": "light-whole", "base": {"image": "base.img", "method": "guestfs",
+                                                                    "grow": "32M"},
+                                   "elements": ["acpiphp"],
+                                   "files": [{"source": "marker.txt", "dest": "/etc/marker.txt", "mode": "0640"}]})
+    home = scratch_dir / f"home-{user}"
+    for d in (home, home / "cache", home / "tmp"):
+        d.mkdir(exist_ok=True)
+        shutil.chown(d, user, user)
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "LIBGUESTFS_CACHEDIR": str(home / "cache"),
+           "TMPDIR": str(home / "tmp")}
+    r = sh.run(["runuser", "-u", user, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()),
+                str(REPO / ".venv/bin/bake"), "build", str(recipe), "--stop-after", "image",
+                "--output", str(folder / "out")], cwd=folder, check=False, what=f"bake build as {user}")
+    assert r.returncode == 0, r.output[-4000:]
+    build_dir = Path(r.output.strip().splitlines()[-1])
+    data = json.loads((build_dir / "build.json").read_text())
+    assert data["base"]["opened_by"] == "libguestfs in place" and data["base"]["grown_by"] == 32 << 20
+    assert data["stages"]["customize"]["method"] == "guestfs"
+    assert set(data["outputs"]) == {"kernel", "ramdisk", "image"}
+    assert data["kernel_version"] != FAKE_KERNEL           # the newest kernel with an initrd
+    made = build_dir / data["outputs"]["image"]["path"]
+    assert made.stat().st_uid == pwd.getpwnam(user).pw_uid
+    assert not loops_of(made) and not loops_of(image)
+    with mounted(made) as root:
+        st = (root / "etc/marker.txt").stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o640)
+        assert (root / "etc/modules-load.d/acpiphp.conf").read_text() == "acpiphp\n"
