@@ -21,6 +21,7 @@ import yaml
 from builder import sh
 from builder.build import Build
 from conftest import BAKE, TEST_OUTPUT
+from eucalyptus_standin.fixtures import euca4  # noqa: F401  (a fixture)
 from vm_builds import kill_qemu_under, leftovers
 
 OUT = TEST_OUTPUT / "base-e2e"

@@ -374,3 +374,21 @@ def test_a_failed_build_does_not_count_towards_n_but_the_latest_failure_is_kept_
     assert v[IDS[3]].reasons == ["killed, among the 1 newest: kept to be looked into"]
     assert v[IDS[1]].reasons == ["failed at image, beyond the 1 newest"]
     assert v[IDS[0]].reasons == ["beyond the 1 newest"]
+
+
+def test_a_base_images_tree_is_kept_while_a_kept_build_names_it_and_goes_after(isolated, capsys):
+    """An evolved image's first stage records its key in the `base` namespace: gc reads
+    the namespace from the record, keeps the tree while a kept build uses it, removes it
+    when none does."""
+    output, cache = isolated / "output", isolated / "cache"
+    used, unused = cache_entry(cache, "base"), cache_entry(cache, "base")
+    packages = cache_entry(cache, "packages")
+    b1 = make_build(output, "evolved", IDS[0], (unused, packages))
+    b2 = make_build(output, "evolved", IDS[1], (used, packages))
+    for b, key in ((b1, unused), (b2, used)):
+        b.record_stage("bootstrap", cached=False, key=key, namespace="base")
+    status, out = gc_cmd(capsys, "--keep", "1", "--output", str(output))
+    assert status == 0, out
+    assert not b1.dir.exists() and b2.dir.is_dir()
+    assert TreeCache(cache, "base").keys() == [used]
+    assert TreeCache(cache, "packages").keys() == [packages]
