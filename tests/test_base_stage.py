@@ -81,3 +81,43 @@ def test_a_second_bake_takes_the_base_from_the_cache(base_image, tmp_path):
     assert again["stages"]["bootstrap"]["key"] == first["stages"]["bootstrap"]["key"]
     assert again["base"]["opened_by"] == "cache (opened by host loop mount + tar)"
     assert again["base"]["filesystem"] == first["base"]["filesystem"]
+
+
+def test_a_root_on_lvm_which_the_host_cannot_read_is_copied_out_by_libguestfs(tmp_path):
+    """A qcow2 disk whose root filesystem is a logical volume (made inside the libguestfs
+    appliance: this host has no device-mapper): no partition holds an ext root, so
+    libguestfs's inspection finds it and copies it out; the tree is the one put in."""
+    from builder.base import appliance
+    from builder import sh
+
+    tree = special_tree(tmp_path / "tree")
+    (tree / "etc" / "hosts").write_text("127.0.0.1 localhost\n")      # what inspection looks for in a root
+    (tree / "etc" / "fstab").write_text("/dev/vg0/root / ext4 defaults 0 1\n")
+    packed = tmp_path / "tree.tar"
+    sh.run(["tar", "--numeric-owner", "-C", tree, "-cf", packed, "."])
+    raw = tmp_path / "lvm.raw"
+    with open(raw, "wb") as f:
+        f.truncate(160 << 20)
+    with appliance.opened([raw], readonly=False, mount=False) as g:
+        g.part_disk("/dev/sda", "mbr")
+        g.pvcreate("/dev/sda1")
+        g.vgcreate("vg0", ["/dev/sda1"])
+        g.lvcreate("root", "vg0", 96)
+        g.mkfs("ext4", "/dev/vg0/root", label="uec-rootfs")
+        g.mount("/dev/vg0/root", "/")
+        g.tar_in(str(packed), "/")
+    disk = tmp_path / "lvm.qcow2"
+    sh.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, disk])
+    raw.unlink()
+
+    data = bake_bootstrap(tmp_path, {"image": str(disk)})
+    base = data["base"]
+    assert base["type"] == "disk" and base["format"] == "qcow2"
+    assert base["root_device"] == "/dev/vg0/root"
+    assert base["filesystem"]["label"] == "uec-rootfs"
+    assert (base["distro"], base["release"]) == ("debian", "bookworm")
+    names = cached_names(tmp_path, data["stages"]["bootstrap"]["key"])
+    assert {"etc/os-release", "etc/hosts"} <= names
+    with tarfile.open(tmp_path / "cache" / "base" / f"{data['stages']['bootstrap']['key']}.tar") as t:
+        fstab = t.extractfile("./etc/fstab").read().decode()
+    assert fstab.splitlines()[0].startswith("LABEL=uec-rootfs\t/") or fstab.startswith("LABEL=uec-rootfs /"), fstab

@@ -245,8 +245,8 @@ def _qemu_children() -> list[int]:
 
 @contextlib.contextmanager
 def opened(drives: list[Path], *, readonly: bool = True, lucid: bool = False,
-           mount: bool = True) -> Iterator[guestfs.GuestFS]:
-    """A launched libguestfs handle with `drives` added (raw), the first drive's
+           mount: bool = True, fmt: str = "raw") -> Iterator[guestfs.GuestFS]:
+    """A launched libguestfs handle with `drives` added (in format `fmt`), the first drive's
     filesystem mounted at / when `mount` is true. `lucid` gives the appliance's kernel
     the vsyscall page Lucid-era glibc needs for `command` and `sh`. The appliance is
     shut down and the handle closed on any exit (a failed shutdown of a writable handle
@@ -268,7 +268,7 @@ def opened(drives: list[Path], *, readonly: bool = True, lucid: bool = False,
             if lucid:
                 g.set_append(" ".join(filter(None, [g.get_append(), "vsyscall=xonly"])))
             for d in drives:
-                g.add_drive_opts(str(d), format="raw", readonly=readonly)
+                g.add_drive_opts(str(d), format=fmt, readonly=readonly)
             start = time.monotonic()
             g.launch()
             g.qemu_pid = g.get_pid()
@@ -616,3 +616,24 @@ def boot_files(image: Path, dest: Path, version: str | None = None) -> tuple[Pat
             ramdisk = dest / f"initrd.img-{version}"
             g.download(f"/boot/initrd.img-{version}", str(ramdisk))
     return kernel, ramdisk, version
+
+
+# --- layouts the host cannot read -----------------------------------------------------
+
+def root_filesystem(disk: Path, fmt: str, dest: Path) -> str:
+    """The root filesystem of `disk` (QEMU format `fmt`) where the host cannot reach it
+    (a root on LVM: no device-mapper is needed here), found by libguestfs's inspection
+    and copied to `dest`; returns its device in the appliance (e.g. /dev/vg0/root).
+    `dest` is then made sparse on the host (`fallocate --dig-holes`)."""
+    with opened([Path(disk)], readonly=True, mount=False, fmt=fmt) as g:
+        with doing(f"looking for the root filesystem of {Path(disk).name}"):
+            roots = g.inspect_os()
+        if len(roots) != 1:
+            found = ", ".join(roots) or "none"
+            raise BakeError(f"{disk}: libguestfs's inspection finds {len(roots)} operating system roots ({found}); "
+                            "bake takes a base with exactly one")
+        root = roots[0]
+        with doing(f"copying {root} out of {Path(disk).name}"):
+            g.download(root, str(dest))
+    sh.run(["fallocate", "--dig-holes", str(dest)], what="making the copied filesystem sparse")
+    return root

@@ -433,6 +433,10 @@ def describe(p: Partition) -> str:
     return f"{p.number} ({p.fs.type}{label}, {p.fs.size // MiB} MiB{', root tree' if p.has_root else ''})"
 
 
+class NoRootPartition(BakeError):
+    """No partition of a disk holds an ext root tree the host can read (it may be on LVM)."""
+
+
 def choose_partition(disk: Path, parts: list[Partition], wanted: int | str) -> Partition:
     """The partition `wanted` names: a number, a filesystem label, or "auto" for the only
     one holding a root tree; a BakeError naming the partitions otherwise."""
@@ -443,8 +447,8 @@ def choose_partition(disk: Path, parts: list[Partition], wanted: int | str) -> P
         if len(roots) == 1:
             return roots[0]
         if not roots:
-            raise BakeError(f"{disk}: no partition holds a root tree (/etc and an init or /bin/sh); "
-                            f"its partitions: {listing}")
+            raise NoRootPartition(f"{disk}: no partition holds a root tree (/etc and an init or /bin/sh); "
+                                  f"its partitions: {listing}")
         raise BakeError(f"{disk}: {len(roots)} partitions hold a root tree: "
                         f"{'; '.join(describe(p) for p in roots)}; {hint}")
     if isinstance(wanted, int) and not isinstance(wanted, bool):

@@ -93,9 +93,14 @@ def open_base(build: Build, recipe: Recipe, work: Path) -> Opened:
     from ..base import formats
     b = recipe.base
     src, record, emi_boot = _source(build, recipe, work)
-    with step(f"Opening the base {record['source']} ({src.kind}, {src.format})"):
-        unpacked = formats.unpack(src, work / "base", partition=b["partition"])
     from ..base import appliance
+    with step(f"Opening the base {record['source']} ({src.kind}, {src.format})"):
+        try:
+            unpacked = formats.unpack(src, work / "base", partition=b["partition"])
+        except formats.NoRootPartition as e:
+            # a layout the host cannot read (a root on LVM): libguestfs finds and copies it
+            log.info("%s; asking libguestfs", e)
+            unpacked, record["root_device"] = _root_by_libguestfs(src, work / "base")
     with step("Inspecting the base with libguestfs"):
         facts = appliance.inspect(unpacked.image)
     found = None
@@ -118,6 +123,20 @@ def open_base(build: Build, recipe: Recipe, work: Path) -> Opened:
         p = unpacked.partition
         record["partition"] = {"number": p.number, "start": p.start, "size": p.size, "type": p.type}
     return Opened(unpacked, record, emi_boot)
+
+
+def _root_by_libguestfs(src, work: Path):
+    """(`formats.Unpacked`, the root's device in the appliance) of a disk whose root
+    filesystem only libguestfs can reach."""
+    from ..base import appliance, formats
+    work.mkdir(parents=True, exist_ok=True)
+    image = work / formats.IMAGE_NAME
+    with step("Copying the root filesystem out with libguestfs (not on a partition the host reads)"):
+        device = appliance.root_filesystem(src.path, src.format, image)
+    facts = formats.fs_facts(image)
+    if os.path.getsize(image) > facts.size:
+        os.truncate(image, facts.size)
+    return formats.Unpacked(image=image, kernel=None, ramdisk=None, loader=None, partition=None, fs=facts), device
 
 
 def _text(data: bytes | None) -> str | None:
