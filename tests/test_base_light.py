@@ -54,7 +54,23 @@ def scratch_dir() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def user(scratch_dir) -> Iterator[str]:
+def traversable_root() -> Iterator[None]:
+    """Every user may pass through `/`, as on any machine with users. A root folder made
+    by `mktemp -d` for a chroot (0700) lets no one but root reach a single program; it
+    gets the search bit for others while these tests run, and its own mode back after."""
+    mode = stat.S_IMODE(os.stat("/").st_mode)
+    if mode & stat.S_IXOTH:
+        yield
+        return
+    os.chmod("/", mode | stat.S_IXOTH)
+    try:
+        yield
+    finally:
+        os.chmod("/", mode)
+
+
+@pytest.fixture(scope="module")
+def user(scratch_dir, traversable_root) -> Iterator[str]:
     """A system user of this test's own, with no group but its own."""
     name = f"bakelight{os.getpid()}"
     sh.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], what="adding a test user")
@@ -90,18 +106,41 @@ def write_recipe(folder: Path, data: dict) -> Path:
     return path
 
 
-def run_as(user: str, scratch: Path, recipe: Path, image: Path, init_system: str) -> dict:
-    """light.apply run by `user` in a process of its own: HOME, libguestfs cache and
-    temporary folder are its own, and nothing of root's environment is passed on."""
+def reachable_project(scratch: Path) -> Path:
+    """The project's code, elements and virtualenv copied to a folder every user can
+    reach: the project may lie where an unprivileged user cannot (a clone in root's own
+    home, which is 0700). Copied once per module (hard links where the filesystem allows)."""
+    project = scratch / "project"
+    if not project.is_dir():
+        project.mkdir()
+        for part in ("builder", "elements", ".venv"):
+            r = sh.run(["cp", "-al", REPO / part, project / part], check=False, quiet=True)
+            if r.returncode != 0:
+                shutil.rmtree(project / part, ignore_errors=True)
+                sh.run(["cp", "-a", REPO / part, project / part])
+    return project
+
+
+def as_user(user: str, scratch: Path, argv: list, *, path: str, cwd: Path) -> sh.Result:
+    """`argv` (its first word a program of the project's virtualenv, e.g. "python") run
+    by `user` from a copy of the project it can reach (`reachable_project`), with HOME,
+    libguestfs cache and temporary folder of its own and nothing of root's environment."""
     home = scratch / f"home-{user}"
     for d in (home, home / "cache", home / "tmp"):
         d.mkdir(exist_ok=True)
         shutil.chown(d, user, user)
-    env = {"HOME": str(home), "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LC_ALL": "C.UTF-8",
+    project = reachable_project(scratch)
+    env = {"HOME": str(home), "PATH": path, "LC_ALL": "C.UTF-8", "PYTHONPATH": str(project),
            "LIBGUESTFS_CACHEDIR": str(home / "cache"), "TMPDIR": str(home / "tmp")}
-    r = sh.run(["runuser", "-u", user, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()),
-                str(REPO / ".venv/bin/python"), "-c", CHILD, recipe, image, init_system],
-               cwd=REPO, check=False, what=f"the light path as {user}")
+    return sh.run(["runuser", "-u", user, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()),
+                   project / ".venv" / "bin" / argv[0], *argv[1:]], cwd=cwd, check=False,
+                  what=f"{argv[0]} as {user}")
+
+
+def run_as(user: str, scratch: Path, recipe: Path, image: Path, init_system: str) -> dict:
+    """light.apply run by `user` in a process of its own (see `as_user`)."""
+    r = as_user(user, scratch, ["python", "-c", CHILD, recipe, image, init_system],
+                path="/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", cwd=scratch)
     assert r.returncode == 0, r.output
     return json.loads(r.output.strip().splitlines()[-1])
 
@@ -254,15 +293,8 @@ def test_a_whole_bake_by_an_unprivileged_user_makes_the_trio_from_the_base(base,
                                                                     "grow": "32M"},
                                    "elements": ["acpiphp"],
                                    "files": [{"source": "marker.txt", "dest": "/etc/marker.txt", "mode": "0640"}]})
-    home = scratch_dir / f"home-{user}"
-    for d in (home, home / "cache", home / "tmp"):
-        d.mkdir(exist_ok=True)
-        shutil.chown(d, user, user)
-    env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "LIBGUESTFS_CACHEDIR": str(home / "cache"),
-           "TMPDIR": str(home / "tmp")}
-    r = sh.run(["runuser", "-u", user, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()),
-                str(REPO / ".venv/bin/bake"), "build", str(recipe), "--stop-after", "image",
-                "--output", str(folder / "out")], cwd=folder, check=False, what=f"bake build as {user}")
+    r = as_user(user, scratch_dir, ["python", "-m", "builder", "build", str(recipe), "--stop-after", "image",
+                                    "--output", str(folder / "out")], path="/usr/bin:/bin", cwd=folder)
     assert r.returncode == 0, r.output[-4000:]
     build_dir = Path(r.output.strip().splitlines()[-1])
     data = json.loads((build_dir / "build.json").read_text())
