@@ -104,7 +104,8 @@ class Instance:
 
     def __init__(self, name: str, folder: Path, proc: subprocess.Popen, console: Console, qmp: Monitor,
                  ssh: SSH | None, instance_id: str, accel: Accel, itype: disk.InstanceType,
-                 metadata_file: Path, started: float, scratch: Path, kernel_command_line: str = ""):
+                 metadata_file: Path, started: float, scratch: Path, kernel_command_line: str = "",
+                 user_data: str | None = None):
         self.name = name
         self.folder = folder
         self.proc = proc
@@ -119,6 +120,7 @@ class Instance:
         self.scratch = scratch
         self.volumes: dict[str, Volume] = {}
         self.kernel_command_line = kernel_command_line
+        self.user_data = user_data
 
     # --- boot ---------------------------------------------------------------------
 
@@ -131,11 +133,12 @@ class Instance:
                      round(time.monotonic() - t0, 2), m.string.strip())
 
     def update_metadata(self, *, ssh_public_key: str | None) -> None:
-        """Change what the metadata service serves this instance from now on."""
+        """Change the key the metadata service serves this instance from now on (its
+        user data stays what the instance was launched with)."""
         tree = metadata.metadata_tree(instance_id=self.instance_id, local_ipv4=GUEST_IPV4,
                                       hostname=self.instance_id, ssh_public_key=ssh_public_key,
                                       instance_type=self.type.name)
-        metadata.write_metadata(self.metadata_file, tree)
+        metadata.write_metadata(self.metadata_file, tree, self.user_data)
 
     def metadata_requests(self) -> list[dict]:
         """Requests the guest made to the metadata service so far."""
@@ -192,8 +195,13 @@ class Instance:
 @contextlib.contextmanager
 def launch(trio: Trio, base_disk: Path, workdir: Path, *, name: str = "a", accel: Accel,
            instance_type: str = "m1.small", ssh_public_key: str | None = None, ssh_key: Path | None = None,
-           ssh_user: str | None = None, append: str = "", instance_id: str | None = None) -> Iterator[Instance]:
+           ssh_user: str | None = None, append: str = "", instance_id: str | None = None,
+           user_data: str | None = None) -> Iterator[Instance]:
     """Boot an instance of `trio` (whose node-style disk is `base_disk`, see disk.node_disk).
+
+    `user_data`, when given, is what the metadata service serves at `user-data` (as
+    `euca-run-instances -f` passes it); without it that path is a 404, as for an
+    instance run without user data.
 
     Yields as soon as QEMU runs; wait for the guest with `Instance.wait_ready`. Its files
     go to `workdir/name/` (emptied first). On exit QEMU is ended and the overlay removed.
@@ -214,7 +222,7 @@ def launch(trio: Trio, base_disk: Path, workdir: Path, *, name: str = "a", accel
         md_file = folder / "metadata.json"
         metadata.write_metadata(md_file, metadata.metadata_tree(
             instance_id=instance_id, local_ipv4=GUEST_IPV4, hostname=instance_id,
-            ssh_public_key=ssh_public_key, instance_type=itype.name))
+            ssh_public_key=ssh_public_key, instance_type=itype.name), user_data)
         server = f"{shlex.quote(sys.executable)} -I {shlex.quote(os.path.abspath(metadata.__file__))} {shlex.quote(str(md_file))}"
         netdev = (f"user,id=net0,net={NETWORK},hostname={instance_id},"
                   "hostfwd=tcp:127.0.0.1:0-:22,"
@@ -258,7 +266,7 @@ def launch(trio: Trio, base_disk: Path, workdir: Path, *, name: str = "a", accel
                     session.add("path", control_dir, what="SSH control folder")
                     ssh = SSH(_forwarded_ssh_port(qmp), ssh_user, ssh_key, control=control_dir / "c")
                 yield Instance(name, folder, proc, console, qmp, ssh, instance_id, accel, itype, md_file,
-                               started, scratch, kernel_command_line=cmdline)
+                               started, scratch, kernel_command_line=cmdline, user_data=user_data)
             finally:
                 with deferred():
                     if ssh is not None:

@@ -7,8 +7,12 @@ running. What it serves is a JSON file written by `write_metadata`; each request
 appended to a log beside it, which checks use as evidence.
 
 Served like EC2/Eucalyptus: `/`, `/latest/` and dated versions; `meta-data/` index
-listings (sub-folders end in `/`); `public-keys/` as `0=<name>` and
-`public-keys/0/openssh-key`; `user-data` (404 when there is none).
+listings (sub-folders end in `/`, with or without the slash asked for); `public-keys/`
+as `0=<name>` and `public-keys/0/openssh-key`; `user-data` (404 when there is none).
+A version it does not know is a 404, so cloud-init's Ec2 datasource, which asks for its
+newer versions first, settles on 2009-04-04. Eucalyptus has no IMDSv2: the token
+request (`PUT /latest/api/token`) gets a 404, as every method but GET and HEAD does,
+which is the answer that makes a client fall back to IMDSv1 at once.
 
 This file runs as a script under `python -I` and so uses the standard library only.
 """
@@ -105,14 +109,40 @@ def resolve(data: dict, path: str) -> str | None:
     return _listing(node) if isinstance(node, dict) else str(node)
 
 
-def serve_one(datafile: str, rfile, wfile) -> None:
-    """Answer one HTTP request read from `rfile` on `wfile`."""
+MAX_HEADERS = 100
+MAX_BODY = 1 << 20
+
+
+def _read_request(rfile) -> tuple[str, str, dict[str, str]]:
+    """Method, path and headers (lower-case names) of one request; a body its
+    Content-Length announces is read and dropped, so that the client has sent all it
+    meant to before the answer and the close. Without a Content-Length there is no body
+    (nothing is read until EOF: a client waiting for the answer would never send one)."""
     request = rfile.readline(8192).decode("latin-1").strip()
-    while True:
-        header = rfile.readline(8192)
-        if header in (b"\r\n", b"\n", b""):
+    headers: dict[str, str] = {}
+    for _ in range(MAX_HEADERS):
+        line = rfile.readline(8192)
+        if line in (b"\r\n", b"\n", b""):
             break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    try:
+        length = min(max(int(headers.get("content-length", "0")), 0), MAX_BODY)
+    except ValueError:
+        length = 0
+    while length > 0:
+        chunk = rfile.read(min(length, 65536))
+        if not chunk:
+            break
+        length -= len(chunk)
     method, path = (request.split(" ") + ["", ""])[:2]
+    return method, path, headers
+
+
+def serve_one(datafile: str, rfile, wfile) -> None:
+    """Answer one HTTP request read from `rfile` on `wfile` (HTTP/1.0, then the
+    connection is closed by the caller's exit)."""
+    method, path, _headers = _read_request(rfile)
     try:
         with open(datafile) as f:
             data = json.load(f)
