@@ -6,6 +6,13 @@ Here the disk is assembled once per build as a sparse raw file (the MBR written 
 sfdisk on the file, the image placed with `dd conv=sparse`, no loop device and no
 partition scanning) and each instance boots a qcow2 overlay of it, so an instance's
 writes never reach the build's files.
+
+A verification may also ask for free space right after partition 1 (`free_after_root`):
+growpart, which an image's growroot runs at boot, grows a partition only up to the
+start of the next one, so the gap sits between partition 1 and the ephemeral partition,
+and partition 1 stays exactly the image's size. The partitions keep their numbers
+(vda2 ephemeral, vda3 swap), so the metadata's block-device-mapping holds for both
+layouts.
 """
 
 from __future__ import annotations
@@ -55,15 +62,31 @@ def _round_up(n: int, unit: int) -> int:
     return -(-n // unit) * unit
 
 
-def node_disk(image: Path, dest: Path, itype: InstanceType) -> Path:
+def node_disk_name(itype: InstanceType, free_after_root: int = 0) -> str:
+    """The file name of the node disk for `itype` with `free_after_root` bytes of free
+    space after partition 1: one name per layout, so that a cached disk of one layout is
+    never taken for the other."""
+    if free_after_root <= 0:
+        return f"disk-{itype.name}.raw"
+    return f"disk-{itype.name}-free{_round_up(free_after_root, MiB) // MiB}M.raw"
+
+
+def node_disk(image: Path, dest: Path, itype: InstanceType, *, free_after_root: int = 0) -> Path:
     """Assemble (or reuse) the node-style disk of `image` at `dest` (a sparse raw file).
 
+    With `free_after_root` (bytes, rounded up to whole MiB), that much unpartitioned
+    space follows partition 1, and the ephemeral and swap partitions come after it; the
+    disk is then larger than the instance type's when the type's size cannot hold it.
+
     Reused when `dest` was made from the same image file (size and modification time)
-    for the same instance type; otherwise rebuilt.
+    for the same instance type and free space; otherwise rebuilt.
     """
     image = Path(image)
     st = image.stat()
+    gap = _round_up(max(free_after_root, 0), MiB)
     stamp = {"image": str(image.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "type": itype.name}
+    if gap:
+        stamp["free_after_root"] = gap
     stamp_file = dest.with_suffix(dest.suffix + ".json")
     if dest.exists() and stamp_file.exists():
         try:
@@ -74,11 +97,11 @@ def node_disk(image: Path, dest: Path, itype: InstanceType) -> Path:
     sh.require("sfdisk", "mke2fs", "mkswap", "dd")
     root_bytes = _round_up(st.st_size, MiB)
     swap_bytes = itype.swap_mib * MiB
-    total = max(itype.disk_gib * GiB, root_bytes + swap_bytes + 64 * MiB + FIRST_SECTOR * 512)
-    eph_bytes = total - FIRST_SECTOR * 512 - root_bytes - swap_bytes
+    total = max(itype.disk_gib * GiB, root_bytes + gap + swap_bytes + 64 * MiB + FIRST_SECTOR * 512)
+    eph_bytes = total - FIRST_SECTOR * 512 - root_bytes - gap - swap_bytes
     eph_bytes -= eph_bytes % MiB
     root_start = FIRST_SECTOR * 512
-    eph_start = root_start + root_bytes
+    eph_start = root_start + root_bytes + gap
     swap_start = eph_start + eph_bytes
     size = swap_start + swap_bytes
 
