@@ -14,6 +14,7 @@ from typing import Any
 
 from . import cache as cache_mod
 from .distro import resolve_mirrors
+from .dib import CHROOT as DIB_CHROOT
 from .elements import PHASES, ordered_hooks, package_applies
 from .recipe import Recipe
 
@@ -42,6 +43,7 @@ class Plan:
     bootstrap: CacheEntry
     checkpoint: CacheEntry
     stages: list[tuple[str, str]] = field(default_factory=list)  # (stage, what happens)
+    dib: Any = None                          # builder.dib.DibPlan when the recipe has DIB elements
 
     @property
     def package_names(self) -> list[str]:
@@ -57,6 +59,16 @@ class Plan:
             "packages": [{"name": p, "from": why} for p, why in self.packages],
             "cache": {c.namespace: {"key": c.key, "hit": c.hit, "note": c.note} for c in (self.bootstrap, self.checkpoint)},
             "stages": [{"stage": s, "action": a} for s, a in self.stages],
+            "notes": list(r.notes),
+            "dib": None if self.dib is None else {
+                "version": self.dib.version,
+                "elements": [{"name": e.name, "requested": e.requested, "depends": e.depends, "provides": e.provides,
+                              "path": str(e.path)} for e in r.dib.elements],
+                "env": r.dib_env.public(),
+                "hooks": {ph: [{"hook": h, "element": e} for h, e in hs] for ph, hs in self.dib.hooks.items()},
+                "packages": {ph: {act: [{"name": p, "element": e} for p, e in items] for act, items in acts.items()}
+                             for ph, acts in self.dib.packages.items()},
+            },
         }
 
     def render(self) -> str:
@@ -74,6 +86,25 @@ class Plan:
         for ph in PHASES:
             for h, e in self.hooks.get(ph, []):
                 out.append(f"  {ph:<15} {h:<28} ({e})")
+        if self.dib is not None:
+            out += ["", f"diskimage-builder {self.dib.version} elements (expanded)"]
+            for e in r.dib.elements:
+                how = "" if e.requested else " (dependency)"
+                extra = f"  provides {', '.join(e.provides)}" if e.provides else ""
+                out.append(f"  {e.name}{how}{extra}")
+            if r.dib_env.values:
+                out += ["", "dib env"] + [f"  {k}={v}" for k, v in sorted(r.dib_env.public().items())]
+            out += ["", "dib hooks (in the order dib-run-parts runs them)"]
+            for ph, hs in self.dib.hooks.items():
+                where = "chroot" if ph in DIB_CHROOT else "outside"
+                for h, e in hs:
+                    out.append(f"  {ph:<15} {h:<34} ({e}, {where})")
+            out += ["", "dib packages (after pkg-map)"]
+            for ph, acts in self.dib.packages.items():
+                for act, items in acts.items():
+                    out.append(f"  {ph:<15} {act:<10} " + " ".join(f"{p}({e})" for p, e in items))
+        if r.notes:
+            out += ["", "notes"] + [f"  {n}" for n in r.notes]
         out += ["", f"packages ({len(self.packages)})"]
         out += [f"  {p:<28} {why}" for p, why in self.packages]
         return "\n".join(out)
@@ -113,13 +144,33 @@ def base_key(recipe: Recipe) -> str:
 
 
 def checkpoint_key(recipe: Recipe, boot_key: str, release_digest: str, apt_sources: str,
-                   packages: list[str]) -> str:
+                   packages: list[str], dib_digest: str | None = None) -> str:
     # Only elements with hooks before the package step change what the checkpoint holds;
     # their packages are in the key already, through the package list.
     digests = [(u.name, u.params, u.element.hooks_digest(PRE_PACKAGE_PHASES)) for u in recipe.elements
                if any(u.element.hooks.get(ph) for ph in PRE_PACKAGE_PHASES)]
-    return cache_mod.key_of("packages", 1, boot_key, release_digest, apt_sources, sorted(packages), digests,
-                            recipe.profile.init_system)
+    parts: list[Any] = ["packages", 1, boot_key, release_digest, apt_sources, sorted(packages), digests,
+                        recipe.profile.init_system]
+    if dib_digest:
+        parts.append({"dib": dib_digest})  # DIB's elements, its version and dib.env
+    return cache_mod.key_of(*parts)
+
+
+def dib_env_base(recipe: Recipe, init_system: str | None = None) -> dict[str, str]:
+    """The variables DIB hooks get for this recipe (before dib.env)."""
+    from . import dib
+    d = recipe.data
+    return dib.base_env(distro=recipe.release.distro, suite=recipe.release.suite, arch=recipe.arch,
+                        init_system=init_system or recipe.profile.init_system, image_name=recipe.name,
+                        label=d["label"], filesystem=d["filesystem"], expansion=recipe.dib)
+
+
+def dib_plan(recipe: Recipe, cache_root: Path):
+    from . import dib
+    salt = dib.cache_salt(cache_root) if recipe.dib_env.secret else None
+    p = dib.make_plan(recipe.dib, recipe.dib_env, dib_env_base(recipe), salt)
+    p.version = dib.version()
+    return p
 
 
 def make_plan(recipe: Recipe, output_root: Path) -> Plan:
@@ -151,12 +202,22 @@ def make_plan(recipe: Recipe, output_root: Path) -> Plan:
         note = f"built {bmeta.get('created', '?')}; the archive's Release file is checked when baking" if bhit else ""
     boot = CacheEntry(bcache.namespace, bkey, bhit, note)
     release_digest = bmeta.get("release_sha256", "")
-    ckey = checkpoint_key(recipe, bkey, release_digest, apt_sources, [p for p, _ in packages])
+    dplan = None
+    if recipe.dib is not None:
+        dplan = dib_plan(recipe, root)
+        have = {p for p, _ in packages}
+        for p, el in (dplan.packages.get("install.d") or {}).get("install", []):
+            if p not in have:
+                packages.append((p, f"dib element {el}"))
+                have.add(p)
+        packages.sort()
+    ckey = checkpoint_key(recipe, bkey, release_digest, apt_sources, [p for p, _ in packages],
+                          dplan.digest if dplan else None)
     ccache = cache_mod.TreeCache(root, "packages")
     chit = bhit and ccache.has(ckey)
     check = CacheEntry("packages", ckey, chit, "root tree after package installation" if chit else "")
 
-    plan = Plan(recipe, mirror, security, apt_sources, packages, hooks, boot, check)
+    plan = Plan(recipe, mirror, security, apt_sources, packages, hooks, boot, check, dib=dplan)
     if base and base["method"] == "guestfs":
         src = base.get("image") or base.get("emi")
         plan.stages.append(("bootstrap", f"copy of {src} ({base['partition']} partition), grown by {base['grow']}"))

@@ -56,6 +56,9 @@ class Recipe:
     data: dict[str, Any]
     elements: list[ElementUse] = field(default_factory=list)
     given: frozenset[str] = frozenset()  # top-level keys the file sets (before defaults)
+    dib: Any = None                      # builder.dib.Expansion of the {dib: NAME} elements, or None
+    dib_env: Any = None                  # builder.dib.DibEnv of dib.env (None without DIB elements)
+    notes: list[str] = field(default_factory=list)  # what loading changed, said by the plan
 
     @property
     def name(self) -> str:
@@ -127,6 +130,8 @@ def _element_entries(data: dict) -> list[tuple[int | None, str, dict]]:
         if isinstance(item, str):
             out.append((i, item, {}))
             named.add(item)
+        elif "dib" in item:
+            continue
         else:
             out.append((i, item["name"], dict(item.get("with") or {})))
             named.add(item["name"])
@@ -163,8 +168,8 @@ def load_recipe(path: str | Path) -> Recipe:
                           + ("an empty file" if data is None else type(data).__name__))
     validate(data, recipe_schema(), loc)
     # Uniqueness by name is what JSON Schema's uniqueItems (whole items) cannot say.
-    _named_once(path, loc, data, "elements", "element", lambda item: item if isinstance(item, str) else item["name"],
-                where=())
+    _named_once(path, loc, data, "elements", "element",
+                lambda item: item if isinstance(item, str) else item.get("name") or f"dib: {item['dib']}", where=())
     _named_once(path, loc, data, "users", "user", lambda user: user["name"], where=("name",))
     given = frozenset(data)
     fill_defaults(data, recipe_schema())
@@ -209,6 +214,8 @@ def load_recipe(path: str | Path) -> Recipe:
         uses.append(ElementUse(el, params, explicit=idx is not None))
 
     _check_base(path, loc, data, given)
+    recipe = Recipe(path.resolve(), data, uses, given)
+    _load_dib(recipe, loc, path)
 
     # Files to copy must exist now, not halfway through a build.
     for i, f in enumerate(data.get("files") or []):
@@ -216,7 +223,68 @@ def load_recipe(path: str | Path) -> Recipe:
         if not src.exists():
             raise RecipeError(path, loc.line_of(("files", i, "source")), f"files[{i}].source",
                               f"no such file: {f['source']} (looked for {src})")
-    return Recipe(path.resolve(), data, uses, given)
+    return recipe
+
+
+def _dib_entries(data: dict) -> list[tuple[int, str]]:
+    return [(i, item["dib"]) for i, item in enumerate(data.get("elements") or [])
+            if isinstance(item, dict) and "dib" in item]
+
+
+def _load_dib(recipe: Recipe, loc: Located, path: Path) -> None:
+    """Expand the recipe's {dib: NAME} elements with diskimage-builder's own resolution,
+    refusing what bake cannot run (before anything is built), and resolve dib.env."""
+    from . import dib
+    data = recipe.data
+    entries = _dib_entries(data)
+    section = data.get("dib") or {}
+    if not entries:
+        if section.get("env") or section.get("elements_path"):
+            raise RecipeError(path, loc.line_of(("dib",)), "dib",
+                              "dib settings are given, but no element of the recipe is a {dib: NAME} element")
+        return
+    first = ("elements", entries[0][0])
+    why = dib.supported(recipe.release.distro, recipe.release.suite)
+    if why:
+        raise RecipeError(path, loc.line_of(first), format_path(first), why)
+    if recipe.base and recipe.base.get("method") == "guestfs":
+        raise RecipeError(path, loc.line_of(first), format_path(first),
+                          "DIB elements run in a chroot and install packages; base.method guestfs has neither "
+                          "(use method: unpack)")
+    for name, why in dib.RESERVED_ENV.items():
+        if name in (section.get("env") or {}):
+            at = ("dib", "env", name)
+            raise RecipeError(path, loc.line_of(at), format_path(at), f"{name} is set by bake: it is {why}")
+    extra = []
+    for i, p in enumerate(section.get("elements_path") or []):
+        d = (path.parent / p).resolve()
+        if not d.is_dir():
+            at = ("dib", "elements_path", i)
+            raise RecipeError(path, loc.line_of(at), format_path(at), f"no such folder: {p} (looked for {d})")
+        extra.append(d)
+    for idx, name in entries:
+        try:
+            dib.expand([name], extra)
+        except BakeError as e:
+            at = ("elements", idx)
+            raise RecipeError(path, loc.line_of(at), format_path(at), str(e)) from None
+    try:
+        recipe.dib = dib.expand([n for _, n in entries], extra)
+    except BakeError as e:
+        # each expands alone: it is the elements together that DIB refuses
+        raise RecipeError(path, loc.line_of(("elements",)), "elements", str(e)) from None
+    try:
+        recipe.dib_env = dib.resolve_env(section.get("env") or {}, path.parent)
+    except BakeError as e:
+        name = str(e).split(":", 1)[0].removeprefix("dib.env.")
+        at = ("dib", "env", name)
+        raise RecipeError(path, loc.line_of(at), format_path(at), str(e).split(": ", 1)[1]) from None
+    if recipe.dib.has("cloud-init"):
+        ec2 = [u for u in recipe.elements if u.name == "ec2-metadata"]
+        if ec2:
+            recipe.elements = [u for u in recipe.elements if u.name != "ec2-metadata"]
+            recipe.notes.append("ec2-metadata left out: cloud-init (DIB) installs the instance's key from the "
+                                "metadata service")
 
 
 def _check_base(path: Path, loc: Located, data: dict, given: frozenset[str]) -> None:

@@ -130,6 +130,7 @@ def run(
     logfile: IO[str] | None = None,
     quiet: bool = False,
     on_line: Callable[[str], None] | None = None,
+    redact: Sequence[str] = (),
 ) -> Result:
     """Run `argv` to completion and return its combined output.
 
@@ -137,9 +138,11 @@ def run(
     handed to `on_line`, on the reader's thread, e.g. to count progress), and the last
     lines are kept for the error raised when the command fails and `check` is true.
     An exception (Ctrl-C included) while it runs ends the command's whole process group
-    before propagating.
+    before propagating. Every string in `redact` is replaced by `***` in each line before
+    it is logged, kept or handed on (a secret a command may print, as shell tracing does).
     """
     argv = [os.fspath(a) for a in argv]
+    secrets = sorted((s for s in redact if s), key=len, reverse=True)
     full_env = dict(os.environ if env is None else env)
     if extra_env:
         full_env.update(extra_env)
@@ -177,6 +180,8 @@ def run(
         assert proc.stdout is not None
         for raw in proc.stdout:
             line = raw.decode(errors="replace")
+            for secret in secrets:
+                line = line.replace(secret, "***")
             lines.append(line)
             tail.append(line)
             if logfile is not None:

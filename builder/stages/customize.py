@@ -58,6 +58,10 @@ class Customizer:
         self.build, self.recipe, self.plan, self.root = build, recipe, plan, root
         self.notes: list[str] = []
         self.init_system = recipe.profile.init_system
+        self.dib = None                    # builder.dib.run.DibRunner with DIB elements
+        self.dib_python_added = False      # python3 was installed for DIB's hooks only
+        self.notes_dib: list[str] = []
+        self.dib_work: Path | None = None
 
     # --- environment ------------------------------------------------------------------
     def base_env(self) -> dict[str, str]:
@@ -171,7 +175,9 @@ class Customizer:
             resolv.write_text("")
 
     # --- steps ------------------------------------------------------------------------
-    def install_packages(self) -> None:
+    def install_packages(self, before=None) -> None:
+        """apt-get update, then `before()` (with apt ready and the package cache mounted),
+        then the plan's packages."""
         (self.root / "etc/apt/sources.list").write_text(self.plan.apt_sources)
         pkgs = self.plan.package_names
         archives = cache_root(self.build.dir.parent.parent) / "apt-archives" / \
@@ -186,6 +192,8 @@ class Customizer:
                 sh.mount(str(archives), target, bind=True), \
                 open(self.build.dir / "packages.log", "w") as logf:
             sh.chroot_run(self.root, ["apt-get", "-q", "update"], what="apt-get update", logfile=logf)
+            if before is not None:
+                before(logf)
             counter = AptCounter()
             sh.chroot_run(self.root, ["apt-get", *APT_OPTS, "install", *pkgs], what="installing packages",
                           logfile=logf, on_line=counter)
@@ -258,6 +266,61 @@ class Customizer:
                 except sh.CommandError as e:
                     raise BakeError(f"commands[{i}] failed in the chroot (exit {e.returncode}): {c}\n"
                                     f"--- last lines of its output ---\n{e.tail.rstrip()}") from None
+
+    # --- diskimage-builder's elements --------------------------------------------------
+    def dib_start(self) -> None:
+        """The DIB runner of this build, with a fresh hooks tree."""
+        from ..dib.run import DibRunner
+        from ..plan import dib_env_base
+        if self.dib is None:
+            self.dib = DibRunner(self.recipe.dib, self.recipe.dib_env, dib_env_base(self.recipe, self.init_system),
+                                 self.root, self.dib_work, logfile=None)
+        self.dib.prepare()
+
+    def dib_phase(self, phase: str) -> None:
+        if self.dib is not None:
+            self.dib.run(phase)
+
+    def dib_before_packages(self, logf) -> None:
+        """python3 in the chroot (DIB's in-chroot tools need it from the first pre-install.d
+        hook on), then DIB's pre-install.d, then apt's lists again (a hook may add sources)."""
+        if not _installed(self.root, "python3"):
+            with step("Installing python3 for diskimage-builder's hooks"):
+                sh.chroot_run(self.root, ["apt-get", *APT_OPTS, "install", "python3"], what="installing python3",
+                              logfile=logf)
+            self.dib_python_added = "python3" not in self.plan.package_names
+        self.dib.run("pre-install.d")
+        sh.chroot_run(self.root, ["apt-get", "-q", "update"], what="apt-get update", logfile=logf)
+
+    def dib_remove_python(self) -> None:
+        """python3 again out of the image when only DIB's hooks wanted it: marked as
+        installed automatically, it goes unless an installed package needs it."""
+        if not self.dib_python_added or not _installed(self.root, "python3"):
+            return
+        with step("Removing python3 unless a package needs it"), open(self.build.dir / "packages.log", "a") as logf:
+            sh.chroot_run(self.root, ["apt-mark", "auto", "python3"], what="apt-mark auto python3", logfile=logf)
+            sh.chroot_run(self.root, ["apt-get", *APT_OPTS, "autoremove", "--purge"], what="apt-get autoremove",
+                          logfile=logf)
+        kept = _installed(self.root, "python3")
+        self.notes_dib.append("python3 kept: an installed package needs it" if kept else
+                              "python3 removed after DIB's hooks (nothing installed needs it)")
+
+    def cloud_init_user(self) -> None:
+        """With cloud-init in the image, the instance's key goes to the recipe's default
+        user (as bake's ec2-metadata element would do), or to root when it has none."""
+        d = self.root / "etc/cloud/cloud.cfg.d"
+        if not d.is_dir():
+            return
+        user = self.recipe.default_user
+        if user:
+            shell = next((u["shell"] for u in self.recipe.data.get("users") or [] if u["name"] == user), "/bin/sh")
+            text = ("# bake: the instance's SSH key goes to the recipe's default user\n"
+                    "system_info:\n  default_user:\n"
+                    f"    name: {user}\n    lock_passwd: true\n    shell: {shell}\n")
+        else:
+            text = ("# bake: the recipe has no users; the instance's SSH key goes to root\n"
+                    "disable_root: false\n")
+        (d / "89-bake-default-user.cfg").write_text(text)
 
     def make_initramfs(self) -> None:
         with step("Generating the initramfs (once)"):
@@ -419,6 +482,11 @@ class _ImageWriter:
             shutil.copystat(src, target, follow_symlinks=False)
 
 
+def _installed(root: Path, package: str) -> bool:
+    r = sh.run(["chroot", str(root), "dpkg-query", "-W", "-f=${db:Status-Abbrev}", package], check=False, quiet=True)
+    return r.returncode == 0 and r.output.startswith("ii")
+
+
 def resolved_enabled(root: Path) -> bool:
     """Whether the tree's systemd starts systemd-resolved at boot (enabled through its
     D-Bus alias or a target's wants)."""
@@ -438,7 +506,9 @@ def _first_half(c: Customizer, ckpt: TreeCache, plan: Plan, recipe: Recipe, outp
         if ckpt.has(plan.checkpoint.key):
             with step("Unpacking the package checkpoint"):
                 ckpt.restore(plan.checkpoint.key, root)
-            c.init_system = ckpt.meta(plan.checkpoint.key).get("init_system", c.init_system)
+            meta = ckpt.meta(plan.checkpoint.key)
+            c.init_system = meta.get("init_system", c.init_system)
+            c.dib_python_added = bool(meta.get("dib_python_added"))
             return True
         if fresh_tree is not None:
             os.rename(fresh_tree, root)
@@ -451,11 +521,15 @@ def _first_half(c: Customizer, ckpt: TreeCache, plan: Plan, recipe: Recipe, outp
             c.copy_elements_in()
             c.run_phase("root.d")
             c.run_phase("extra-data.d")
+            if recipe.dib is not None:
+                c.dib_start()
+                c.dib.run("extra-data.d")
             c.run_phase("pre-install.d")
-            c.install_packages()
+            c.install_packages(before=c.dib_before_packages if recipe.dib is not None else None)
             c.remove_elements()
         with step("Saving the package checkpoint"):
             ckpt.save(plan.checkpoint.key, root, {"init_system": c.init_system, "packages": plan.package_names,
+                                                  "dib_python_added": c.dib_python_added,
                                                   "created": time.strftime("%Y-%m-%d %H:%M:%S")})
     return False
 
@@ -470,26 +544,51 @@ def run(build: Build, recipe: Recipe, plan: Plan, work: Path, fresh_tree: Path |
     ckpt = TreeCache(cache_root(output_root), "packages")
     with step("Customize"):
         c = Customizer(build, recipe, plan, root)
+        if recipe.dib is not None:
+            c.dib_work = work
         cached = _first_half(c, ckpt, plan, recipe, output_root, fresh_tree)
-        with sh.chroot_mounts(root):
-            # packages (systemd-resolved's postinst, for one) may have pointed it elsewhere
-            c.use_host_resolver()
-            c.copy_elements_in()
-            c.copy_static()
-            c.run_phase("install.d")
-            c.create_users()
-            c.copy_files()
-            c.run_commands()
-            c.run_phase("post-install.d")
-            deferred = c.deferred_calls()
-            c.unguard()
-            c.make_initramfs()
-            c.run_phase("finalise.d")
-            c.remove_elements()
-        c.run_phase("cleanup.d")
+        try:
+            with sh.chroot_mounts(root):
+                # packages (systemd-resolved's postinst, for one) may have pointed it elsewhere
+                c.use_host_resolver()
+                if recipe.dib is not None and c.dib is None:
+                    # the hooks tree is the build's own: extra-data.d fills it again (the
+                    # files it reads, a key for devuser, are read afresh on every build)
+                    c.dib_start()
+                    c.dib.run("extra-data.d")
+                c.copy_elements_in()
+                c.copy_static()
+                c.run_phase("install.d")
+                c.dib_phase("install.d")
+                c.create_users()
+                c.copy_files()
+                c.run_commands()
+                c.run_phase("post-install.d")
+                c.dib_phase("post-install.d")
+                c.dib_phase("post-root.d")
+                if c.dib is not None:
+                    c.cloud_init_user()
+                c.dib_phase("pre-finalise.d")
+                c.dib_phase("finalise.d")
+                if c.dib is not None:
+                    c.dib_remove_python()
+                deferred = c.deferred_calls()
+                c.unguard()
+                c.make_initramfs()
+                c.run_phase("finalise.d")
+                c.remove_elements()
+            c.run_phase("cleanup.d")
+            c.dib_phase("cleanup.d")
+        finally:
+            if c.dib is not None:
+                c.dib.remove()
+    extra = {}
+    if c.dib is not None:
+        extra["dib"] = {"phases": c.dib.ran, "elements": recipe.dib.names, "env": recipe.dib_env.public(),
+                        "notes": c.notes_dib}
     build.record_stage("customize", cached_packages=cached, checkpoint_key=plan.checkpoint.key,
                        init_system=c.init_system, initramfs_deferred=deferred,
-                       seconds=round(time.monotonic() - start, 2))
-    if c.notes:
-        build.set("notes", c.notes)
+                       seconds=round(time.monotonic() - start, 2), **extra)
+    if c.notes or recipe.notes:
+        build.set("notes", [*recipe.notes, *c.notes])
     return root
