@@ -167,6 +167,7 @@ def dib_env_base(recipe: Recipe, init_system: str | None = None) -> dict[str, st
 
 def dib_plan(recipe: Recipe, cache_root: Path):
     from . import dib
+    recipe.dib_env.check()
     salt = dib.cache_salt(cache_root) if recipe.dib_env.secret else None
     p = dib.make_plan(recipe.dib, recipe.dib_env, dib_env_base(recipe), salt)
     p.version = dib.version()

@@ -368,6 +368,13 @@ class DibEnv:
     """The recipe's `dib.env`, resolved: values as hooks see them, and which are secret."""
     values: dict[str, str]
     secret: set[str]
+    missing: dict[str, str] = field(default_factory=dict)   # name -> the unset variable its from_env names
+
+    def check(self) -> None:
+        """A BakeError for a from_env variable that is not set (needed to plan or bake;
+        verifying a build does not need it)."""
+        for name, var in self.missing.items():
+            raise BakeError(f"dib.env.{name}: from_env names {var}, which is not set in bake's environment")
 
     def public(self) -> dict[str, str]:
         return {k: ("(secret)" if k in self.secret else v) for k, v in self.values.items()}
@@ -384,12 +391,13 @@ def resolve_env(spec: dict[str, Any], recipe_dir: Path, environ: dict[str, str] 
     environ = os.environ if environ is None else environ
     values: dict[str, str] = {}
     secret: set[str] = set()
+    missing: dict[str, str] = {}
     for name, v in (spec or {}).items():
         if isinstance(v, dict):
             if "from_env" in v:
                 if v["from_env"] not in environ:
-                    raise BakeError(f"dib.env.{name}: from_env names {v['from_env']}, which is not set in bake's environment")
-                val = environ[v["from_env"]]
+                    missing[name] = v["from_env"]
+                val = environ.get(v["from_env"], "")
             elif "file" in v:
                 f = (recipe_dir / v["file"]).resolve()
                 if not f.is_file():
@@ -402,7 +410,7 @@ def resolve_env(spec: dict[str, Any], recipe_dir: Path, environ: dict[str, str] 
         else:
             val = _text(v)
         values[name] = val
-    return DibEnv(values, secret)
+    return DibEnv(values, secret, missing)
 
 
 def _text(v: Any) -> str:
