@@ -7,6 +7,8 @@ guest use `udevadm wait` where the guest has it and always carry a timeout.
 
 from __future__ import annotations
 
+import posixpath
+import re
 import secrets
 import shlex
 import time
@@ -17,7 +19,7 @@ from ..vm.console import GuestTimeout
 from ..vm.guest import GuestCommandError
 from .result import CheckFailed, CheckResult, CheckSkipped
 
-BUILTIN = ("boots", "metadata", "acpiphp", "volume-hotplug", "sync-agent")
+BUILTIN = ("boots", "metadata", "user-data", "acpiphp", "volume-hotplug", "sync-agent")
 MiB = 1 << 20
 
 
@@ -56,9 +58,14 @@ def metadata(inst: Instance, result: CheckResult, *, public_key: str | None, use
     try:
         ssh.wait(timeout=timeout)
     except GuestCommandError as e:
-        said = [l for l in inst.console.lines() if "bake-ec2-metadata" in l][-3:]
+        lines = inst.console.lines()
+        said = [l for l in lines if "bake-ec2-metadata" in l][-3:]
+        cloud_init = [l.strip() for l in lines if "cloud-init" in l or "ci-info" in l][-15:]
+        if cloud_init:
+            result.evidence["cloud_init_said"] = cloud_init
         raise CheckFailed(f"cannot log in as {user} with the key served by the metadata service: {e}"
-                          + ("" if fetched else " (the guest never fetched public-keys/0/openssh-key)"),
+                          + ("" if fetched else " (the guest never fetched public-keys/0/openssh-key)")
+                          + ("; cloud-init's console lines are in the evidence" if cloud_init else ""),
                           guest_said=said, **result.evidence) from None
     keys = ssh.run("cat ~/.ssh/authorized_keys", timeout=30).output
     if public_key.split()[1] not in keys:
@@ -68,6 +75,103 @@ def metadata(inst: Instance, result: CheckResult, *, public_key: str | None, use
                            instance_id_served=inst.instance_id)
     result.summary = (f"served key found in ~{user}/.ssh/authorized_keys and accepted for login"
                       + (f"; instance-id {iid} as served" if iid == inst.instance_id else ""))
+
+
+USER_DATA_MARKER = "/var/lib/bake-verify/user-data"
+FINGERPRINTS_BEGIN = "-----BEGIN SSH HOST KEY FINGERPRINTS-----"
+FINGERPRINTS_END = "-----END SSH HOST KEY FINGERPRINTS-----"
+_STATUS = re.compile(r"^status: (?P<status>.+?)\s*$", re.M)
+_DATASOURCE = re.compile(r"\bDataSource(?P<name>[A-Za-z0-9]+)")
+
+
+def user_data_script(token: str, marker: str = USER_DATA_MARKER) -> str:
+    """The user data a verification serves: a shell script that writes `token` to
+    `marker` (whole or not at all), which only an instance that ran it can hold."""
+    folder = posixpath.dirname(marker)
+    return ("#!/bin/sh\n"
+            "# bake verification: the instance ran the user data it was launched with\n"
+            "set -e\n"
+            f"mkdir -p {shlex.quote(folder)}\n"
+            f"echo {shlex.quote(token)} > {shlex.quote(marker + '.tmp')}\n"
+            f"mv {shlex.quote(marker + '.tmp')} {shlex.quote(marker)}\n")
+
+
+def _cloud_init_status(output: str) -> tuple[str | None, str | None, str]:
+    """(status, datasource, text) from `cloud-init status [--wait] --long`: the
+    datasource as its class names it (Ec2, Ec2Local, None), the text without the
+    progress dots of --wait."""
+    text = output.strip().lstrip(".").strip()
+    m = _STATUS.search(text)
+    ds = _DATASOURCE.search(text)
+    return (m["status"] if m else None), (ds["name"] if ds else None), text
+
+
+def _fingerprints(inst: Instance, timeout: float) -> list[str]:
+    """The console's SSH host key fingerprint block (cloud-init's keys-to-console), or []
+    when it has not appeared within `timeout` seconds."""
+    try:
+        inst.console.wait_for(re.escape(FINGERPRINTS_END), timeout=timeout, what="the host key fingerprints")
+    except GuestTimeout:
+        pass
+    block: list[str] = []
+    for line in inst.console.lines():
+        if FINGERPRINTS_BEGIN in line:
+            block = [line.strip()]
+        elif block and FINGERPRINTS_END not in block[-1]:
+            block.append(line.strip())
+    return block
+
+
+def user_data(inst: Instance, result: CheckResult, *, token: str, timeout: float = 300) -> None:
+    """cloud-init ran the user data the metadata service served: it finished (`status:
+    done`) within `timeout` seconds, the served script wrote `token` to its marker file,
+    and cloud-init printed the SSH host key fingerprints on the console."""
+    ssh = _guest(inst)
+    wait = max(1, int(timeout))
+    t0 = time.monotonic()
+    r = ssh.run(f"timeout {wait} cloud-init status --wait --long", timeout=wait + 30, check=False)
+    waited = round(time.monotonic() - t0, 1)
+    fetched = any(q["path"].split("?")[0].rstrip("/").endswith("/user-data") and q["status"] == 200
+                  for q in inst.metadata_requests())
+    result.evidence["user_data_fetched"] = fetched
+    never = "" if fetched else " (the guest never fetched user-data from the metadata service)"
+    if r.returncode == 127 or ("not found" in r.output and "status:" not in r.output):
+        raise CheckFailed(f"cloud-init is not installed in the guest: {r.output.strip()[-200:]}", **result.evidence)
+    if r.returncode == 124:  # timeout ended the wait: say what it was doing
+        r = ssh.run("cloud-init status --long", timeout=60, check=False)
+    status, datasource, text = _cloud_init_status(r.output)
+    result.evidence.update(cloud_init_status=text, datasource=datasource, seconds_waited=waited)
+    if status in ("running", "not run"):
+        raise CheckFailed(f"cloud-init had not finished after {wait} s (status: {status})" + never,
+                          **result.evidence)
+    if status == "error":
+        detail = text.split("detail:", 1)[-1].strip().replace("\n", "; ")
+        raise CheckFailed(f"cloud-init finished with errors: {detail[:300]}", **result.evidence)
+    if status == "disabled":
+        raise CheckFailed(f"cloud-init is disabled in the guest: {' '.join(text.split())[:200]}", **result.evidence)
+    if status != "done":
+        raise CheckFailed(f"cloud-init did not run to the end (status: {status or 'unknown'}): "
+                          f"{' '.join(text.split())[:200]}", **result.evidence)
+    if datasource == "None":
+        raise CheckFailed("cloud-init finished without a datasource (DataSourceNone): it found no metadata "
+                          "service, so it never saw the user data" + never, **result.evidence)
+    marker = ssh.run(f"cat {USER_DATA_MARKER} 2>/dev/null || true", timeout=30).output.strip()
+    result.evidence.update(marker=marker or None, token_served=token)
+    if not marker:
+        raise CheckFailed(f"cloud-init finished (datasource {datasource}) but the user-data script did not run: "
+                          f"{USER_DATA_MARKER} is missing" + never, **result.evidence)
+    if marker != token:
+        raise CheckFailed(f"{USER_DATA_MARKER} holds {marker[:40]!r}, not the token served to this instance: "
+                          "it comes from another run (state baked into the image?)", **result.evidence)
+    fingerprints = _fingerprints(inst, timeout=15)
+    result.evidence["host_key_fingerprints"] = fingerprints
+    if not fingerprints:
+        raise CheckFailed("cloud-init finished but printed no SSH host key fingerprints on the console "
+                          f"(no '{FINGERPRINTS_BEGIN}' block): its keys-to-console module did not run",
+                          **result.evidence)
+    keys = [l for l in fingerprints if FINGERPRINTS_BEGIN not in l and FINGERPRINTS_END not in l]
+    result.summary = (f"cloud-init done (datasource {datasource}); the user-data script wrote the served token; "
+                      f"{len(keys)} host key fingerprint(s) on the console")
 
 
 ACPIPHP_PROBE = r"""

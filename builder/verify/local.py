@@ -1,16 +1,19 @@
 """Local verification: boot a build's trio under QEMU and run the checks on it.
 
 One instance (A) carries the checks that need a single running guest (boots, metadata,
-acpiphp, volume-hotplug, the recipe's own checks); the sync-agent check then goes on to
-kill A and boot a second instance (B). Evidence (console logs, QEMU messages, QMP
-events, metadata requests) is kept under `<build>/verify/`; the node-style disk is kept
-under `<build>/vm/` for the next verification; the key pair, volumes and overlays live
-in temporary folders that are removed on every exit, Ctrl-C included.
+user-data, acpiphp, volume-hotplug, the recipe's own checks); the sync-agent check then
+goes on to kill A and boot a second instance (B). User data (a script cloud-init runs)
+is served only when the user-data check runs, that is when the image has cloud-init.
+Evidence (console logs, QEMU messages, QMP events, metadata requests) is kept under
+`<build>/verify/`; the node-style disk is kept under `<build>/vm/` (one file per layout)
+for the next verification; the key pair, volumes and overlays live in temporary folders
+that are removed on every exit, Ctrl-C included.
 """
 
 from __future__ import annotations
 
 import contextlib
+import secrets
 import shutil
 import tempfile
 import time
@@ -43,6 +46,9 @@ class LocalOptions:
     skip: set[str] = field(default_factory=set)
     recipe_checks: list[dict[str, Any]] = field(default_factory=list)
     sync_agent_in_image: bool | None = None  # from the build's elements; None = unknown
+    cloud_init_in_image: bool | None = None  # from the build's packages; None = unknown
+    cloud_init_timeout: float = 300.0       # user-data: how long cloud-init may take to finish
+    free_after_root: int = 0                # bytes of unpartitioned space after partition 1
     append: str = ""                        # extra kernel command line
     serve_key: bool = True                  # serve the verification key from the metadata service
     overlap_instances: bool = True          # sync-agent: boot b during a's first backup (two QEMUs)
@@ -55,11 +61,19 @@ class LocalOptions:
         opts = cls(user=user or "root",
                    instance_type=section.get("instance_type", "m1.small"),
                    boot_timeout=float(section.get("timeout", 300)),
+                   cloud_init_timeout=float(section.get("timeout", 300)),
                    skip=set(section.get("skip") or ()),
                    recipe_checks=list(section.get("checks") or ()))
+        if section.get("free_after_root"):
+            from ..schemaerrors import size_mib  # the schema's size syntax (validated before this)
+
+            opts.free_after_root = int((size_mib(section["free_after_root"]) or 0) * vm.disk.MiB)
         if build is not None and build.data.get("elements") is not None:
             names = {e["name"] if isinstance(e, dict) else str(e) for e in build.data["elements"]}
             opts.sync_agent_in_image = "sync-agent" in names
+        if build is not None and build.data.get("packages") is not None:
+            opts.cloud_init_in_image = any(isinstance(p, dict) and p.get("name") == "cloud-init"
+                                           for p in build.data["packages"])
         for k, v in overrides.items():
             setattr(opts, k, v)
         return opts
@@ -69,11 +83,25 @@ class LocalOptions:
             return False
         return self.only is None or name in self.only
 
+    def lists_user_data(self) -> bool:
+        """Whether the report has a user-data check: wanted, and the image has cloud-init
+        or the check was asked for by name (it then fails on an image without it)."""
+        asked = self.only is not None and "user-data" in self.only
+        return self.wants("user-data") and (self.cloud_init_in_image is True or asked)
+
+    def serves_user_data(self) -> bool:
+        """Whether the instances get user data: only when the user-data check runs in
+        the guest (an image not known to lack cloud-init); otherwise `user-data` stays a
+        404, as for an instance run without any."""
+        return self.lists_user_data() and self.cloud_init_in_image is not False
+
 
 def check_names(opts: LocalOptions) -> list[str]:
     """The checks a verification with `opts` reports on, in order."""
     recipe = [f"recipe:{c['name']}" for c in opts.recipe_checks]
-    return [n for n in [*checks.BUILTIN[:4], *recipe, "sync-agent"] if opts.wants(n)]
+    user_data = ["user-data"] if opts.lists_user_data() else []
+    names = ["boots", "metadata", *user_data, "acpiphp", "volume-hotplug", *recipe, "sync-agent"]
+    return [n for n in names if opts.wants(n)]
 
 
 class Session:
@@ -89,9 +117,16 @@ class Session:
         stack.enter_context(lifetime.tracked("path", self.scratch, what="verification scratch folder"))
         self.key, self.public_key = vm.make_keypair(self.scratch)
         self.accel = opts.accel or vm.choose_accel(self.trio.kernel, self.trio.ramdisk)
+        # the user data served, and the token its script writes (checked by user-data)
+        self.user_data_token = secrets.token_hex(16) if opts.serves_user_data() else None
+        self.user_data = checks.user_data_script(self.user_data_token) if self.user_data_token else None
         itype = vm.instance_type(opts.instance_type)
-        with step(f"Assembling the {itype.name} disk (MBR: image, ephemeral ext3, swap)"):
-            self.base = vm.node_disk(self.trio.image, build.dir / "vm" / f"disk-{itype.name}.raw", itype)
+        free = opts.free_after_root
+        layout = f"image, {-(-free // vm.disk.MiB)} MiB free, ephemeral ext3, swap" if free > 0 \
+            else "image, ephemeral ext3, swap"
+        with step(f"Assembling the {itype.name} disk (MBR: {layout})"):
+            self.base = vm.node_disk(self.trio.image, build.dir / "vm" / vm.disk.node_disk_name(itype, free), itype,
+                                     free_after_root=free)
 
     def boot(self, name: str, stack: contextlib.ExitStack | None = None) -> vm.Instance:
         """Start instance `name`; it stays up until `stack` (default: the session's) closes."""
@@ -99,7 +134,7 @@ class Session:
             self.trio, self.base, self.workdir, name=name, accel=self.accel,
             instance_type=self.opts.instance_type,
             ssh_public_key=self.public_key if self.opts.serve_key else None,
-            ssh_key=self.key, ssh_user=self.opts.user, append=self.opts.append))
+            ssh_key=self.key, ssh_user=self.opts.user, append=self.opts.append, user_data=self.user_data))
 
 
 def _prepare_workdir(build: Build) -> Path:
@@ -126,6 +161,8 @@ def verify_local(build: Build, opts: LocalOptions, report: Report | None = None)
             report.info.update(accelerator=s.accel.name, accelerator_reason=s.accel.reason,
                                instance_type=opts.instance_type, user=opts.user,
                                kernel_append=opts.append or None)
+            if opts.free_after_root > 0:
+                report.info["free_after_root"] = opts.free_after_root
             _run_checks(s, results, report)
     finally:
         report.seconds = time.monotonic() - start
@@ -170,6 +207,18 @@ def _run_checks(s: Session, results: list[CheckResult], report: Report) -> None:
         channel = False
 
     why = "the instance did not boot" if not booted else "no SSH channel to the guest (see metadata)"
+    if opts.lists_user_data():
+        if opts.cloud_init_in_image is False:
+            # asked for by name: nothing in the image would run user data
+            with checking("user-data", results):
+                raise CheckFailed("the image has no cloud-init (it is not among the build's packages): "
+                                  "nothing in it runs user data")
+        elif not channel:
+            skipped("user-data", why, results)
+        else:
+            with step("Check user-data (cloud-init runs the served script)"), checking("user-data", results) as r:
+                checks.user_data(a, r, token=s.user_data_token, timeout=opts.cloud_init_timeout)
+
     def recipe_check(spec):
         def run(r):
             r.evidence["defined_in"] = "recipe"
