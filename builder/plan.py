@@ -89,8 +89,9 @@ class Plan:
         if self.dib is not None:
             out += ["", f"diskimage-builder {self.dib.version} elements (expanded)"]
             for e in r.dib.elements:
-                how = "" if e.requested else " (dependency)"
-                extra = f"  provides {', '.join(e.provides)}" if e.provides else ""
+                how = " (bake's)" if e.name == "bake-target" else "" if e.requested else " (dependency)"
+                extra = f"  needs {', '.join(e.depends)}" if e.depends else ""
+                extra += f"  provides {', '.join(e.provides)}" if e.provides else ""
                 out.append(f"  {e.name}{how}{extra}")
             if r.dib_env.values:
                 out += ["", "dib env"] + [f"  {k}={v}" for k, v in sorted(r.dib_env.public().items())]

@@ -1,0 +1,195 @@
+"""diskimage-builder's elements end to end: tests/recipes/dib-bookworm.yml baked for real
+(devuser, cloud-init + cloud-init-datasources with Ec2, runtime-ssh-host-keys, growroot,
+journal-to-console, and a test element using install-static) and verified under QEMU;
+a second instance, on a disk with room after the root partition, is logged into as the
+devuser with the test's key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from builder import vm
+from builder.build import Build
+from conftest import BAKE, REPO, TEST_OUTPUT
+from vm_builds import kill_qemu_under, leftovers, qemu_processes_under
+
+pytestmark = pytest.mark.e2e
+
+OUT = TEST_OUTPUT / "dib-e2e"
+RECIPE = REPO / "tests" / "recipes" / "dib-bookworm.yml"
+FINGERPRINTS = ("-----BEGIN SSH HOST KEY FINGERPRINTS-----", "-----END SSH HOST KEY FINGERPRINTS-----")
+
+
+def tree_state(top: str) -> dict[str, tuple]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                continue
+            out[p] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def changes(before: dict, after: dict) -> list[str]:
+    return sorted({p for p in before.keys() | after.keys() if before.get(p) != after.get(p)})
+
+
+def image_file(image: Path, path: str) -> str | None:
+    r = subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True, text=True)
+    missing = "File not found" in r.stderr
+    return None if missing else r.stdout
+
+
+def image_ls(image: Path, path: str) -> list[str]:
+    r = subprocess.run(["debugfs", "-R", f"ls -p {path}", str(image)], capture_output=True, text=True)
+    return [line.split("/")[5] for line in r.stdout.splitlines() if line.count("/") >= 6]
+
+
+def fingerprints(lines: list[str]) -> set[str]:
+    """The SHA256 fingerprints cloud-init printed between its markers."""
+    out, inside = set(), False
+    for line in lines:
+        if FINGERPRINTS[0] in line:
+            inside = True
+        elif FINGERPRINTS[1] in line:
+            inside = False
+        elif inside:
+            out.update(re.findall(r"SHA256:[A-Za-z0-9+/]+", line))
+    return out
+
+
+def bake(*args: str, env: dict, timeout: float = 3000) -> subprocess.CompletedProcess:
+    return subprocess.run([BAKE, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def latest(name: str) -> Build:
+    return Build.load(sorted((OUT / name).iterdir(), key=lambda p: p.stat().st_mtime)[-1])
+
+
+@pytest.fixture(scope="module")
+def dib_bake(tmp_path_factory):
+    """The DIB recipe baked and verified once; the host's /etc and /usr/share watched
+    around it, and a user of the host with an SSH key devuser must not take."""
+    work = tmp_path_factory.mktemp("dib-e2e")
+    key, pub = vm.make_keypair(work, "ops-key")
+    ops_keys = work / "ops.pub"
+    ops_keys.write_text(pub + "\n")
+    data = yaml.safe_load(RECIPE.read_text())
+    data["dib"]["elements_path"] = [str(REPO / "tests" / "dib-elements")]
+    data["verify"]["checks"] = [
+        {"name": "growroot-on-node-layout", "run": "systemctl is-active growroot.service", "expect": "active"},
+        {"name": "cloud-init-ec2", "run": "cloud-init status --long", "expect": "DataSourceEc2"},
+    ]
+    recipe = work / "dib-bookworm.yml"
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    home = Path("/home") / f"bake-dib-e2e-{secrets.token_hex(3)}"
+    (home / ".ssh").mkdir(parents=True)
+    host_key = f"ssh-rsa AAAAB3Nza{secrets.token_hex(20)} builder@build-host"
+    (home / ".ssh" / "id_rsa.pub").write_text(host_key + "\n")
+    env = {**os.environ, "BAKE_TEST_OPS_KEYS": str(ops_keys), "HOME": str(home)}
+    try:
+        before = {top: tree_state(top) for top in ("/etc", "/usr/share")}
+        r = bake("build", str(recipe), "--output", str(OUT), env=env)
+        after = {top: tree_state(top) for top in ("/etc", "/usr/share")}
+        assert r.returncode == 0, r.stderr[-6000:]
+        yield {"build": latest("dib-bookworm"), "key": key, "pub": pub, "ops_keys": ops_keys, "recipe": recipe,
+               "env": env, "host_key": host_key, "host_changes": {t: changes(before[t], after[t]) for t in before},
+               "work": work}
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+        kill_qemu_under(OUT)
+
+
+def test_the_dib_image_passes_verification_with_cloud_init_and_user_data(dib_bake):
+    build = dib_bake["build"]
+    assert build.data["result"] == "ok"
+    checks = {c["name"]: c for c in build.data["verify"]["checks"]}
+    for name in ("boots", "metadata", "user-data", "acpiphp", "volume-hotplug",
+                 "recipe:growroot-on-node-layout", "recipe:cloud-init-ec2"):
+        assert checks[name]["status"] == "pass", (name, checks[name])
+    report = json.loads((build.dir / "verify.json").read_text())
+    ud = next(c for c in report["checks"] if c["name"] == "user-data")
+    text = json.dumps(ud["evidence"])
+    assert "status: done" in text and "Ec2" in text
+    console = (build.dir / "verify" / "a" / "console.log").read_text().splitlines()
+    assert fingerprints(console), "cloud-init printed the host key fingerprints on the console"
+    stage = build.data["stages"]["customize"]["dib"]
+    assert stage["phases"][:4] == ["extra-data.d", "pre-install.d", "install.d", "post-install.d"]
+    assert "bake-target" in stage["elements"] and "debian-minimal" not in stage["elements"]
+    notes = build.data.get("notes") or []
+    assert any("ec2-metadata left out" in n for n in notes)
+
+
+def test_nothing_of_the_build_host_changed_or_went_into_the_image(dib_bake):
+    assert dib_bake["host_changes"] == {"/etc": [], "/usr/share": []}
+    image = dib_bake["build"].dir / "dib-bookworm.img"
+    keys = image_file(image, "/home/ops/.ssh/authorized_keys")
+    assert keys is not None and keys.split() == dib_bake["pub"].split()
+    host_key_body = dib_bake["host_key"].split()[1].encode()
+    with open(image, "rb") as f:
+        while chunk := f.read(64 << 20):
+            assert host_key_body not in chunk, "the build host's key is in the image"
+    seen = image_file(image, "/etc/bake-test/seen-outside")
+    assert "ssh-keys=hidden" in seen and "host-etc=read-only" in seen
+    assert image_file(image, "/etc/bake-test/kernel-settings").strip() == "kernel-settings=read-only"
+    assert image_file(image, "/etc/bake-test/x").startswith("written by extra-data.d for dib-bookworm")
+    stat = subprocess.run(["debugfs", "-R", "stat /etc/bake-test/private", str(image)], capture_output=True,
+                          text=True).stdout
+    assert re.search(r"Mode:\s+0750", stat), stat
+    assert image_file(image, "/etc/sudoers.d/ops").strip() == "ops ALL=(ALL) NOPASSWD:ALL"
+    assert not [n for n in image_ls(image, "/etc/ssh") if n.startswith("ssh_host_")]
+    assert "dib-python" not in image_ls(image, "/usr/local/bin")
+    assert "in_target.d" not in image_ls(image, "/tmp")
+
+
+def test_a_second_instance_logs_in_as_ops_grows_root_and_has_its_own_host_keys(dib_bake, tmp_path):
+    build = dib_bake["build"]
+    trio = vm.Trio.from_build(build)
+    accel = vm.choose_accel(trio.kernel, trio.ramdisk)
+    gap = 1 << 30
+    disk = vm.node_disk(trio.image, tmp_path / "disk.raw", vm.instance_type("m1.small"), free_after_root=gap)
+    token = secrets.token_hex(8)
+    try:
+        with vm.launch(trio, disk, tmp_path, name="b", accel=accel, ssh_key=dib_bake["key"], ssh_user="ops") as inst:
+            inst.wait_ready(timeout=600)
+            inst.ssh.wait(timeout=300, what="SSH to accept the ops key devuser installed")
+            assert inst.ssh.run("id -un; sudo -n true && echo sudo-ok", timeout=60).output.split() == ["ops", "sudo-ok"]
+            size = int(inst.ssh.run("df -B1 --output=size / | tail -1", timeout=60).output.strip())
+            assert size > build.data["filesystem"]["size"] + gap // 2, (size, build.data["filesystem"]["size"])
+            assert inst.ssh.run("systemctl is-active growroot.service", timeout=60, check=False).output.strip() == "active"
+            inst.ssh.run(f"logger -t bake-journal-probe {token}", timeout=60)
+            inst.console.wait_for(re.compile(rf"bake-journal-probe.*{token}"), timeout=120,
+                                  what="the logged line forwarded by journald to the console")
+            inst.console.wait_for(FINGERPRINTS[1], timeout=300, what="cloud-init's host key fingerprints")
+            mine = fingerprints(inst.console.lines())
+    finally:
+        kill_qemu_under(tmp_path)
+    theirs = fingerprints((build.dir / "verify" / "a" / "console.log").read_text().splitlines())
+    assert mine and theirs and not mine & theirs, "two instances of the image have different host keys"
+    assert not qemu_processes_under(tmp_path)
+    assert not leftovers(tmp_path)
+
+
+def test_a_cached_rebuild_installs_the_new_key(dib_bake):
+    key2, pub2 = vm.make_keypair(dib_bake["work"], "ops-key-2")
+    dib_bake["ops_keys"].write_text(pub2 + "\n")
+    r = bake("build", str(dib_bake["recipe"]), "--stop-after", "image", "--output", str(OUT), env=dib_bake["env"])
+    assert r.returncode == 0, r.stderr[-4000:]
+    rebuilt = latest("dib-bookworm")
+    assert rebuilt.dir != dib_bake["build"].dir
+    assert rebuilt.data["stages"]["customize"]["cached_packages"] is True
+    keys = image_file(rebuilt.dir / "dib-bookworm.img", "/home/ops/.ssh/authorized_keys")
+    assert keys.split() == pub2.split()
