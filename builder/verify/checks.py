@@ -21,6 +21,10 @@ from .result import CheckFailed, CheckResult, CheckSkipped
 
 BUILTIN = ("boots", "metadata", "user-data", "acpiphp", "volume-hotplug", "sync-agent")
 MiB = 1 << 20
+# cloud-init's console lines that bear on a login: which stages ran, its warnings and
+# errors, and what it says of users and keys (not its network tables or randomart)
+CLOUD_INIT_SAYS = re.compile(r"Cloud-init v\. |\[(WARNING|ERROR|CRITICAL)\]|Traceback|ci-info: .*(?i:key|user|ssh-)"
+                             r"|(?i:fail).*cloud-init|cloud-init.*(?i:fail)")
 
 
 def _guest(inst: Instance):
@@ -60,7 +64,8 @@ def metadata(inst: Instance, result: CheckResult, *, public_key: str | None, use
     except GuestCommandError as e:
         lines = inst.console.lines()
         said = [l for l in lines if "bake-ec2-metadata" in l][-3:]
-        cloud_init = [l.strip() for l in lines if "cloud-init" in l or "ci-info" in l][-15:]
+        cloud_init = [l.strip() for l in lines if ("cloud-init" in l or "ci-info" in l) and CLOUD_INIT_SAYS.search(l)]
+        cloud_init = cloud_init[-15:]
         if cloud_init:
             result.evidence["cloud_init_said"] = cloud_init
         raise CheckFailed(f"cannot log in as {user} with the key served by the metadata service: {e}"
