@@ -116,10 +116,10 @@ def dib_bake(tmp_path_factory):
 def test_the_dib_image_passes_verification_with_cloud_init_and_user_data(dib_bake):
     build = dib_bake["build"]
     assert build.data["result"] == "ok"
-    checks = {c["name"]: c for c in build.data["verify"]["checks"]}
+    checks = build.data["verify"]["checks"]
     for name in ("boots", "metadata", "user-data", "acpiphp", "volume-hotplug",
                  "recipe:growroot-on-node-layout", "recipe:cloud-init-ec2"):
-        assert checks[name]["status"] == "pass", (name, checks[name])
+        assert checks[name] == "pass", (name, checks)
     report = json.loads((build.dir / "verify.json").read_text())
     ud = next(c for c in report["checks"] if c["name"] == "user-data")
     text = json.dumps(ud["evidence"])
