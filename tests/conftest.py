@@ -50,6 +50,15 @@ def demo_build():
     return build
 
 
+@pytest.fixture(scope="session")
+def dib_build(tmp_path_factory):
+    """tests/recipes/dib-bookworm.yml baked and verified for real, once per test run
+    (see tests/dib_builds.py)."""
+    from dib_builds import bake_dib
+
+    yield from bake_dib(tmp_path_factory)
+
+
 @pytest.fixture
 def clean_env(monkeypatch):
     """No cloud or bundle credential variables from the environment of the test run."""

@@ -8,43 +8,20 @@ devuser with the test's key.
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
 from builder import vm
-from builder.build import Build
-from conftest import BAKE, REPO, TEST_OUTPUT
+from builder.vm import metadata
+from dib_builds import OUT, bake, latest
 from vm_builds import kill_qemu_under, leftovers, qemu_processes_under
 
 pytestmark = pytest.mark.e2e
-
-OUT = TEST_OUTPUT / "dib-e2e"
-RECIPE = REPO / "tests" / "recipes" / "dib-bookworm.yml"
 FINGERPRINTS = ("-----BEGIN SSH HOST KEY FINGERPRINTS-----", "-----END SSH HOST KEY FINGERPRINTS-----")
-
-
-def tree_state(top: str) -> dict[str, tuple]:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(top):
-        for n in dirnames + filenames:
-            p = os.path.join(dirpath, n)
-            try:
-                st = os.lstat(p)
-            except FileNotFoundError:
-                continue
-            out[p] = (st.st_mode, st.st_size, st.st_mtime_ns)
-    return out
-
-
-def changes(before: dict, after: dict) -> list[str]:
-    return sorted({p for p in before.keys() | after.keys() if before.get(p) != after.get(p)})
 
 
 def image_file(image: Path, path: str) -> str | None:
@@ -71,46 +48,9 @@ def fingerprints(lines: list[str]) -> set[str]:
     return out
 
 
-def bake(*args: str, env: dict, timeout: float = 3000) -> subprocess.CompletedProcess:
-    return subprocess.run([BAKE, *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def latest(name: str) -> Build:
-    return Build.load(sorted((OUT / name).iterdir(), key=lambda p: p.stat().st_mtime)[-1])
-
-
 @pytest.fixture(scope="module")
-def dib_bake(tmp_path_factory):
-    """The DIB recipe baked and verified once; the host's /etc and /usr/share watched
-    around it, and a user of the host with an SSH key devuser must not take."""
-    work = tmp_path_factory.mktemp("dib-e2e")
-    key, pub = vm.make_keypair(work, "ops-key")
-    ops_keys = work / "ops.pub"
-    ops_keys.write_text(pub + "\n")
-    data = yaml.safe_load(RECIPE.read_text())
-    data["dib"]["elements_path"] = [str(REPO / "tests" / "dib-elements")]
-    data["verify"]["checks"] = [
-        {"name": "growroot-on-node-layout", "run": "systemctl is-active growroot.service", "expect": "active"},
-        {"name": "cloud-init-ec2", "run": "cloud-init status --long", "expect": "DataSourceEc2"},
-    ]
-    recipe = work / "dib-bookworm.yml"
-    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
-    home = Path("/home") / f"bake-dib-e2e-{secrets.token_hex(3)}"
-    (home / ".ssh").mkdir(parents=True)
-    host_key = f"ssh-rsa AAAAB3Nza{secrets.token_hex(20)} builder@build-host"
-    (home / ".ssh" / "id_rsa.pub").write_text(host_key + "\n")
-    env = {**os.environ, "BAKE_TEST_OPS_KEYS": str(ops_keys), "HOME": str(home)}
-    try:
-        before = {top: tree_state(top) for top in ("/etc", "/usr/share")}
-        r = bake("build", str(recipe), "--output", str(OUT), env=env)
-        after = {top: tree_state(top) for top in ("/etc", "/usr/share")}
-        assert r.returncode == 0, r.stderr[-6000:]
-        yield {"build": latest("dib-bookworm"), "key": key, "pub": pub, "ops_keys": ops_keys, "recipe": recipe,
-               "env": env, "host_key": host_key, "host_changes": {t: changes(before[t], after[t]) for t in before},
-               "work": work}
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
-        kill_qemu_under(OUT)
+def dib_bake(dib_build):
+    return dib_build
 
 
 def test_the_dib_image_passes_verification_with_cloud_init_and_user_data(dib_bake):
@@ -121,9 +61,13 @@ def test_the_dib_image_passes_verification_with_cloud_init_and_user_data(dib_bak
                  "recipe:growroot-on-node-layout", "recipe:cloud-init-ec2"):
         assert checks[name] == "pass", (name, checks)
     report = json.loads((build.dir / "verify.json").read_text())
-    ud = next(c for c in report["checks"] if c["name"] == "user-data")
-    text = json.dumps(ud["evidence"])
-    assert "status: done" in text and "Ec2" in text
+    ud = next(c for c in report["checks"] if c["name"] == "user-data")["evidence"]
+    assert ud["marker"] == ud["token_served"]
+    assert "status: done" in ud["cloud_init_status"] and ud["datasource"].startswith("Ec2")
+    assert any("BEGIN SSH HOST KEY FINGERPRINTS" in line for line in ud["host_key_fingerprints"])
+    served = [(q["method"], q["path"], q["status"]) for q in metadata.request_log(build.dir / "verify/a/metadata.json")]
+    assert ("GET", "/2009-04-04/user-data", 200) in served
+    assert ("GET", "/2009-04-04/meta-data/public-keys/0/openssh-key", 200) in served
     console = (build.dir / "verify" / "a" / "console.log").read_text().splitlines()
     assert fingerprints(console), "cloud-init printed the host key fingerprints on the console"
     stage = build.data["stages"]["customize"]["dib"]
@@ -169,6 +113,10 @@ def test_a_second_instance_logs_in_as_ops_grows_root_and_has_its_own_host_keys(d
             assert inst.ssh.run("id -un; sudo -n true && echo sudo-ok", timeout=60).output.split() == ["ops", "sudo-ok"]
             size = int(inst.ssh.run("df -B1 --output=size / | tail -1", timeout=60).output.strip())
             assert size > build.data["filesystem"]["size"] + gap // 2, (size, build.data["filesystem"]["size"])
+            # partition 1 grown up to the ephemeral partition, which follows the gap
+            part, eph = inst.ssh.run("cat /sys/class/block/vda1/size /sys/class/block/vda2/start",
+                                     timeout=60).output.split()
+            assert int(part) * 512 == int(eph) * 512 - (1 << 20) == trio.image.stat().st_size + gap
             assert inst.ssh.run("systemctl is-active growroot.service", timeout=60, check=False).output.strip() == "active"
             inst.ssh.run(f"logger -t bake-journal-probe {token}", timeout=60)
             inst.console.wait_for(re.compile(rf"bake-journal-probe.*{token}"), timeout=120,

@@ -7,13 +7,13 @@ guestfwd runs it; the requests are the ones cloud-init 22.4's Ec2 datasource mak
 falls back to IMDSv1), instance-id under each API version it knows, then the crawl of
 2009-04-04's meta-data and user-data. Which checks a verification lists and whether it
 serves user data follow the build's package list. The end-to-end tests boot the demo
-build (no cloud-init) and a copy of it with cloud-init installed."""
+build (no cloud-init) and a copy of the session's cloud-init build (tests/dib_builds.py),
+whose own verification is checked in tests/test_dib_e2e.py, as is a root grown into the
+free space after partition 1."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -25,7 +25,7 @@ import requests
 
 from builder import sh
 from builder.build import Build
-from builder.verify import FAIL, PASS, SKIP, render_table, verify
+from builder.verify import FAIL, SKIP, render_table, verify
 from builder.verify.checks import USER_DATA_MARKER, user_data_script
 from builder.verify.local import LocalOptions, check_names
 from builder.vm import metadata
@@ -289,69 +289,12 @@ def test_asking_for_user_data_on_an_image_without_cloud_init_fails_saying_so(req
     assert served["user-data"] is None
 
 
-CLOUD_CFG = """\
-# the test image: cloud-init with the Ec2 datasource, as Eucalyptus serves it
-datasource_list: [Ec2, None]
-datasource:
-  Ec2:
-    metadata_urls: ["http://169.254.169.254"]
-    max_wait: 120
-    timeout: 10
-# the image's own systemd-networkd configuration stays in charge of eth0
-network: {config: disabled}
-# RSA host keys take many seconds under emulation
-ssh_genkeytypes: [ed25519, ecdsa]
-"""
-
-
-def _install_cloud_init(image: Path, mnt: Path) -> list[dict]:
-    """Install Debian's cloud-init (and growpart) into the partition image `image`
-    (grown first) and return its package list as the image stage records it."""
-    from builder.stages.image import package_list
-
-    with open(image, "r+b") as f:
-        f.truncate(image.stat().st_size + (768 << 20))
-    sh.run(["e2fsck", "-fy", image], check=False)
-    sh.run(["resize2fs", image])
-    mnt.mkdir()
-    with sh.loop_device(image) as dev, sh.mount(dev, mnt), sh.chroot_mounts(mnt):
-        resolv = mnt / "etc/resolv.conf"
-        saved = os.readlink(resolv) if resolv.is_symlink() else None
-        resolv.unlink(missing_ok=True)
-        shutil.copy("/etc/resolv.conf", resolv)
-        policy = mnt / "usr/sbin/policy-rc.d"
-        policy.write_text("#!/bin/sh\nexit 101\n")
-        policy.chmod(0o755)
-        try:
-            sh.chroot_run(mnt, ["apt-get", "update", "-q"])
-            # cloud-guest-utils: growpart, which cloud-init's growpart module runs
-            sh.chroot_run(mnt, ["apt-get", "install", "-y", "-q", "--no-install-recommends", "cloud-init",
-                                "cloud-guest-utils"])
-            (mnt / "etc/cloud/cloud.cfg.d/99-bake-test.cfg").write_text(CLOUD_CFG)
-            sh.chroot_run(mnt, ["apt-get", "clean"])
-        finally:
-            policy.unlink()
-            resolv.unlink()
-            if saved is not None:
-                resolv.symlink_to(saved)
-        for p in (mnt / "var/lib/apt/lists").glob("*"):
-            if p.is_file():
-                p.unlink()
-        assert not (mnt / "var/lib/cloud/instance").exists()
-        packages = package_list(mnt)
-    return packages
-
-
 @pytest.fixture(scope="module")
-def cloud_init_build(request, tmp_path_factory):
-    """A copy of the demo build with cloud-init and growpart installed in its image (made once)."""
-    from vm_builds import copy_build, source_build
-
-    root = tmp_path_factory.mktemp("cloud-init-build")
-    b = copy_build(source_build(request), root, copy_roles=("image",))
-    b.data["packages"] = _install_cloud_init(b.output_path("image"), root / "mnt")
-    b.save()
-    return b
+def cloud_init_build(dib_build):
+    """The session's bake of tests/recipes/dib-bookworm.yml: cloud-init (DIB's element)
+    with the Ec2 datasource; its own verification ran the user-data check and passed
+    (tests/test_dib_e2e.py)."""
+    return dib_build["build"]
 
 
 @pytest.fixture
@@ -367,28 +310,6 @@ def with_cloud_init(cloud_init_build, tmp_path):
 
 
 @pytest.mark.e2e
-def test_cloud_init_runs_the_served_user_data_and_the_check_passes(request, with_cloud_init):
-    from vm_builds import default_user
-
-    b = with_cloud_init
-    report = verify(b, user=default_user(b), only={"metadata", "user-data", "recipe:cloud-init-datasource"},
-                    recipe_checks=[{"name": "cloud-init-datasource", "run": "cloud-init query platform",
-                                    "expect": "ec2"}])
-    _say(request, "\n" + render_table(report))
-    results = {r.name: r for r in report.results}
-    assert list(results) == ["metadata", "user-data", "recipe:cloud-init-datasource"]
-    ud = results["user-data"]
-    assert ud.status == PASS, ud.summary
-    assert ud.evidence["marker"] == ud.evidence["token_served"]
-    assert "status: done" in ud.evidence["cloud_init_status"] and ud.evidence["datasource"].startswith("Ec2")
-    assert any("BEGIN SSH HOST KEY FINGERPRINTS" in l for l in ud.evidence["host_key_fingerprints"])
-    assert results["metadata"].status == PASS
-    requests_made = [(q["method"], q["path"], q["status"]) for q in metadata.request_log(b.dir / "verify/a/metadata.json")]
-    assert ("GET", f"/{MIN_VERSION}/user-data", 200) in requests_made
-    assert ("GET", f"/{MIN_VERSION}/meta-data/public-keys/0/openssh-key", 200) in requests_made
-
-
-@pytest.mark.e2e
 def test_a_refused_login_on_a_cloud_init_image_shows_what_cloud_init_said(request, with_cloud_init):
     b = with_cloud_init
     report = verify(b, user="nobody-here", only={"metadata", "user-data"})
@@ -398,28 +319,3 @@ def test_a_refused_login_on_a_cloud_init_image_shows_what_cloud_init_said(reques
     assert "cloud-init's console lines are in the evidence" in md.summary
     assert any("cloud-init" in l or "ci-info" in l for l in md.evidence["cloud_init_said"])
     assert ud.name == "user-data" and ud.status == SKIP and "no SSH channel" in ud.summary
-
-
-@pytest.mark.e2e
-def test_growpart_grows_the_root_into_the_free_space_after_partition_1(request, with_cloud_init):
-    from vm_builds import default_user
-
-    b = with_cloud_init
-    image = b.output_path("image").stat().st_size
-    gap = 1 << 30
-    checks = [{"name": "root-partition", "run": "cat /sys/class/block/vda1/size"},
-              {"name": "root-size", "run": "df -B1 --output=size /"},
-              {"name": "ephemeral", "run": "cat /sys/class/block/vda2/start /sys/class/block/vda2/size"}]
-    report = verify(b, user=default_user(b), free_after_root=gap, recipe_checks=checks,
-                    only={"user-data", *(f"recipe:{c['name']}" for c in checks)})
-    _say(request, "\n" + render_table(report))
-    r = {x.name: x for x in report.results}
-    assert all(x.status == PASS for x in report.results), {n: x.summary for n, x in r.items()}
-    assert report.info["free_after_root"] == gap
-    assert (b.dir / "vm" / "disk-m1.small-free1024M.raw").exists() and not (b.dir / "vm" / "disk-m1.small.raw").exists()
-    # cloud-init's growpart took partition 1 up to the ephemeral partition, and resized /
-    partition = int(r["recipe:root-partition"].evidence["output"]) * 512
-    eph_start = int(r["recipe:ephemeral"].evidence["output"].split()[0]) * 512
-    assert partition == eph_start - 2048 * 512 == image + gap
-    root_size = int(r["recipe:root-size"].evidence["output"].split()[-1])
-    assert root_size > image + gap * 0.9
