@@ -8,6 +8,7 @@ devuser with the test's key.
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import subprocess
@@ -141,3 +142,25 @@ def test_a_cached_rebuild_installs_the_new_key(dib_bake):
     assert rebuilt.data["stages"]["customize"]["cached_packages"] is True
     keys = image_file(rebuilt.dir / "dib-bookworm.img", "/home/ops/.ssh/authorized_keys")
     assert keys.split() == pub2.split()
+
+
+def test_python3_installed_for_dib_hooks_alone_is_removed_afterwards(tmp_path):
+    """journal-to-console needs no package: python3 comes in for DIB's own tools
+    (dib-python, package-installs) and goes again, as nothing installed needs it."""
+    recipe = tmp_path / "dib-python-only.yml"
+    recipe.write_text("name: dib-python-only\nrelease: debian/bookworm\nvariant: minbase\n"
+                      "elements:\n  - dib: journal-to-console\nverify: {enabled: false}\n")
+    r = bake("build", str(recipe), "--stop-after", "image", "--output", str(OUT), env=dict(os.environ))
+    assert r.returncode == 0, r.stderr[-4000:]
+    build = latest("dib-python-only")
+    customize = build.data["stages"]["customize"]
+    stage = customize["dib"]
+    # pre-install.d runs before the package checkpoint: not again when it is reused
+    assert ("pre-install.d" in stage["phases"]) == (not customize["cached_packages"])
+    assert "post-install.d" in stage["phases"]
+    assert stage["notes"] == ["python3 removed after DIB's hooks (nothing installed needs it)"]
+    names = {p["name"] for p in build.data["packages"]}
+    assert "python3" not in names and not {n for n in names if n.startswith("python3.")}
+    image = build.dir / "dib-python-only.img"
+    assert image_file(image, "/etc/systemd/journald.conf.d/log-to-console.conf").split() == \
+        ["[Journal]", "ForwardToConsole=true"]

@@ -147,3 +147,34 @@ def test_sigkill_while_the_instance_boots_leaves_no_qemu_and_the_next_bake_remov
     assert f"cleaning what bake pid {b.proc.pid}" in nxt.stderr, nxt.stderr
     for p in overlays:
         assert str(p) in nxt.stderr and not p.exists()
+
+
+def test_sigkill_in_a_dib_chroot_phase_leaves_no_process_and_no_mount_of_the_sandbox(tmp_path, bakes):
+    """The DIB sandbox's mounts (the hooks tree at /tmp/in_target.d, read-only /proc/sys)
+    live in a mount namespace of the phase's own: the host never sees them, and they end
+    with the phase's processes. What is left is bake's own chroot mounts, which the
+    next run removes."""
+    recipe = tmp_path / "dib-killed.yml"
+    recipe.write_text("name: dib-killed\nrelease: debian/bookworm\nvariant: minbase\n"
+                      f"elements:\n  - dib: bake-test-sleeps\ndib:\n  elements_path: [{REPO / 'tests/dib-elements'}]\n")
+    out = tmp_path / "out"
+    b = bakes("build", str(recipe), "--output", str(out), "--stop-after", "image")
+    marker = wait_for(lambda: next(iter(out.glob("dib-killed/*/work/rootfs/var/tmp/bake-test-dib-sleeping")), None)
+                      or (b.proc.poll() is not None and pytest.fail(b.proc.communicate()[1])),
+                      900, "the sleeping DIB pre-install.d hook")
+    build_dir = marker.parents[4]
+    rootfs = build_dir / "work" / "rootfs"
+    token = token_of(b.proc.pid)
+    assert processes_of(token, rootfs), "the hook runs in the chroot"
+    host_view = sh.mounts_under(rootfs)
+    assert str(rootfs / "proc") in host_view, "customize has its chroot mounts"
+    assert not [m for m in host_view if "in_target.d" in m or m.endswith("/proc/sys")], \
+        "the sandbox's mounts are not in the host's mount table"
+
+    b.kill()
+    b.proc.wait()
+    wait_for(lambda: not processes_of(token, rootfs), GONE_WITHIN, "every process of the killed bake to end")
+    left = sh.mounts_under(rootfs)
+    assert left and set(left) <= set(host_view), "only bake's own chroot mounts remain for the next run"
+    lifetime.clean_stale()
+    assert sh.mounts_under(build_dir) == [] and not (build_dir / "work").exists()

@@ -294,13 +294,15 @@ class Customizer:
 
     def dib_remove_python(self) -> None:
         """python3 again out of the image when only DIB's hooks wanted it: marked as
-        installed automatically, it goes unless an installed package needs it."""
+        installed automatically, it goes unless an installed package depends on it or
+        recommends it."""
         if not self.dib_python_added or not _installed(self.root, "python3"):
             return
         with step("Removing python3 unless a package needs it"), open(self.build.dir / "packages.log", "a") as logf:
             sh.chroot_run(self.root, ["apt-mark", "auto", "python3"], what="apt-mark auto python3", logfile=logf)
-            sh.chroot_run(self.root, ["apt-get", *APT_OPTS, "autoremove", "--purge"], what="apt-get autoremove",
-                          logfile=logf)
+            # a Suggests is no need (iproute2 suggests python3); a Recommends still is
+            sh.chroot_run(self.root, ["apt-get", *APT_OPTS, "-o", "APT::AutoRemove::SuggestsImportant=false",
+                                      "autoremove", "--purge"], what="apt-get autoremove", logfile=logf)
         kept = _installed(self.root, "python3")
         self.notes_dib.append("python3 kept: an installed package needs it" if kept else
                               "python3 removed after DIB's hooks (nothing installed needs it)")
