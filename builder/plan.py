@@ -167,12 +167,11 @@ def dib_env_base(recipe: Recipe, init_system: str | None = None) -> dict[str, st
 
 
 def dib_plan(recipe: Recipe, cache_root: Path):
+    """The DIB part of the plan (builder.dib.DibPlan); needs dib.env's from_env variables."""
     from . import dib
     recipe.dib_env.check()
     salt = dib.cache_salt(cache_root) if recipe.dib_env.secret else None
-    p = dib.make_plan(recipe.dib, recipe.dib_env, dib_env_base(recipe), salt)
-    p.version = dib.version()
-    return p
+    return dib.make_plan(recipe.dib, recipe.dib_env, dib_env_base(recipe), salt)
 
 
 def make_plan(recipe: Recipe, output_root: Path) -> Plan:
