@@ -83,7 +83,8 @@ class DibRunner:
         if not listed:
             return
         inside = phase in CHROOT
-        ns = ["unshare", "--mount", "--uts", "--ipc", "--propagation", "private", "--",
+        # the sandbox makes the mounts private itself: unshare cannot where / is no mount (a chroot)
+        ns = ["unshare", "--mount", "--uts", "--ipc", "--propagation", "unchanged", "--",
               sys.executable, "-m", "builder.dib.sandbox"]
         if inside:
             argv = [*ns, "--chroot", str(self.root), "--hooks", str(self.tree), "--",

@@ -16,7 +16,11 @@ kill included:
   (ROOT/proc/sys, ROOT/sys) are read-only;
 - both: /proc/sys read-only, and a hostname change stays in the namespace.
 
-Usage: unshare --mount --uts --ipc --propagation private -- python -m builder.dib.sandbox
+Every mount is made private first (in a chroot whose root is no mount, where
+`unshare --propagation private` cannot work, each mount it can name), so nothing made
+here reaches the host's mount table.
+
+Usage: unshare --mount --uts --ipc --propagation unchanged -- python -m builder.dib.sandbox
        (--outside | --chroot ROOT --hooks TREE) [--write PATH]... -- ARGV...
 """
 
@@ -44,15 +48,36 @@ def _unescape(s: str) -> str:
     return "".join(out)
 
 
-def mounts() -> list[tuple[str, str]]:
-    """(mount point, filesystem type) of this namespace's mounts."""
+def mounts(*, shared: bool = False) -> list[tuple]:
+    """(mount point, filesystem type) of the mounts this process can name, with whether
+    each propagates to other namespaces when `shared`."""
     out = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             fields = left.split()
-            out.append((_unescape(fields[4]), right.split()[0]))
+            entry = (_unescape(fields[4]), right.split()[0])
+            out.append((*entry, any(o.startswith("shared:") for o in fields[6:])) if shared else entry)
     return out
+
+
+def make_private() -> bool:
+    """Keep this namespace's mount events to itself. In a chroot whose root is no mount
+    (the mount holding it lies outside and cannot be named), each mount it can name is
+    made private; then False when one of them was shared, a sign that the unnamed one may
+    be too, so that no mount may be made on it. True otherwise."""
+    if subprocess.run(["mount", "--make-rprivate", "/"], capture_output=True).returncode == 0:
+        return True
+    was_shared = False
+    for target, _fstype, shared in mounts(shared=True):
+        was_shared |= shared
+        _mount("--make-private", target)
+    return not was_shared
+
+
+def under_a_mount(path: str, targets: list[str]) -> bool:
+    """Whether `path` lies on a mount this process can name."""
+    return any(t == "/" or path == t or path.startswith(t.rstrip("/") + "/") for t in targets)
 
 
 def _mount(*args: str) -> None:
@@ -82,9 +107,24 @@ def read_only(path: str, *, bind_first: bool = False) -> None:
     _mount("-o", "remount,bind,ro", path)
 
 
-def host_read_only(keep: list[str]) -> None:
+def host_read_only(keep: list[str], may_mount_on_root: bool) -> None:
     """Every mount of the host read-only (pseudo filesystems under /proc and /dev aside)."""
-    for target, fstype in mounts():
+    targets = mounts()
+    if "/" not in {t for t, _ in targets} and not may_mount_on_root:
+        print("bake-sandbox: in a chroot whose root is no mount and whose mounts propagate: "
+              "the files of the chroot that lie on no mount of their own stay writable", file=sys.stderr)
+    elif "/" not in {t for t, _ in targets}:
+        # a chroot whose root is no mount of its own (the mount holding it lies outside,
+        # unseen): its top-level folders are bound onto themselves, with what is mounted
+        # under them, so that they are mounts this namespace can make read-only
+        seen = {t for t, _ in targets}
+        for name in sorted(os.listdir("/")):
+            p = "/" + name
+            if name in ("proc", "sys", "dev", "run") or p in seen or os.path.islink(p) or not os.path.isdir(p):
+                continue
+            _mount("--rbind", p, p)
+        targets = mounts()
+    for target, fstype in targets:
         if fstype in PSEUDO or target.startswith(("/proc/", "/dev/")) or target in ("/proc", "/dev"):
             continue
         if any(target == k or target.startswith(k.rstrip("/") + "/") for k in keep):
@@ -97,11 +137,12 @@ def host_read_only(keep: list[str]) -> None:
             print(f"bake-sandbox: {e}", file=sys.stderr)
 
 
-def hide_ssh() -> None:
+def hide_ssh(may_mount_on_root: bool) -> None:
     homes = ["/root"] + [os.path.join("/home", h) for h in (os.listdir("/home") if os.path.isdir("/home") else [])]
+    targets = [t for t, _ in mounts()]
     for h in homes:
         d = os.path.join(h, ".ssh")
-        if os.path.isdir(d) and not os.path.islink(d):
+        if os.path.isdir(d) and not os.path.islink(d) and (may_mount_on_root or under_a_mount(d, targets)):
             _mount("-t", "tmpfs", "-o", "ro,size=4k,mode=0700", "tmpfs", d)
 
 
@@ -121,15 +162,17 @@ def main(argv: list[str]) -> int:
         # never change the host's own mounts: this runs in a mount namespace of its own
         print("bake-sandbox: run it through unshare --mount", file=sys.stderr)
         return 2
-    _mount("--make-rprivate", "/")
+    may_mount_on_root = make_private()
     if a.outside:
         keep = [os.path.realpath(w) for w in a.write]
         fds = {w: os.open(w, os.O_PATH | os.O_DIRECTORY) for w in keep}
-        host_read_only(keep)
-        hide_ssh()
+        host_read_only(keep, may_mount_on_root)
+        hide_ssh(may_mount_on_root)
+        targets = [t for t, _ in mounts()]
         for w, fd in fds.items():
             # the writable paths again, with what is mounted under them
-            bind_fd(fd, w)
+            if may_mount_on_root or under_a_mount(w, targets):
+                bind_fd(fd, w)
             os.close(fd)
         for w in keep:
             for target, fstype in mounts():
