@@ -62,8 +62,12 @@ def bake_dib(tmp_path_factory):
     key, pub = vm.make_keypair(work, "ops-key")
     ops_keys = work / "ops.pub"
     ops_keys.write_text(pub + "\n")
+    # git keeps no mode but 644 and 755: the test element's private file gets its 0750 here
+    elements = work / "dib-elements"
+    shutil.copytree(REPO / "tests" / "dib-elements", elements, symlinks=True)
+    (elements / "bake-test-static" / "static" / "etc" / "bake-test" / "private").chmod(0o750)
     data = yaml.safe_load(RECIPE.read_text())
-    data["dib"]["elements_path"] = [str(REPO / "tests" / "dib-elements")]
+    data["dib"]["elements_path"] = [str(elements)]
     data["verify"]["checks"] = [
         {"name": "growroot-on-node-layout", "run": "systemctl is-active growroot.service", "expect": "active"},
         {"name": "cloud-init-ec2", "run": "cloud-init status --long", "expect": "DataSourceEc2"},
