@@ -22,7 +22,8 @@ from builder import vm
 from builder.build import Build
 from conftest import BAKE, REPO, TEST_OUTPUT
 
-OUT = TEST_OUTPUT / "dib-e2e"
+# this run's own folder: a run beside it (its pid in the name) keeps its builds
+OUT = TEST_OUTPUT / "dib-e2e" / f"run-{os.getpid()}"
 RECIPE = REPO / "tests" / "recipes" / "dib-bookworm.yml"
 
 
@@ -56,8 +57,11 @@ def bake_dib(tmp_path_factory):
     """Bake and verify the DIB recipe; yields what the tests need (see test_dib_e2e)."""
     from vm_builds import kill_qemu_under
 
-    for old in (OUT / "dib-bookworm").glob("*") if (OUT / "dib-bookworm").is_dir() else ():
-        shutil.rmtree(old, ignore_errors=True)
+    # earlier runs' builds go, but not those of runs still going
+    for old in OUT.parent.glob("*"):
+        pid = old.name.removeprefix("run-")
+        if old != OUT and not (pid.isdigit() and os.path.exists(f"/proc/{pid}")):
+            shutil.rmtree(old, ignore_errors=True)
     work = tmp_path_factory.mktemp("dib-e2e")
     key, pub = vm.make_keypair(work, "ops-key")
     ops_keys = work / "ops.pub"
