@@ -20,6 +20,7 @@ import pytest
 from builder import dib
 from builder.dib.run import DibRunner
 from conftest import REPO
+from dib_builds import tree_state
 
 BAKE = str(Path(sys.executable).parent / "bake")
 TEST_ELEMENTS = REPO / "tests" / "dib-elements"
@@ -147,19 +148,6 @@ def test_a_secret_of_dib_env_stays_out_of_the_plan_and_dib_env(tmp_path):
     without = {k: v for k, v in os.environ.items() if k != "OPS_PASSWORD"}
     missing = subprocess.run([BAKE, "plan", str(r)], capture_output=True, text=True, env=without, timeout=300)
     assert missing.returncode != 0 and "OPS_PASSWORD" in missing.stderr and "not set" in missing.stderr
-
-
-def tree_state(top: str) -> dict[str, tuple]:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(top):
-        for n in dirnames + filenames:
-            p = os.path.join(dirpath, n)
-            try:
-                st = os.lstat(p)
-            except FileNotFoundError:
-                continue
-            out[p] = (st.st_mode, st.st_size, st.st_mtime_ns)
-    return out
 
 
 @pytest.fixture
