@@ -4,7 +4,8 @@ An entry is written to a temporary name of its writer's own and renamed into pla
 an interrupted build never leaves a half-written entry that a later build would trust,
 and two writers never share a file. Whoever makes an entry holds its lock (`lock`)
 from the look-up to the save, so two bakes that need the same entry make it once: the
-second waits and finds it made. A temporary file a killed writer left is removed by the
+second waits and finds it made. A bake run by a farm worker also holds the entry's
+lease across the farm and shares the entry through the farm's store (farm/remote.py). A temporary file a killed writer left is removed by the
 next bake (it is in the writer's journal) or by the next holder of the entry's lock.
 """
 
@@ -20,6 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from . import lifetime, locks, sh
+
+_shared = None
+_shared_read = False
+
+
+def shared():
+    """The farm's shared stage cache when this bake runs for a farm worker
+    (builder/farm/remote.py), else None."""
+    global _shared, _shared_read
+    if not _shared_read:
+        from .farm import remote
+        _shared, _shared_read = remote.from_env(), True
+    return _shared
 
 TAR_FLAGS = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "--sparse"]
 
@@ -89,7 +103,13 @@ class TreeCache:
             with locks.held(self.lock_path(key), f"the {self.namespace} cache entry {key}"):
                 for left in self.dir.glob(f"{key}.*.tmp"):
                     left.unlink(missing_ok=True)
-                yield
+                farm = shared()
+                if farm is None:
+                    yield
+                else:
+                    # across boxes too: made once on the farm, taken from its store elsewhere
+                    with farm.held(self, key):
+                        yield
         return held()
 
     def save(self, key: str, tree: Path, meta: dict[str, Any]) -> None:
@@ -110,6 +130,9 @@ class TreeCache:
             finally:
                 tmp.unlink(missing_ok=True)
                 mtmp.unlink(missing_ok=True)
+        farm = shared()
+        if farm is not None:
+            farm.push(self, key)
 
     def restore(self, key: str, tree: Path) -> None:
         """Unpack the entry `key` into the (empty or absent) directory `tree`."""

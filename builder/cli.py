@@ -22,7 +22,7 @@ from . import events, exitcodes, interrupts
 from . import log as steplog
 
 AREA_CLIS = ("builder.bundle.cli", "builder.cloud.cli", "builder.verify.cli", "builder.records", "builder.release",
-             "builder.gc", "builder.nightly")
+             "builder.gc", "builder.nightly", "builder.farm.cli")
 # Commands that mount, boot or write builds: before them, what killed bakes left is undone.
 CLEANS_FIRST = ("build", "bundle", "publish", "unpublish", "verify")
 
@@ -121,7 +121,7 @@ def cmd_build(args) -> int:
     recipe = load_recipe(args.recipes[0])
     events.set_build(None, recipe.name)
     build = bake(recipe, output_root=Path(args.output), stop_after=args.stop_after,
-                 skip=set(args.skip or ()), cloud=args.cloud, wait=not args.no_wait)
+                 skip=set(args.skip or ()), cloud=args.cloud, wait=not args.no_wait, build_id=args.build_id)
     report = build.dir / "verify.json"
     if report.is_file() and not args.quiet:
         import json
@@ -187,6 +187,13 @@ def cmd_schema(args) -> int:
     return 0
 
 
+def _build_id_arg(value: str) -> str:
+    import re
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value):
+        raise argparse.ArgumentTypeError(f"{value!r}: a build id is letters, digits, '.', '_' and '-'")
+    return value
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bake",
@@ -225,6 +232,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--skip", action="append", choices=("bundle", "publish", "verify"),
                     help="skip this stage (repeatable)")
     sp.add_argument("--cloud", action="store_true", help="verify on the cloud instead of locally under QEMU")
+    sp.add_argument("--build-id", metavar="ID", type=_build_id_arg,
+                    help="the build folder's name (default: the UTC time; a farm worker names its builds)")
     sp.add_argument("--json", action="store_true",
                     help="print events (stages, progress, checks, the result) as JSON lines on stdout, and nothing "
                          "else there; schema: builder/schema/events.schema.json")

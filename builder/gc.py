@@ -678,6 +678,9 @@ def _age_arg(text: str) -> str:
 
 
 def cmd_gc(args) -> int:
+    if args.farm:
+        from .farm.cli import cmd_gc_farm
+        return cmd_gc_farm(args)
     older = parse_age(args.older_than) if args.older_than else None
     clients = creds = None
     if args.cloud:
@@ -735,4 +738,8 @@ def register(subparsers) -> None:
     sp.add_argument("--dry-run", action="store_true", help="change nothing; say what would go and why the rest stays")
     add_output(sp)
     sp.add_argument("--json", action="store_true", help="print the plan (and outcomes) as JSON")
+    from .farm.cli import add_farm_switch
+    add_farm_switch(sp, "gc the build farm's store instead of this box: keep the N newest good builds per recipe "
+                        "(and released ones, and those whose lease is held); delete the others' records, logs "
+                        "and artifacts")
     sp.set_defaults(func=cmd_gc)

@@ -398,6 +398,9 @@ def render_build(build: Build) -> str:
 # --- the commands ----------------------------------------------------------------------
 
 def cmd_ls(args) -> int:
+    if args.farm:
+        from .farm.cli import cmd_ls_farm
+        return cmd_ls_farm(args)
     builds, warnings = find_builds(args.output, args.recipe)
     for w in warnings:
         print(f"bake: warning: {w}", file=sys.stderr)
@@ -429,6 +432,10 @@ def register(subparsers) -> None:
     sp.add_argument("recipe", nargs="?", metavar="RECIPE", help="only the builds of this recipe (its name)")
     add_output(sp)
     sp.add_argument("--json", action="store_true", help="print a JSON array (sizes in bytes) instead of a table")
+    from .farm.cli import add_farm_switch
+    add_farm_switch(sp, "list the build farm's builds from its store (building, killed, failed, ok, published, "
+                        "verified, released) instead of this box's")
+    sp.add_argument("--eucarc", help="--farm: the cloud of the store (default: the environment)")
     sp.set_defaults(func=cmd_ls)
     sp = subparsers.add_parser(
         "show", help="show one build's record: state, stages, outputs, bundle, cloud ids, verification",

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from botocore.exceptions import ClientError
 
 from ..build import Build
-from .. import events
+from .. import events, fence
 from ..errors import BakeError
 from ..log import step
 from .calls import MISSING_CODES, cloud_error, error_code
@@ -204,6 +204,8 @@ def publish(build: Build, creds: Credentials, opts: PublishOptions | None = None
         done += f.stat().st_size
         events.progress("publish", f"uploading to {bucket}", done, total, "bytes", final=done >= total)
 
+    # a farm worker's bake that lost its recipe's lease must not publish beside the new holder
+    fence.check(f"uploading {build.id}'s bundles")
     with step(f"Uploading bundles to {bucket}/{prefix}"):
         if ensure_bucket(clients, bucket, opts, creds):
             section["bucket_created"] = True
@@ -222,6 +224,7 @@ def publish(build: Build, creds: Credentials, opts: PublishOptions | None = None
     log.info("uploaded %d file(s), %d already there", sent, skipped)
     ids: dict[str, str] = {}
     name = _image_name(opts, build)
+    fence.check(f"registering {build.id}'s images")
     with step("Registering the kernel, ramdisk and image"):
         for b in bundles:
             location = f"{bucket}/{key_of(b.manifest)}"

@@ -1,0 +1,10 @@
+"""The build farm: bake on several boxes through RQ on Redis, with what must outlive
+Redis (build records, logs, artifacts, the stage cache) in Walrus/S3.
+
+    connect.py   where Redis and the store are (options, then BAKE_REDIS_URL / BAKE_FARM_STORE)
+    lease.py     leases per recipe and per cache entry, renewed while held
+    remote.py    the stage cache shared through the store
+    records.py   durable build records: builds/<recipe>/<build-id>.json
+    jobs.py      what a job does on a worker: the recipe fetched, leased, baked, recorded
+    cli.py       bake worker, bake submit, bake status; --farm for nightly, ls and gc
+"""

@@ -1,0 +1,382 @@
+"""Farm commands: `bake worker`, `bake submit`, `bake status`, and the `--farm` forms of
+`bake nightly`, `bake ls` and `bake gc` (which those commands hand over to here)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import exitcodes, lifetime
+from ..errors import BakeError
+from ..options import add_output
+from .connect import QUEUE, Farm
+from .records import BUILDING, KILLED, RELEASED, artifact_folder, lease_holders, list_records, log_name, render, \
+    state_of
+
+GOOD = ("ok", "published", "verified")
+
+
+def add_farm_options(sp) -> None:
+    sp.add_argument("--redis", metavar="URL", help="the farm's Redis (default: $BAKE_REDIS_URL)")
+    sp.add_argument("--store", metavar="s3://BUCKET/PREFIX",
+                    help="the farm's store for records, logs, artifacts and the stage cache (default: "
+                         "$BAKE_FARM_STORE); the cloud from the environment or --eucarc")
+
+
+# --- bake worker ----------------------------------------------------------------------
+
+def _clean_job_folders(output: Path) -> list[str]:
+    """Remove the job folders of work horses of this box that are gone."""
+    removed = []
+    jobs = output / ".farm" / "jobs"
+    if not jobs.is_dir():
+        return removed
+    import shutil
+    for d in jobs.iterdir():
+        pid = d.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
+    return removed
+
+
+def cmd_worker(args) -> int:
+    from rq import Queue, Worker
+    from .jobs import LEASE_TTL_ENV, OUTPUT_ENV
+
+    farm = Farm.from_args(args)
+    conn = farm.redis()
+    farm.store().ensure()
+    # what a killed worker of this box left: mounts, loop devices, processes, work trees
+    lifetime.report_stale(lifetime.clean_stale())
+    output = Path(args.output).resolve()
+    for d in _clean_job_folders(output):
+        print(f"removed the folder of a killed job: {d}", file=sys.stderr)
+    os.environ.update(farm.env())
+    os.environ[OUTPUT_ENV] = str(output)
+    os.environ[LEASE_TTL_ENV] = str(args.lease_ttl)
+    queues = [Queue(q, connection=conn) for q in (args.queues or [QUEUE])]
+    worker = Worker(queues, connection=conn, name=args.name or f"{socket.gethostname()}.{os.getpid()}",
+                    maintenance_interval=args.maintenance_interval, job_monitoring_interval=args.heartbeat)
+    print(f"bake worker {worker.name}: queues {', '.join(q.name for q in queues)}, Redis {farm.redis_url}, "
+          f"store {farm.store_url}, output {output}", file=sys.stderr, flush=True)
+    worker.work(with_scheduler=True, burst=args.burst, logging_level="INFO")
+    return exitcodes.OK
+
+
+# --- bake submit ------------------------------------------------------------------------
+
+def _options(args) -> dict[str, Any]:
+    return {"stop_after": getattr(args, "stop_after", None), "skip": list(getattr(args, "skip", None) or ()),
+            "cloud_verify": bool(getattr(args, "cloud_verify", False))}
+
+
+def submit_all(farm: Farm, paths: list[str], options: dict, *, day: str | None, timeout: int,
+               retries: int) -> tuple[list[dict], list[dict]]:
+    """Submit each recipe; (submitted, refused), each a list of {recipe, path, job?, error}."""
+    from ..schemaerrors import RecipeError
+    from .jobs import Duplicate, submit
+
+    conn, store = farm.redis(), farm.store()
+    submitted, refused = [], []
+    for path in paths:
+        try:
+            s = submit(farm, path, options=options, day=day, timeout=timeout, retries=retries, conn=conn,
+                       store=store)
+            submitted.append({**s, "path": path})
+            print(f"{s['recipe']}: submitted as job {s['job']}", file=sys.stderr, flush=True)
+        except Duplicate as e:
+            refused.append({"recipe": e.recipe, "path": path, "job": e.job, "error": str(e), "duplicate": True})
+            print(f"bake: refused: {e}", file=sys.stderr, flush=True)
+        except RecipeError as e:
+            refused.append({"recipe": Path(path).stem, "path": path, "error": str(e), "invalid": True})
+            print(f"bake: error: {e}", file=sys.stderr, flush=True)
+    return submitted, refused
+
+
+def wait_for_jobs(farm: Farm, submitted: list[dict], *, poll: float = 2.0) -> list[dict]:
+    """Wait until every submitted job finished or failed for good; each entry gains
+    `outcome` (ok, failed, lost) and the job's result or error."""
+    from rq.job import Job, JobStatus
+
+    conn = farm.redis()
+    pending = {s["job"]: s for s in submitted}
+    said: dict[str, str] = {}
+    while pending:
+        for jid, s in list(pending.items()):
+            try:
+                job = Job.fetch(jid, connection=conn)
+            except Exception:
+                s.update(outcome="lost", error="the job is no longer in Redis (Redis restarted?); see `bake ls --farm`")
+                del pending[jid]
+                continue
+            status = job.get_status()
+            if status == JobStatus.FINISHED:
+                s.update(outcome="ok", result=job.return_value())
+                if (s["result"] or {}).get("state") == "failed":
+                    s["outcome"] = "failed"
+            elif status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+                exc = (job.latest_result().exc_string if job.latest_result() else None) or ""
+                s.update(outcome="failed", error=exc.strip().splitlines()[-1] if exc.strip() else str(status))
+            else:
+                if said.get(jid) != str(status):
+                    print(f"{s['recipe']}: {status}", file=sys.stderr, flush=True)
+                    said[jid] = str(status)
+                continue
+            print(f"{s['recipe']}: {s['outcome']}" + (f" ({s.get('error')})" if s.get("error") else ""),
+                  file=sys.stderr, flush=True)
+            del pending[jid]
+        if pending:
+            time.sleep(poll)
+    return submitted
+
+
+def cmd_submit(args) -> int:
+    farm = Farm.from_args(args)
+    submitted, refused = submit_all(farm, args.recipes, _options(args), day=None, timeout=args.timeout,
+                                    retries=args.retries)
+    for s in submitted:
+        print(s["job"])
+    if args.wait and submitted:
+        wait_for_jobs(farm, submitted)
+        if any(s["outcome"] != "ok" for s in submitted):
+            return exitcodes.SOME_FAILED
+    if any(r.get("invalid") for r in refused):
+        return exitcodes.RECIPE_INVALID if not submitted else exitcodes.SOME_FAILED
+    if refused:
+        return exitcodes.BUSY
+    return exitcodes.OK
+
+
+# --- bake nightly --farm ----------------------------------------------------------------
+
+def cmd_nightly_farm(args) -> int:
+    from ..nightly import _summary_dir, _write_atomically, recipes_of
+
+    started = _dt.datetime.now(_dt.timezone.utc)
+    try:
+        paths = recipes_of(args.recipes)
+        summaries = _summary_dir(args.output)
+        farm = Farm.from_args(args)
+    except BakeError as e:
+        print(f"bake: error: {e}", file=sys.stderr)
+        return exitcodes.COULD_NOT_RUN
+    day = started.strftime("%Y%m%d")
+    submitted, refused = submit_all(farm, paths, _options(args), day=day, timeout=args.timeout,
+                                    retries=args.retries)
+    if not submitted:
+        status = exitcodes.BUSY if refused and all(r.get("duplicate") for r in refused) else exitcodes.SOME_FAILED
+        print("bake: nothing submitted: " + ("tonight's jobs of these recipes are already submitted"
+                                             if status == exitcodes.BUSY else "no recipe could be submitted"),
+              file=sys.stderr)
+        return status
+    wait_for_jobs(farm, submitted)
+    gc = None
+    if args.keep:
+        gc = gc_farm(farm, args.keep, dry_run=False)
+    status = exitcodes.OK if all(s["outcome"] == "ok" for s in submitted) and not refused else exitcodes.SOME_FAILED
+    if gc is not None and gc.get("error"):
+        status = exitcodes.SOME_FAILED
+    finished = _dt.datetime.now(_dt.timezone.utc)
+    summary = {"started": started.isoformat(timespec="seconds"), "finished": finished.isoformat(timespec="seconds"),
+               "farm": {"redis": farm.redis_url, "store": farm.store_url}, "exit_status": status, "keep": args.keep,
+               "recipes": submitted + refused, "refused": len(refused),
+               "passed": sum(s["outcome"] == "ok" for s in submitted),
+               "failed": sum(s["outcome"] != "ok" for s in submitted), "gc": gc}
+    text = json.dumps(summary, indent=2, default=str) + "\n"
+    path = summaries / (started.strftime("%Y%m%d-%H%M%S") + "-farm.json")
+    _write_atomically(path, text)
+    _write_atomically(summaries / "latest.json", text)
+    print(path)
+    return status
+
+
+# --- ls / status / gc --farm -------------------------------------------------------------
+
+def _redis_or_none(farm: Farm):
+    try:
+        return farm.redis()
+    except BakeError as e:
+        print(f"bake: warning: {e}; what is building cannot be told", file=sys.stderr)
+        return None
+
+
+def cmd_ls_farm(args) -> int:
+    farm = Farm.from_args(args, need_redis=False)
+    store = farm.store()
+    records = list_records(store, args.recipe)
+    conn = _redis_or_none(farm) if farm.redis_url else None
+    holders = lease_holders(conn, {r["recipe"] for r in records})
+    if args.json:
+        print(json.dumps([{**{k: v for k, v in r.items() if k != "_name"}, "state": state_of(r, holders)}
+                          for r in records], indent=2))
+    elif records:
+        print(render(records, holders))
+    else:
+        print(f"no farm builds in {farm.store_url}" + (f" for recipe {args.recipe}" if args.recipe else ""),
+              file=sys.stderr)
+    return exitcodes.OK
+
+
+def cmd_status(args) -> int:
+    """The queue (jobs waiting, running, to be retried, failed), the workers, and the
+    latest build of each recipe from the store."""
+    farm = Farm.from_args(args, need_redis=False)
+    out: dict[str, Any] = {}
+    conn = _redis_or_none(farm) if farm.redis_url else None
+    if conn is not None:
+        from rq import Queue, Worker
+        from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+
+        q = Queue(QUEUE, connection=conn)
+        out["queue"] = {"queued": q.get_job_ids(), "running": StartedJobRegistry(queue=q).get_job_ids(),
+                        "retrying": ScheduledJobRegistry(queue=q).get_job_ids(),
+                        "failed": FailedJobRegistry(queue=q).get_job_ids()}
+        out["workers"] = [{"name": w.name, "state": str(w.get_state()),
+                           "job": w.get_current_job_id()} for w in Worker.all(connection=conn)]
+    records = list_records(farm.store(), args.recipe)
+    holders = lease_holders(conn, {r["recipe"] for r in records})
+    latest: dict[str, dict] = {}
+    for r in records:
+        latest[r["recipe"]] = r
+    out["latest"] = {name: {"build_id": r["build_id"], "state": state_of(r, holders), "host": r.get("host"),
+                            "stages": r.get("stages"), "finished": r.get("finished"), "log": r.get("log")}
+                     for name, r in latest.items()}
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+        return exitcodes.OK
+    if "queue" in out:
+        for k, ids in out["queue"].items():
+            print(f"{k:<9} {len(ids):>3}  {' '.join(ids)}".rstrip())
+        for w in out["workers"]:
+            print(f"worker {w['name']}: {w['state']}" + (f" ({w['job']})" if w["job"] else ""))
+    if latest:
+        print(render(list(latest.values()), holders))
+    return exitcodes.OK
+
+
+def gc_farm(farm: Farm, keep: int, *, dry_run: bool, recipes: list[str] | None = None) -> dict[str, Any]:
+    """Keep the `keep` newest good builds of each recipe in the store (and every released
+    one, every one still building, failed ones newer than the last kept); delete the rest:
+    artifacts and log first, the record last. {"kept": [...], "deleted": [...]}"""
+    store = farm.store()
+    records = list_records(store)
+    if recipes:
+        records = [r for r in records if r["recipe"] in recipes]
+    conn = None
+    if farm.redis_url:
+        try:
+            conn = farm.redis()
+        except BakeError:
+            conn = None
+    holders = lease_holders(conn, {r["recipe"] for r in records})
+    kept, deleted = [], []
+    by_recipe: dict[str, list[dict]] = {}
+    for r in records:
+        by_recipe.setdefault(r["recipe"], []).append(r)
+    for name, recs in by_recipe.items():
+        good = 0
+        for r in sorted(recs, key=lambda d: d["build_id"], reverse=True):
+            state = state_of(r, holders)
+            entry = {"recipe": name, "build_id": r["build_id"], "state": state}
+            if state == RELEASED:
+                kept.append({**entry, "why": "released"})
+            elif state in (BUILDING, "building?"):
+                kept.append({**entry, "why": "its lease is held (building)" if state == BUILDING
+                             else "Redis cannot say whether it is building"})
+            elif state in GOOD and good < keep:
+                good += 1
+                kept.append({**entry, "why": f"one of the {keep} newest"})
+            elif state not in GOOD and good < keep:
+                kept.append({**entry, "why": f"{state}, newer than the {keep} newest good ones"})
+            else:
+                deleted.append({**entry, "why": f"beyond the {keep} newest"})
+                if not dry_run:
+                    _delete_build(store, r)
+    return {"keep": keep, "dry_run": dry_run, "kept": kept, "deleted": deleted}
+
+
+def _delete_build(store, r: dict) -> None:
+    for name in list(store.list(artifact_folder(r["recipe"], r["build_id"]))):
+        store.delete(name)
+    store.delete(log_name(r["recipe"], r["build_id"]))
+    store.delete(r["_name"])
+
+
+def cmd_gc_farm(args) -> int:
+    farm = Farm.from_args(args, need_redis=False)
+    result = gc_farm(farm, args.keep, dry_run=args.dry_run, recipes=args.recipes or None)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return exitcodes.OK
+    verb = "would delete" if args.dry_run else "deleted"
+    for e in result["kept"]:
+        print(f"kept     {e['recipe']}/{e['build_id']}  {e['state']}: {e['why']}")
+    for e in result["deleted"]:
+        print(f"{verb:<8} {e['recipe']}/{e['build_id']}  {e['state']}: {e['why']}")
+    return exitcodes.OK
+
+
+def register(subparsers) -> None:
+    from .jobs import JOB_TIMEOUT, RETRY_INTERVALS
+
+    sp = subparsers.add_parser(
+        "worker", help="work for the build farm: bake the jobs of its queue (RQ on Redis)",
+        description="An RQ worker of the farm: takes a submitted recipe from the queue, bakes it in a work horse "
+                    "of its own and records it in the store. On start it undoes what a killed bake or worker "
+                    "of this box left. A job whose worker dies is retried on another once its heartbeat has "
+                    "expired (within the heartbeat + 60 s, noticed at the next maintenance).")
+    add_farm_options(sp)
+    sp.add_argument("--eucarc", help="the cloud of the store (default: the environment)")
+    add_output(sp)
+    sp.add_argument("--queues", nargs="+", metavar="QUEUE", help=f"queues to work on (default: {QUEUE})")
+    sp.add_argument("--name", help="the worker's name (default: HOST.PID)")
+    sp.add_argument("--burst", action="store_true", help="stop once the queue is empty")
+    sp.add_argument("--heartbeat", type=int, default=15, metavar="S",
+                    help="seconds between the heartbeats of a running job (default 15)")
+    sp.add_argument("--maintenance-interval", type=int, default=30, metavar="S",
+                    help="seconds between looks for jobs of dead workers (default 30)")
+    sp.add_argument("--lease-ttl", type=float, default=60, metavar="S",
+                    help="a recipe's lease ends this long after its holder stopped renewing it (default 60)")
+    sp.set_defaults(func=cmd_worker)
+
+    sp = subparsers.add_parser(
+        "submit", help="submit recipes to the build farm (one job per recipe)",
+        description="Validate and pack each recipe with the files it names, and queue one job per recipe. The "
+                    "job id is the recipe's name and the digest of its content: a recipe already queued, running "
+                    "or done in the last day is refused (exit 6). Failed jobs are retried with back-off "
+                    f"({', '.join(str(s) for s in RETRY_INTERVALS)} s). A job may run {JOB_TIMEOUT // 3600} h "
+                    "(--timeout).")
+    sp.add_argument("recipes", nargs="+", metavar="RECIPE")
+    add_farm_options(sp)
+    sp.add_argument("--eucarc", help="the cloud of the store (default: the environment)")
+    sp.add_argument("--wait", action="store_true", help="wait for the jobs; exit 7 when one did not succeed")
+    sp.add_argument("--timeout", type=int, default=JOB_TIMEOUT, metavar="S", help="seconds a job may run")
+    sp.add_argument("--retries", type=int, default=len(RETRY_INTERVALS), metavar="N",
+                    help=f"tries after the first (default {len(RETRY_INTERVALS)})")
+    sp.add_argument("--stop-after", choices=("bootstrap", "customize", "image", "bundle", "publish", "verify"))
+    sp.add_argument("--skip", action="append", choices=("bundle", "publish", "verify"))
+    sp.add_argument("--verify-on-cloud", dest="cloud_verify", action="store_true")
+    sp.set_defaults(func=cmd_submit)
+
+    sp = subparsers.add_parser(
+        "status", help="the build farm: queued, running, retried and failed jobs, workers, latest builds",
+        description="Reads the queue from Redis (when it answers) and the builds from the store.")
+    sp.add_argument("recipe", nargs="?", metavar="RECIPE")
+    add_farm_options(sp)
+    sp.add_argument("--eucarc", help="the cloud of the store (default: the environment)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_status)
+
+
+def add_farm_switch(sp, what: str) -> None:
+    """`--farm` (and where the farm is) for nightly, ls and gc."""
+    sp.add_argument("--farm", action="store_true", help=what)
+    add_farm_options(sp)
