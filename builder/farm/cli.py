@@ -17,7 +17,7 @@ from .. import exitcodes, lifetime
 from ..errors import BakeError
 from ..options import add_output
 from .connect import QUEUE, Farm
-from .records import BUILDING, KILLED, RELEASED, artifact_folder, lease_holders, list_records, log_name, render, \
+from .records import BUILDING, RELEASED, artifact_folder, lease_holders, list_records, log_name, render, \
     state_of
 
 GOOD = ("ok", "published", "verified")
@@ -264,7 +264,7 @@ def cmd_status(args) -> int:
 
 def gc_farm(farm: Farm, keep: int, *, dry_run: bool, recipes: list[str] | None = None) -> dict[str, Any]:
     """Keep the `keep` newest good builds of each recipe in the store (and every released
-    one, every one still building, failed ones newer than the last kept); delete the rest:
+    one, every one still building, a failed or killed one among the `keep` newest); delete the rest:
     artifacts and log first, the record last. {"kept": [...], "deleted": [...]}"""
     store = farm.store()
     records = list_records(store)
@@ -282,20 +282,26 @@ def gc_farm(farm: Farm, keep: int, *, dry_run: bool, recipes: list[str] | None =
     for r in records:
         by_recipe.setdefault(r["recipe"], []).append(r)
     for name, recs in by_recipe.items():
-        good = 0
-        for r in sorted(recs, key=lambda d: d["build_id"], reverse=True):
-            state = state_of(r, holders)
+        ranked = sorted(recs, key=lambda d: d["build_id"], reverse=True)
+        states = {r["build_id"]: state_of(r, holders) for r in ranked}
+        # as on one box: the N newest good builds, and a failed or killed one among the N
+        # newest of all (to be looked into); a build still going takes no place among them
+        newest_good = {r["build_id"] for r in ranked if states[r["build_id"]] in GOOD}
+        newest_good = set(sorted(newest_good, reverse=True)[:keep])
+        newest = {r["build_id"] for r in ranked[:keep]}
+        for r in ranked:
+            state = states[r["build_id"]]
             entry = {"recipe": name, "build_id": r["build_id"], "state": state}
             if state == RELEASED:
                 kept.append({**entry, "why": "released"})
-            elif state in (BUILDING, "building?"):
-                kept.append({**entry, "why": "its lease is held (building)" if state == BUILDING
-                             else "Redis cannot say whether it is building"})
-            elif state in GOOD and good < keep:
-                good += 1
+            elif state == BUILDING:
+                kept.append({**entry, "why": "its lease is held (building)"})
+            elif state == "building?":
+                kept.append({**entry, "why": "Redis cannot say whether it is building"})
+            elif r["build_id"] in newest_good:
                 kept.append({**entry, "why": f"one of the {keep} newest"})
-            elif state not in GOOD and good < keep:
-                kept.append({**entry, "why": f"{state}, newer than the {keep} newest good ones"})
+            elif r["build_id"] in newest and state not in GOOD:
+                kept.append({**entry, "why": f"{state}, among the {keep} newest: kept to be looked into"})
             else:
                 deleted.append({**entry, "why": f"beyond the {keep} newest"})
                 if not dry_run:

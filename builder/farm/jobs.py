@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -130,7 +131,8 @@ def pack_recipe(path: str | Path) -> tuple[str, bytes, str]:
 
 def job_id(recipe: str, digest: str, day: str | None = None) -> str:
     """One id per recipe and content (and day, for a nightly run)."""
-    return f"bake.{recipe}.{digest[:20]}" + (f".{day}" if day else "")
+    safe = re.sub(r"[^A-Za-z0-9-]", "-", recipe)        # RQ ids: letters, digits, '_' and '-'
+    return f"bake_{safe}_{digest[:20]}" + (f"_{day}" if day else "")
 
 
 def submit(farm: Farm, path: str | Path, *, options: dict[str, Any] | None = None, day: str | None = None,
