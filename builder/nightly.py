@@ -131,11 +131,8 @@ def register(subparsers) -> None:
                     help="skip (as busy) a recipe another bake is baking, instead of waiting for it")
     sp.add_argument("--verify-on-cloud", dest="cloud_verify", action="store_true",
                     help="verify on the cloud the builds are published to, instead of locally")
-    from .farm.cli import add_farm_switch
-    from .farm.jobs import JOB_TIMEOUT, RETRY_INTERVALS
+    from .farm.cli import add_farm_switch, add_job_options
     add_farm_switch(sp, "submit the recipes to the build farm (one job each, refused when tonight's job of the "
                         "same content is there already), wait for them, then gc the farm's store (--keep N)")
-    sp.add_argument("--timeout", type=int, default=JOB_TIMEOUT, metavar="S", help="--farm: seconds a job may run")
-    sp.add_argument("--retries", type=int, default=len(RETRY_INTERVALS), metavar="N",
-                    help="--farm: tries of a failed job after the first")
+    add_job_options(sp)
     sp.set_defaults(func=cmd_nightly)

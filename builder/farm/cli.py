@@ -79,7 +79,7 @@ def _options(args) -> dict[str, Any]:
 
 
 def submit_all(farm: Farm, paths: list[str], options: dict, *, day: str | None, timeout: int,
-               retries: int) -> tuple[list[dict], list[dict]]:
+               retries: int, backoff: float) -> tuple[list[dict], list[dict]]:
     """Submit each recipe; (submitted, refused), each a list of {recipe, path, job?, error}."""
     from ..schemaerrors import RecipeError
     from .jobs import Duplicate, submit
@@ -88,8 +88,8 @@ def submit_all(farm: Farm, paths: list[str], options: dict, *, day: str | None, 
     submitted, refused = [], []
     for path in paths:
         try:
-            s = submit(farm, path, options=options, day=day, timeout=timeout, retries=retries, conn=conn,
-                       store=store)
+            s = submit(farm, path, options=options, day=day, timeout=timeout, retries=retries, backoff=backoff,
+                       conn=conn, store=store)
             submitted.append({**s, "path": path})
             print(f"{s['recipe']}: submitted as job {s['job']}", file=sys.stderr, flush=True)
         except Duplicate as e:
@@ -141,7 +141,7 @@ def wait_for_jobs(farm: Farm, submitted: list[dict], *, poll: float = 2.0) -> li
 def cmd_submit(args) -> int:
     farm = Farm.from_args(args)
     submitted, refused = submit_all(farm, args.recipes, _options(args), day=None, timeout=args.timeout,
-                                    retries=args.retries)
+                                    retries=args.retries, backoff=args.backoff)
     for s in submitted:
         print(s["job"])
     if args.wait and submitted:
@@ -170,7 +170,7 @@ def cmd_nightly_farm(args) -> int:
         return exitcodes.COULD_NOT_RUN
     day = started.strftime("%Y%m%d")
     submitted, refused = submit_all(farm, paths, _options(args), day=day, timeout=args.timeout,
-                                    retries=args.retries)
+                                    retries=args.retries, backoff=args.backoff)
     if not submitted:
         status = exitcodes.BUSY if refused and all(r.get("duplicate") for r in refused) else exitcodes.SOME_FAILED
         print("bake: nothing submitted: " + ("tonight's jobs of these recipes are already submitted"
@@ -331,7 +331,7 @@ def cmd_gc_farm(args) -> int:
 
 
 def register(subparsers) -> None:
-    from .jobs import JOB_TIMEOUT, RETRY_INTERVALS
+    from .jobs import JOB_TIMEOUT
 
     sp = subparsers.add_parser(
         "worker", help="work for the build farm: bake the jobs of its queue (RQ on Redis)",
@@ -358,15 +358,12 @@ def register(subparsers) -> None:
         description="Validate and pack each recipe with the files it names, and queue one job per recipe. The "
                     "job id is the recipe's name and the digest of its content: a recipe already queued, running "
                     "or done in the last day is refused (exit 6). Failed jobs are retried with back-off "
-                    f"({', '.join(str(s) for s in RETRY_INTERVALS)} s). A job may run {JOB_TIMEOUT // 3600} h "
-                    "(--timeout).")
+                    f"(--backoff S, then 4× and 20× it). A job may run {JOB_TIMEOUT // 3600} h (--timeout).")
     sp.add_argument("recipes", nargs="+", metavar="RECIPE")
     add_farm_options(sp)
     sp.add_argument("--eucarc", help="the cloud of the store (default: the environment)")
     sp.add_argument("--wait", action="store_true", help="wait for the jobs; exit 7 when one did not succeed")
-    sp.add_argument("--timeout", type=int, default=JOB_TIMEOUT, metavar="S", help="seconds a job may run")
-    sp.add_argument("--retries", type=int, default=len(RETRY_INTERVALS), metavar="N",
-                    help=f"tries after the first (default {len(RETRY_INTERVALS)})")
+    add_job_options(sp)
     sp.add_argument("--stop-after", choices=("bootstrap", "customize", "image", "bundle", "publish", "verify"))
     sp.add_argument("--skip", action="append", choices=("bundle", "publish", "verify"))
     sp.add_argument("--verify-on-cloud", dest="cloud_verify", action="store_true")
@@ -380,6 +377,16 @@ def register(subparsers) -> None:
     sp.add_argument("--eucarc", help="the cloud of the store (default: the environment)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_status)
+
+
+def add_job_options(sp) -> None:
+    from .jobs import BACKOFF, JOB_TIMEOUT, RETRIES
+    sp.add_argument("--timeout", type=int, default=JOB_TIMEOUT, metavar="S",
+                    help=f"seconds a job may run (default {JOB_TIMEOUT}); then it is stopped and counts as failed")
+    sp.add_argument("--retries", type=int, default=RETRIES, metavar="N",
+                    help=f"tries of a failed job after the first (default {RETRIES})")
+    sp.add_argument("--backoff", type=float, default=BACKOFF, metavar="S",
+                    help=f"seconds before the first retry, then 4× and 20× it (default {BACKOFF})")
 
 
 def add_farm_switch(sp, what: str) -> None:

@@ -56,7 +56,14 @@ LEASE_TTL_ENV = "BAKE_FARM_LEASE_TTL"
 JOB_TIMEOUT = 4 * 3600          # seconds a job may run (`bake submit --timeout`)
 RESULT_TTL = 24 * 3600          # a finished job (and so its id) is kept this long
 FAILURE_TTL = 7 * 24 * 3600
-RETRY_INTERVALS = [30, 120, 600]  # back-off between the tries of a job
+BACKOFF = 30                    # seconds before the first retry of a failed job
+RETRIES = 3
+
+
+def retry_intervals(backoff: float, retries: int) -> list[int]:
+    """The waits before each retry: `backoff`, then 4× and 20× it (30 s, 2 min, 10 min)."""
+    steps = [1, 4, 20]
+    return [int(backoff * steps[min(i, len(steps) - 1)]) for i in range(retries)]
 NOT_RETRIED = (exitcodes.RECIPE_INVALID, exitcodes.VERIFY_FAILED)
 ARTIFACT_ROLES = ("kernel", "ramdisk", "image")
 
@@ -136,7 +143,8 @@ def job_id(recipe: str, digest: str, day: str | None = None) -> str:
 
 
 def submit(farm: Farm, path: str | Path, *, options: dict[str, Any] | None = None, day: str | None = None,
-           timeout: int = JOB_TIMEOUT, retries: int = len(RETRY_INTERVALS), conn=None, store=None) -> dict[str, Any]:
+           timeout: int = JOB_TIMEOUT, retries: int = RETRIES, backoff: float = BACKOFF, conn=None,
+           store=None) -> dict[str, Any]:
     """Pack and enqueue the recipe at `path`; {recipe, job, digest}. A BakeError
     ("already submitted") when a job with the same id is queued, running or kept."""
     from rq import Queue, Retry
@@ -156,7 +164,7 @@ def submit(farm: Farm, path: str | Path, *, options: dict[str, Any] | None = Non
     try:
         queue.enqueue_call("builder.farm.jobs.run_build", args=(spec,), job_id=jid, unique=True, timeout=timeout,
                            result_ttl=RESULT_TTL, failure_ttl=FAILURE_TTL,
-                           retry=Retry(max=retries, interval=RETRY_INTERVALS[:max(retries, 1)]) if retries else None,
+                           retry=Retry(max=retries, interval=retry_intervals(backoff, retries)) if retries else None,
                            description=f"bake {name}")
     except DuplicateJobError:
         raise Duplicate(name, jid) from None
@@ -174,6 +182,20 @@ class Duplicate(BakeError):
 
 class Retryable(BakeError):
     """A job that failed in a way a second try may mend: RQ tries it again."""
+
+
+def _unpack(tar_path: Path, dest: Path) -> None:
+    """Unpack a packed recipe: files, folders and symlinks only, every name inside `dest`."""
+    dest.mkdir()
+    with tarfile.open(tar_path) as tar:
+        for m in tar.getmembers():
+            target = (dest / m.name).resolve()
+            if not target.is_relative_to(dest.resolve()) or not (m.isfile() or m.isdir() or m.issym()):
+                raise BakeError(f"{tar_path}: {m.name!r} is not a file of a packed recipe; not unpacked")
+            if m.issym() and (os.path.isabs(m.linkname) or
+                              not (target.parent / m.linkname).resolve().is_relative_to(dest.resolve())):
+                raise BakeError(f"{tar_path}: the link {m.name!r} points out of the recipe; not unpacked")
+        tar.extractall(dest, numeric_owner=True)
 
 
 def _farm_from_env() -> Farm:
@@ -208,8 +230,7 @@ def run_build(spec: dict[str, Any]) -> dict[str, Any]:
         with lifetime.tracked("path", folder, what="farm job folder"):
             folder.mkdir(parents=True)
             store.get_file(spec["bundle"], folder / "recipe.tar", sha256=spec["sha256"])
-            with tarfile.open(folder / "recipe.tar") as tar:
-                tar.extractall(folder / "recipe", filter="data")
+            _unpack(folder / "recipe.tar", folder / "recipe")
             lease.acquire(timeout=JOB_TIMEOUT, on_wait=lambda other: log.warning(
                 "waiting for recipe %s, baked by %s", name, describe(other)))
             try:
