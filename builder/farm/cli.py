@@ -64,7 +64,9 @@ def cmd_worker(args) -> int:
     os.environ[LEASE_TTL_ENV] = str(args.lease_ttl)
     queues = [Queue(q, connection=conn) for q in (args.queues or [QUEUE])]
     worker = Worker(queues, connection=conn, name=args.name or f"{socket.gethostname()}.{os.getpid()}",
-                    maintenance_interval=args.maintenance_interval, job_monitoring_interval=args.heartbeat)
+                    maintenance_interval=args.maintenance_interval, job_monitoring_interval=args.heartbeat,
+                    # an idle worker looks for dead workers' jobs once per dequeue wait (worker TTL - 15 s)
+                    worker_ttl=args.maintenance_interval + 15)
     print(f"bake worker {worker.name}: queues {', '.join(q.name for q in queues)}, Redis {farm.redis_url}, "
           f"store {farm.store_url}, output {output}", file=sys.stderr, flush=True)
     worker.work(with_scheduler=True, burst=args.burst, logging_level="INFO")
