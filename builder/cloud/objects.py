@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from botocore.exceptions import ClientError
 
+from ..build import sha256_file
 from ..errors import BakeError
 from .calls import MISSING_CODES, error_code, with_retries
 from .clients import Clients, make_clients
@@ -40,14 +41,6 @@ class _Retries:
     attempts: int = 4
     backoff: float = 1.0
     sleep: Callable[[float], None] = field(default=time.sleep)
-
-
-def sha256_of(path: Path, bufsize: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def parse_store_url(url: str) -> tuple[str, str]:
@@ -121,7 +114,7 @@ class ObjectStore:
     def put_file(self, name: str, path: Path) -> dict[str, Any]:
         """Upload the file `path` as `name`, whole or not at all; {key, sha256, size}."""
         path = Path(path)
-        return self._publish(name, lambda: open(path, "rb"), sha256_of(path), path.stat().st_size)
+        return self._publish(name, lambda: open(path, "rb"), sha256_file(path), path.stat().st_size)
 
     def put_bytes(self, name: str, data: bytes) -> dict[str, Any]:
         import io
