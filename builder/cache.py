@@ -22,18 +22,19 @@ from typing import Any
 
 from . import lifetime, locks, sh
 
-_shared = None
-_shared_read = False
+_shared: tuple = (None, None)
 
 
 def shared():
     """The farm's shared stage cache when this bake runs for a farm worker
-    (builder/farm/remote.py), else None."""
-    global _shared, _shared_read
-    if not _shared_read:
-        from .farm import remote
-        _shared, _shared_read = remote.from_env(), True
-    return _shared
+    (builder/farm/remote.py), else None. Made again when the variables that
+    name it change, so one process never keeps a farm it was once told of."""
+    global _shared
+    from .farm import remote
+    said = remote.env_said()
+    if _shared[0] != said:
+        _shared = (said, remote.from_env())
+    return _shared[1]
 
 TAR_FLAGS = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "--sparse"]
 

@@ -136,7 +136,6 @@ def test_an_entry_made_on_one_box_is_taken_from_the_store_by_another(farm, tmp_p
     monkeypatch.setenv("BAKE_FARM_SHARED_CACHE", "1")
     monkeypatch.setenv("BAKE_REDIS_URL", farm.redis_url)
     monkeypatch.setenv("BAKE_FARM_STORE", farm.store_url)
-    monkeypatch.setattr(cache_mod, "_shared_read", False)
     tree = tmp_path / "tree"
     (tree / "etc").mkdir(parents=True)
     (tree / "etc" / "base-made-on").write_text("box one\n")
@@ -156,6 +155,17 @@ def test_an_entry_made_on_one_box_is_taken_from_the_store_by_another(farm, tmp_p
     assert [e["host"] for e in lease_mod.history(conn, "cache:bootstrap:k1")] and \
         overlaps(lease_mod.history(conn, "cache:bootstrap:k1")) == []
     assert not [p for p in (tmp_path / "box2" / "bootstrap").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_process_told_of_a_farm_forgets_it_when_the_variables_go(farm, monkeypatch):
+    assert cache_mod.shared() is None
+    monkeypatch.setenv("BAKE_FARM_SHARED_CACHE", "1")
+    monkeypatch.setenv("BAKE_REDIS_URL", farm.redis_url)
+    monkeypatch.setenv("BAKE_FARM_STORE", farm.store_url)
+    told = cache_mod.shared()
+    assert told is not None and told.farm.redis_url == farm.redis_url
+    monkeypatch.delenv("BAKE_FARM_SHARED_CACHE")
+    assert cache_mod.shared() is None, "a later cache in the same process is local again"
 
 
 # --- submitting -------------------------------------------------------------------------

@@ -32,6 +32,11 @@ log = logging.getLogger("bake.farm")
 ENV = "BAKE_FARM_SHARED_CACHE"
 
 
+def env_said() -> tuple:
+    """The variables from_env reads, as they are now."""
+    return tuple(os.environ.get(k) for k in (ENV, REDIS_ENV, STORE_ENV, EUCARC_ENV))
+
+
 def from_env():
     """The shared cache this bake was told to use, or None."""
     if os.environ.get(ENV) != "1":
