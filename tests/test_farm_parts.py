@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -16,14 +15,13 @@ import yaml
 
 from builder import cache as cache_mod
 from builder.cache import TreeCache
-from builder.cloud.objects import ObjectStore
 from builder.errors import BakeError
 from builder.farm import lease as lease_mod
+from builder.farm.cli import gc_farm
 from builder.farm.connect import Farm, redis_from_url
 from builder.farm.jobs import Duplicate, pack_recipe, submit
 from builder.farm.lease import Lease, LeaseLost
 from builder.farm.records import record_name
-from builder.schemaerrors import RecipeError
 from conftest import BAKE, REPO
 from eucalyptus_standin.fixtures import euca4  # noqa: F401  (a fixture)
 from eucalyptus_standin.trio import bundle_build, make_build
@@ -311,6 +309,18 @@ def test_gc_keeps_n_per_recipe_and_held_and_released_builds_and_works_from_the_s
     assert status["queue"]["queued"] == []
     assert (status["latest"]["app"]["build_id"], status["latest"]["app"]["state"]) == ("20261206-000000-live",
                                                                                        "killed")
+
+    # what a writer killed between its temporary object and the copy left: gone once
+    # older than any job can write, never while a live job may still be writing it
+    half = store.key(".tmp/0123abcd-999999")
+    store.clients.s3.put_object(Bucket=store.bucket, Key=half, Body=b"half an upload")
+    assert gc_farm(farm, 1, dry_run=False)["temporary"] == []
+    assert ".tmp/0123abcd-999999" in set(store.list(".tmp/"))
+    found = gc_farm(farm, 1, dry_run=True, temporary_after=0)["temporary"]
+    assert [t["name"] for t in found] == [".tmp/0123abcd-999999"]
+    assert ".tmp/0123abcd-999999" in set(store.list(".tmp/")), "a dry run deletes nothing"
+    gc_farm(farm, 1, dry_run=False, temporary_after=0)
+    assert list(store.list(".tmp/")) == []
 
     redis.stop()         # and with no Redis at all, ls and gc still read the store
     try:

@@ -191,11 +191,16 @@ class ObjectStore:
 
     def list(self, folder: str = "") -> Iterator[str]:
         """The names (without the store's prefix) of the objects under `folder`."""
+        return (name for name, _ in self.ages(folder))
+
+    def ages(self, folder: str = "") -> Iterator[tuple[str, float]]:
+        """(name, seconds since it was written) of each object under `folder`."""
         paginator = self.clients.s3.get_paginator("list_objects")
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.key(folder)):
                 for o in page.get("Contents") or ():
-                    yield o["Key"][len(self.prefix):]
+                    when = o["LastModified"]
+                    yield o["Key"][len(self.prefix):], time.time() - when.timestamp()
         except ClientError as e:
             if error_code(e) in MISSING_CODES:
                 return

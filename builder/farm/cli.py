@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import os
@@ -47,6 +46,32 @@ def _clean_job_folders(output: Path) -> list[str]:
     return removed
 
 
+def _take_name(conn, name: str) -> str | None:
+    """Free the name of a worker of this box that was killed (it never said it died, and
+    RQ keeps its name for the worker's TTL): marked dead, what was done is said. A
+    live worker of that name, or one on another box, keeps it: a clear error."""
+    from rq import Worker
+
+    key = Worker.redis_worker_namespace_prefix + name
+    seen = {k.decode(): v.decode(errors="replace") for k, v in conn.hgetall(key).items()}
+    if not seen or "death" in seen:
+        return None
+    host, pid = seen.get("hostname", ""), int(seen.get("pid") or 0)
+    if host != socket.gethostname():
+        raise BakeError(f"a worker named {name} is registered from {host or 'another box'} (pid {pid}); "
+                        f"give this one another --name")
+    try:
+        alive = b"worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        alive = False
+    if alive:
+        raise BakeError(f"a worker named {name} runs on this box already (pid {pid}); give this one another --name")
+    found = Worker.find_by_key(key, connection=conn)
+    if found is not None:
+        found.register_death()
+    return f"the worker {name} of this box (pid {pid}) was killed; its name is taken over"
+
+
 def cmd_worker(args) -> int:
     from rq import Queue, Worker
     from .jobs import LEASE_TTL_ENV, OUTPUT_ENV
@@ -63,7 +88,11 @@ def cmd_worker(args) -> int:
     os.environ[OUTPUT_ENV] = str(output)
     os.environ[LEASE_TTL_ENV] = str(args.lease_ttl)
     queues = [Queue(q, connection=conn) for q in (args.queues or [QUEUE])]
-    worker = Worker(queues, connection=conn, name=args.name or f"{socket.gethostname()}.{os.getpid()}",
+    name = args.name or f"{socket.gethostname()}.{os.getpid()}"
+    said = _take_name(conn, name)
+    if said:
+        print(said, file=sys.stderr)
+    worker = Worker(queues, connection=conn, name=name,
                     maintenance_interval=args.maintenance_interval, job_monitoring_interval=args.heartbeat,
                     # an idle worker looks for dead workers' jobs once per dequeue wait (worker TTL - 15 s)
                     worker_ttl=args.maintenance_interval + 15)
@@ -264,11 +293,21 @@ def cmd_status(args) -> int:
     return exitcodes.OK
 
 
-def gc_farm(farm: Farm, keep: int, *, dry_run: bool, recipes: list[str] | None = None) -> dict[str, Any]:
+def gc_farm(farm: Farm, keep: int, *, dry_run: bool, recipes: list[str] | None = None,
+            temporary_after: float | None = None) -> dict[str, Any]:
     """Keep the `keep` newest good builds of each recipe in the store (and every released
     one, every one still building, a failed or killed one among the `keep` newest); delete the rest:
-    artifacts and log first, the record last. {"kept": [...], "deleted": [...]}"""
+    artifacts and log first, the record last. Uploads a killed writer left half-done
+    (`.tmp/`) go once older than `temporary_after` s (the job timeout: no live job
+    writes one for longer). {"kept": [...], "deleted": [...], "temporary": [...]}"""
+    from .jobs import JOB_TIMEOUT
+
     store = farm.store()
+    limit = JOB_TIMEOUT if temporary_after is None else temporary_after
+    temporary = [{"name": name, "age": round(age)} for name, age in store.ages(".tmp/") if age > limit]
+    if not dry_run:
+        for t in temporary:
+            store.delete(t["name"])
     records = list_records(store)
     if recipes:
         records = [r for r in records if r["recipe"] in recipes]
@@ -308,7 +347,7 @@ def gc_farm(farm: Farm, keep: int, *, dry_run: bool, recipes: list[str] | None =
                 deleted.append({**entry, "why": f"beyond the {keep} newest"})
                 if not dry_run:
                     _delete_build(store, r)
-    return {"keep": keep, "dry_run": dry_run, "kept": kept, "deleted": deleted}
+    return {"keep": keep, "dry_run": dry_run, "kept": kept, "deleted": deleted, "temporary": temporary}
 
 
 def _delete_build(store, r: dict) -> None:
@@ -329,6 +368,8 @@ def cmd_gc_farm(args) -> int:
         print(f"kept     {e['recipe']}/{e['build_id']}  {e['state']}: {e['why']}")
     for e in result["deleted"]:
         print(f"{verb:<8} {e['recipe']}/{e['build_id']}  {e['state']}: {e['why']}")
+    for t in result["temporary"]:
+        print(f"{verb:<8} {t['name']}: a half-written upload, {t['age'] // 3600} h old")
     return exitcodes.OK
 
 

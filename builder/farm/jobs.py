@@ -37,7 +37,6 @@ import socket
 import subprocess
 import sys
 import tarfile
-import threading
 from pathlib import Path
 from typing import Any
 

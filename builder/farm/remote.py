@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import secrets
-from pathlib import Path
 from typing import Iterator
 
 from .. import lifetime
