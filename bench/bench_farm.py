@@ -46,32 +46,30 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import os
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 BAKE = ROOT / ".venv" / "bin" / "bake"
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))      # the Eucalyptus stand-in that serves the store
+sys.path.insert(0, str(ROOT / "tests"))      # the stand-in that serves the store, the farm's helpers
+
+from events import wait_for  # noqa: E402
+from farm_helpers import (GO, WAITING, RedisServer, Worker, copy_base, start_worker, store_url, tail,  # noqa: E402
+                          write_recipe)
 
 NAMES_A = ("farm-a1", "farm-a2", "farm-a3")
 NAMES_B = ("farm-b1", "farm-b2", "farm-b3")
 SLOW = "farm-slow"
-WAITING, GO = "tmp/farm-waiting", "tmp/farm-go"
 RQ_MARGIN = 60      # what RQ adds to the heartbeat interval for a job's time to live
 
 
@@ -83,123 +81,8 @@ def say(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def tail(path: Path, n: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return f"({path} unreadable)"
-
-
-# --- Redis and workers ---------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Redis:
-    folder: Path
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        from builder.farm.connect import redis_from_url
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / "redis.log", "a") as log:
-            self.proc = subprocess.Popen(
-                ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-                 "--dir", str(self.folder), "--protected-mode", "no"], stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True)
-
-        def answers() -> bool:
-            if self.proc.poll() is not None:
-                raise BenchError(f"redis-server exited {self.proc.returncode}:\n{tail(self.folder / 'redis.log')}")
-            try:
-                redis_from_url(self.url).close()
-                return True
-            except Exception:
-                return False
-        wait_until(answers, 60, "redis-server to answer")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@dataclass
-class Box:
-    """One `bake worker`: a box with its own output folder and stage cache."""
-
-    name: str
-    folder: Path
-    proc: subprocess.Popen
-
-    def stop(self, patience: float) -> None:
-        """SIGTERM (warm shutdown: the job under way ends first); a second one after
-        `patience` s (cold: RQ kills the work horse's group); then SIGKILL of the group."""
-        if self.proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, patience), (signal.SIGTERM, 30)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, sig)
-            try:
-                self.proc.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)     # its scheduler, if it outlived it
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(30)
-
-
-def start_box(name: str, folder: Path, redis: Redis, store: str, cloud_env: dict[str, str],
-              settings: dict[str, float]) -> Box:
-    folder.mkdir(parents=True)
-    env = dict(os.environ, **cloud_env, BAKE_CACHE=str(folder / "cache"))
-    for k in ("BAKE_FARM_SHARED_CACHE", "BAKE_FARM_LEASE", "BAKE_REDIS_URL", "BAKE_FARM_STORE", "BAKE_FARM_EUCARC"):
-        env.pop(k, None)
-    with open(folder / "worker.log", "a") as log:
-        proc = subprocess.Popen(
-            [str(BAKE), "worker", "--redis", redis.url, "--store", store, "--output", str(folder / "output"),
-             "--name", name, "--lease-ttl", str(settings["lease_ttl"]), "--heartbeat", str(settings["heartbeat"]),
-             "--maintenance-interval", str(settings["maintenance_interval"])],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-    box = Box(name, folder, proc)
-
-    def started() -> bool:
-        if proc.poll() is not None:
-            raise BenchError(f"worker {name} exited {proc.returncode}:\n{tail(folder / 'worker.log')}")
-        return f"bake worker {name}:" in (folder / "worker.log").read_text(errors="replace")
-    try:
-        wait_until(started, 120, f"worker {name} to start")
-    except BaseException:
-        box.stop(5)
-        raise
-    return box
 
 
 # --- the bases and the recipes -----------------------------------------------------------
@@ -233,46 +116,6 @@ def find_base(arg: str | None, top: Path) -> tuple[Path, str]:
     if r.returncode != 0 or not ok_build(d):
         raise BenchError(f"baking the demo recipe failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
     return d, "baked by this run (recipes/debian-demo.yml, --stop-after image)"
-
-
-def copy_base(demo: Path, dest: Path, mark: str | None) -> Path:
-    """A copy of the demo build's trio and build.json (a test run beside this one may
-    remove the original); with `mark`, one file more in the image, and its digest."""
-    record = json.loads((demo / "build.json").read_text())
-    dest.mkdir(parents=True)
-    image = None
-    for role in ("kernel", "ramdisk", "image"):
-        src = demo / record["outputs"][role]["path"]
-        subprocess.run(["cp", "--sparse=always", str(src), str(dest)], check=True)
-        if role == "image":
-            image = dest / src.name
-    if mark is not None:
-        note = dest.parent / f"{dest.name}.mark"
-        note.write_text(mark + "\n")
-        r = subprocess.run(["debugfs", "-w", "-R", f"write {note} /etc/bake-{dest.name}", str(image)],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise BenchError(f"debugfs could not write into {image}: {r.stderr}")
-        digest = hashlib.sha256()
-        with open(image, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        record["outputs"]["image"].update(sha256=digest.hexdigest(), size=image.stat().st_size)
-    (dest / "build.json").write_text(json.dumps(record, indent=2))
-    return dest
-
-
-def write_recipe(folder: Path, name: str, base: Path, slow: bool = False) -> Path:
-    (folder / f"{name}.txt").write_text(f"{name}\n")
-    data: dict[str, Any] = {
-        "name": name, "release": "debian/bookworm", "base": {"image": str(base), "kernel": "from-source"},
-        "files": [{"source": f"{name}.txt", "dest": f"/etc/{name}.txt"}],
-        "bundle": {"enabled": False}, "publish": {"enabled": False}, "verify": {"enabled": False}}
-    if slow:
-        data["commands"] = [f"touch /{WAITING}; while [ ! -e /{GO} ]; do sleep 0.2; done; rm -f /{WAITING} /{GO}"]
-    path = folder / f"{name}.yml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
 
 
 # --- cleaning up -------------------------------------------------------------------------
@@ -311,7 +154,7 @@ def empty_store(url: str) -> int:
 
 
 @contextlib.contextmanager
-def farm(top: Path, label: str, redis: Redis, cloud_env: dict[str, str], boxes: int, settings: dict[str, float],
+def farm(top: Path, label: str, redis: RedisServer, cloud_env: dict[str, str], boxes: int, settings: dict[str, float],
          keep: bool):
     """A cold farm of `boxes` workers on a new store prefix and an emptied Redis; yields
     (folder, store URL, boxes). Afterwards every worker is stopped, the store prefix
@@ -323,12 +166,14 @@ def farm(top: Path, label: str, redis: Redis, cloud_env: dict[str, str], boxes: 
     conn = redis_from_url(redis.url)
     conn.flushall()
     conn.close()
-    store = f"s3://bake-bench-{secrets.token_hex(4)}/farm"
-    started: list[Box] = []
+    store = store_url("bench")
+    started: list[Worker] = []
     ok = False
     try:
         for i in range(1, boxes + 1):
-            started.append(start_box(f"box-{i}", folder / f"box-{i}", redis, store, cloud_env, settings))
+            started.append(start_worker(f"box-{i}", folder / f"box-{i}", redis, store, cloud_env,
+                                        lease_ttl=settings["lease_ttl"], heartbeat=settings["heartbeat"],
+                                        maintenance=settings["maintenance_interval"]))
         yield folder, store, started
         ok = True
     finally:
@@ -399,7 +244,7 @@ def job_figures(jobs: dict[str, str], times: dict[str, dict], records: dict[str,
     return recipes, totals
 
 
-def run_nightly(label: str, boxes: int, recipes_dir: Path, top: Path, redis: Redis, cloud_env: dict[str, str],
+def run_nightly(label: str, boxes: int, recipes_dir: Path, top: Path, redis: RedisServer, cloud_env: dict[str, str],
                 settings: dict[str, float], keep: bool) -> dict[str, Any]:
     say(f"{label}: {boxes} worker(s), cold; bake nightly --farm of the six recipes ...")
     with farm(top, label, redis, cloud_env, boxes, settings, keep) as (folder, store, started):
@@ -436,7 +281,7 @@ def run_nightly(label: str, boxes: int, recipes_dir: Path, top: Path, redis: Red
         return result
 
 
-def run_kill(top: Path, slow_recipe: Path, redis: Redis, cloud_env: dict[str, str], settings: dict[str, float],
+def run_kill(top: Path, slow_recipe: Path, redis: RedisServer, cloud_env: dict[str, str], settings: dict[str, float],
              keep: bool) -> dict[str, Any]:
     from rq.job import Job
     from rq.registry import StartedJobRegistry
@@ -460,9 +305,9 @@ def run_kill(top: Path, slow_recipe: Path, redis: Redis, cloud_env: dict[str, st
                     raise BenchError(f"`bake submit --wait` ended early (exit {proc.returncode}): "
                                      f"{proc.stderr.read()[-4000:]}")
                 return [p.parents[1] for p in folder.glob(f"box-*/output/{SLOW}/*/work/rootfs/{WAITING}")]
-            root = wait_until(waiting, 1800, f"{SLOW}'s build to reach its command")[0]
+            root = wait_for(waiting, 1800, f"{SLOW}'s build to reach its command")[0]
             box = next(b for b in boxes if root.is_relative_to(b.folder))
-            record = wait_until(lambda: next((r for r in store_records(store, SLOW) if r.get("state") == "building"),
+            record = wait_for(lambda: next((r for r in store_records(store, SLOW) if r.get("state") == "building"),
                                              None), 120, f"{SLOW}'s durable record")
             jid = record["job"]
             expiry = next((score for entry, score in conn.zrange(registry.key, 0, -1, withscores=True)
@@ -619,7 +464,7 @@ def main() -> int:
     tempfile.tempdir = str(top / "tmp")        # the stand-in's object bodies spill here
     res: dict[str, Any] = {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                            "cpus": os.cpu_count(), "load_start": loadavg(), "settings": settings}
-    redis = Redis(top / "redis")
+    redis = RedisServer(top / "redis")
     try:
         demo, res["base_from"] = find_base(args.base, top)
         res["base"] = str(demo)
@@ -648,7 +493,7 @@ def main() -> int:
             if not args.skip_kill:
                 res["kill"] = run_kill(top, slow, redis, cloud_env, settings, args.keep)
         res["load_end"] = loadavg()
-    except BenchError as e:
+    except (BenchError, AssertionError) as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -26,7 +26,7 @@ from conftest import BAKE, REPO
 from eucalyptus_standin.fixtures import euca4  # noqa: F401  (a fixture)
 from eucalyptus_standin.trio import bundle_build, make_build
 from events import wait_for
-from farm_helpers import overlaps, redis_server, store_url
+from farm_helpers import overlaps, redis_server, start_worker, store_url
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +216,21 @@ def test_the_farm_commands_say_what_is_missing(tmp_path, monkeypatch):
     r = subprocess.run([BAKE, "worker", "--redis", "redis://127.0.0.1:1/0", "--store", "s3://b/p"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "cannot reach the farm's Redis at redis://127.0.0.1:1/0" in r.stderr
+
+
+def test_a_second_worker_under_a_live_workers_name_is_refused_and_the_first_goes_on(farm, redis, cloud_env,
+                                                                                      tmp_path):
+    first = start_worker("box-x", tmp_path / "box-x", redis, farm.store_url, cloud_env)
+    try:
+        r = subprocess.run([BAKE, "worker", "--name", "box-x", "--redis", redis.url, "--store", farm.store_url,
+                            "--output", str(tmp_path / "other")], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1, r.stderr
+        assert f"a worker named box-x runs on this box already (pid {first.proc.pid}); give this one another --name" \
+            in r.stderr
+        assert first.proc.poll() is None
+    finally:
+        first.stop(30)
+    assert first.proc.returncode == 0, "a warm shutdown of an idle worker"
 
 
 # --- the fence before publishing --------------------------------------------------------
