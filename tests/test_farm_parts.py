@@ -216,6 +216,10 @@ def test_the_farm_commands_say_what_is_missing(tmp_path, monkeypatch):
     r = subprocess.run([BAKE, "worker", "--redis", "redis://127.0.0.1:1/0", "--store", "s3://b/p"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "cannot reach the farm's Redis at redis://127.0.0.1:1/0" in r.stderr
+    r = subprocess.run([BAKE, "worker", "--redis", "redis://default:s3cret@127.0.0.1:1/0", "--store", "s3://b/p"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "cannot reach the farm's Redis at redis://default:***@127.0.0.1:1/0" in r.stderr
+    assert "s3cret" not in r.stderr, "a Redis password is never printed"
 
 
 def test_a_second_worker_under_a_live_workers_name_is_refused_and_the_first_goes_on(farm, redis, cloud_env,

@@ -15,7 +15,7 @@ from typing import Any
 from .. import exitcodes, lifetime
 from ..errors import BakeError
 from ..options import add_output
-from .connect import QUEUE, Farm
+from .connect import QUEUE, Farm, shown
 from .records import BUILDING, RELEASED, artifact_folder, lease_holders, list_records, log_name, render, \
     state_of
 
@@ -96,7 +96,7 @@ def cmd_worker(args) -> int:
                     maintenance_interval=args.maintenance_interval, job_monitoring_interval=args.heartbeat,
                     # an idle worker looks for dead workers' jobs once per dequeue wait (worker TTL - 15 s)
                     worker_ttl=args.maintenance_interval + 15)
-    print(f"bake worker {worker.name}: queues {', '.join(q.name for q in queues)}, Redis {farm.redis_url}, "
+    print(f"bake worker {worker.name}: queues {', '.join(q.name for q in queues)}, Redis {shown(farm.redis_url)}, "
           f"store {farm.store_url}, output {output}", file=sys.stderr, flush=True)
     worker.work(with_scheduler=True, burst=args.burst, logging_level="INFO")
     return exitcodes.OK
@@ -217,7 +217,7 @@ def cmd_nightly_farm(args) -> int:
         status = exitcodes.SOME_FAILED
     finished = _dt.datetime.now(_dt.timezone.utc)
     summary = {"started": started.isoformat(timespec="seconds"), "finished": finished.isoformat(timespec="seconds"),
-               "farm": {"redis": farm.redis_url, "store": farm.store_url}, "exit_status": status, "keep": args.keep,
+               "farm": {"redis": shown(farm.redis_url), "store": farm.store_url}, "exit_status": status, "keep": args.keep,
                "recipes": submitted + refused, "refused": len(refused),
                "passed": sum(s["outcome"] == "ok" for s in submitted),
                "failed": sum(s["outcome"] != "ok" for s in submitted), "gc": gc}

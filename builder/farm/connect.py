@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import BakeError
 
@@ -17,6 +18,16 @@ REDIS_ENV = "BAKE_REDIS_URL"
 STORE_ENV = "BAKE_FARM_STORE"
 EUCARC_ENV = "BAKE_FARM_EUCARC"
 QUEUE = "bake"
+
+
+def shown(url: str) -> str:
+    """`url` as it may be printed and written down: its password (if any) masked."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def redis_from_url(url: str):
@@ -27,9 +38,9 @@ def redis_from_url(url: str):
         conn = redis.Redis.from_url(url, socket_connect_timeout=10, health_check_interval=30)
         conn.ping()
     except ValueError as e:
-        raise BakeError(f"the farm's Redis {url!r}: {e}") from None
+        raise BakeError(f"the farm's Redis {shown(url)!r}: {e}") from None
     except redis.exceptions.RedisError as e:
-        raise BakeError(f"cannot reach the farm's Redis at {url} ({e}); is redis-server running there, and "
+        raise BakeError(f"cannot reach the farm's Redis at {shown(url)} ({e}); is redis-server running there, and "
                         f"is {REDIS_ENV} (or --redis) right?") from None
     return conn
 
