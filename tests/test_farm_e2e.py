@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -46,14 +47,29 @@ def loops_on(path: Path) -> list[str]:
     return [line for line in sh.output(["losetup", "-a"]).splitlines() if str(path) in line]
 
 
-def test_three_workers_bake_six_recipes_through_a_killed_worker(demo_build, euca4, tmp_path, monkeypatch):
-    folder = tmp_path
+@pytest.fixture
+def farm_space(euca4, tmp_path, monkeypatch):
+    """The test's folder and store, emptied afterwards, passed or not: the boxes' caches
+    and builds and the store's objects (held by the session's stand-in) take gigabytes
+    that the rest of the run needs. A folder with anything still mounted is left alone."""
+    for k, v in euca4.env().items():      # the test reads the store as the workers do
+        monkeypatch.setenv(k, v)
+    store = store_url()
+    yield tmp_path, store
+    with contextlib.suppress(Exception):
+        s3 = ObjectStore.from_url(store)
+        for name in list(s3.list("")):
+            s3.delete(name)
+    if not sh.mounts_under(tmp_path):
+        for d in [*tmp_path.glob("box-*/output"), *tmp_path.glob("box-*/cache"), tmp_path / "base-b"]:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def test_three_workers_bake_six_recipes_through_a_killed_worker(demo_build, euca4, farm_space):
+    folder, store = farm_space
     base_b = copy_base(demo_build.dir, folder / "base-b", "base b")
     dir_ = recipes(folder, demo_build.dir, base_b)
-    store = store_url()
     cloud_env = euca4.env()
-    for k, v in cloud_env.items():      # the test reads the store as the workers do
-        monkeypatch.setenv(k, v)
     workers = []
     nightly = None
     with redis_server(folder / "redis") as redis:
