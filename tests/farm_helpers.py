@@ -34,11 +34,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _answers(port: int) -> bool:
+def _answers(port: int, password: str | None = None) -> bool:
+    hello = (f"AUTH {password}\r\n" if password else "") + "PING\r\n"
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            s.sendall(hello.encode())
+            seen = b""
+            while b"PONG" not in seen and b"-" not in seen:
+                got = s.recv(64)
+                if not got:
+                    break
+                seen += got
+            return b"+PONG" in seen
     except OSError:
         return False
 
@@ -55,19 +62,22 @@ class RedisServer:
     folder: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    password: str | None = None         # --requirepass, for the default user
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f"default:{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / "redis.log", "a") as log:
             self.proc = subprocess.Popen(
                 ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-                 "--dir", str(self.folder), "--protected-mode", "no"], stdout=log, stderr=subprocess.STDOUT,
+                 "--dir", str(self.folder), "--protected-mode", "no",
+                 *(["--requirepass", self.password] if self.password else [])], stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
-        wait_for(lambda: _answers(self.port) or self.proc.poll() is not None, 60, "redis-server to answer")
+        wait_for(lambda: _answers(self.port, self.password) or self.proc.poll() is not None, 60, "redis-server to answer")
         assert self.proc.poll() is None, f"redis-server exited {self.proc.returncode}:\n{tail(self.folder / 'redis.log')}"
 
     def stop(self) -> None:
@@ -82,8 +92,8 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def redis_server(folder: Path) -> Iterator[RedisServer]:
-    server = RedisServer(folder)
+def redis_server(folder: Path, password: str | None = None) -> Iterator[RedisServer]:
+    server = RedisServer(folder, password=password)
     server.start()
     try:
         yield server

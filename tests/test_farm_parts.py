@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from builder.cache import TreeCache
 from builder.errors import BakeError
 from builder.farm import lease as lease_mod
 from builder.farm.cli import gc_farm
-from builder.farm.connect import Farm, redis_from_url
+from builder.farm.connect import Farm, redis_from_url, shown
 from builder.farm.jobs import Duplicate, pack_recipe, submit
 from builder.farm.lease import Lease, LeaseLost
 from builder.farm.records import record_name
@@ -353,3 +354,47 @@ def test_gc_keeps_n_per_recipe_and_held_and_released_builds_and_works_from_the_s
         assert r.returncode == 0 and "would delete" not in r.stdout, r.stdout + r.stderr
     finally:
         redis.start()
+
+
+# --- a Redis with a password ------------------------------------------------------------
+
+def test_a_farm_whose_redis_has_a_password_works_with_it_and_never_prints_it(cloud_env, tmp_path):
+    password = "pw-" + secrets.token_hex(8)
+    with redis_server(tmp_path / "redis", password=password) as server:
+        assert f"default:{password}@" in server.url
+        store = store_url()
+        worker = start_worker("box-pw", tmp_path / "box-pw", server, store, cloud_env)
+        try:
+            r = subprocess.run([BAKE, "status", "--redis", server.url, "--store", store],
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+            assert "box-pw" in r.stdout, r.stdout
+            assert password not in r.stdout + r.stderr
+        finally:
+            worker.stop(30)
+        assert worker.proc.returncode == 0, "a warm shutdown of an idle worker"
+        log = (tmp_path / "box-pw" / "worker.log").read_text()
+        assert f"Redis redis://default:***@127.0.0.1:{server.port}/0" in log, log
+        assert password not in log
+
+        path = _recipe(tmp_path / "r", "farm-pw", "one\n")
+        r = subprocess.run([BAKE, "submit", str(path), "--redis", server.url, "--store", store],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        job = r.stdout.strip()
+        assert job.startswith("bake_farm-pw_") and password not in r.stdout + r.stderr
+        from rq import Queue
+        assert Queue("bake", connection=redis_from_url(server.url)).get_job_ids() == [job]
+        r = subprocess.run([BAKE, "ls", "--farm", "--redis", server.url, "--store", store],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+
+        wrong = "nope-" + secrets.token_hex(8)
+        for url, why in ((server.url.replace(password, wrong), "invalid username-password pair"),
+                         (f"redis://127.0.0.1:{server.port}/0", "Authentication required")):
+            r = subprocess.run([BAKE, "submit", str(path), "--redis", url, "--store", store],
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 1, r.stderr
+            assert f"cannot reach the farm's Redis at {shown(url)} (" in r.stderr and why in r.stderr, r.stderr
+            assert wrong not in r.stderr and password not in r.stderr
+        assert Queue("bake", connection=redis_from_url(server.url)).count == 1, "the refused submissions queued nothing"
