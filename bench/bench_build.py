@@ -60,7 +60,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from builder import sh  # noqa: E402
+from builder.core import sh  # noqa: E402
 
 BAKE = ROOT / ".venv" / "bin" / "bake"
 RECIPE = ROOT / "recipes" / "debian-demo.yml"

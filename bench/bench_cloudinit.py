@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from builder import vm  # noqa: E402
-from builder.build import Build  # noqa: E402
+from builder.core.record import Build  # noqa: E402
 
 FINISHED = re.compile(r"Cloud-init v\. \S+ finished at .* Up (?P<up>[\d.]+) seconds")
 

@@ -123,7 +123,7 @@ def find_base(arg: str | None, top: Path) -> tuple[Path, str]:
 def undo_leftovers(folder: Path) -> list[str]:
     """End processes whose root is under `folder`, unmount what is mounted under it and
     detach loop devices backed by files in it; what was done."""
-    from builder import sh, watchdog
+    from builder.core import sh, watchdog
 
     done = []
     for pid in watchdog.processes_rooted_in(str(folder)):

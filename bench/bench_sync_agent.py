@@ -48,7 +48,7 @@ from typing import Iterator
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from builder import sh  # noqa: E402
+from builder.core import sh  # noqa: E402
 
 AGENT = ROOT / "elements" / "sync-agent" / "static" / "usr" / "sbin" / "rootsync"
 TREE30K = Path("/var/tmp/bake-bench-sync-tree30k")

@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from builder import vm  # noqa: E402
-from builder.build import Build  # noqa: E402
+from builder.core.record import Build  # noqa: E402
 
 BOOT_TARGET = 15.0
 VERIFY_TARGET = 240.0

@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from builder import sh
-from builder.distro import EXT3, EXT4_CURRENT
-from builder.stages.image import make_filesystem, tree_usage
+from builder.core import sh
+from builder.recipe.distro import EXT3, EXT4_CURRENT
+from builder.pipeline.stages.image import make_filesystem, tree_usage
 
 MiB = 1024 * 1024
 

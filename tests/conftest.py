@@ -35,8 +35,8 @@ def pytest_sessionstart(session):
 @pytest.fixture(scope="session")
 def demo_build():
     """The demo recipe baked for real, once per test run (up to the image stage)."""
-    from builder.pipeline import bake
-    from builder.recipe import load_recipe
+    from builder.pipeline.bake import bake
+    from builder.recipe.recipe import load_recipe
 
     # Earlier runs' builds are a gigabyte or more each; keep only this run's, and those of
     # runs still going beside it (their pid is in the name).

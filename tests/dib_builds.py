@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from builder import vm
-from builder.build import Build
+from builder.core.record import Build
 from conftest import BAKE, REPO, TEST_OUTPUT
 
 # this run's own folder: a run beside it (its pid in the name) keeps its builds

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from builder.build import sha256_file
+from builder.core.record import sha256_file
 from events import wait_for
 
 BAKE = str(Path(sys.executable).parent / "bake")

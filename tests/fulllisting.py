@@ -16,7 +16,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from builder import sh
+from builder.core import sh
 from builder.base.formats import fs_facts
 
 EXCLUDED = {"lost+found"}      # at the top only: what mkfs makes, not part of a tree

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from builder import sh
+from builder.core import sh
 from conftest import REPO
 
 

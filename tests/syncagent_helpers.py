@@ -23,7 +23,7 @@ from typing import Iterator
 
 import pytest
 
-from builder import sh
+from builder.core import sh
 
 REPO = Path(__file__).resolve().parent.parent
 ELEMENT = REPO / "elements" / "sync-agent"

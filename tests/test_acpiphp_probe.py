@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from builder import sh
+from builder.core import sh
 from builder.verify.checks import ACPIPHP_PROBE
 from test_distro_profiles import mini_root  # noqa: F401  (the fixture)
 

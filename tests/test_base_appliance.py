@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from base_fixtures import fs_image, pattern, scratch, special_tree
-from builder import lifetime, watchdog
+from builder.core import lifetime, watchdog
 from builder.base import appliance
 from builder.base.formats import fs_facts
-from builder.errors import BakeError
+from builder.core.errors import BakeError
 from fulllisting import image_listing, listing
 
 OLD, NEW = "6.1.0-99-amd64", "6.1.0-100-amd64"      # special_tree's kernel, and a newer one without an initrd

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder import sh
-from builder.build import Build
+from builder.core import sh
+from builder.core.record import Build
 from conftest import BAKE, TEST_OUTPUT
 from eucalyptus_standin.fixtures import euca4  # noqa: F401  (a fixture)
 from vm_builds import kill_qemu_under, leftovers
@@ -160,7 +160,7 @@ def test_an_emi_published_from_a_build_is_evolved_in_place_and_boots(demo_build,
     from builder.bundle.keys import BundleKeys
     from builder.cloud.credentials import load_credentials
     from builder.cloud.publish import PublishOptions, publish
-    from builder.stages.bundle import bundle_build
+    from builder.pipeline.stages.bundle import bundle_build
 
     source = Build.create(tmp_path / "published", "debian-demo")
     for role in ("kernel", "ramdisk", "image"):

@@ -23,8 +23,8 @@ from typing import Iterator
 
 import pytest
 
-from builder import events
-from builder.build import Build
+from builder.core import events
+from builder.core.record import Build
 from builder.bundle.writer import bundle_image
 from builder.cloud.clients import make_clients
 from builder.cloud.credentials import Credentials, load_credentials
@@ -32,7 +32,7 @@ from builder.cloud.download import download_image
 from builder.cloud.images import deregister, register
 from builder.cloud.publish import PublishOptions, publish, unpublish
 from builder.cloud.store import delete_object, upload_file
-from builder.errors import BakeError
+from builder.core.errors import BakeError
 from eucalyptus_standin import Standin
 from eucalyptus_standin.fixtures import euca3, euca4, euca_cloud  # noqa: F401
 from eucalyptus_standin.keys import TestIdentity

@@ -19,11 +19,11 @@ from typing import Callable
 import pytest
 
 from base_fixtures import MiB, fs_image, scratch, special_tree
-from builder import sh
+from builder.core import sh
 from builder.base import hostcopy
-from builder.distro import EXT4_CURRENT
-from builder.errors import BakeError
-from builder.stages.image import make_filesystem, tree_usage
+from builder.recipe.distro import EXT4_CURRENT
+from builder.core.errors import BakeError
+from builder.pipeline.stages.image import make_filesystem, tree_usage
 from fulllisting import image_listing, listing
 
 MOUNT_PREFIX = "bake-base-mnt-"

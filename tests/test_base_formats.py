@@ -15,11 +15,11 @@ import pytest
 
 from base_fixtures import (LONG_NAME, MiB, OS_RELEASE, boot_file, disk_image, fs_image, qcow2_disk,
                            raw_disk, scratch, special_tree, uec_tarball)
-from builder import sh
+from builder.core import sh
 from builder.base import formats
 from builder.base.formats import fs_facts, identify, partitions, read_file, list_dir, sha256_of, unpack
-from builder.build import Build, sha256_file
-from builder.errors import BakeError
+from builder.core.record import Build, sha256_file
+from builder.core.errors import BakeError
 
 
 @pytest.fixture(scope="module")

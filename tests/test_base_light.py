@@ -21,10 +21,10 @@ from typing import Iterator
 import pytest
 import yaml
 
-from builder import sh
+from builder.core import sh
 from builder.base import appliance, light
-from builder.errors import BakeError
-from builder.recipe import load_recipe
+from builder.core.errors import BakeError
+from builder.recipe.recipe import load_recipe
 from conftest import REPO
 
 FAKE_KERNEL = "6.1.0-99-hotplug"

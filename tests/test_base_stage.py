@@ -16,7 +16,7 @@ import yaml
 
 from base_fixtures import fs_image, qcow2_disk, special_tree, uec_tarball
 from builder.base.formats import fs_facts
-from builder.build import sha256_file
+from builder.core.record import sha256_file
 from conftest import BAKE
 
 
@@ -88,7 +88,7 @@ def test_a_root_on_lvm_which_the_host_cannot_read_is_copied_out_by_libguestfs(tm
     appliance: this host has no device-mapper): no partition holds an ext root, so
     libguestfs's inspection finds it and copies it out; the tree is the one put in."""
     from builder.base import appliance
-    from builder import sh
+    from builder.core import sh
 
     tree = special_tree(tmp_path / "tree")
     (tree / "etc" / "hosts").write_text("127.0.0.1 localhost\n")      # what inspection looks for in a root

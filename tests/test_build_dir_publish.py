@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.build import Build
+from builder.core.record import Build
 from builder.cloud.credentials import ENV_NAMES
 from conftest import BAKE
 from eucalyptus_standin.trio import make_build

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from builder.build import Build
+from builder.core.record import Build
 from builder.cloud.credentials import ENV_NAMES
-from builder.errors import BakeError
+from builder.core.errors import BakeError
 from conftest import BAKE
 
 

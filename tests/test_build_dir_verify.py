@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.build import Build
+from builder.core.record import Build
 from conftest import BAKE
 
 

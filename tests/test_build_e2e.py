@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from builder.build import sha256_file
-from builder.distro import profile_for
+from builder.core.record import sha256_file
+from builder.recipe.distro import profile_for
 
 
 def debugfs_cat(image, path) -> str:
@@ -132,8 +132,8 @@ def test_initramfs_is_generated_once(demo_build):
 
 
 def test_plan_says_the_caches_now_hit(demo_build):
-    from builder.plan import make_plan
-    from builder.recipe import load_recipe
+    from builder.pipeline.plan import make_plan
+    from builder.recipe.recipe import load_recipe
     from conftest import REPO, TEST_OUTPUT
     plan = make_plan(load_recipe(REPO / "recipes" / "debian-demo.yml"), TEST_OUTPUT)
     assert plan.bootstrap.hit and plan.checkpoint.hit

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder import sh
+from builder.core import sh
 from conftest import BAKE, REPO
 
 TEST_ELEMENTS = Path(__file__).parent / "elements"

@@ -15,10 +15,10 @@ import pytest
 
 from bundle_keys import make_credentials
 
-from builder.build import Build
-from builder.errors import BakeError
+from builder.core.record import Build
+from builder.core.errors import BakeError
 from builder.bundle.reader import unbundle
-from builder.stages import bundle as bundle_stage
+from builder.pipeline.stages import bundle as bundle_stage
 
 CRED_VARS = ("EC2_CERT", "EUCA_CERT", "EC2_PRIVATE_KEY", "EUCA_PRIVATE_KEY", "EUCALYPTUS_CERT", "EC2_USER_ID")
 
@@ -42,7 +42,7 @@ def cred_env(creds) -> dict[str, str]:
 def bake(*args, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k not in CRED_VARS}
     full.update(env or {})
-    return subprocess.run([sys.executable, "-m", "builder.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "builder", *map(str, args)], capture_output=True, text=True,
                           env=full, cwd=cwd)
 
 

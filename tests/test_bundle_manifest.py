@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from builder.bundle.manifest import Manifest, ManifestPart, parse, render, signed_portion
-from builder.errors import BakeError
+from builder.core.errors import BakeError
 
 SIG = "5" * 512
 

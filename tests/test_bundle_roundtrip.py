@@ -20,7 +20,7 @@ from bundle_keys import make_credentials
 from builder.bundle.manifest import parse
 from builder.bundle.reader import unbundle
 from builder.bundle.writer import PART_SIZE, bundle_image
-from builder.errors import BakeError
+from builder.core.errors import BakeError
 
 MiB = 1024 * 1024
 

@@ -14,7 +14,7 @@ from bundle_keys import make_credentials
 
 from builder.bundle.reader import unbundle
 from builder.bundle.writer import bundle_image
-from builder.errors import BakeError
+from builder.core.errors import BakeError
 
 PART = 16384
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from builder import lifetime, sh
+from builder.core import lifetime, sh
 from conftest import BAKE
 from shared_base import intact, recipes
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from builder import sh
-from builder.build import Build
-from builder.errors import BakeError
-from builder.recipe import load_recipe
-from builder.stages.customize import Customizer, copy_into_image, path_in_root
+from builder.core import sh
+from builder.core.record import Build
+from builder.core.errors import BakeError
+from builder.recipe.recipe import load_recipe
+from builder.pipeline.stages.customize import Customizer, copy_into_image, path_in_root
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 
 from builder.cloud.clients import make_clients, signatures_for
 from builder.cloud.credentials import Credentials, load_credentials, parse_eucarc
-from builder.errors import BakeError
+from builder.core.errors import BakeError
 
 SECRET = "s3cr3t/Key+With=Odd&Chars"
 
@@ -166,7 +166,7 @@ def test_an_unreachable_cloud_is_a_clear_error_before_anything_is_bundled(tmp_pa
 
 
 def test_a_build_with_nothing_to_publish_is_said_before_the_cloud_is_asked(tmp_path):
-    from builder.build import Build
+    from builder.core.record import Build
     from builder.cloud.publish import publish
 
     build = Build.create(tmp_path, "x")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import dib
-from builder.dib.run import DibRunner
+from builder.recipe import dib
+from builder.recipe.dib.run import DibRunner
 from conftest import REPO
 from dib_builds import tree_state
 
@@ -208,7 +208,7 @@ def test_outside_hooks_write_into_the_image_and_never_into_the_host(tmp_path, fa
 
 
 def test_the_sandbox_refuses_to_run_in_the_hosts_own_mount_namespace():
-    r = subprocess.run([sys.executable, "-m", "builder.dib.sandbox", "--outside", "--", "true"],
+    r = subprocess.run([sys.executable, "-m", "builder.recipe.dib.sandbox", "--outside", "--", "true"],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and "unshare --mount" in r.stderr
 

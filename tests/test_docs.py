@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from builder.schemadoc import markdown
+from builder.recipe.schemadoc import markdown
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -9,8 +9,8 @@ import subprocess
 
 import jsonschema
 
-from builder import exitcodes
-from builder.pipeline import recipe_lock
+from builder.core import exitcodes
+from builder.pipeline.bake import recipe_lock
 from conftest import BAKE, REPO
 from event_stream import SCHEMA, VALIDATOR, parse
 

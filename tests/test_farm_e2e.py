@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from builder import lifetime, sh, watchdog
+from builder.core import lifetime, sh, watchdog
 from builder.cloud.objects import ObjectStore
 from builder.farm import lease as lease_mod
 from builder.farm.connect import redis_from_url

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder import cache as cache_mod
-from builder.cache import TreeCache
-from builder.errors import BakeError
+from builder.core import cache as cache_mod
+from builder.core.cache import TreeCache
+from builder.core.errors import BakeError
 from builder.farm import lease as lease_mod
-from builder.farm.cli import gc_farm
+from builder.cli.farm import gc_farm
 from builder.farm.connect import Farm, redis_from_url, shown
 from builder.farm.jobs import Duplicate, pack_recipe, submit
 from builder.farm.lease import Lease, LeaseLost

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder import lifetime, sh, watchdog
+from builder.core import lifetime, sh, watchdog
 from conftest import BAKE, REPO
 from events import wait_for
 from test_build_failures import TEST_ELEMENTS, demo_plus

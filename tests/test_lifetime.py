@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from builder import lifetime, locks, sh, watchdog
+from builder.core import lifetime, locks, sh, watchdog
 from conftest import BAKE, REPO
 from events import wait_for
 
@@ -187,7 +187,7 @@ def test_a_lock_ends_with_its_holder_and_a_waiter_is_told_who_holds_it(child_fac
 
 
 def test_a_second_bake_waits_for_a_cache_entry_being_made_and_finds_it_made(child_factory, tmp_path):
-    from builder.cache import TreeCache
+    from builder.core.cache import TreeCache
 
     c = child_factory("""
         from builder.cache import TreeCache
@@ -214,7 +214,7 @@ def test_a_second_bake_waits_for_a_cache_entry_being_made_and_finds_it_made(chil
 
 
 def test_a_half_written_cache_entry_of_a_killed_writer_is_removed_and_never_trusted(child_factory, tmp_path):
-    from builder.cache import TreeCache
+    from builder.core.cache import TreeCache
 
     c = child_factory("""
         from builder.cache import TreeCache

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import exitcodes, lifetime, sh
-from builder.pipeline import recipe_lock
+from builder.core import exitcodes, lifetime, sh
+from builder.pipeline.bake import recipe_lock
 from conftest import BAKE, REPO
 from event_stream import parse
 from events import wait_for

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import exitcodes
-from builder.pipeline import recipe_lock
+from builder.core import exitcodes
+from builder.pipeline.bake import recipe_lock
 from conftest import BAKE, REPO
 
 EXAMPLES = REPO / "docs" / "examples"

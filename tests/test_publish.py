@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from builder.build import Build
-from builder.cli import main as bake_main
+from builder.core.record import Build
+from builder.cli.main import main as bake_main
 from builder.cloud.clients import make_clients
 from builder.cloud.credentials import load_credentials
 from builder.cloud.publish import PublishOptions, publish, unpublish
-from builder.errors import BakeError
-from builder.stages import publish as publish_stage
+from builder.core.errors import BakeError
+from builder.pipeline.stages import publish as publish_stage
 from eucalyptus_standin.fixtures import euca3, euca4, euca_cloud  # noqa: F401
 from eucalyptus_standin.trio import bundle_build, make_build
 

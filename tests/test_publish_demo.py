@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 
-from builder.build import Build
+from builder.core.record import Build
 from builder.bundle.keys import BundleKeys
 from builder.cloud.credentials import load_credentials
 from builder.cloud.publish import PublishOptions, publish, unpublish
-from builder.stages.bundle import bundle_build
+from builder.pipeline.stages.bundle import bundle_build
 from eucalyptus_standin.fixtures import euca3, euca4  # noqa: F401
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from builder import BUILTIN_ELEMENTS
-from builder.recipe import load_recipe
-from builder.schemaerrors import RecipeError
+from builder.recipe.recipe import load_recipe
+from builder.recipe.schemaerrors import RecipeError
 
 HERE = Path(__file__).parent
 BAD = HERE / "recipes" / "bad"

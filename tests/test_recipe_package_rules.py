@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 
 from builder import BUILTIN_ELEMENTS
-from builder.distro import DEBIAN_ALIASES, DEBIAN_SUITES, UBUNTU_SUITES, profile_for, supported_suites
-from builder.elements import load_element, package_applies
-from builder.plan import collect_packages
-from builder.recipe import load_recipe
-from builder.schemaerrors import RecipeError
+from builder.recipe.distro import DEBIAN_ALIASES, DEBIAN_SUITES, UBUNTU_SUITES, profile_for, supported_suites
+from builder.recipe.elements import load_element, package_applies
+from builder.pipeline.plan import collect_packages
+from builder.recipe.recipe import load_recipe
+from builder.recipe.schemaerrors import RecipeError
 
 RELEASES = [f"{d}/{s}" for d in ("debian", "ubuntu") for s in supported_suites(d)]
 ELEMENTS = sorted(p for p in BUILTIN_ELEMENTS.iterdir() if (p / "package-installs.yaml").is_file())

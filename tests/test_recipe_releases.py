@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from builder.distro import UBUNTU_SUITES, profile_for, supported_suites
-from builder.errors import BakeError
-from builder.plan import make_plan
-from builder.recipe import load_recipe
+from builder.recipe.distro import UBUNTU_SUITES, profile_for, supported_suites
+from builder.core.errors import BakeError
+from builder.pipeline.plan import make_plan
+from builder.recipe.recipe import load_recipe
 from conftest import BAKE
 
 DEBIAN_KNOWN = "jessie, stretch, buster, bullseye, bookworm, trixie, forky, sid, stable, testing, unstable"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from builder import locks
-from builder.build import Build
-from builder.stages.bundle import bundle_and_record
+from builder.core import locks
+from builder.core.record import Build
+from builder.pipeline.stages.bundle import bundle_and_record
 from builder.verify import _record as record_verification
 from builder.verify.report import Report
 from builder.verify.result import FAIL, PASS, SKIP, CheckResult

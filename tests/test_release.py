@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from builder.build import Build
+from builder.core.record import Build
 from builder.cloud.clients import make_clients
 from builder.cloud.credentials import load_credentials
-from builder.records import state_of
-from builder.release import compare_versions, package_changes
+from builder.operations.records import state_of
+from builder.operations.release import compare_versions, package_changes
 from conftest import BAKE, REPO
 from eucalyptus_standin.fixtures import euca3, euca4  # noqa: F401
 
@@ -338,7 +338,7 @@ def test_the_stand_ins_bind_launch_permission_forms_as_eucalyptus_does(euca3, eu
 
 
 def test_a_published_release_puts_the_marker_gc_looks_for_beside_its_bundles(released_b, euca3):
-    from builder import gc
+    from builder.operations import gc
 
     b, _, _ = released_b
     cloud = b.data["cloud"]

@@ -1,4 +1,4 @@
-"""builder.sh: every process, mount and loop device it starts is undone on any exit."""
+"""builder.core.sh: every process, mount and loop device it starts is undone on any exit."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from builder import sh
+from builder.core import sh
 
 
 def gone(pid: int) -> bool:

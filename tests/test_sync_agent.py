@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from builder import sh
+from builder.core import sh
 from syncagent_helpers import (EX_BUSY, EX_REFUSED, TOOLS_PATH, assert_same_tree, attach, backup, label_for,
                                loop_image, make_rich_root, mounted_volume, move_volume, needs_root_and_tools,
                                new_instance, run_agent, running_agent, status, wait_paused)

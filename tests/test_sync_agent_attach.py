@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from builder import sh
+from builder.core import sh
 from syncagent_helpers import (EX_BUSY, EX_REFUSED, PATIENCE, agents_ended, assert_same_tree, attach, backup,
                                label_for, lock_free, loop_image, make_rich_root, needs_root_and_tools, new_instance,
                                run_agent, running_agent, status, wait_for)

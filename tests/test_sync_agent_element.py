@@ -14,7 +14,8 @@ import jsonschema
 import pytest
 import yaml
 
-from builder import elements, sh
+from builder.recipe import elements
+from builder.core import sh
 from syncagent_helpers import AGENT, ELEMENT
 
 HOOK = ELEMENT / "install.d" / "50-sync-agent"

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from builder import sh
+from builder.core import sh
 from syncagent_helpers import (PATIENCE, assert_same_tree, attach, kill_group, label_for, listing, lock_free,
                                loop_image, make_rich_root, mounted_volume, move_volume, needs_root_and_tools,
                                new_instance, run_agent, running_agent, status, wait_for)

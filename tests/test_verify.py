@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from builder import sh
+from builder.core import sh
 from builder.verify import FAIL, PASS, SKIP, render_table, verify
 from vm_builds import copy_build, default_user, kill_qemu_under, leftovers, qemu_processes_under, source_build
 

@@ -22,7 +22,7 @@ import pytest
 from builder.cloud.clients import make_clients
 from builder.cloud.credentials import ENV_NAMES, load_credentials
 from builder.cloud.publish import PublishOptions, publish
-from builder.errors import BakeError
+from builder.core.errors import BakeError
 from builder.verify import FAIL, PASS, SKIP, render_table, verify
 from eucalyptus_standin.fixtures import euca3, euca4, euca_cloud  # noqa: F401
 from eucalyptus_standin.trio import bundle_build, make_build

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from builder.build import Build
-from builder.errors import BakeError
+from builder.core.record import Build
+from builder.core.errors import BakeError
 from builder.verify import FAIL, PASS, SKIP, render_table
 from builder.verify.local import LocalOptions, check_names
 from builder.verify.report import Report
@@ -77,7 +77,7 @@ def test_options_follow_the_recipes_verify_section_and_elements(tmp_path):
 
 
 def test_verify_stage_marks_the_build_failed_when_verification_cannot_run(tmp_path):
-    from builder.stages import verify as stage
+    from builder.pipeline.stages import verify as stage
 
     class Recipe:
         verify = {}

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from builder import sh
-from builder.build import Build
+from builder.core import sh
+from builder.core.record import Build
 from builder.verify import FAIL, SKIP, render_table, verify
 from builder.verify.checks import USER_DATA_MARKER, user_data_script
 from builder.verify.local import LocalOptions, check_names

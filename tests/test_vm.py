@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from builder import sh
+from builder.core import sh
 from builder.vm import accel, disk, metadata
 from builder.vm.console import Console, GuestTimeout
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from builder import sh
+from builder.core import sh
 from builder.verify.local import LocalOptions
 from builder.vm import disk, metadata
 

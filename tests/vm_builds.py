@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.build import Build
+from builder.core.record import Build
 
 ROLES = ("kernel", "ramdisk", "image")
 

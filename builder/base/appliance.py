@@ -33,10 +33,10 @@ from typing import Any, Callable, Iterator
 
 import guestfs
 
-from .. import lifetime, sh
-from ..cache import TAR_FLAGS
-from ..errors import BakeError
-from ..interrupts import deferred
+from builder.core import lifetime, sh
+from builder.core.cache import TAR_FLAGS
+from builder.core.errors import BakeError
+from builder.core.interrupts import deferred
 from ..vm import accel as vm_accel
 from .formats import fs_facts
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator
 
-from .. import sh
-from ..build import Build, sha256_file
-from ..errors import BakeError
+from builder.core import sh
+from builder.core.record import Build, sha256_file
+from builder.core.errors import BakeError
 
 KINDS = ("filesystem", "disk", "uec-tarball", "build")
 ROLES = ("image", "kernel", "ramdisk", "loader")

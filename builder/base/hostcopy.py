@@ -14,10 +14,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .. import sh
-from ..cache import TAR_FLAGS
-from ..errors import BakeError
-from ..interrupts import deferred
+from builder.core import sh
+from builder.core.cache import TAR_FLAGS
+from builder.core.errors import BakeError
+from builder.core.interrupts import deferred
 from .formats import fs_facts
 
 # How long one wait for the two tars blocks at most, so that a signal's handler runs.

@@ -23,11 +23,11 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from ..elements import Hook, ordered_hooks, package_applies
-from ..errors import BakeError
-from ..log import step
-from ..recipe import ElementUse, Recipe
-from ..stages.customize import DEFERRED_LOG, DIVERTED, IN_TARGET, Customizer, HookError
+from builder.recipe.elements import Hook, ordered_hooks, package_applies
+from builder.core.errors import BakeError
+from builder.core.log import step
+from builder.recipe.recipe import ElementUse, Recipe
+from builder.pipeline.stages.customize import DEFERRED_LOG, DIVERTED, IN_TARGET, Customizer, HookError
 from . import appliance
 
 log = logging.getLogger("bake.base")

@@ -11,10 +11,10 @@ import os
 import re
 from pathlib import Path
 
-from ..build import sha256_file
-from ..distro import distro_of_suite
-from ..errors import BakeError
-from ..recipe import Recipe
+from builder.core.record import sha256_file
+from builder.recipe.distro import distro_of_suite
+from builder.core.errors import BakeError
+from builder.recipe.recipe import Recipe
 
 _digests: dict[tuple, str] = {}
 

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from ..errors import BakeError
+from builder.core.errors import BakeError
 
 
 def private_directory(path: Path) -> None:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from ..build import and_list
-from ..errors import BakeError
+from builder.core.record import and_list
+from builder.core.errors import BakeError
 
 # field → (environment variables, first found wins; the option that sets it; recipe key).
 # Publishing reads the same variables (cloud/credentials.py takes them from here).

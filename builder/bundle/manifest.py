@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 from xml.sax.saxutils import escape
 
-from ..errors import BakeError
+from builder.core.errors import BakeError
 
 VERSION = "2007-10-10"
 DIGEST_ALGORITHM = "SHA1"

@@ -23,8 +23,8 @@ from typing import BinaryIO
 
 from cryptography.hazmat.primitives import padding as sympadding
 
-from ..errors import BakeError
-from ..log import step
+from builder.core.errors import BakeError
+from builder.core.log import step
 from . import crypto
 from .files import os_errors_as_bake_errors, private_directory
 from .manifest import Manifest, ManifestPart, parse

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from .. import events
-from ..errors import BakeError
-from ..log import step
+from builder.core import events
+from builder.core.errors import BakeError
+from builder.core.log import step
 from . import crypto
 from .files import create_private, os_errors_as_bake_errors, private_directory
 from .gzipstream import ParallelGzip

@@ -8,7 +8,7 @@ from typing import Any, Callable, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError, HTTPClientError
 
-from ..errors import BakeError
+from builder.core.errors import BakeError
 from .credentials import Credentials, mask
 
 log = logging.getLogger("bake.cloud")

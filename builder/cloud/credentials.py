@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from ..bundle.keys import FIELDS as BUNDLE_FIELDS, PATH_FIELDS
-from ..errors import BakeError
+from builder.core.errors import BakeError
 
 # Environment variable names, first one found wins (euca2ools' and ec2-api-tools' names);
 # those of the bundling certificates, key and account are the bundle's own.

@@ -31,14 +31,14 @@ from typing import Callable
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .. import events
-from ..build import sha256_file
+from builder.core import events
+from builder.core.record import sha256_file
 from ..bundle import crypto
 from ..bundle.files import first_missing, os_errors_as_bake_errors, private_directory, removed_on_failure
 from ..bundle.manifest import Manifest, parse
 from ..bundle.reader import opens_user_key, unbundle
-from ..errors import BakeError
-from ..log import step
+from builder.core.errors import BakeError
+from builder.core.log import step
 from .calls import MISSING_CODES, cloud_error, error_code, with_retries
 from .clients import Clients, make_clients
 from .credentials import Credentials

@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 
 from botocore.exceptions import ClientError
 
-from ..build import sha256_file
-from ..errors import BakeError
+from builder.core.record import sha256_file
+from builder.core.errors import BakeError
 from .calls import MISSING_CODES, error_code, with_retries
 from .clients import Clients, make_clients
 from .credentials import Credentials, load_credentials

@@ -16,10 +16,10 @@ from typing import Any, Callable
 
 from botocore.exceptions import ClientError
 
-from ..build import Build
-from .. import events, fence
-from ..errors import BakeError
-from ..log import step
+from builder.core.record import Build
+from builder.core import events, fence
+from builder.core.errors import BakeError
+from builder.core.log import step
 from .calls import MISSING_CODES, cloud_error, error_code
 from .clients import Clients, make_clients
 from .credentials import Credentials
@@ -118,7 +118,7 @@ def bundle_build(build: Build, creds: Credentials) -> dict[str, Any]:
     bundles already made with these certificates are kept as they are; otherwise the
     build is bundled again exactly as the bundle stage does (same settings as the
     bundles it replaces, same record in build.json "bundle"). Returns that section."""
-    from ..stages.bundle import bundle_build as bundle_stage_build
+    from builder.pipeline.stages.bundle import bundle_build as bundle_stage_build
 
     keys = _bundle_keys(creds)
     section = build.data.get("bundle") or {}

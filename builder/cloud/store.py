@@ -10,7 +10,7 @@ from pathlib import Path
 
 from botocore.exceptions import ClientError
 
-from ..errors import BakeError
+from builder.core.errors import BakeError
 from .calls import MISSING_CODES, Mismatch, RetryPolicy, cloud_error, error_code, with_retries
 from .clients import Clients
 from .credentials import Credentials

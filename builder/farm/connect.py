@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
-from ..errors import BakeError
+from builder.core.errors import BakeError
 
 REDIS_ENV = "BAKE_REDIS_URL"
 STORE_ENV = "BAKE_FARM_STORE"

@@ -11,7 +11,7 @@ while its job is queued, running or kept (a day) is refused, not run twice. A lo
 **A job**, in the worker's work horse (a process forked for it, in a process group of
 its own), fetches the packed recipe, takes the recipe's lease (waiting while another
 box bakes it), writes the durable record, and runs `bake build` as a child with the
-lease in its environment (publishing checks it, see builder/fence.py) and the shared
+lease in its environment (publishing checks it, see builder/core/fence.py) and the shared
 stage cache on. Every stage the child finishes is written to the record. When the
 child has ended, the lease is checked once more before the build's artifacts (kernel,
 ramdisk, the image compressed with zstd) and its log are uploaded; the record gets its
@@ -42,8 +42,8 @@ from typing import Any
 
 import yaml
 
-from .. import exitcodes, lifetime
-from ..errors import BakeError
+from builder.core import exitcodes, lifetime
+from builder.core.errors import BakeError
 from .connect import EUCARC_ENV, REDIS_ENV, STORE_ENV, Farm
 from .lease import Lease, describe
 from .records import FarmRecord, artifact_folder, log_name, now
@@ -93,7 +93,7 @@ def _add(tar: tarfile.TarFile, path: Path, arcname: str) -> None:
 def pack_recipe(path: str | Path) -> tuple[str, bytes, str]:
     """(recipe name, packed bytes, their SHA-256) of the recipe at `path`, validated
     first (a RecipeError names what is wrong)."""
-    from ..recipe import load_recipe
+    from builder.recipe.recipe import load_recipe
 
     recipe = load_recipe(path)
     here = recipe.path.parent
@@ -330,7 +330,7 @@ def _local_record(build_dir: Path) -> dict[str, Any] | None:
 
 
 def _upload_artifacts(store, recipe: str, build_id: str, build_dir: Path, local: dict) -> dict[str, Any]:
-    from .. import sh
+    from builder.core import sh
 
     sent = {}
     folder = artifact_folder(recipe, build_id)

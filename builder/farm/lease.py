@@ -24,8 +24,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from ..errors import BakeError
-from ..locks import Busy
+from builder.core.errors import BakeError
+from builder.core.locks import Busy
 
 log = logging.getLogger("bake.farm")
 

@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import BakeError
+from builder.core.errors import BakeError
 
 log = logging.getLogger("bake.farm")
 

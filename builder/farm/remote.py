@@ -22,7 +22,7 @@ import os
 import secrets
 from typing import Iterator
 
-from .. import lifetime
+from builder.core import lifetime
 from .connect import EUCARC_ENV, REDIS_ENV, STORE_ENV, Farm
 from .lease import Lease, describe
 

@@ -15,9 +15,9 @@ import contextlib
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..build import Build
-from ..errors import BakeError
-from ..log import step
+from builder.core.record import Build
+from builder.core.errors import BakeError
+from builder.core.log import step
 from .report import REPORT, Report, render_table
 from .result import FAIL, PASS, SKIP, CheckResult
 from .result import event as result_event
@@ -31,7 +31,7 @@ def recipe_of(build: Build):
     path = rec.get("path") if isinstance(rec, dict) else None
     if not path or not Path(path).is_file():
         return None
-    from ..recipe import load_recipe
+    from builder.recipe.recipe import load_recipe
 
     return load_recipe(path)
 

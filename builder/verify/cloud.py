@@ -32,10 +32,10 @@ from typing import Any, Callable, Iterator
 # builder.cloud is the one package that imports the API library; its calls module
 # carries the error types and the rule for what may have reached the cloud.
 from ..cloud.calls import BotoCoreError, ClientError, error_code, retryable
-from .. import interrupts
-from ..build import Build
-from ..errors import BakeError
-from ..log import step
+from builder.core import interrupts
+from builder.core.record import Build
+from builder.core.errors import BakeError
+from builder.core.log import step
 from .report import Report
 from .result import FAIL, CheckFailed, CheckResult, CheckSkipped, checking, skipped
 from .result import event as result_event

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..build import Build
-from ..errors import BakeError
-from ..log import step
-from .. import lifetime, vm
+from builder.core.record import Build
+from builder.core.errors import BakeError
+from builder.core.log import step
+from builder.core import lifetime
+from builder import vm
 from . import checks
 from .report import Report
 from .result import CheckFailed, CheckResult, CheckSkipped, checking, skipped
@@ -65,7 +66,7 @@ class LocalOptions:
                    skip=set(section.get("skip") or ()),
                    recipe_checks=list(section.get("checks") or ()))
         if section.get("free_after_root"):
-            from ..schemaerrors import size_mib  # the schema's size syntax (validated before this)
+            from builder.recipe.schemaerrors import size_mib  # the schema's size syntax (validated before this)
 
             opts.free_after_root = int((size_mib(section["free_after_root"]) or 0) * vm.disk.MiB)
         if build is not None and build.data.get("elements") is not None:

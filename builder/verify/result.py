@@ -7,7 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
-from ..errors import BakeError
+from builder.core.errors import BakeError
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 
@@ -79,7 +79,7 @@ def checking(name: str, results: list[CheckResult]) -> Iterator[CheckResult]:
 
 def event(result: CheckResult) -> None:
     """Emit `result` as a `check` event (see builder.events)."""
-    from .. import events
+    from builder.core import events
     events.emit("check", check=result.name, result={PASS: "passed", FAIL: "failed", SKIP: "skipped"}.get(
         result.status, str(result.status)), summary=result.summary or "", seconds=result.seconds)
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import sh
+from builder.core import sh
 from ..vm import Instance, blank_volume
 from ..vm.console import GuestTimeout
 from ..vm.guest import GuestCommandError

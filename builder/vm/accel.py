@@ -18,8 +18,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .. import sh
-from ..build import sha256_file
+from builder.core import sh
+from builder.core.record import sha256_file
 from .console import Console, GuestTimeout
 
 log = logging.getLogger("bake.vm")

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from ..errors import BakeError
+from builder.core.errors import BakeError
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]")
 

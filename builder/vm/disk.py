@@ -22,8 +22,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import sh
-from ..errors import BakeError
+from builder.core import sh
+from builder.core.errors import BakeError
 
 MiB = 1 << 20
 GiB = 1 << 30

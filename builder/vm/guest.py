@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import sh
-from ..errors import BakeError
-from ..sh import CommandError
+from builder.core import sh
+from builder.core.errors import BakeError
+from builder.core.sh import CommandError
 
 
 def make_keypair(directory: Path, name: str = "verify-key") -> tuple[Path, str]:

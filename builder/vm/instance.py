@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .. import lifetime, sh
-from ..interrupts import deferred
-from ..errors import BakeError
+from builder.core import lifetime, sh
+from builder.core.interrupts import deferred
+from builder.core.errors import BakeError
 from . import disk, metadata
 from .accel import Accel
 from .console import Console

@@ -17,7 +17,7 @@ from typing import Any
 from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.error import QMPError
 
-from ..errors import BakeError
+from builder.core.errors import BakeError
 
 
 class QMPFailure(BakeError):

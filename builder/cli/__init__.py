@@ -1,0 +1,1 @@
+"""The `bake` command line: argument parsing and rendering; the engine does the work."""

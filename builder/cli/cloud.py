@@ -1,0 +1,97 @@
+"""`bake publish BUILD_DIR` and `bake unpublish BUILD_DIR`."""
+
+from __future__ import annotations
+
+import argparse
+
+from builder.core.errors import BakeError
+
+
+def _recipe_publish_section(build) -> dict:
+    """The publish section of the recipe the build was baked from, when it is still there."""
+    from pathlib import Path
+
+    recipe = build.data.get("recipe")
+    path = recipe.get("path") if isinstance(recipe, dict) else None
+    if not path or not Path(path).is_file():
+        return {}
+    from builder.recipe.recipe import load_recipe
+
+    return load_recipe(path).publish
+
+
+def _setup(args, *, where_published: bool = False):
+    """The build, credentials and options of a publish or unpublish command. With
+    `where_published`, the bucket and prefix build.json records from publishing come
+    before the recipe's: what was uploaded is where it was uploaded, even if the recipe
+    was edited since."""
+    from dataclasses import replace
+
+    from builder.core.record import Build
+    from builder.cloud.credentials import load_credentials
+    from builder.cloud.publish import PublishOptions
+
+    build = Build.load(args.build_dir)
+    section = _recipe_publish_section(build)
+    creds = load_credentials(section, eucarc=args.eucarc)
+    if creds is None:
+        raise BakeError("no cloud configured: source an eucarc (or pass --eucarc), or set EC2_URL, S3_URL, "
+                        "EC2_ACCESS_KEY and EC2_SECRET_KEY")
+    opts = PublishOptions.from_section(section, bucket=args.bucket, prefix=args.prefix,
+                                       image_name=getattr(args, "name", None))
+    if where_published:
+        recorded = build.data.get("cloud") or {}
+        opts = replace(opts, **{k: recorded[k] for k in ("bucket", "prefix")
+                                if getattr(args, k) is None and recorded.get(k)})
+    return build, creds, opts
+
+
+def cmd_publish(args) -> int:
+    from builder.cloud.publish import publish
+
+    build, creds, opts = _setup(args)
+    with build.lock():
+        cloud = publish(build, creds, opts)
+    for role in ("kernel", "ramdisk", "image"):
+        if cloud.get(role + "_id"):
+            print(f"{role}\t{cloud[role + '_id']}")
+    return 0
+
+
+def cmd_unpublish(args) -> int:
+    from builder.cloud.publish import unpublish
+
+    build, creds, opts = _setup(args, where_published=True)
+    with build.lock():
+        removed = unpublish(build, creds, opts)
+    for image_id in removed["images"]:
+        print(f"deregistered\t{image_id}")
+    print(f"deleted\t{len(removed['objects'])} object(s)" + (f" and bucket {removed['bucket']}" if removed["bucket"] else ""))
+    return 0
+
+
+def _common(sp: argparse.ArgumentParser, *, bucket: str, prefix: str) -> None:
+    sp.add_argument("build_dir", metavar="BUILD_DIR", help="a build directory, output/<recipe>/<build-id>")
+    sp.add_argument("--eucarc", help="read endpoints and credentials from this eucarc (default: the environment)")
+    sp.add_argument("--bucket", help=bucket)
+    sp.add_argument("--prefix", help=prefix)
+
+
+def register(subparsers) -> None:
+    """Add `publish` and `unpublish` to the `bake` command."""
+    sp = subparsers.add_parser("publish", help="upload a build's bundles and register its kernel, ramdisk and image",
+                               description="Upload the build's bundles (bundling first if needed) to Walrus/S3 and "
+                                           "register EKI, ERI and EMI. Safe to re-run: only missing or changed files "
+                                           "are sent, registered images are reused. Prints the image ids.")
+    _common(sp, bucket="bucket to upload to (default: the recipe's publish.bucket, else the bucket of an earlier "
+                       "publish, else bake-images-<account number>)",
+            prefix="key prefix in the bucket (default: the recipe's publish.prefix, else that of an earlier "
+                   "publish, else <recipe>/<build-id>)")
+    sp.add_argument("-n", "--name", help="image name (default: <recipe>-<build-id>)")
+    sp.set_defaults(func=cmd_publish)
+    sp = subparsers.add_parser("unpublish", help="deregister a build's images and delete its uploaded bundles")
+    _common(sp, bucket="bucket to delete the build's bundles from (default: the bucket build.json records from "
+                       "publishing, else the recipe's publish.bucket, else bake-images-<account number>)",
+            prefix="key prefix the bundles were uploaded under (default: the one build.json records, else the "
+                   "recipe's publish.prefix, else <recipe>/<build-id>)")
+    sp.set_defaults(func=cmd_unpublish)

@@ -1,0 +1,446 @@
+"""Farm commands: `bake worker`, `bake submit`, `bake status`, and the `--farm` forms of
+`bake nightly`, `bake ls` and `bake gc` (which those commands hand over to here)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from builder.core import exitcodes, lifetime
+from builder.core.errors import BakeError
+from builder.cli.options import add_output
+from builder.farm.connect import QUEUE, Farm, shown
+from builder.farm.records import (
+    BUILDING,
+    RELEASED,
+    artifact_folder,
+    lease_holders,
+    list_records,
+    log_name,
+    render,
+    state_of,
+)
+
+GOOD = ("ok", "published", "verified")
+
+
+def add_farm_options(sp) -> None:
+    sp.add_argument("--redis", metavar="URL", help="the farm's Redis (default: $BAKE_REDIS_URL)")
+    sp.add_argument("--store", metavar="s3://BUCKET/PREFIX",
+                    help="the farm's store for records, logs, artifacts and the stage cache (default: "
+                         "$BAKE_FARM_STORE); the cloud from the environment or --eucarc")
+
+
+# --- bake worker ----------------------------------------------------------------------
+
+def _clean_job_folders(output: Path) -> list[str]:
+    """Remove the job folders of work horses of this box that are gone."""
+    removed = []
+    jobs = output / ".farm" / "jobs"
+    if not jobs.is_dir():
+        return removed
+    import shutil
+    for d in jobs.iterdir():
+        pid = d.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
+    return removed
+
+
+def _take_name(conn, name: str) -> str | None:
+    """Free the name of a worker of this box that was killed (it never said it died, and
+    RQ keeps its name for the worker's TTL): marked dead, what was done is said. A
+    live worker of that name, or one on another box, keeps it: a clear error."""
+    from rq import Worker
+
+    key = Worker.redis_worker_namespace_prefix + name
+    seen = {k.decode(): v.decode(errors="replace") for k, v in conn.hgetall(key).items()}
+    if not seen or "death" in seen:
+        return None
+    host, pid = seen.get("hostname", ""), int(seen.get("pid") or 0)
+    if host != socket.gethostname():
+        raise BakeError(f"a worker named {name} is registered from {host or 'another box'} (pid {pid}); "
+                        f"give this one another --name")
+    try:
+        alive = b"worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        alive = False
+    if alive:
+        raise BakeError(f"a worker named {name} runs on this box already (pid {pid}); give this one another --name")
+    found = Worker.find_by_key(key, connection=conn)
+    if found is not None:
+        found.register_death()
+    return f"the worker {name} of this box (pid {pid}) was killed; its name is taken over"
+
+
+def cmd_worker(args) -> int:
+    from rq import Queue, Worker
+    from builder.farm.jobs import LEASE_TTL_ENV, OUTPUT_ENV
+
+    farm = Farm.from_args(args)
+    conn = farm.redis()
+    farm.store().ensure()
+    # what a killed worker of this box left: mounts, loop devices, processes, work trees
+    lifetime.report_stale(lifetime.clean_stale())
+    output = Path(args.output).resolve()
+    for d in _clean_job_folders(output):
+        print(f"removed the folder of a killed job: {d}", file=sys.stderr)
+    os.environ.update(farm.env())
+    os.environ[OUTPUT_ENV] = str(output)
+    os.environ[LEASE_TTL_ENV] = str(args.lease_ttl)
+    queues = [Queue(q, connection=conn) for q in (args.queues or [QUEUE])]
+    name = args.name or f"{socket.gethostname()}.{os.getpid()}"
+    said = _take_name(conn, name)
+    if said:
+        print(said, file=sys.stderr)
+    worker = Worker(queues, connection=conn, name=name,
+                    maintenance_interval=args.maintenance_interval, job_monitoring_interval=args.heartbeat,
+                    # an idle worker looks for dead workers' jobs once per dequeue wait (worker TTL - 15 s)
+                    worker_ttl=args.maintenance_interval + 15)
+    print(f"bake worker {worker.name}: queues {', '.join(q.name for q in queues)}, Redis {shown(farm.redis_url)}, "
+          f"store {farm.store_url}, output {output}", file=sys.stderr, flush=True)
+    worker.work(with_scheduler=True, burst=args.burst, logging_level="INFO")
+    return exitcodes.OK
+
+
+# --- bake submit ------------------------------------------------------------------------
+
+def _options(args) -> dict[str, Any]:
+    return {"stop_after": getattr(args, "stop_after", None), "skip": list(getattr(args, "skip", None) or ()),
+            "cloud_verify": bool(getattr(args, "cloud_verify", False))}
+
+
+def submit_all(farm: Farm, paths: list[str], options: dict, *, day: str | None, timeout: int,
+               retries: int, backoff: float) -> tuple[list[dict], list[dict]]:
+    """Submit each recipe; (submitted, refused), each a list of {recipe, path, job?, error}."""
+    from builder.recipe.schemaerrors import RecipeError
+    from builder.farm.jobs import Duplicate, submit
+
+    conn, store = farm.redis(), farm.store()
+    submitted, refused = [], []
+    for path in paths:
+        try:
+            s = submit(farm, path, options=options, day=day, timeout=timeout, retries=retries, backoff=backoff,
+                       conn=conn, store=store)
+            submitted.append({**s, "path": path})
+            print(f"{s['recipe']}: submitted as job {s['job']}", file=sys.stderr, flush=True)
+        except Duplicate as e:
+            refused.append({"recipe": e.recipe, "path": path, "job": e.job, "error": str(e), "duplicate": True})
+            print(f"bake: refused: {e}", file=sys.stderr, flush=True)
+        except RecipeError as e:
+            refused.append({"recipe": Path(path).stem, "path": path, "error": str(e), "invalid": True})
+            print(f"bake: error: {e}", file=sys.stderr, flush=True)
+    return submitted, refused
+
+
+def wait_for_jobs(farm: Farm, submitted: list[dict], *, poll: float = 2.0) -> list[dict]:
+    """Wait until every submitted job finished or failed for good; each entry gains
+    `outcome` (ok, failed, lost) and the job's result or error."""
+    from rq.job import Job, JobStatus
+
+    conn = farm.redis()
+    pending = {s["job"]: s for s in submitted}
+    said: dict[str, str] = {}
+    while pending:
+        for jid, s in list(pending.items()):
+            try:
+                job = Job.fetch(jid, connection=conn)
+            except Exception:
+                s.update(outcome="lost", error="the job is no longer in Redis (Redis restarted?); see `bake ls --farm`")
+                del pending[jid]
+                continue
+            status = job.get_status()
+            if status == JobStatus.FINISHED:
+                s.update(outcome="ok", result=job.return_value())
+                if (s["result"] or {}).get("state") == "failed":
+                    s["outcome"] = "failed"
+            elif status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+                exc = (job.latest_result().exc_string if job.latest_result() else None) or ""
+                s.update(outcome="failed", error=exc.strip().splitlines()[-1] if exc.strip() else str(status))
+            else:
+                if said.get(jid) != str(status):
+                    print(f"{s['recipe']}: {status}", file=sys.stderr, flush=True)
+                    said[jid] = str(status)
+                continue
+            print(f"{s['recipe']}: {s['outcome']}" + (f" ({s.get('error')})" if s.get("error") else ""),
+                  file=sys.stderr, flush=True)
+            del pending[jid]
+        if pending:
+            time.sleep(poll)
+    return submitted
+
+
+def cmd_submit(args) -> int:
+    farm = Farm.from_args(args)
+    submitted, refused = submit_all(farm, args.recipes, _options(args), day=None, timeout=args.timeout,
+                                    retries=args.retries, backoff=args.backoff)
+    for s in submitted:
+        print(s["job"])
+    if args.wait and submitted:
+        wait_for_jobs(farm, submitted)
+        if any(s["outcome"] != "ok" for s in submitted):
+            return exitcodes.SOME_FAILED
+    if any(r.get("invalid") for r in refused):
+        return exitcodes.RECIPE_INVALID if not submitted else exitcodes.SOME_FAILED
+    if refused:
+        return exitcodes.BUSY
+    return exitcodes.OK
+
+
+# --- bake nightly --farm ----------------------------------------------------------------
+
+def cmd_nightly_farm(args) -> int:
+    from builder.operations.nightly import _summary_dir, _write_atomically, recipes_of
+
+    started = _dt.datetime.now(_dt.timezone.utc)
+    try:
+        paths = recipes_of(args.recipes)
+        summaries = _summary_dir(args.output)
+        farm = Farm.from_args(args)
+    except BakeError as e:
+        print(f"bake: error: {e}", file=sys.stderr)
+        return exitcodes.COULD_NOT_RUN
+    day = started.strftime("%Y%m%d")
+    submitted, refused = submit_all(farm, paths, _options(args), day=day, timeout=args.timeout,
+                                    retries=args.retries, backoff=args.backoff)
+    if not submitted:
+        status = exitcodes.BUSY if refused and all(r.get("duplicate") for r in refused) else exitcodes.SOME_FAILED
+        print("bake: nothing submitted: " + ("tonight's jobs of these recipes are already submitted"
+                                             if status == exitcodes.BUSY else "no recipe could be submitted"),
+              file=sys.stderr)
+        return status
+    wait_for_jobs(farm, submitted)
+    gc = None
+    if args.keep:
+        gc = gc_farm(farm, args.keep, dry_run=False)
+    status = exitcodes.OK if all(s["outcome"] == "ok" for s in submitted) and not refused else exitcodes.SOME_FAILED
+    if gc is not None and gc.get("error"):
+        status = exitcodes.SOME_FAILED
+    finished = _dt.datetime.now(_dt.timezone.utc)
+    summary = {"started": started.isoformat(timespec="seconds"), "finished": finished.isoformat(timespec="seconds"),
+               "farm": {"redis": shown(farm.redis_url), "store": farm.store_url}, "exit_status": status, "keep": args.keep,
+               "recipes": submitted + refused, "refused": len(refused),
+               "passed": sum(s["outcome"] == "ok" for s in submitted),
+               "failed": sum(s["outcome"] != "ok" for s in submitted), "gc": gc}
+    text = json.dumps(summary, indent=2, default=str) + "\n"
+    path = summaries / (started.strftime("%Y%m%d-%H%M%S") + "-farm.json")
+    _write_atomically(path, text)
+    _write_atomically(summaries / "latest.json", text)
+    print(path)
+    return status
+
+
+# --- ls / status / gc --farm -------------------------------------------------------------
+
+def _redis_or_none(farm: Farm):
+    try:
+        return farm.redis()
+    except BakeError as e:
+        print(f"bake: warning: {e}; what is building cannot be told", file=sys.stderr)
+        return None
+
+
+def cmd_ls_farm(args) -> int:
+    farm = Farm.from_args(args, need_redis=False)
+    store = farm.store()
+    records = list_records(store, args.recipe)
+    conn = _redis_or_none(farm) if farm.redis_url else None
+    holders = lease_holders(conn, {r["recipe"] for r in records})
+    if args.json:
+        print(json.dumps([{**{k: v for k, v in r.items() if k != "_name"}, "state": state_of(r, holders)}
+                          for r in records], indent=2))
+    elif records:
+        print(render(records, holders))
+    else:
+        print(f"no farm builds in {farm.store_url}" + (f" for recipe {args.recipe}" if args.recipe else ""),
+              file=sys.stderr)
+    return exitcodes.OK
+
+
+def cmd_status(args) -> int:
+    """The queue (jobs waiting, running, to be retried, failed), the workers, and the
+    latest build of each recipe from the store."""
+    farm = Farm.from_args(args, need_redis=False)
+    out: dict[str, Any] = {}
+    conn = _redis_or_none(farm) if farm.redis_url else None
+    if conn is not None:
+        from rq import Queue, Worker
+        from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+
+        q = Queue(QUEUE, connection=conn)
+        out["queue"] = {"queued": q.get_job_ids(), "running": StartedJobRegistry(queue=q).get_job_ids(),
+                        "retrying": ScheduledJobRegistry(queue=q).get_job_ids(),
+                        "failed": FailedJobRegistry(queue=q).get_job_ids()}
+        out["workers"] = [{"name": w.name, "state": str(w.get_state()),
+                           "job": w.get_current_job_id()} for w in Worker.all(connection=conn)]
+    records = list_records(farm.store(), args.recipe)
+    holders = lease_holders(conn, {r["recipe"] for r in records})
+    latest: dict[str, dict] = {}
+    for r in records:
+        latest[r["recipe"]] = r
+    out["latest"] = {name: {"build_id": r["build_id"], "state": state_of(r, holders), "host": r.get("host"),
+                            "stages": r.get("stages"), "finished": r.get("finished"), "log": r.get("log")}
+                     for name, r in latest.items()}
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+        return exitcodes.OK
+    if "queue" in out:
+        for k, ids in out["queue"].items():
+            print(f"{k:<9} {len(ids):>3}  {' '.join(ids)}".rstrip())
+        for w in out["workers"]:
+            print(f"worker {w['name']}: {w['state']}" + (f" ({w['job']})" if w["job"] else ""))
+    if latest:
+        print(render(list(latest.values()), holders))
+    return exitcodes.OK
+
+
+def gc_farm(farm: Farm, keep: int, *, dry_run: bool, recipes: list[str] | None = None,
+            temporary_after: float | None = None) -> dict[str, Any]:
+    """Keep the `keep` newest good builds of each recipe in the store (and every released
+    one, every one still building, a failed or killed one among the `keep` newest); delete the rest:
+    artifacts and log first, the record last. Uploads a killed writer left half-done
+    (`.tmp/`) go once older than `temporary_after` s (the job timeout: no live job
+    writes one for longer). {"kept": [...], "deleted": [...], "temporary": [...]}"""
+    from builder.farm.jobs import JOB_TIMEOUT
+
+    store = farm.store()
+    limit = JOB_TIMEOUT if temporary_after is None else temporary_after
+    temporary = [{"name": name, "age": round(age)} for name, age in store.ages(".tmp/") if age > limit]
+    if not dry_run:
+        for t in temporary:
+            store.delete(t["name"])
+    records = list_records(store)
+    if recipes:
+        records = [r for r in records if r["recipe"] in recipes]
+    conn = None
+    if farm.redis_url:
+        try:
+            conn = farm.redis()
+        except BakeError:
+            conn = None
+    holders = lease_holders(conn, {r["recipe"] for r in records})
+    kept, deleted = [], []
+    by_recipe: dict[str, list[dict]] = {}
+    for r in records:
+        by_recipe.setdefault(r["recipe"], []).append(r)
+    for name, recs in by_recipe.items():
+        ranked = sorted(recs, key=lambda d: d["build_id"], reverse=True)
+        states = {r["build_id"]: state_of(r, holders) for r in ranked}
+        # as on one box: the N newest good builds, and a failed or killed one among the N
+        # newest of all (to be looked into); a build still going takes no place among them
+        newest_good = {r["build_id"] for r in ranked if states[r["build_id"]] in GOOD}
+        newest_good = set(sorted(newest_good, reverse=True)[:keep])
+        newest = {r["build_id"] for r in ranked[:keep]}
+        for r in ranked:
+            state = states[r["build_id"]]
+            entry = {"recipe": name, "build_id": r["build_id"], "state": state}
+            if state == RELEASED:
+                kept.append({**entry, "why": "released"})
+            elif state == BUILDING:
+                kept.append({**entry, "why": "its lease is held (building)"})
+            elif state == "building?":
+                kept.append({**entry, "why": "Redis cannot say whether it is building"})
+            elif r["build_id"] in newest_good:
+                kept.append({**entry, "why": f"one of the {keep} newest"})
+            elif r["build_id"] in newest and state not in GOOD:
+                kept.append({**entry, "why": f"{state}, among the {keep} newest: kept to be looked into"})
+            else:
+                deleted.append({**entry, "why": f"beyond the {keep} newest"})
+                if not dry_run:
+                    _delete_build(store, r)
+    return {"keep": keep, "dry_run": dry_run, "kept": kept, "deleted": deleted, "temporary": temporary}
+
+
+def _delete_build(store, r: dict) -> None:
+    for name in list(store.list(artifact_folder(r["recipe"], r["build_id"]))):
+        store.delete(name)
+    store.delete(log_name(r["recipe"], r["build_id"]))
+    store.delete(r["_name"])
+
+
+def cmd_gc_farm(args) -> int:
+    farm = Farm.from_args(args, need_redis=False)
+    result = gc_farm(farm, args.keep, dry_run=args.dry_run, recipes=args.recipes or None)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return exitcodes.OK
+    verb = "would delete" if args.dry_run else "deleted"
+    for e in result["kept"]:
+        print(f"kept     {e['recipe']}/{e['build_id']}  {e['state']}: {e['why']}")
+    for e in result["deleted"]:
+        print(f"{verb:<8} {e['recipe']}/{e['build_id']}  {e['state']}: {e['why']}")
+    for t in result["temporary"]:
+        print(f"{verb:<8} {t['name']}: a half-written upload, {t['age'] // 3600} h old")
+    return exitcodes.OK
+
+
+def register(subparsers) -> None:
+    from builder.farm.jobs import JOB_TIMEOUT
+
+    sp = subparsers.add_parser(
+        "worker", help="work for the build farm: bake the jobs of its queue (RQ on Redis)",
+        description="An RQ worker of the farm: takes a submitted recipe from the queue, bakes it in a work horse "
+                    "of its own and records it in the store. On start it undoes what a killed bake or worker "
+                    "of this box left. A job whose worker dies is retried on another once its heartbeat has "
+                    "expired (within the heartbeat + 60 s, noticed at the next maintenance).")
+    add_farm_options(sp)
+    sp.add_argument("--eucarc", help="the cloud of the store (default: the environment)")
+    add_output(sp)
+    sp.add_argument("--queues", nargs="+", metavar="QUEUE", help=f"queues to work on (default: {QUEUE})")
+    sp.add_argument("--name", help="the worker's name (default: HOST.PID)")
+    sp.add_argument("--burst", action="store_true", help="stop once the queue is empty")
+    sp.add_argument("--heartbeat", type=int, default=15, metavar="S",
+                    help="seconds between the heartbeats of a running job (default 15)")
+    sp.add_argument("--maintenance-interval", type=int, default=30, metavar="S",
+                    help="seconds between looks for jobs of dead workers (default 30)")
+    sp.add_argument("--lease-ttl", type=float, default=60, metavar="S",
+                    help="a recipe's lease ends this long after its holder stopped renewing it (default 60)")
+    sp.set_defaults(func=cmd_worker)
+
+    sp = subparsers.add_parser(
+        "submit", help="submit recipes to the build farm (one job per recipe)",
+        description="Validate and pack each recipe with the files it names, and queue one job per recipe. The "
+                    "job id is the recipe's name and the digest of its content: a recipe already queued, running "
+                    "or done in the last day is refused (exit 6). Failed jobs are retried with back-off "
+                    f"(--backoff S, then 4× and 20× it). A job may run {JOB_TIMEOUT // 3600} h (--timeout).")
+    sp.add_argument("recipes", nargs="+", metavar="RECIPE")
+    add_farm_options(sp)
+    sp.add_argument("--eucarc", help="the cloud of the store (default: the environment)")
+    sp.add_argument("--wait", action="store_true", help="wait for the jobs; exit 7 when one did not succeed")
+    add_job_options(sp)
+    sp.add_argument("--stop-after", choices=("bootstrap", "customize", "image", "bundle", "publish", "verify"))
+    sp.add_argument("--skip", action="append", choices=("bundle", "publish", "verify"))
+    sp.add_argument("--verify-on-cloud", dest="cloud_verify", action="store_true")
+    sp.set_defaults(func=cmd_submit)
+
+    sp = subparsers.add_parser(
+        "status", help="the build farm: queued, running, retried and failed jobs, workers, latest builds",
+        description="Reads the queue from Redis (when it answers) and the builds from the store.")
+    sp.add_argument("recipe", nargs="?", metavar="RECIPE")
+    add_farm_options(sp)
+    sp.add_argument("--eucarc", help="the cloud of the store (default: the environment)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_status)
+
+
+def add_job_options(sp) -> None:
+    from builder.farm.jobs import BACKOFF, JOB_TIMEOUT, RETRIES
+    sp.add_argument("--timeout", type=int, default=JOB_TIMEOUT, metavar="S",
+                    help=f"seconds a job may run (default {JOB_TIMEOUT}); then it is stopped and counts as failed")
+    sp.add_argument("--retries", type=int, default=RETRIES, metavar="N",
+                    help=f"tries of a failed job after the first (default {RETRIES})")
+    sp.add_argument("--backoff", type=float, default=BACKOFF, metavar="S",
+                    help=f"seconds before the first retry, then 4× and 20× it (default {BACKOFF})")
+
+
+def add_farm_switch(sp, what: str) -> None:
+    """`--farm` (and where the farm is) for nightly, ls and gc."""
+    sp.add_argument("--farm", action="store_true", help=what)
+    add_farm_options(sp)

@@ -1,0 +1,387 @@
+"""The `bake` command: argument parsing and output only; the engine does the work.
+
+Subcommands of other areas (bundle, publish, verify) are registered by their own
+`cli` modules (`register(subparsers)`), so each area keeps its options beside its code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from builder.cli.options import add_output
+from builder.core.errors import BakeError
+from builder.core.locks import Busy
+from builder.recipe.schemaerrors import RecipeError
+from builder.core import events, exitcodes, interrupts
+from builder.core import log as steplog
+
+AREA_CLIS = ("builder.cli.bundle", "builder.cli.cloud", "builder.cli.verify", "builder.operations.records",
+             "builder.operations.release", "builder.operations.gc", "builder.operations.nightly", "builder.cli.farm")
+# Commands that mount, boot or write builds: before them, what killed bakes left is undone.
+CLEANS_FIRST = ("build", "bundle", "publish", "unpublish", "verify")
+
+
+class _StepPrinter:
+    """Renders steps on stderr: one line per step start, its time at the end."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+
+    def __call__(self, event: str, rec: steplog.StepRecord) -> None:
+        pad = "  " * rec.depth
+        if event == "start":
+            print(f"{pad}» {rec.name}", file=self.stream, flush=True)
+        elif rec.depth <= 1:
+            mark = "✓" if rec.ok else "✗"
+            print(f"{pad}{mark} {rec.name} ({rec.seconds:.1f} s)", file=self.stream, flush=True)
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.WARNING)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"))
+    root = logging.getLogger("bake")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    if quiet:
+        return
+    from builder.cli import display
+    if display.wanted(sys.stderr):
+        # live progress bars on a terminal; the steps are printed above them
+        term = display.TerminalDisplay(sys.stderr)
+        term.attach()
+        handler.setStream(_ConsoleStream(term.console))
+        import atexit
+        atexit.register(term.detach)
+    else:
+        steplog.add_listener(_StepPrinter())
+
+
+class _ConsoleStream:
+    """A stream for logging that prints through the terminal display's console, so that
+    a message does not tear a progress bar."""
+
+    def __init__(self, console):
+        self.console = console
+
+    def write(self, text: str) -> None:
+        text = text.rstrip("\n")
+        if text:
+            self.console.print(text, markup=False, highlight=False)
+
+    def flush(self) -> None:
+        pass
+
+
+# --- core commands --------------------------------------------------------------------
+
+def cmd_validate(args) -> int:
+    from builder.recipe.recipe import load_recipe
+
+    failed = 0
+    for path in args.recipes:
+        try:
+            r = load_recipe(path)
+        except BakeError as e:
+            # every file is checked: one bad recipe must not hide what is wrong with the next
+            failed += 1
+            message = str(e) if str(e).startswith(str(path)) else f"{path}: {e}"
+            print(f"bake: error: {message}", file=sys.stderr, flush=True)
+            continue
+        print(f"{path}: ok ({r.name}, {r.release.distro}/{r.release.suite}, {r.arch}, "
+              f"elements: {', '.join(r.element_names) or 'none'})", flush=True)
+    return exitcodes.RECIPE_INVALID if failed else exitcodes.OK
+
+
+def cmd_plan(args) -> int:
+    from builder.pipeline.plan import make_plan
+    from builder.recipe.recipe import load_recipe
+
+    plan = make_plan(load_recipe(args.recipe), output_root=Path(args.output))
+    if args.json:
+        import json
+        print(json.dumps(plan.as_dict(), indent=2))
+    else:
+        print(plan.render())
+    return 0
+
+
+def cmd_build(args) -> int:
+    if len(args.recipes) > 1:
+        return _build_many(args)
+    from builder.pipeline.bake import bake
+    from builder.recipe.recipe import load_recipe
+
+    recipe = load_recipe(args.recipes[0])
+    events.set_build(None, recipe.name)
+    build = bake(recipe, output_root=Path(args.output), stop_after=args.stop_after,
+                 skip=set(args.skip or ()), cloud=args.cloud, wait=not args.no_wait, build_id=args.build_id)
+    report = build.dir / "verify.json"
+    if report.is_file() and not args.quiet:
+        import json
+        from builder.verify import render_table
+        print(render_table(json.loads(report.read_text())), file=sys.stderr)
+    if not args.json:
+        print(build.dir)     # with --json, the result event names it
+    return exitcodes.for_build(build.data)
+
+
+def _build_many(args) -> int:
+    from builder.operations.many import bake_many, render_summary
+
+    build_args: list[str] = []
+    if args.stop_after:
+        build_args += ["--stop-after", args.stop_after]
+    for s in args.skip or ():
+        build_args += ["--skip", s]
+    if args.cloud:
+        build_args.append("--cloud")
+    if args.no_wait:
+        build_args.append("--no-wait")
+    if args.json:
+        build_args.append("--json")
+    global_args = ["-v"] * args.verbose + (["-q"] if args.quiet else [])
+    status, jobs = bake_many(args.recipes, build_args, args.jobs, global_args=global_args, output=args.output)
+    if args.json:
+        events.set_build(None, None)
+        events.emit("summary", exit_status=status, recipes=[j.as_dict() for j in jobs])
+    else:
+        print(render_summary(jobs), flush=True)
+    return status
+
+
+def cmd_doctor(args) -> int:
+    """Undo what killed bakes left (as every bake does before it starts) and say what
+    was found; list the bakes running now."""
+    from builder.core import lifetime
+
+    found = lifetime.clean_stale()
+    for s in found:
+        print(f"{s.describe()} was killed and had left:")
+        for line in s.found:
+            print(f"  {line}")
+        for line in s.failed:
+            print(f"  could not undo: {line}")
+    if not found:
+        print("nothing left behind by a killed bake")
+    for h in lifetime.running():
+        print(f"running now: pid {h.get('pid')} (`{h.get('command', '?')}`, started {h.get('started', '?')})")
+    return 1 if any(s.failed for s in found) else 0
+
+
+def cmd_schema(args) -> int:
+    from builder.recipe.recipe import recipe_schema
+    from builder.recipe.schemadoc import markdown
+
+    if args.markdown:
+        print(markdown(), end="")
+    else:
+        import json
+        print(json.dumps(recipe_schema(), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _build_id_arg(value: str) -> str:
+    import re
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value):
+        raise argparse.ArgumentTypeError(f"{value!r}: a build id is letters, digits, '.', '_' and '-'")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bake",
+        description="Bake a cloud image from a YAML recipe, publish it, and prove it works.",
+        epilog="`bake [build options] RECIPE.yml` is short for `bake build [build options] RECIPE.yml`.",
+    )
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log every command and its output")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only results and errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    sp = sub.add_parser("validate", help="check recipes against the schema (no root, no network)")
+    sp.add_argument("recipes", nargs="+", metavar="RECIPE")
+    sp.set_defaults(func=cmd_validate)
+
+    sp = sub.add_parser("plan", help="show the stages, element hooks, packages and cache hits of a recipe")
+    sp.add_argument("recipe", metavar="RECIPE")
+    add_output(sp)
+    sp.add_argument("--json", action="store_true", help="print the plan as JSON")
+    sp.set_defaults(func=cmd_plan)
+
+    sp = sub.add_parser("schema", help="print the recipe JSON Schema (or, with --markdown, the recipe reference)")
+    sp.add_argument("--markdown", action="store_true", help="render the reference as Markdown")
+    sp.set_defaults(func=cmd_schema)
+
+    sp = sub.add_parser("build", help="bake recipes: bootstrap, customize, image, then bundle/publish/verify as configured",
+                        epilog="Exit statuses: " + "; ".join(f"{n} {text}" for n, text in exitcodes.TABLE) + ".")
+    sp.add_argument("recipes", nargs="+", metavar="RECIPE")
+    add_output(sp)
+    sp.add_argument("-j", "--jobs", type=int, default=1, metavar="N",
+                    help="with several recipes: bake N at a time (default 1); each in a process of its own")
+    sp.add_argument("--no-wait", action="store_true",
+                    help=f"when another bake holds the recipe, exit at once with status {exitcodes.BUSY} "
+                         "(default: wait for it)")
+    sp.add_argument("--stop-after", choices=("bootstrap", "customize", "image", "bundle", "publish", "verify"),
+                    help="stop after this stage")
+    sp.add_argument("--skip", action="append", choices=("bundle", "publish", "verify"),
+                    help="skip this stage (repeatable)")
+    sp.add_argument("--cloud", action="store_true", help="verify on the cloud instead of locally under QEMU")
+    sp.add_argument("--build-id", metavar="ID", type=_build_id_arg,
+                    help="the build folder's name (default: the UTC time; a farm worker names its builds)")
+    sp.add_argument("--json", action="store_true",
+                    help="print events (stages, progress, checks, the result) as JSON lines on stdout, and nothing "
+                         "else there; schema: builder/schema/events.schema.json")
+    sp.set_defaults(func=cmd_build)
+
+    sp = sub.add_parser("doctor", help="undo what killed bakes left behind (mounts, loop devices, processes, "
+                                       "work trees, overlays) and say what was found",
+                        description="Every bake does this before it starts; doctor does it on demand. Exits 1 "
+                                    "when something could not be undone.")
+    sp.set_defaults(func=cmd_doctor)
+
+    for mod in AREA_CLIS:
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        m.register(sub)
+    return p
+
+
+# Options of the top-level parser; everything else in `bake [options] RECIPE.yml` is the
+# build command's.
+GLOBAL_OPTIONS = ("-h", "--help", "-v", "--verbose", "-q", "--quiet")
+RECIPE_SUFFIXES = (".yml", ".yaml")
+
+# What a shell reports for a process killed by SIGPIPE (128 + 13); `| head` ends so.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+
+def _is_global_option(arg: str) -> bool:
+    return arg in GLOBAL_OPTIONS or (arg.startswith("-") and not arg.startswith("--")
+                                     and len(arg) > 1 and set(arg[1:]) <= {"v", "q"})
+
+
+def _looks_like_recipe(arg: str) -> bool:
+    return arg.endswith(RECIPE_SUFFIXES) or os.path.isfile(arg) or os.sep in arg
+
+
+def _with_build_command(argv: list[str], commands: dict[str, argparse.ArgumentParser],
+                        parser: argparse.ArgumentParser) -> list[str]:
+    """`argv` with the `build` command put in where the `bake [options] RECIPE.yml`
+    shorthand left it out; `argv` itself when a command is named. A bare word that is no
+    command is a mistyped command, reported with the commands there are."""
+    first = next((i for i, a in enumerate(argv) if not _is_global_option(a)), None)
+    if first is None or argv[first] in commands:
+        return argv
+    word = argv[first]
+    if not word.startswith("-") and not _looks_like_recipe(word):
+        import difflib
+
+        close = difflib.get_close_matches(word, list(commands), n=1)
+        parser.error(f"unknown command {word!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                     + f"; the commands are {', '.join(commands)}; `bake RECIPE.yml` builds a recipe")
+    takes_value = _value_options(commands["build"])
+    leading: list[str] = []  # the top-level options, taken wherever they stand
+    rest: list[str] = []
+    recipe = None
+    expecting_value = False
+    for a in argv:
+        if expecting_value:
+            rest.append(a)
+            expecting_value = False
+        elif _is_global_option(a) and a not in ("-h", "--help"):
+            leading.append(a)
+        else:
+            rest.append(a)
+            expecting_value = takes_value(a)
+            if recipe is None and not a.startswith("-"):
+                recipe = a
+    if recipe is None or not _looks_like_recipe(recipe):
+        return argv  # options and no recipe: argparse says what is wrong
+    return leading + ["build"] + rest
+
+
+def _value_options(command: argparse.ArgumentParser):
+    """A test: does this argument name one of `command`'s options that takes a value
+    as the next argument (abbreviated long options too, as argparse accepts them)?"""
+    with_value = {o for a in command._actions if a.option_strings and a.nargs != 0 for o in a.option_strings}
+    longs = [o for a in command._actions for o in a.option_strings if o.startswith("--")]
+
+    def takes_value(arg: str) -> bool:
+        if arg in with_value:
+            return True
+        if arg.startswith("--") and "=" not in arg:
+            matches = [o for o in longs if o.startswith(arg)]
+            return len(matches) == 1 and matches[0] in with_value
+        return False
+
+    return takes_value
+
+
+def _quiet_broken_pipe() -> int:
+    # The reader of our output went away (`bake schema | head`): not an error of ours.
+    # Whichever stream it was, point both at /dev/null so that the interpreter's last
+    # flush cannot fail again and print what this is here to avoid.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            os.dup2(devnull, stream.fileno())
+    except (OSError, ValueError):
+        pass
+    return EXIT_BROKEN_PIPE
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `bake` command line `argv` (default: sys.argv[1:]); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+
+
+def _run(argv: list[str]) -> int:
+    parser = _build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    args = parser.parse_args(_with_build_command(argv, commands, parser))
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return exitcodes.USAGE
+    _setup_logging(args.verbose, args.quiet)
+    interrupts.install()
+    if getattr(args, "json", False) and args.command == "build":
+        events.enable(sys.stdout)
+    try:
+        if args.command in CLEANS_FIRST:
+            from builder.core import lifetime
+            lifetime.report_stale(lifetime.clean_stale())
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, while it can still be handled
+        return status
+    except Busy as e:
+        return _failed(f"bake: busy: {e}", exitcodes.BUSY)
+    except RecipeError as e:
+        return _failed(f"bake: error: {e}", exitcodes.RECIPE_INVALID)
+    except BakeError as e:
+        return _failed(f"bake: error: {e}", exitcodes.FAILED)
+    except KeyboardInterrupt:
+        return _failed("bake: interrupted; everything mounted or started was undone", exitcodes.INTERRUPTED)
+
+
+def _failed(message: str, status: int) -> int:
+    print(message, file=sys.stderr)
+    events.emit("error", message=message.split(": ", 1)[1], exit_status=status)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,569 @@
+"""Releases: `bake release BUILD [--public]` and `bake latest RECIPE [--released]`.
+
+Only a build whose verification passed is released. Releasing it writes, in the build
+directory, what a person or a pipeline takes away with the image:
+
+- `SHA256SUMS`: the kernel, ramdisk, partition image, bundle parts and manifests, in
+  the format `sha256sum -c` checks (paths relative to the build directory);
+- `sbom.spdx.json`: an SPDX 2.3 document of the image's Debian packages (name,
+  version, architecture, source package, a `pkg:deb` purl each);
+- `RELEASE-NOTES.md`: the packages added, removed, upgraded and downgraded since the
+  recipe's previous release under the same output root;
+
+marks the build released in its record (`released`: when, public or not, and those
+files), so that `bake gc` keeps it, and rebuilds the stream index of released images
+under the output root (`streams/v1/`, simplestreams v1, the format Ubuntu publishes its
+cloud images in). With `--public` the EMI, EKI and ERI are first made launchable by
+every account of the cloud. A published build's release is also said in its bucket:
+the release marker (`released.json`, a copy of the record's `released` section) is put
+beside its bundles, where `bake gc --cloud` finds it even without the build's record.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import email.utils
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from builder.cli.options import add_output
+from builder.core.record import Build, and_list, sha256_file
+from builder.core.errors import BakeError
+from builder.core.log import step
+
+SHA256SUMS = "SHA256SUMS"
+SBOM = "sbom.spdx.json"
+NOTES = "RELEASE-NOTES.md"
+RELEASE_MARKER = "released.json"       # the name `bake gc --cloud` looks for beside a build's bundles
+STREAMS = "streams/v1"
+CONTENT_ID = "bake:released:image-ids"
+ROLES = ("kernel", "ramdisk", "image")
+IMAGE_KEYS = (("emi", "image_id", "image"), ("eki", "kernel_id", "kernel"), ("eri", "ramdisk_id", "ramdisk"))
+
+
+# --- may this build be released? --------------------------------------------------------
+
+def refusal(build: Build) -> str | None:
+    """Why `build` may not be released (None when it may): it must have finished, and
+    its verification must have run and passed."""
+    data = build.data
+    where = build.dir
+    result = data.get("result")
+    verify = data.get("verify") if isinstance(data.get("verify"), dict) else None
+    if result in (None, "running"):
+        return f"{where} is not a finished build (its bake is running or was killed); only a verified build is released"
+    if verify is None:
+        return (f"{where} was never verified: run `bake verify {where}` first; only a build whose verification "
+                "passed is released")
+    checks = verify.get("checks") if isinstance(verify.get("checks"), dict) else {}
+    failed = sorted(name for name, status in checks.items() if status == "fail")
+    if verify.get("result") != "passed" or failed:
+        which = f" (failed: {', '.join(failed)})" if failed else ""
+        return (f"{where}: its verification failed{which}; see {where / str(verify.get('report') or 'verify.json')}, "
+                "fix the image and verify it again")
+    if not any(status == "pass" for status in checks.values()):
+        return f"{where}: its verification passed no check; run `bake verify {where}`"
+    if result == "failed":
+        return f"{where} failed{' at ' + data['failed_stage'] if data.get('failed_stage') else ''}: {data.get('error', '')}"
+    return None
+
+
+def check_releasable(build: Build, *, public: bool = False) -> None:
+    """A BakeError saying why `build` may not be released (see `refusal`), or is released
+    already (again only to make it public)."""
+    why = refusal(build)
+    if why:
+        raise BakeError(why)
+    already = build.data.get("released")
+    if already and (not public or (isinstance(already, dict) and already.get("public"))):
+        at = already.get("at", "?") if isinstance(already, dict) else "?"
+        raise BakeError(f"{build.dir} was released already ({at})"
+                        + ("" if public else "; `bake release --public` makes its images public"))
+
+
+def image_ids(build: Build) -> dict[str, str | None]:
+    """The build's EMI, EKI and ERI as publishing recorded them (None where there is none)."""
+    cloud = build.data.get("cloud") if isinstance(build.data.get("cloud"), dict) else {}
+    images = cloud.get("images") if isinstance(cloud.get("images"), dict) else {}
+    out: dict[str, str | None] = {}
+    for key, field, role in IMAGE_KEYS:
+        value = cloud.get(field) or (images.get(role) or {}).get("id")
+        out[key] = value if isinstance(value, str) and value else None
+    return out
+
+
+# --- SHA256SUMS ----------------------------------------------------------------------------
+
+def released_files(build: Build) -> list[tuple[str, Path]]:
+    """(role, path) of every file a release covers: kernel, ramdisk, image, then each
+    bundle's parts and manifest. A BakeError names what is missing."""
+    found = build.require_outputs(*ROLES)
+    files = [(role, found[role]) for role in ROLES]
+    bundle = build.data.get("bundle") if isinstance(build.data.get("bundle"), dict) else {}
+    for role in ROLES:
+        entry = bundle.get(role)
+        if not isinstance(entry, dict):
+            continue
+        for i, part in enumerate(entry.get("parts") or []):
+            files.append((f"{role} bundle part {i}", build.dir / part["path"]))
+        if entry.get("manifest"):
+            files.append((f"{role} bundle manifest", build.dir / entry["manifest"]))
+    missing = [f"{p} (its {what})" for what, p in files if not p.is_file()]
+    if missing:
+        raise BakeError(f"{build.dir}: recorded but missing: {and_list(missing)}; bundle the build again")
+    return files
+
+
+def sha256sums(build: Build) -> tuple[str, str]:
+    """The text of SHA256SUMS for the build and the image's digest. The kernel, ramdisk
+    and image must be the files the build recorded (and so the ones verified): one
+    changed since is a BakeError."""
+    lines, image_digest, changed = [], "", []
+    outputs = build.data.get("outputs") or {}
+    for what, path in released_files(build):
+        digest = sha256_file(path)
+        if what in ROLES:
+            if outputs[what].get("sha256") and outputs[what]["sha256"] != digest:
+                changed.append(f"{path.name} (its {what})")
+            if what == "image":
+                image_digest = digest
+        lines.append(f"{digest}  {path.relative_to(build.dir).as_posix()}\n")
+    if changed:
+        raise BakeError(f"{build.dir}: {and_list(changed)} changed since the build recorded {'it' if len(changed) == 1 else 'them'}; "
+                        "what was verified is not what would be released: bake it again")
+    return "".join(lines), image_digest
+
+
+# --- SBOM (SPDX 2.3) -----------------------------------------------------------------------
+
+def _spdx_id(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "-", text)
+
+
+def purl(distro: str, pkg: dict[str, str]) -> str:
+    """The package URL of a Debian package: pkg:deb/DISTRO/NAME@VERSION?arch=ARCH."""
+    return (f"pkg:deb/{distro}/{quote(pkg['name'].lower(), safe='')}@{quote(pkg['version'], safe='')}"
+            f"?arch={quote(pkg['arch'], safe='')}")
+
+
+def sbom(build: Build, image_digest: str, created: str) -> dict[str, Any]:
+    """An SPDX 2.3 document (JSON) of the image: the image itself as the package the
+    document describes, containing every Debian package installed in it."""
+    recipe = build.dir.parent.name
+    release = str(build.data.get("release") or "debian/unknown")
+    distro = release.split("/")[0] or "debian"
+    image = {"SPDXID": "SPDXRef-Image", "name": recipe, "versionInfo": build.id,
+             "downloadLocation": "NOASSERTION", "filesAnalyzed": False, "primaryPackagePurpose": "OPERATING-SYSTEM",
+             "checksums": [{"algorithm": "SHA256", "checksumValue": image_digest}],
+             "comment": f"partition image of {release} ({build.data.get('arch', '?')}) baked by bake from recipe {recipe}"}
+    packages, relationships, seen = [image], [], set()
+    relationships.append({"spdxElementId": "SPDXRef-DOCUMENT", "relationshipType": "DESCRIBES",
+                          "relatedSpdxElement": "SPDXRef-Image"})
+    for pkg in build.data.get("packages") or []:
+        spdx_id = base = f"SPDXRef-deb-{_spdx_id(pkg['name'])}-{_spdx_id(pkg['arch'])}"
+        n = 1
+        while spdx_id in seen:
+            n += 1
+            spdx_id = f"{base}-{n}"
+        seen.add(spdx_id)
+        entry: dict[str, Any] = {
+            "SPDXID": spdx_id, "name": pkg["name"], "versionInfo": pkg["version"],
+            "downloadLocation": "NOASSERTION", "filesAnalyzed": False,
+            "externalRefs": [{"referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl",
+                              "referenceLocator": purl(distro, pkg)}]}
+        if pkg.get("source"):
+            entry["sourceInfo"] = (f"built from the {distro} source package {pkg['source']} "
+                                   f"{pkg.get('source_version') or pkg['version']}")
+        packages.append(entry)
+        relationships.append({"spdxElementId": "SPDXRef-Image", "relationshipType": "CONTAINS",
+                              "relatedSpdxElement": spdx_id})
+    return {
+        "spdxVersion": "SPDX-2.3",
+        "dataLicense": "CC0-1.0",
+        "SPDXID": "SPDXRef-DOCUMENT",
+        "name": f"{recipe}-{build.id}",
+        # unique per release: releasing the same build again is another document
+        "documentNamespace": f"https://spdx.org/spdxdocs/bake/{quote(recipe, safe='')}/{quote(build.id, safe='')}/{uuid.uuid4()}",
+        "creationInfo": {"created": created, "creators": [f"Tool: bake-{_bake_version()}"]},
+        "documentDescribes": ["SPDXRef-Image"],
+        "packages": packages,
+        "relationships": relationships,
+    }
+
+
+# --- release notes -------------------------------------------------------------------------
+
+def _weight(s: str, i: int) -> int:
+    # Debian's order of the non-digit parts of a version: "~" before everything, even
+    # the end of the part; then the end; then letters; then every other character.
+    if i >= len(s) or s[i].isdigit():
+        return 0
+    if s[i] == "~":
+        return -1
+    return ord(s[i]) if s[i].isalpha() else ord(s[i]) + 256
+
+
+def _compare_part(a: str, b: str) -> int:
+    i = j = 0
+    while i < len(a) or j < len(b):
+        while (i < len(a) and not a[i].isdigit()) or (j < len(b) and not b[j].isdigit()):
+            wa, wb = _weight(a, i), _weight(b, j)
+            if wa != wb:
+                return -1 if wa < wb else 1
+            i, j = i + 1, j + 1
+        da = re.match(r"[0-9]*", a[i:]).group()     # type: ignore[union-attr]
+        db = re.match(r"[0-9]*", b[j:]).group()     # type: ignore[union-attr]
+        if int(da or 0) != int(db or 0):
+            return -1 if int(da or 0) < int(db or 0) else 1
+        i, j = i + len(da), j + len(db)
+    return 0
+
+
+def compare_versions(a: str, b: str) -> int:
+    """-1, 0 or 1 as Debian version `a` sorts before, with or after `b` (epoch, upstream
+    version, revision, as dpkg orders them)."""
+    def split(v: str) -> tuple[int, str, str]:
+        epoch, _, rest = v.partition(":") if ":" in v else ("0", "", v)
+        upstream, _, revision = rest.rpartition("-") if "-" in rest else (rest, "", "")
+        return int(epoch) if epoch.isdigit() else 0, upstream, revision
+    ea, ua, ra = split(a)
+    eb, ub, rb = split(b)
+    if ea != eb:
+        return -1 if ea < eb else 1
+    return _compare_part(ua, ub) or _compare_part(ra, rb)
+
+
+@dataclass
+class PackageChanges:
+    """What changed in an image's packages between two releases."""
+
+    added: list[tuple[str, str]]                    # (name, version)
+    removed: list[tuple[str, str]]
+    upgraded: list[tuple[str, str, str]]            # (name, old version, new version)
+    downgraded: list[tuple[str, str, str]]
+
+
+def _by_name(packages: list[dict[str, str]]) -> dict[str, str]:
+    names = [p["name"] for p in packages]
+    # a package installed for two architectures (multiarch) is told apart by its arch
+    return {(p["name"] if names.count(p["name"]) == 1 else f"{p['name']}:{p['arch']}"): p["version"] for p in packages}
+
+
+def package_changes(old: list[dict[str, str]], new: list[dict[str, str]]) -> PackageChanges:
+    """The packages added, removed, upgraded and downgraded from `old` to `new` (lists as
+    the image stage records them), each sorted by name."""
+    a, b = _by_name(old), _by_name(new)
+    changed = [(n, a[n], b[n], compare_versions(a[n], b[n])) for n in sorted(set(a) & set(b)) if a[n] != b[n]]
+    return PackageChanges(added=[(n, b[n]) for n in sorted(set(b) - set(a))],
+                          removed=[(n, a[n]) for n in sorted(set(a) - set(b))],
+                          upgraded=[(n, o, v) for n, o, v, c in changed if c < 0],
+                          downgraded=[(n, o, v) for n, o, v, c in changed if c > 0])
+
+
+def previous_release(build: Build) -> Build | None:
+    """The newest other released build of the same recipe under the same output root."""
+    from builder.operations.records import find_builds, load_build
+
+    builds, _ = find_builds(build.dir.parent.parent, build.dir.parent.name)
+    released = [s for s in builds if s.released and s.dir.resolve() != build.dir.resolve()]
+    if not released:
+        return None
+    newest = max(released, key=lambda s: (str((s.released or {}).get("at", "")) if isinstance(s.released, dict) else "",
+                                          builds.index(s)))
+    return load_build(newest.dir)
+
+
+def release_notes(build: Build, previous: Build | None, *, at: str, public: bool) -> str:
+    """The release notes (Markdown) of `build`, against the `previous` release."""
+    recipe = build.dir.parent.name
+    packages = build.data.get("packages") or []
+    verify = build.data.get("verify") or {}
+    checks = verify.get("checks") or {}
+    passed = [n for n, s in checks.items() if s == "pass"]
+    skipped = [n for n, s in checks.items() if s == "skip"]
+    ids = image_ids(build)
+    lines = [f"# {recipe} {build.id}", "",
+             f"Released {at} from build {build.id} of recipe {recipe} "
+             f"({build.data.get('release', '?')}, {build.data.get('arch', '?')}, kernel "
+             f"{build.data.get('kernel_version', '?')}, {len(packages)} packages).", ""]
+    if ids["emi"]:
+        lines += [f"Images: EMI {ids['emi']}, EKI {ids['eki'] or '-'}, ERI {ids['eri'] or '-'}"
+                  + (" (launchable by every account)." if public else " (private to the publishing account)."), ""]
+    else:
+        lines += ["Not published to a cloud.", ""]
+    lines += [f"Verified {verify.get('mode', '?')}"
+              + (f" ({verify['accelerator']})" if verify.get("accelerator") else "")
+              + f": {', '.join(passed)} passed" + (f"; {', '.join(skipped)} skipped" if skipped else "") + ".", ""]
+    if previous is None:
+        lines += ["## Packages", "", f"First release of {recipe}: there is no earlier release to compare with.", ""]
+        return "\n".join(lines)
+    prev_at = (previous.data.get("released") or {}).get("at", "?") if isinstance(previous.data.get("released"), dict) else "?"
+    changes = package_changes(previous.data.get("packages") or [], packages)
+    lines += [f"## Changes since {previous.id}", "", f"Compared with the release of build {previous.id} ({prev_at}).", ""]
+    sections = (("Added", [f"{n} {v}" for n, v in changes.added]),
+                ("Removed", [f"{n} {v}" for n, v in changes.removed]),
+                ("Upgraded", [f"{n} {o} → {v}" for n, o, v in changes.upgraded]),
+                ("Downgraded", [f"{n} {o} → {v}" for n, o, v in changes.downgraded]))
+    if not any(items for _, items in sections):
+        lines += ["No package was added, removed or changed.", ""]
+    for title, items in sections:
+        if items:
+            lines += [f"### {title} ({len(items)})", "", *(f"- {item}" for item in items), ""]
+    return "\n".join(lines)
+
+
+# --- the stream index (simplestreams v1) -----------------------------------------------
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def stream_products(output_root: Path) -> dict[str, Any]:
+    """The products of the stream: per recipe and architecture, a version per released
+    and published build (keyed by build id), whose items are its EMI, EKI and ERI."""
+    from builder.operations.records import find_builds, load_build
+
+    builds, _ = find_builds(output_root)
+    products: dict[str, Any] = {}
+    for s in builds:
+        if not s.released:
+            continue
+        build = load_build(s.dir)
+        ids = image_ids(build)
+        if not ids["emi"]:
+            continue        # a release that was never published has no image ids to list
+        distro, _, suite = str(build.data.get("release") or "/").partition("/")
+        arch = str(build.data.get("arch") or "unknown")
+        cloud = build.data.get("cloud") or {}
+        released = build.data["released"] if isinstance(build.data["released"], dict) else {}
+        product = products.setdefault(f"bake:{s.recipe}:{arch}", {
+            "recipe": s.recipe, "arch": arch, "os": distro, "release": suite, "versions": {}})
+        where = {"crsn": cloud.get("region") or "eucalyptus", "endpoint": cloud.get("ec2_url") or "",
+                 "root_store": "instance-store", "virt": "paravirtual"}
+        items = {}
+        for key, role in (("emi", "machine"), ("eki", "kernel"), ("eri", "ramdisk")):
+            if ids[key]:
+                items[key] = {"id": ids[key], "itype": role, **where}
+        items["emi"].update(kernel_id=ids["eki"], ramdisk_id=ids["eri"])
+        product["versions"][build.id] = {
+            "build_id": build.id, "label": "release", "pubname": f"{s.recipe}-{build.id}",
+            "released": released.get("at"), "public": bool(released.get("public")), "items": items}
+    return products
+
+
+def write_streams(output_root: Path) -> Path:
+    """Rebuild the stream index under `output_root` from the build records: `streams/v1/
+    index.json` and its products file, each written atomically. Returns the index."""
+    from builder.core import locks, lifetime
+
+    output_root = Path(output_root)
+    lock = lifetime.state_dir() / "streams" / (re.sub(r"[^A-Za-z0-9]", "_", str(output_root.resolve()))[-100:] + ".lock")
+    with locks.held(lock, f"the stream index of {output_root}"):
+        products = stream_products(output_root)
+        updated = email.utils.formatdate(usegmt=True)
+        products_path = f"{STREAMS}/{CONTENT_ID}.json"
+        doc = {"content_id": CONTENT_ID, "format": "products:1.0", "datatype": "image-ids", "updated": updated,
+               "products": products}
+        index = {"format": "index:1.0", "updated": updated,
+                 "index": {CONTENT_ID: {"format": "products:1.0", "datatype": "image-ids", "path": products_path,
+                                        "updated": updated, "products": sorted(products)}}}
+        _write_atomically(output_root / products_path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        index_path = output_root / STREAMS / "index.json"
+        _write_atomically(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return index_path
+
+
+# --- release ----------------------------------------------------------------------------
+
+def _bake_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("bake")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
+
+
+def check_same_cloud(build: Build, creds) -> None:
+    """A BakeError unless `creds` name the cloud the build was published to."""
+    cloud = build.data.get("cloud") or {}
+    if cloud.get("ec2_url") and cloud["ec2_url"].rstrip("/") != creds.ec2_url.rstrip("/"):
+        raise BakeError(f"{build.dir} was published to {cloud['ec2_url']}, but the credentials ({creds.source}) "
+                        f"name {creds.ec2_url}")
+
+
+def put_release_marker(build: Build, creds, marker: Path) -> str:
+    """Upload `marker` beside the build's bundles (`BUCKET/PREFIX/released.json`);
+    returns "BUCKET/KEY"."""
+    from builder.cloud.clients import make_clients
+    from builder.cloud.publish import PublishOptions
+    from builder.cloud.store import upload_file
+
+    cloud = build.data.get("cloud") or {}
+    bucket, prefix = cloud["bucket"], str(cloud.get("prefix") or "").strip("/")
+    key = f"{prefix}/{marker.name}" if prefix else marker.name
+    with step(f"Putting the release marker at {bucket}/{key}"):
+        upload_file(make_clients(creds), marker, bucket, key, PublishOptions(), creds)
+    return f"{bucket}/{key}"
+
+
+def make_public(build: Build, creds) -> list[str]:
+    """Grant launch permission to all on the build's EMI, EKI and ERI, and check that the
+    cloud says so. Returns the ids."""
+    from builder.cloud.clients import make_clients
+    from builder.cloud.images import grant_public_launch, launch_permissions
+
+    ids = [i for i in image_ids(build).values() if i]
+    if not image_ids(build)["emi"]:
+        raise BakeError(f"{build.dir} was not published: `bake publish {build.dir}` first; --public grants "
+                        "launch permission on its EMI, EKI and ERI")
+    check_same_cloud(build, creds)
+    clients = make_clients(creds)
+    with step(f"Granting launch permission to all on {', '.join(ids)}"):
+        for image_id in ids:
+            grant_public_launch(clients, image_id, creds)
+        private = [i for i in ids if {"Group": "all"} not in launch_permissions(clients, i, creds)]
+    if private:
+        raise BakeError(f"the cloud accepted the launch permission but does not list it on {and_list(private)}")
+    return ids
+
+
+def release(build: Build, *, public: bool = False, creds=None) -> dict[str, Any]:
+    """Release `build` (see the module's description), holding its lock. `creds` (cloud
+    Credentials) are needed with `public`. Returns the build's `released` section."""
+    with build.lock():
+        build.data = Build.load(build.dir).data     # as it is now that nobody else works on it
+        check_releasable(build, public=public)
+        published = bool((build.data.get("cloud") or {}).get("bucket")) and bool(image_ids(build)["emi"])
+        if (public or published) and creds is None:
+            why = ("--public grants launch permission on its images" if public else
+                   "its release marker is put beside its bundles, so that gc on the cloud keeps its images")
+            raise BakeError(f"{build.dir} was published to {(build.data.get('cloud') or {}).get('ec2_url', 'a cloud')}"
+                            f" and {why}: source its eucarc (or pass --eucarc), or set EC2_URL, S3_URL, "
+                            "EC2_ACCESS_KEY and EC2_SECRET_KEY")
+        if published:
+            check_same_cloud(build, creds)
+        at = _now()
+        with step(f"Release {build.dir.parent.name}/{build.id}"):
+            sums, image_digest = sha256sums(build)
+            doc = sbom(build, image_digest, at.strftime("%Y-%m-%dT%H:%M:%SZ"))
+            previous = previous_release(build)
+            if public:
+                make_public(build, creds)
+            notes = release_notes(build, previous, at=at.isoformat(), public=public)
+            for name, text in ((SHA256SUMS, sums), (SBOM, json.dumps(doc, indent=2) + "\n"), (NOTES, notes)):
+                _write_atomically(build.dir / name, text)
+            released = {"at": at.isoformat(), "public": public, "sha256sums": SHA256SUMS, "sbom": SBOM,
+                        "notes": NOTES, "previous": previous.id if previous else None, "images": image_ids(build)}
+            if published:
+                marker = build.dir / RELEASE_MARKER
+                _write_atomically(marker, json.dumps({"recipe": build.dir.parent.name, "build_id": build.id,
+                                                      **released}, indent=2) + "\n")
+                released.update(marker=RELEASE_MARKER, marker_at=put_release_marker(build, creds, marker))
+            build.data["released"] = released
+            build.save()
+    write_streams(build.dir.parent.parent)
+    return build.data["released"]
+
+
+# --- latest -----------------------------------------------------------------------------
+
+def latest(output_root: str | os.PathLike, recipe: str, *, released: bool = False) -> dict[str, Any]:
+    """The newest build of `recipe` under `output_root` that has image ids (with
+    `released`, the newest released one that has): its id, directory and EMI/EKI/ERI.
+    A BakeError when there is none."""
+    from builder.operations.records import find_builds
+
+    builds, _ = find_builds(output_root, recipe)
+    for s in reversed(builds):
+        if s.cloud.get("emi") and (s.released or not released):
+            rel = s.released if isinstance(s.released, dict) else {}
+            return {"recipe": s.recipe, "build_id": s.build_id, "dir": str(s.dir), **s.cloud,
+                    "released": rel.get("at") if s.released else None, "public": bool(rel.get("public"))}
+    if not builds:
+        raise BakeError(f"no builds of {recipe} under {output_root}")
+    what = "released build" if released else "build"
+    raise BakeError(f"no {what} of {recipe} under {output_root} has image ids"
+                    + (" (none was released after publishing)" if released else " (none was published)"))
+
+
+# --- the commands -----------------------------------------------------------------------
+
+def _recipe_name(spec: str) -> str:
+    if spec.endswith((".yml", ".yaml")) and Path(spec).is_file():
+        from builder.recipe.recipe import load_recipe
+        return load_recipe(spec).name
+    return spec
+
+
+def cmd_release(args) -> int:
+    from builder.operations.records import resolve_build
+
+    build = resolve_build(args.build, args.output)
+    check_releasable(build, public=args.public)    # said before the recipe and credentials are read
+    creds = None
+    if args.public or image_ids(build)["emi"]:
+        from builder.cloud.credentials import load_credentials
+        from builder.verify import recipe_of
+
+        recipe = recipe_of(build)
+        creds = load_credentials(recipe.publish if recipe is not None else {}, eucarc=args.eucarc)
+    rel = release(build, public=args.public, creds=creds)
+    print(f"released\t{build.dir.parent.name}/{build.id}")
+    for key in ("sha256sums", "sbom", "notes"):
+        print(f"{key}\t{build.dir / rel[key]}")
+    if rel["public"]:
+        print("public\t" + " ".join(i for i in rel["images"].values() if i))
+    print(f"stream\t{build.dir.parent.parent / STREAMS / 'index.json'}")
+    return 0
+
+
+def cmd_latest(args) -> int:
+    found = latest(args.output, _recipe_name(args.recipe), released=args.released)
+    if args.json:
+        print(json.dumps(found, indent=2))
+    else:
+        print(f"build\t{found['recipe']}/{found['build_id']}")
+        for key in ("emi", "eki", "eri"):
+            if found.get(key):
+                print(f"{key}\t{found[key]}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `release` and `latest` to the `bake` command."""
+    sp = subparsers.add_parser(
+        "release", help="release a verified build: SHA256SUMS, SBOM, release notes, stream index; --public",
+        description="Release a build whose verification passed: write SHA256SUMS, an SPDX 2.3 SBOM and release "
+                    "notes (packages added, removed, upgraded since the recipe's previous release) into the "
+                    "build directory, mark it released (gc keeps it) and rebuild the stream index of released "
+                    "images (OUTPUT/streams/v1, simplestreams). A build never verified, or whose verification "
+                    "failed, is refused.")
+    sp.add_argument("build", metavar="BUILD", help="a build directory, RECIPE/BUILD_ID, or a build id")
+    sp.add_argument("--public", action="store_true",
+                    help="also grant launch permission to all on the build's EMI, EKI and ERI")
+    sp.add_argument("--eucarc", help="for a published build: its cloud's eucarc (default: the recipe's, else the "
+                                     "environment)")
+    add_output(sp)
+    sp.set_defaults(func=cmd_release)
+    sp = subparsers.add_parser(
+        "latest", help="print the newest published (or released) build's EMI, EKI and ERI",
+        description="Print the build id and image ids of a recipe's newest build that has them; exit 1 when "
+                    "there is none.")
+    sp.add_argument("recipe", metavar="RECIPE", help="a recipe's name (or its file)")
+    sp.add_argument("--released", action="store_true", help="the newest released build, not the newest published")
+    sp.add_argument("--json", action="store_true", help="print a JSON object")
+    add_output(sp)
+    sp.set_defaults(func=cmd_latest)

@@ -1,0 +1,1 @@
+"""The pipeline: the plan, the stage table, the build context and the stages."""
