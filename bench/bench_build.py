@@ -470,7 +470,7 @@ def bake_plan(recipe: Path, env: dict[str, str], output: Path) -> dict:
 def change_hook(elements_dir: Path) -> Path:
     """Copy HOOK_ELEMENT under `elements_dir` and add a harmless line to its first install.d
     hook (a note bake records in build.json, which also proves this copy was used)."""
-    src = ROOT / "elements" / HOOK_ELEMENT
+    src = ROOT / "builder" / "elements" / HOOK_ELEMENT
     dst = elements_dir / HOOK_ELEMENT
     shutil.copytree(src, dst, symlinks=True)
     hooks = sorted((dst / "install.d").iterdir())

@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from builder.core import sh  # noqa: E402
 
-AGENT = ROOT / "elements" / "sync-agent" / "static" / "usr" / "sbin" / "rootsync"
+AGENT = ROOT / "builder" / "elements" / "sync-agent" / "static" / "usr" / "sbin" / "rootsync"
 TREE30K = Path("/var/tmp/bake-bench-sync-tree30k")
 BOOKWORM = Path("/var/tmp/bake-bench-sync-bookworm")
 DEBIAN_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")

@@ -2,5 +2,4 @@
 
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-BUILTIN_ELEMENTS = PROJECT_ROOT / "elements"
+BUILTIN_ELEMENTS = Path(__file__).resolve().parent / "elements"

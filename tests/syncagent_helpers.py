@@ -26,7 +26,7 @@ import pytest
 from builder.core import sh
 
 REPO = Path(__file__).resolve().parent.parent
-ELEMENT = REPO / "elements" / "sync-agent"
+ELEMENT = REPO / "builder" / "elements" / "sync-agent"
 AGENT = ELEMENT / "static" / "usr" / "sbin" / "rootsync"
 
 # Relative to the root, as the agent excludes them by default.

@@ -158,7 +158,7 @@ def mini_root(tmp_path):
                 dest = root / lib.lstrip("/")
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(os.path.realpath(lib), dest)
-    hook = REPO / "elements/acpiphp/install.d/30-acpiphp"
+    hook = REPO / "builder/elements/acpiphp/install.d/30-acpiphp"
     shutil.copy2(hook, root / "tmp/30-acpiphp")
     return root
 

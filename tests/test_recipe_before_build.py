@@ -169,7 +169,7 @@ def test_a_badly_indented_key_is_reported_on_its_line_not_where_the_mapping_bega
 # --- the documented element form --------------------------------------------------------
 
 def test_the_element_form_the_elements_readme_shows_is_accepted(tmp_path):
-    readme = (REPO / "elements" / "README.md").read_text()
+    readme = (REPO / "builder" / "elements" / "README.md").read_text()
     m = re.search(r"^    elements:\n(?:^      .*\n)+", readme, re.M)
     assert m, "elements/README.md shows no `elements:` example"
     snippet = "\n".join(line[4:] for line in m.group(0).splitlines()) + "\n"
