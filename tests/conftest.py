@@ -36,6 +36,7 @@ def pytest_sessionstart(session):
 def demo_build():
     """The demo recipe baked for real, once per test run (up to the image stage)."""
     from builder.pipeline.bake import bake
+    from builder.pipeline.options import BuildOptions
     from builder.recipe.recipe import load_recipe
 
     # Earlier runs' builds are a gigabyte or more each; keep only this run's, and those of
@@ -45,7 +46,7 @@ def demo_build():
         if old.name != f"run-{os.getpid()}" and not (pid.isdigit() and os.path.exists(f"/proc/{pid}")):
             shutil.rmtree(old, ignore_errors=True)
     recipe = load_recipe(REPO / "recipes" / "debian-demo.yml")
-    build = bake(recipe, TEST_OUTPUT, stop_after="image", build_id=f"run-{os.getpid()}")
+    build = bake(recipe, BuildOptions(output=str(TEST_OUTPUT), stop_after="image", build_id=f"run-{os.getpid()}"))
     assert build.data["result"] == "ok"
     return build
 

@@ -116,12 +116,14 @@ def cmd_build(args) -> int:
     if len(args.recipes) > 1:
         return _build_many(args)
     from builder.pipeline.bake import bake
+    from builder.pipeline.options import BuildOptions
     from builder.recipe.recipe import load_recipe
 
     recipe = load_recipe(args.recipes[0])
     events.set_build(None, recipe.name)
-    build = bake(recipe, output_root=Path(args.output), stop_after=args.stop_after,
-                 skip=set(args.skip or ()), cloud=args.cloud, wait=not args.no_wait, build_id=args.build_id)
+    options = BuildOptions(output=args.output, stop_after=args.stop_after, skip=tuple(args.skip or ()),
+                           cloud=args.cloud, wait=not args.no_wait, build_id=args.build_id)
+    build = bake(recipe, options)
     report = build.dir / "verify.json"
     if report.is_file() and not args.quiet:
         import json

@@ -22,6 +22,7 @@ from builder.core.interrupts import deferred
 from builder.core.record import Build
 from builder.core.errors import BakeError
 from builder.core.log import step
+from builder.pipeline.options import BuildOptions
 from builder.pipeline.plan import make_plan
 from builder.recipe.recipe import Recipe
 from builder.pipeline.stages import baseimage, bootstrap, customize, image
@@ -47,11 +48,10 @@ def recipe_lock(name: str, *, wait: bool = True):
     return locks.held(recipe_lock_path(name), f"recipe {name}", wait=wait)
 
 
-def bake(recipe: Recipe, output_root: Path, *, stop_after: str | None = None,
-         skip: set[str] | None = None, cloud: bool = False, build_id: str | None = None,
-         wait: bool = True) -> Build:
+def bake(recipe: Recipe, options: BuildOptions | None = None) -> Build:
     """Run the recipe's stages into a new build directory and return the build. Another
-    bake of the same recipe is waited for (`wait=False`: locks.Busy at once)."""
+    bake of the same recipe is waited for (`options.wait` False: locks.Busy at once)."""
+    options = options or BuildOptions()
     base = recipe.base
     if base and base["method"] == "guestfs":
         sh.require("qemu-img", "e2fsck", "resize2fs", "debugfs")
@@ -62,13 +62,13 @@ def bake(recipe: Recipe, output_root: Path, *, stop_after: str | None = None,
         sh.require("chroot", "mount", "tar", "qemu-img", "debugfs")
     else:
         sh.require("debootstrap", "chroot", "mount", "tar")
-    output_root = Path(output_root).resolve()
+    output_root = Path(options.output).resolve()
     # mirrors and packages resolve before anything is made, and before waiting for the
     # recipe: bad input is said at once
     plan = make_plan(recipe, output_root)
-    with recipe_lock(recipe.name, wait=wait):
-        return _bake(recipe, plan, output_root, stop_after=stop_after, skip=skip or set(), cloud=cloud,
-                     build_id=build_id)
+    with recipe_lock(recipe.name, wait=options.wait):
+        return _bake(recipe, plan, output_root, stop_after=options.stop_after, skip=set(options.skip),
+                     cloud=options.cloud, build_id=options.build_id)
 
 
 def _bake(recipe: Recipe, plan, output_root: Path, *, stop_after: str | None, skip: set[str], cloud: bool,
