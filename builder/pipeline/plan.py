@@ -24,6 +24,24 @@ PRE_PACKAGE_PHASES = ("root.d", "extra-data.d", "pre-install.d")
 STAGES = ("bootstrap", "customize", "image", "bundle", "publish", "verify")
 
 
+@dataclass(frozen=True)
+class Route:
+    """How a bake runs, chosen once when its plan is made: where the root tree comes from
+    (`debootstrap`, or an existing `image`) and how it is customized (in a `chroot` on the
+    host, or inside the libguestfs `appliance`, which trusts nothing of the image)."""
+
+    base: str      # "debootstrap" | "image"
+    backend: str   # "chroot" | "appliance"
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> "Route":
+        """The route a recipe's bake takes."""
+        base = recipe.base
+        if not base:
+            return cls("debootstrap", "chroot")
+        return cls("image", "appliance" if base["method"] == "guestfs" else "chroot")
+
+
 @dataclass
 class CacheEntry:
     namespace: str
@@ -44,6 +62,7 @@ class Plan:
     checkpoint: CacheEntry
     stages: list[tuple[str, str]] = field(default_factory=list)  # (stage, what happens)
     dib: Any = None                          # builder.dib.DibPlan when the recipe has DIB elements
+    route: Route = Route("debootstrap", "chroot")
 
     @property
     def package_names(self) -> list[str]:
@@ -218,7 +237,7 @@ def make_plan(recipe: Recipe, output_root: Path) -> Plan:
     chit = bhit and ccache.has(ckey)
     check = CacheEntry("packages", ckey, chit, "root tree after package installation" if chit else "")
 
-    plan = Plan(recipe, mirror, security, apt_sources, packages, hooks, boot, check, dib=dplan)
+    plan = Plan(recipe, mirror, security, apt_sources, packages, hooks, boot, check, dib=dplan, route=Route.of(recipe))
     if base and base["method"] == "guestfs":
         src = base.get("image") or base.get("emi")
         plan.stages.append(("bootstrap", f"copy of {src} ({base['partition']} partition), grown by {base['grow']}"))
