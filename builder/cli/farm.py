@@ -1,9 +1,9 @@
 """Farm commands: `bake worker`, `bake submit`, `bake status`, and the `--farm` forms of
-`bake nightly`, `bake ls` and `bake gc` (which those commands hand over to here)."""
+`bake ls` and `bake gc` (which those commands hand over to here); `bake nightly --farm` is
+`builder.cli.nightly`'s."""
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import socket
@@ -112,7 +112,7 @@ def cmd_worker(args) -> int:
 
 # --- bake submit ------------------------------------------------------------------------
 
-def _options(args) -> dict[str, Any]:
+def job_options(args) -> dict[str, Any]:
     return {"stop_after": getattr(args, "stop_after", None), "skip": list(getattr(args, "skip", None) or ()),
             "cloud_verify": bool(getattr(args, "cloud_verify", False))}
 
@@ -179,7 +179,7 @@ def wait_for_jobs(farm: Farm, submitted: list[dict], *, poll: float = 2.0) -> li
 
 def cmd_submit(args) -> int:
     farm = Farm.from_args(args)
-    submitted, refused = submit_all(farm, args.recipes, _options(args), day=None, timeout=args.timeout,
+    submitted, refused = submit_all(farm, args.recipes, job_options(args), day=None, timeout=args.timeout,
                                     retries=args.retries, backoff=args.backoff)
     for s in submitted:
         print(s["job"])
@@ -192,49 +192,6 @@ def cmd_submit(args) -> int:
     if refused:
         return exitcodes.BUSY
     return exitcodes.OK
-
-
-# --- bake nightly --farm ----------------------------------------------------------------
-
-def cmd_nightly_farm(args) -> int:
-    from builder.operations.nightly import _summary_dir, _write_atomically, recipes_of
-
-    started = _dt.datetime.now(_dt.timezone.utc)
-    try:
-        paths = recipes_of(args.recipes)
-        summaries = _summary_dir(args.output)
-        farm = Farm.from_args(args)
-    except BakeError as e:
-        print(f"bake: error: {e}", file=sys.stderr)
-        return exitcodes.COULD_NOT_RUN
-    day = started.strftime("%Y%m%d")
-    submitted, refused = submit_all(farm, paths, _options(args), day=day, timeout=args.timeout,
-                                    retries=args.retries, backoff=args.backoff)
-    if not submitted:
-        status = exitcodes.BUSY if refused and all(r.get("duplicate") for r in refused) else exitcodes.SOME_FAILED
-        print("bake: nothing submitted: " + ("tonight's jobs of these recipes are already submitted"
-                                             if status == exitcodes.BUSY else "no recipe could be submitted"),
-              file=sys.stderr)
-        return status
-    wait_for_jobs(farm, submitted)
-    gc = None
-    if args.keep:
-        gc = gc_farm(farm, args.keep, dry_run=False)
-    status = exitcodes.OK if all(s["outcome"] == "ok" for s in submitted) and not refused else exitcodes.SOME_FAILED
-    if gc is not None and gc.get("error"):
-        status = exitcodes.SOME_FAILED
-    finished = _dt.datetime.now(_dt.timezone.utc)
-    summary = {"started": started.isoformat(timespec="seconds"), "finished": finished.isoformat(timespec="seconds"),
-               "farm": {"redis": shown(farm.redis_url), "store": farm.store_url}, "exit_status": status, "keep": args.keep,
-               "recipes": submitted + refused, "refused": len(refused),
-               "passed": sum(s["outcome"] == "ok" for s in submitted),
-               "failed": sum(s["outcome"] != "ok" for s in submitted), "gc": gc}
-    text = json.dumps(summary, indent=2, default=str) + "\n"
-    path = summaries / (started.strftime("%Y%m%d-%H%M%S") + "-farm.json")
-    _write_atomically(path, text)
-    _write_atomically(summaries / "latest.json", text)
-    print(path)
-    return status
 
 
 # --- ls / status / gc --farm -------------------------------------------------------------

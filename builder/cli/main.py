@@ -22,7 +22,7 @@ from builder.core import events, exitcodes, interrupts
 from builder.core import log as steplog
 
 AREA_CLIS = ("builder.cli.bundle", "builder.cli.cloud", "builder.cli.verify", "builder.operations.records",
-             "builder.operations.release", "builder.operations.gc", "builder.operations.nightly", "builder.cli.farm")
+             "builder.operations.release", "builder.operations.gc", "builder.cli.nightly", "builder.cli.farm")
 # Commands that mount, boot or write builds: before them, what killed bakes left is undone.
 CLEANS_FIRST = ("build", "bundle", "publish", "unpublish", "verify")
 
@@ -135,7 +135,8 @@ def cmd_build(args) -> int:
 
 
 def _build_many(args) -> int:
-    from builder.operations.many import bake_many, render_summary
+    from builder.cli.many import render_summary
+    from builder.operations.many import bake_many
 
     build_args: list[str] = []
     if args.stop_after:
