@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.core import lifetime, sh
+from builder.core import sh, stale
 from conftest import BAKE
 from shared_base import intact, recipes
 
@@ -36,7 +36,7 @@ def test_two_bakes_sharing_a_base_started_together_both_succeed_with_one_deboots
             if p.poll() is None:
                 os.killpg(p.pid, 9)
                 p.wait()
-        lifetime.clean_stale()
+        stale.clean_stale()
     for p, (stdout, stderr) in zip(procs, results):
         assert p.returncode == 0, stderr
     builds = [Path(stdout.strip().splitlines()[-1]) for stdout, _ in results]

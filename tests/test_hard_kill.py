@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder.core import lifetime, sh, watchdog
+from builder.core import lifetime, sh, stale, watchdog
 from conftest import BAKE, REPO
 from events import wait_for
 from test_build_failures import TEST_ELEMENTS, demo_plus
@@ -72,7 +72,7 @@ def bakes():
     yield start
     for b in started:
         b.stop()
-    lifetime.clean_stale()    # whatever a failed test left, as the next bake would
+    stale.clean_stale()    # whatever a failed test left, as the next bake would
 
 
 def other_recipe(tmp_path: Path) -> Path:
@@ -176,5 +176,5 @@ def test_sigkill_in_a_dib_chroot_phase_leaves_no_process_and_no_mount_of_the_san
     wait_for(lambda: not processes_of(token, rootfs), GONE_WITHIN, "every process of the killed bake to end")
     left = sh.mounts_under(rootfs)
     assert left and set(left) <= set(host_view), "only bake's own chroot mounts remain for the next run"
-    lifetime.clean_stale()
+    stale.clean_stale()
     assert sh.mounts_under(build_dir) == [] and not (build_dir / "work").exists()

@@ -21,7 +21,7 @@ def child(tmp_path, body: str, *, ignore_sigint: bool = False) -> subprocess.Pop
         import sys, time
         sys.path.insert(0, %r)
         from pathlib import Path
-        from builder import interrupts
+        from builder.core import interrupts
         tmp = Path(%r)
     """ % (str(REPO), str(tmp_path))) + textwrap.dedent(body))
     # SIG_IGN survives exec: the child starts with SIGINT ignored, as a background job does
@@ -140,7 +140,7 @@ def test_only_the_main_thread_can_receive_sigint_and_sigterm(tmp_path, children)
     p = child(tmp_path, """
         import threading
         from concurrent.futures import ThreadPoolExecutor
-        from builder import sh
+        from builder.core import sh
         interrupts.install()
         gate = threading.Event()
         threading.Thread(target=gate.wait, daemon=True).start()
@@ -173,7 +173,7 @@ def test_a_signal_handled_on_another_thread_still_wakes_a_waiting_command(tmp_pa
     # the signal itself; the main thread, waiting for a command, must still act on it.
     p = child(tmp_path, """
         import _thread, signal, threading
-        from builder import sh
+        from builder.core import sh
         interrupts.install()
         def hit():
             while not (tmp / "ready").exists():

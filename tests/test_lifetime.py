@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.core import lifetime, locks, sh, watchdog
+from builder.core import lifetime, locks, sh, stale, watchdog
 from conftest import BAKE, REPO
 from events import wait_for
 
@@ -29,7 +29,7 @@ class Child:
             import json, os, sys, time
             from pathlib import Path
             sys.path.insert(0, %r)
-            from builder import lifetime, sh
+            from builder.core import lifetime, sh
             def say(**kw):
                 print(json.dumps(kw), flush=True)
             tmp = Path(%r)
@@ -61,7 +61,7 @@ def child_factory(tmp_path):
     for c in made:
         c.kill()
     # whatever a failed test left, as the next bake would
-    lifetime.clean_stale()
+    stale.clean_stale()
 
 
 def alive(pid: int) -> bool:
@@ -168,7 +168,7 @@ def test_doctor_leaves_a_live_bake_alone_and_names_it(child_factory, tmp_path):
 def test_a_lock_ends_with_its_holder_and_a_waiter_is_told_who_holds_it(child_factory, tmp_path):
     lock = tmp_path / "entry.lock"
     c = child_factory("""
-        from builder import locks
+        from builder.core import locks
         with locks.held(tmp / "entry.lock", "the test entry"):
             say(held=True)
             time.sleep(600)
@@ -190,7 +190,7 @@ def test_a_second_bake_waits_for_a_cache_entry_being_made_and_finds_it_made(chil
     from builder.core.cache import TreeCache
 
     c = child_factory("""
-        from builder.cache import TreeCache
+        from builder.core.cache import TreeCache
         cache = TreeCache(tmp / "cache", "bootstrap")
         tree = tmp / "tree"
         (tree / "etc").mkdir(parents=True)
@@ -217,13 +217,13 @@ def test_a_half_written_cache_entry_of_a_killed_writer_is_removed_and_never_trus
     from builder.core.cache import TreeCache
 
     c = child_factory("""
-        from builder.cache import TreeCache
+        from builder.core.cache import TreeCache
         cache = TreeCache(tmp / "cache", "packages")
         tree = tmp / "tree"
         tree.mkdir()
         (tree / "big").write_bytes(os.urandom(1 << 20))
         # a tar that never ends stands in for one killed half-way
-        import builder.cache as c
+        import builder.core.cache as c
         c.TAR_FLAGS = ["--checkpoint=1", "--checkpoint-action=exec=sleep 600"] + c.TAR_FLAGS
         with cache.lock("k2"):
             say(saving=True)
@@ -235,6 +235,6 @@ def test_a_half_written_cache_entry_of_a_killed_writer_is_removed_and_never_trus
     os.kill(c.proc.pid, signal.SIGKILL)
     c.proc.wait()
     assert not cache.has("k2")
-    found = lifetime.clean_stale()
+    found = stale.clean_stale()
     assert any("removed half-written cache entry" in line for s in found for line in s.found)
     assert not list(cache.dir.glob("*.tmp")) and not cache.has("k2")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.core import exitcodes, lifetime, sh
+from builder.core import exitcodes, sh, stale
 from builder.pipeline.bake import recipe_lock
 from conftest import BAKE, REPO
 from event_stream import parse
@@ -121,7 +121,7 @@ def test_two_recipes_sharing_a_base_baked_and_verified_with_j2_and_one_debootstr
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-        lifetime.clean_stale()
+        stale.clean_stale()
 
     # the second bake of a recipe being built: busy at once, naming the holder
     assert busy.returncode == exitcodes.BUSY, busy.stderr
@@ -213,7 +213,7 @@ def test_sigterm_to_a_j2_bake_ends_every_bake_with_everything_undone(demo_build,
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-        lifetime.clean_stale()
+        stale.clean_stale()
     assert p.returncode == exitcodes.INTERRUPTED, stderr
     for name in ("sleepy-a", "sleepy-b"):
         assert f"{name} | bake: interrupted; everything mounted or started was undone" in stderr, stderr

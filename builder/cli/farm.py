@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from builder.core import exitcodes, lifetime
+from builder.core import exitcodes, stale
 from builder.core.errors import BakeError
 from builder.cli.options import add_output
 from builder.farm.connect import QUEUE, Farm, shown
@@ -88,7 +88,7 @@ def cmd_worker(args) -> int:
     conn = farm.redis()
     farm.store().ensure()
     # what a killed worker of this box left: mounts, loop devices, processes, work trees
-    lifetime.report_stale(lifetime.clean_stale())
+    stale.report_stale(stale.clean_stale())
     output = Path(args.output).resolve()
     for d in _clean_job_folders(output):
         print(f"removed the folder of a killed job: {d}", file=sys.stderr)

@@ -18,7 +18,7 @@ from builder.cli.options import add_output
 from builder.core.errors import BakeError
 from builder.core.locks import Busy
 from builder.recipe.schemaerrors import RecipeError
-from builder.core import events, exitcodes, interrupts
+from builder.core import events, exitcodes, interrupts, lifetime, stale
 from builder.core import log as steplog
 
 AREA_CLIS = ("builder.cli.bundle", "builder.cli.cloud", "builder.cli.verify", "builder.operations.records",
@@ -162,9 +162,7 @@ def _build_many(args) -> int:
 def cmd_doctor(args) -> int:
     """Undo what killed bakes left (as every bake does before it starts) and say what
     was found; list the bakes running now."""
-    from builder.core import lifetime
-
-    found = lifetime.clean_stale()
+    found = stale.clean_stale()
     for s in found:
         print(f"{s.describe()} was killed and had left:")
         for line in s.found:
@@ -365,8 +363,7 @@ def _run(argv: list[str]) -> int:
         events.enable(sys.stdout)
     try:
         if args.command in CLEANS_FIRST:
-            from builder.core import lifetime
-            lifetime.report_stale(lifetime.clean_stale())
+            stale.report_stale(stale.clean_stale())
         status = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, while it can still be handled
         return status

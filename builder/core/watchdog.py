@@ -12,7 +12,7 @@ kernel closes that pipe; the watchdog then kills, with SIGKILL and until none is
 - every process whose root directory lies in a chroot the journal still lists.
 
 Only processes: mounts, loop devices and files are the next bake's to undo, from the
-same journal (`lifetime.clean_stale`), which says what it cleans.
+same journal (`stale.clean_stale`), which says what it cleans.
 
 This file runs as a script with the standard library alone (`python3 -I watchdog.py
 TOKEN JOURNAL`): it must start fast and must not depend on the bake it outlives.

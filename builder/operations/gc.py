@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from builder.cli.options import add_output
-from builder.core import lifetime, locks
+from builder.core import lifetime, locks, stale
 from builder.operations import records
 from builder.core.record import Build
 from builder.core.cache import TreeCache, cache_root
@@ -698,7 +698,7 @@ def cmd_gc(args) -> int:
     if not args.dry_run:
         # a killed bake's mounts and work trees are undone first, as before every command
         # that changes builds, so that its folder can go
-        lifetime.report_stale(lifetime.clean_stale())
+        stale.report_stale(stale.clean_stale())
     survey = survey_local(args.output, args.recipes or None)
     if clients is not None:
         survey_cloud(survey, clients, creds)
