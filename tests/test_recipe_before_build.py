@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.recipe.recipe import load_recipe, recipe_schema
+from builder.recipe.recipe import load_recipe
+from builder.recipe.schema import recipe_schema
 from builder.verify.checks import BUILTIN
 from conftest import BAKE, REPO
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder.core.errors import BakeError
+from builder.recipe.schema import recipe_schema
 
 # Every release's code name, oldest first; what a suite may be and what it is decided by
 # where it falls in these lists.
@@ -290,8 +291,6 @@ def default_mirrors(distro: str, root: str = "/") -> tuple[str | None, str | Non
 def check_mirror_url(value: str, origin: str) -> None:
     """A BakeError naming `origin` unless `value` is an archive URL by the same rule the
     recipe schema applies to `mirror:`."""
-    from builder.recipe.recipe import recipe_schema  # late: recipe imports this module
-
     rule = recipe_schema()["properties"]["mirror"]
     if not re.search(rule["pattern"], value):
         raise BakeError(f"{origin}: expected {rule['x-expected']}, found {json.dumps(value)}")

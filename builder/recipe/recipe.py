@@ -8,24 +8,18 @@ parameters fit the element's own schema, that files to copy are there.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from builder.core.errors import BakeError
+from builder.recipe import dib
 from builder.recipe import elements as elements_mod
 from builder.recipe.distro import Profile, profile_for
-from builder.core.errors import BakeError
+from builder.recipe.schema import recipe_schema
 from builder.recipe.schemaerrors import Located, RecipeError, fill_defaults, format_path, validate
 
-SCHEMA_FILE = Path(__file__).parent.parent / "schema" / "recipe.schema.json"
 IMPLICIT_ELEMENTS = ("base", "kernel")
-
-
-@lru_cache(maxsize=1)
-def recipe_schema() -> dict:
-    return json.loads(SCHEMA_FILE.read_text())
 
 
 @dataclass(frozen=True)
@@ -234,7 +228,6 @@ def _dib_entries(data: dict) -> list[tuple[int, str]]:
 def _load_dib(recipe: Recipe, loc: Located, path: Path) -> None:
     """Expand the recipe's {dib: NAME} elements with diskimage-builder's own resolution,
     refusing what bake cannot run (before anything is built), and resolve dib.env."""
-    from builder.recipe import dib
     data = recipe.data
     entries = _dib_entries(data)
     section = data.get("dib") or {}

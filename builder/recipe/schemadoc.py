@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from builder.recipe.recipe import recipe_schema
+from builder.recipe.schema import recipe_schema
 
 
 def _type(s: dict[str, Any]) -> str:
