@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 
 from builder.core import sh
 from builder.recipe.distro import EXT3, EXT4_CURRENT
-from builder.pipeline.stages.image import make_filesystem, tree_usage
+from builder.image.filesystem import make_filesystem, tree_usage
 
 MiB = 1024 * 1024
 

@@ -24,6 +24,8 @@ from conftest import BAKE, TEST_OUTPUT
 from eucalyptus_standin.fixtures import euca4  # noqa: F401  (a fixture)
 from vm_builds import kill_qemu_under, leftovers
 
+pytestmark = pytest.mark.bakes
+
 OUT = TEST_OUTPUT / "base-e2e"
 ALL_CHECKS = "boots,metadata,acpiphp,volume-hotplug,sync-agent"
 
@@ -73,6 +75,7 @@ def image_file(image: Path, path: str) -> str:
     return data.decode()
 
 
+@pytest.mark.boots
 def test_the_base_itself_fails_metadata_and_sync_agent(handmade_base):
     status, checks, err = verify(handmade_base, "boots,metadata,sync-agent")
     assert checks.get("boots") == "pass", err[-3000:]
@@ -82,6 +85,7 @@ def test_the_base_itself_fails_metadata_and_sync_agent(handmade_base):
     assert not leftovers(handmade_base.dir)
 
 
+@pytest.mark.boots
 def test_the_evolved_base_passes_every_check(handmade_base, tmp_path):
     recipe = write_recipe(tmp_path, {
         "name": "evolved-base", "release": "debian/bookworm",
@@ -110,6 +114,7 @@ def test_the_evolved_base_passes_every_check(handmade_base, tmp_path):
     assert not leftovers(build.dir)
 
 
+@pytest.mark.boots
 def test_evolving_the_demo_build_keeps_its_label_and_adds_what_the_recipe_asks(demo_build, tmp_path):
     marker = tmp_path / "evolved.txt"
     marker.write_text("evolved from the demo build\n")
@@ -149,6 +154,7 @@ def test_a_base_of_another_release_is_refused_naming_both(demo_build, tmp_path):
     assert not sh.mounts_under(tmp_path)
 
 
+@pytest.mark.boots
 @pytest.mark.e2e
 def test_an_emi_published_from_a_build_is_evolved_in_place_and_boots(demo_build, euca4, tmp_path):
     """Publish the demo build to the Eucalyptus stand-in, then a recipe whose base is its
@@ -160,7 +166,7 @@ def test_an_emi_published_from_a_build_is_evolved_in_place_and_boots(demo_build,
     from builder.bundle.keys import BundleKeys
     from builder.cloud.credentials import load_credentials
     from builder.cloud.publish import PublishOptions, publish
-    from builder.pipeline.stages.bundle import bundle_build
+    from builder.bundle.build import bundle_build
 
     source = Build.create(tmp_path / "published", "debian-demo")
     for role in ("kernel", "ramdisk", "image"):

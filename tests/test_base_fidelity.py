@@ -23,7 +23,7 @@ from builder.core import sh
 from builder.base import hostcopy
 from builder.recipe.distro import EXT4_CURRENT
 from builder.core.errors import BakeError
-from builder.pipeline.stages.image import make_filesystem, tree_usage
+from builder.image.filesystem import make_filesystem, tree_usage
 from fulllisting import image_listing, listing
 
 MOUNT_PREFIX = "bake-base-mnt-"
@@ -98,6 +98,7 @@ def test_the_host_path_reads_ext2_and_ext3_bases_too(base, work, fs):
     assert_same(expected, listing(work / "tree"), f"the tree copied from {fs}")
 
 
+@pytest.mark.boots
 def test_the_libguestfs_path_keeps_every_special_file(base, work):
     from builder.base.appliance import extract_tree
     round_trip(extract_tree, base, work)

@@ -14,7 +14,8 @@ from builder.base.source import check_release, kernel_version, release_of
 from builder.core.errors import BakeError
 from builder.pipeline.plan import make_plan
 from builder.recipe.recipe import load_recipe
-from builder.pipeline.stages.baseimage import dpkg_status_packages, fstab_by_label
+from builder.image.boot import dpkg_status_packages
+from builder.pipeline.stages.baseimage import fstab_by_label
 
 BOOKWORM_OS_RELEASE = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nNAME="Debian GNU/Linux"\nVERSION_ID="12"\n' \
                       'VERSION="12 (bookworm)"\nVERSION_CODENAME=bookworm\nID=debian\n'
@@ -137,7 +138,7 @@ def test_a_base_whose_kernel_has_acpiphp_as_a_module_gets_it_loaded_at_boot(mini
     from base_fixtures import fs_image
     from builder.base.formats import read_file
     from builder.base.hostcopy import copy_tree
-    from builder.pipeline.stages.image import make_filesystem, tree_usage
+    from builder.image.filesystem import make_filesystem, tree_usage
 
     kernel_tree(mini_root, "2.6.32-38-virtual", "module")          # acpiphp.ko, not in modules.builtin
     base = fs_image(mini_root, tmp_path / "base.img", label="uec-rootfs")

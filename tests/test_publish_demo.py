@@ -11,10 +11,11 @@ from builder.core.record import Build
 from builder.bundle.keys import BundleKeys
 from builder.cloud.credentials import load_credentials
 from builder.cloud.publish import PublishOptions, publish, unpublish
-from builder.pipeline.stages.bundle import bundle_build
+from builder.bundle.build import bundle_build
 from eucalyptus_standin.fixtures import euca3, euca4  # noqa: F401
 
 
+@pytest.mark.bakes
 @pytest.mark.e2e
 @pytest.mark.parametrize("version", ["3", "4"])
 def test_the_demo_build_publishes_and_unpublishes(demo_build, version, request, tmp_path):

@@ -16,7 +16,7 @@ import pytest
 
 from builder.core import locks
 from builder.core.record import Build
-from builder.pipeline.stages.bundle import bundle_and_record
+from builder.bundle.build import bundle_and_record
 from builder.verify import _record as record_verification
 from builder.verify.report import Report
 from builder.verify.result import FAIL, PASS, SKIP, CheckResult
@@ -342,6 +342,7 @@ def test_show_json_is_the_record_with_its_state(every_state):
 
 # --- the suite's real bake ---------------------------------------------------------------------
 
+@pytest.mark.bakes
 @pytest.mark.e2e
 def test_ls_lists_the_real_demo_bake_with_its_image_size(demo_build):
     out = demo_build.dir.parent.parent

@@ -121,7 +121,7 @@ def cmd_bundle(args) -> int:
 
 def _bundle_build_dir(args, keys, bdm, part_size: int) -> int:
     from builder.core.record import Build
-    from builder.pipeline.stages.bundle import bundle_and_record
+    from builder.bundle.build import bundle_and_record
     from builder.bundle.keys import credentials_wanted
 
     if args.image:

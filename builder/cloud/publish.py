@@ -118,7 +118,7 @@ def bundle_build(build: Build, creds: Credentials) -> dict[str, Any]:
     bundles already made with these certificates are kept as they are; otherwise the
     build is bundled again exactly as the bundle stage does (same settings as the
     bundles it replaces, same record in build.json "bundle"). Returns that section."""
-    from builder.pipeline.stages.bundle import bundle_build as bundle_stage_build
+    from builder.bundle.build import bundle_build as bundle_stage_build
 
     keys = _bundle_keys(creds)
     section = build.data.get("bundle") or {}

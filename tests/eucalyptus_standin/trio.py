@@ -34,7 +34,7 @@ def bundle_build(build: Build, cloud: Standin, *, part_size: int = 64 * 1024,
     image has several), for this cloud's keys unless others are given; returns build.json's
     "bundle" section."""
     from builder.bundle.keys import BundleKeys
-    from builder.pipeline.stages.bundle import bundle_build as stage_bundle_build
+    from builder.bundle.build import bundle_build as stage_bundle_build
 
     i = cloud.identity
     keys = BundleKeys(user_id=i.account_id, cert=user_cert or i.user_cert, private_key=user_key or i.user_key,

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from builder.core import sh
+from builder.base import formats
 from builder.base.source import check_release, file_digest, release_of, source_digest
 from builder.core.record import Build
 from builder.core.cache import TreeCache, cache_root
@@ -33,12 +33,10 @@ from builder.core.errors import BakeError
 from builder.core.log import step
 from builder.pipeline.plan import Plan
 from builder.recipe.recipe import Recipe
-from builder.pipeline.stages.image import parse_size
+from builder.image.boot import SOURCE_BOOT, dpkg_status_packages
+from builder.image.filesystem import parse_size
 
 log = logging.getLogger("bake.base")
-
-SOURCE_BOOT = ".bake-source-boot"   # the source's own kernel and ramdisk travel with the tree, until the image stage
-
 
 @dataclass
 class Opened:
@@ -62,7 +60,6 @@ def open_method() -> str:
 
 def _source(build: Build, recipe: Recipe, work: Path) -> tuple[formats.Source, dict, tuple]:
     """The recipe's base as a local source, its record so far, and an EMI's kernel and ramdisk."""
-    from builder.base import formats
     b = recipe.base
     if b.get("emi"):
         from builder.cloud.credentials import load_credentials
@@ -90,7 +87,6 @@ def _source(build: Build, recipe: Recipe, work: Path) -> tuple[formats.Source, d
 def open_base(build: Build, recipe: Recipe, work: Path) -> Opened:
     """Reduce the recipe's base to a bare root filesystem under `work`, inspect it and
     check its release; the record for build.json."""
-    from builder.base import formats
     b = recipe.base
     src, record, emi_boot = _source(build, recipe, work)
     from builder.base import appliance
@@ -264,7 +260,6 @@ def _fix_fstab(tree: Path, record: dict, label: str, fstype: str) -> None:
 def prepare_light(build: Build, recipe: Recipe, work: Path) -> Opened:
     """`method: guestfs`: the base's bare root filesystem under `work`, grown by
     `base.grow`, for the light path to change in place."""
-    from builder.base import formats
     start = time.monotonic()
     opened = open_base(build, recipe, work)
     grow = parse_size(recipe.base["grow"]) if recipe.base["grow"] not in ("0M", "0G") else 0
@@ -279,32 +274,9 @@ def prepare_light(build: Build, recipe: Recipe, work: Path) -> Opened:
     return opened
 
 
-def dpkg_status_packages(status: str) -> list[dict[str, str]]:
-    """The installed packages a dpkg status file lists (name, version, architecture,
-    source), as the image stage records them."""
-    pkgs = []
-    for para in status.split("\n\n"):
-        fields: dict[str, str] = {}
-        for line in para.splitlines():
-            if line[:1] in (" ", "\t") or ":" not in line:
-                continue
-            k, v = line.split(":", 1)
-            fields[k] = v.strip()
-        if fields.get("Package") and fields.get("Status", "").endswith(" installed"):
-            src = fields.get("Source", fields["Package"])
-            m = re.fullmatch(r"(\S+)(?: \((\S+)\))?", src)
-            pkg = {"name": fields["Package"], "version": fields.get("Version", ""),
-                   "arch": fields.get("Architecture", ""), "source": m.group(1) if m else src}
-            if m and m.group(2) and m.group(2) != pkg["version"]:
-                pkg["source_version"] = m.group(2)
-            pkgs.append(pkg)
-    return sorted(pkgs, key=lambda p: p["name"])
-
-
 def finish_light(build: Build, recipe: Recipe, opened: Opened) -> dict:
     """The image stage of the light path: the changed filesystem becomes the build's
     partition image; kernel and ramdisk from the image's /boot or from the source."""
-    from builder.base import formats
     start = time.monotonic()
     from builder.base import appliance
     image = build.dir / f"{recipe.name}.img"
@@ -340,10 +312,3 @@ def finish_light(build: Build, recipe: Recipe, opened: Opened) -> dict:
     build.record_stage("image", seconds=round(time.monotonic() - start, 2))
     return build.data["outputs"]
 
-
-def source_kernel_of(root: Path) -> tuple[Path, Path] | None:
-    """The source's own kernel and ramdisk carried in the tree (`kernel: from-source`)."""
-    keep = root / SOURCE_BOOT
-    if (keep / "kernel").is_file() and (keep / "ramdisk").is_file():
-        return keep / "kernel", keep / "ramdisk"
-    return None
