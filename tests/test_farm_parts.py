@@ -17,6 +17,7 @@ import yaml
 from builder.core import cache as cache_mod
 from builder.core.cache import TreeCache
 from builder.core.errors import BakeError
+from builder.farm import hooks as farm_hooks
 from builder.farm import lease as lease_mod
 from builder.cli.farm import gc_farm
 from builder.farm.connect import Farm, redis_from_url, shown
@@ -28,6 +29,12 @@ from eucalyptus_standin.fixtures import euca4  # noqa: F401  (a fixture)
 from eucalyptus_standin.trio import bundle_build, make_build
 from events import wait_for
 from farm_helpers import overlaps, redis_server, start_worker, store_url
+
+
+@pytest.fixture(autouse=True)
+def farm_hooks_installed():
+    """What the CLI does at start: the core's stage cache and fence know of the farm."""
+    farm_hooks.install()
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from builder.core.locks import Busy
 from builder.recipe.schemaerrors import RecipeError
 from builder.core import events, exitcodes, interrupts, lifetime, stale
 from builder.core import log as steplog
+from builder.farm import hooks as farm_hooks
 
 AREA_CLIS = ("builder.cli.bundle", "builder.cli.cloud", "builder.cli.verify", "builder.operations.records",
              "builder.operations.release", "builder.operations.gc", "builder.cli.nightly", "builder.cli.farm")
@@ -359,6 +360,7 @@ def _run(argv: list[str]) -> int:
         return exitcodes.USAGE
     _setup_logging(args.verbose, args.quiet)
     interrupts.install()
+    farm_hooks.install()    # the shared cache and the fence of a farm job's bake (from its environment)
     if getattr(args, "json", False) and args.command == "build":
         events.enable(sys.stdout)
     try:

@@ -5,8 +5,10 @@ an interrupted build never leaves a half-written entry that a later build would 
 and two writers never share a file. Whoever makes an entry holds its lock (`lock`)
 from the look-up to the save, so two bakes that need the same entry make it once: the
 second waits and finds it made. A bake run by a farm worker also holds the entry's
-lease across the farm and shares the entry through the farm's store (farm/remote.py). A temporary file a killed writer left is removed by the
-next bake (it is in the writer's journal) or by the next holder of the entry's lock.
+lease across the farm and shares the entry through the farm's store (farm/remote.py,
+which the CLI makes known here at start: the core imports nothing of the farm). A
+temporary file a killed writer left is removed by the next bake (it is in the writer's
+journal) or by the next holder of the entry's lock.
 """
 
 from __future__ import annotations
@@ -18,23 +20,37 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager, Protocol
 
 from builder.core import lifetime, locks, sh
 
-_shared: tuple = (None, None)
+
+class SharedCache(Protocol):
+    """A cache shared beyond this box (the farm's, builder/farm/remote.py)."""
+
+    def held(self, cache: TreeCache, key: str) -> ContextManager[None]:
+        """Hold the entry `key` across boxes; bring it into `cache` when only the shared cache has it."""
+        ...
+
+    def push(self, cache: TreeCache, key: str) -> None:
+        """Share the entry `key` of `cache`, just saved."""
+        ...
 
 
-def shared():
-    """The farm's shared stage cache when this bake runs for a farm worker
-    (builder/farm/remote.py), else None. Made again when the variables that
-    name it change, so one process never keeps a farm it was once told of."""
-    global _shared
-    from builder.farm import remote
-    said = remote.env_said()
-    if _shared[0] != said:
-        _shared = (said, remote.from_env())
-    return _shared[1]
+_shared_provider: Callable[[], SharedCache | None] | None = None
+
+
+def set_shared_provider(provider: Callable[[], SharedCache | None] | None) -> None:
+    """Have `shared()` ask `provider` for the shared cache (None: there is none)."""
+    global _shared_provider
+    _shared_provider = provider
+
+
+def shared() -> SharedCache | None:
+    """The shared stage cache this bake is to use (a farm worker's, when the farm's hooks
+    are installed and the environment names one), else None."""
+    return _shared_provider() if _shared_provider is not None else None
+
 
 TAR_FLAGS = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "--sparse"]
 

@@ -1,28 +1,29 @@
-"""The last check before a build writes where others read: a bake run by a farm worker
-holds its recipe's lease (builder/farm/lease.py) only as long as it keeps renewing it.
-Publishing calls `check(what)` before it uploads and again before it registers; with
-no farm lease in the environment (a bake on one box, guarded by its flock) it passes.
+"""The last check before a build writes where others read.
+
+Publishing calls `check(what)` before it uploads and again before it registers. The core
+knows no farm: whoever does (the farm, installed by the CLI at start, see
+`builder.farm.hooks`) registers a check here, e.g. that a bake run by a farm worker still
+holds its recipe's lease. With no check registered, or none that objects (a bake on one
+box, guarded by its flock), it passes.
 """
 
 from __future__ import annotations
 
-import json
-import os
+from typing import Callable
 
-ENV = "BAKE_FARM_LEASE"        # JSON: {"redis": URL, "name": lease name, "token": ...}
+Check = Callable[[str], None]
+
+_checks: list[Check] = []
+
+
+def register(check: Check) -> None:
+    """Have `check(what)` run by every `check`; it raises a BakeError to stop the write.
+    Registering the same check again changes nothing."""
+    if check not in _checks:
+        _checks.append(check)
 
 
 def check(what: str) -> None:
-    """Raise (a BakeError) when this bake runs for a farm and no longer holds its lease."""
-    raw = os.environ.get(ENV)
-    if not raw:
-        return
-    from builder.farm.lease import check_spec
-    from builder.farm.connect import redis_from_url
-
-    spec = json.loads(raw)
-    conn = redis_from_url(spec["redis"])
-    try:
-        check_spec(conn, spec, what)
-    finally:
-        conn.close()
+    """Raise (a BakeError) when a registered check says this bake may no longer `what`."""
+    for c in list(_checks):
+        c(what)

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from builder.core.errors import BakeError
 from builder.core.locks import Busy
+from builder.farm.connect import redis_from_url
 
 log = logging.getLogger("bake.farm")
 
@@ -33,6 +34,7 @@ PREFIX = "bake:lease:"
 LOG_PREFIX = "bake:lease-log:"
 LOG_KEEP = 7 * 24 * 3600
 DEFAULT_TTL = 60.0
+FENCE_ENV = "BAKE_FARM_LEASE"   # a farm job's bake: JSON {"redis": URL, "name": lease name, "token": ...}
 
 _ACQUIRE = """
 local t = redis.call('TIME')
@@ -209,6 +211,20 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def check_env(what: str) -> None:
+    """Raise LeaseLost when this bake runs for a farm (its lease is in FENCE_ENV) and no
+    longer holds that lease; pass when there is none."""
+    raw = os.environ.get(FENCE_ENV)
+    if not raw:
+        return
+    spec = json.loads(raw)
+    conn = redis_from_url(spec["redis"])
+    try:
+        check_spec(conn, spec, what)
+    finally:
+        conn.close()
 
 
 def check_spec(conn, spec: dict[str, Any], what: str) -> None:

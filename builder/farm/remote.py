@@ -10,7 +10,9 @@ needs the same base waits for it and then downloads it (checked against its SHA-
 instead of making it again.
 
 A bake uses this when its worker says so (BAKE_FARM_SHARED_CACHE=1 and the farm's
-Redis and store in its environment); a bake on its own box never does.
+Redis and store in its environment); a bake on its own box never does. The stage cache
+(core/cache.py) asks `current()` for it once the farm's hooks are installed
+(builder/farm/hooks.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 from typing import Iterator
 
 from builder.core import lifetime
@@ -42,6 +45,19 @@ def from_env():
         return None
     farm = Farm(os.environ.get(REDIS_ENV, ""), os.environ.get(STORE_ENV, ""), os.environ.get(EUCARC_ENV) or None)
     return SharedCache(farm)
+
+
+_current: tuple = (None, None)
+
+
+def current() -> SharedCache | None:
+    """The shared cache the environment names now (see `from_env`). Made again when the
+    variables that name it change, so one process never keeps a farm it was once told of."""
+    global _current
+    said = env_said()
+    if _current[0] != said:
+        _current = (said, from_env())
+    return _current[1]
 
 
 class SharedCache:
@@ -109,8 +125,6 @@ class SharedCache:
 
     def push(self, cache, key: str) -> None:
         """Upload the local entry `key` (the tar first, its meta last)."""
-        import socket
-
         tar_name, meta_name = self.names(cache.namespace, key)
         sent = self.store.put_file(tar_name, cache.path(key))
         self.store.put_json(meta_name, {"meta": cache.meta(key), "tar_sha256": sent["sha256"], "size": sent["size"],
