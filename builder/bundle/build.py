@@ -166,7 +166,8 @@ def recorded_bundles(build: Build) -> dict[str, dict[str, Any]]:
     section = build.data.get("bundle") or {}
     if not section:
         why = ((build.data.get("stages") or {}).get("bundle") or {}).get("skipped")
-        raise BakeError(f"{build.dir}: this build has no bundles" + (f" ({why})" if why else " (run `bake bundle` first)"))
+        raise BakeError(f"{build.dir}: this build has no bundles"
+                        + (f" ({why})" if why else " (run `bake bundle` first)"))
     out = {}
     for role, entry in section.items():
         entry = dict(entry)

@@ -31,7 +31,8 @@ def load_certificate_key(path: str | os.PathLike) -> rsa.RSAPublicKey:
         data = path.read_bytes()
     except OSError as e:
         raise BakeError(f"{path}: cannot read certificate ({e.strerror})") from None
-    key = None
+    # any kind of public key until the check below: only an RSA one is returned
+    key: object = None
     for load in (x509.load_pem_x509_certificate, x509.load_der_x509_certificate):
         try:
             key = load(data).public_key()

@@ -10,14 +10,21 @@ caller can decide (the CLI asks for them, the pipeline stays local).
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
 from builder.core.record import and_list
 from builder.core.errors import BakeError
+from .files import create_private, private_directory
 
 # field → (environment variables, first found wins; the option that sets it; recipe key).
 # Publishing reads the same variables (cloud/credentials.py takes them from here).
@@ -105,7 +112,8 @@ def credentials_wanted(*, short: bool = False) -> str:
     variables = [FIELDS[n][0][0] for n in FIELDS]
     if short:
         return ", ".join(options) + ", or " + ", ".join(variables)
-    return and_list([f"{_ASKED[n]} ({o})" for n, o in zip(FIELDS, options)]) + ", or " + and_list(variables)
+    asked = [f"{_ASKED[n]} ({o})" for n, o in zip(FIELDS, options, strict=True)]
+    return and_list(asked) + ", or " + and_list(variables)
 
 
 LOCAL_USER_ID = "000000000000"
@@ -118,15 +126,6 @@ def local_keys(directory: Path) -> BundleKeys:
     A bundle sealed with it is complete and checkable (`bake unbundle -k KEY`) but is
     addressed to no cloud; bundling for a cloud makes new bundles with its certificate.
     """
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import NameOID
-
-    from .files import create_private, private_directory
-
     directory = Path(directory)
     key_path, cert_path = directory / "local-pk.pem", directory / "local-cert.pem"
     if not (key_path.is_file() and cert_path.is_file()):

@@ -85,7 +85,8 @@ def _machine_configuration(m: Manifest) -> str:
     if m.block_device_mapping:
         out.append("<block_device_mapping>")
         for virtual in sorted(m.block_device_mapping):
-            out.append("<mapping>" + _el("virtual", virtual) + _el("device", m.block_device_mapping[virtual]) + "</mapping>")
+            out.append("<mapping>" + _el("virtual", virtual) + _el("device", m.block_device_mapping[virtual])
+                       + "</mapping>")
         out.append("</block_device_mapping>")
     if m.kernel_id:
         out.append(_el("kernel_id", m.kernel_id))
@@ -132,12 +133,14 @@ def render(m: Manifest, sign: Callable[[bytes], str]) -> bytes:
     try:
         signed = (_machine_configuration(m) + _image(m)).encode("ascii")
     except UnicodeEncodeError as e:
-        raise BakeError(f"manifest values must be ASCII: {e.object[e.start:e.end]!r} in {e.object[max(0, e.start - 30):e.end + 10]!r}") from None
+        bad, around = e.object[e.start:e.end], e.object[max(0, e.start - 30):e.end + 10]
+        raise BakeError(f"manifest values must be ASCII: {bad!r} in {around!r}") from None
     m.signed_bytes = signed
     m.signature = sign(signed)
     head = ("<manifest>" + _el("version", m.version) + "<bundler>" + _el("name", m.bundler_name)
             + _el("version", m.bundler_version) + _el("release", m.bundler_release) + "</bundler>")
-    return XML_DECLARATION + head.encode("ascii") + signed + ("<signature>" + m.signature + "</signature></manifest>").encode("ascii")
+    tail = "<signature>" + m.signature + "</signature></manifest>"
+    return XML_DECLARATION + head.encode("ascii") + signed + tail.encode("ascii")
 
 
 # --- reading ----------------------------------------------------------------------------
@@ -243,13 +246,14 @@ def parse(data: bytes) -> Manifest:
         kernel_id=_text(root, "machine_configuration/kernel_id", required=False),
         ramdisk_id=_text(root, "machine_configuration/ramdisk_id", required=False),
         block_device_mapping=bdm,
-        product_codes=[e.text.strip() for e in root.findall("machine_configuration/product_codes/product_code") if e.text],
+        product_codes=[e.text.strip() for e in root.findall("machine_configuration/product_codes/product_code")
+                       if e.text],
         kernel_name=_text(root, "image/kernel_name", required=False),
         ancestor_ami_ids=[e.text.strip() for e in root.findall("image/ancestry/ancestor_ami_id") if e.text],
         bundler_name=_text(root, "bundler/name", required=False) or "",
         bundler_version=_text(root, "bundler/version", required=False) or "",
         bundler_release=_text(root, "bundler/release", required=False) or "",
-        version=version,  # type: ignore[arg-type]
+        version=version,
         signature=(_text(root, "signature", required=False) or "").lower(),
         signed_bytes=signed_portion(data),
     )

@@ -88,10 +88,13 @@ class _Parts:
                 return b""
             self._i += 1
             self._sha1 = hashlib.sha1()
+            path = self.path(self.parts[self._i])
             try:
-                self._f = open(self.path(self.parts[self._i]), "rb")
+                # held across read() calls, one part at a time: closed above when the part
+                # is read through, or by close()
+                self._f = open(path, "rb")  # noqa: SIM115
             except OSError as e:
-                raise BakeError(f"part {self._i} ({self.path(self.parts[self._i])}): cannot read it ({e.strerror})") from None
+                raise BakeError(f"part {self._i} ({path}): cannot read it ({e.strerror})") from None
 
     def check_rest(self) -> None:
         """Finish checking the digests of the part being read and of every later part."""
@@ -135,6 +138,7 @@ class _Plain:
 
     def _fill(self, want: int) -> bool:
         """Decompress up to `want` more bytes into the buffer; False at the end of the stream."""
+        out = b""
         if self._inflate is not None and self._inflate.eof:
             # the gzip member ended: what follows is another member, or zero padding
             self._input = self._inflate.unused_data + self._input
@@ -164,7 +168,7 @@ class _Plain:
             self._buf += out
         return True
 
-    def read(self, n: int = -1) -> bytes:
+    def read(self, n: int | None = -1) -> bytes:
         want = CHUNK if n is None or n < 0 else n
         while len(self._buf) < want and self._fill(max(want - len(self._buf), 65536)):
             pass

@@ -23,6 +23,7 @@ import stat
 import tarfile
 import tempfile
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -78,7 +79,7 @@ class BundleResult:
             "bundled_size": self.bundled_size,
             "digest": self.digest,
             "parts": [{"path": rel(p), "size": s, "sha1": d}
-                      for p, s, d in zip(self.parts, self.part_sizes, self.part_digests)],
+                      for p, s, d in zip(self.parts, self.part_sizes, self.part_digests, strict=True)],
         }
 
 
@@ -92,8 +93,6 @@ def account_id(user_id: str) -> str:
 
 def _bundler_version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("bake")
     except Exception:  # not installed as a distribution: a source checkout
         return "0"
@@ -260,7 +259,8 @@ def bundle_image(
         raise BakeError(f"{user_cert}: this certificate does not belong to the private key given with it")
 
     try:
-        src = open(image, "rb")
+        # closed by the `with src:` below; opened apart so that only open's error is the BakeError
+        src = open(image, "rb")  # noqa: SIM115
     except OSError as e:
         raise BakeError(f"{image}: cannot read the image ({e.strerror})") from None
     with src:
@@ -290,7 +290,8 @@ def bundle_image(
                     user_encrypted_key=crypto.wrap(user_public, key),
                     ec2_encrypted_iv=crypto.wrap(cloud_public, iv),
                     user_encrypted_iv=crypto.wrap(user_public, iv),
-                    parts=[ManifestPart(i, n, d) for i, (n, d) in enumerate(zip(parts.names, parts.digests))],
+                    parts=[ManifestPart(i, n, d)
+                           for i, (n, d) in enumerate(zip(parts.names, parts.digests, strict=True))],
                     kernel_id=kernel_id, ramdisk_id=ramdisk_id,
                     block_device_mapping=dict(block_device_mapping),
                     kernel_name=prefix if image_type == "kernel" else None,
