@@ -10,7 +10,7 @@ import subprocess
 import jsonschema
 
 from builder.core import exitcodes
-from builder.pipeline.bake import recipe_lock
+from builder.core.locks import recipe_lock
 from conftest import BAKE, REPO
 from event_stream import SCHEMA, VALIDATOR, parse
 

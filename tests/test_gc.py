@@ -20,7 +20,7 @@ from builder.core.cache import TreeCache
 from builder.cli.main import main as bake_main
 from builder.cloud.clients import make_clients
 from builder.cloud.credentials import load_credentials
-from builder.pipeline.bake import recipe_lock
+from builder.core.locks import recipe_lock
 from eucalyptus_standin.fixtures import euca3, euca4, euca_cloud  # noqa: F401
 from eucalyptus_standin.trio import ROLES, bundle_build
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from builder.core import exitcodes, sh, stale
-from builder.pipeline.bake import recipe_lock
+from builder.core.locks import recipe_lock
 from conftest import BAKE, REPO
 from event_stream import parse
 from events import wait_for

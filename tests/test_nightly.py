@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from builder.core import exitcodes
-from builder.pipeline.bake import recipe_lock
+from builder.core.locks import recipe_lock
 from conftest import BAKE, REPO
 
 EXAMPLES = REPO / "docs" / "examples"

@@ -44,25 +44,14 @@ from typing import Iterator
 from builder.core import watchdog
 from builder.core.errors import BakeError
 from builder.core.locks import is_held
+from builder.core.state import state_dir
 
 
 COOKIE = watchdog.COOKIE
 
 
-def state_dir() -> Path:
-    """BAKE_STATE_DIR, else /var/lib/bake for root, else ~/.local/state/bake.
-
-    On disk, not in /run: a work tree or an overlay outlives a reboot, and the journal
-    must too (process groups in it are only trusted on the boot that wrote them)."""
-    env = os.environ.get("BAKE_STATE_DIR")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/var/lib/bake")
-    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local/state") / "bake"
-
-
 def sessions_dir() -> Path:
+    """Where the sessions' journals and lock files are (in `state.state_dir()`)."""
     return state_dir() / "sessions"
 
 

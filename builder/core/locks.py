@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from builder.core.errors import BakeError
+from builder.core.state import state_dir
 
 log = logging.getLogger("bake.locks")
 
@@ -83,3 +84,20 @@ def held(path: str | os.PathLike, what: str, *, wait: bool = True) -> Iterator[N
         yield
     finally:
         os.close(fd)        # releases the lock
+
+
+def recipe_locks_dir() -> Path:
+    """The folder of the recipes' lock files (`bake gc` reads who holds them)."""
+    return state_dir() / "recipes"
+
+
+def recipe_lock_path(name: str) -> Path:
+    """The lock file of recipe `name` (`bake gc` reads it without taking it)."""
+    return recipe_locks_dir() / f"{name}.lock"
+
+
+def recipe_lock(name: str, *, wait: bool = True):
+    """Hold recipe `name` for the block: one bake of a recipe at a time on this box (a
+    second waits, or with `wait=False` raises Busy naming the holder). An flock: the
+    kernel releases it when its holder dies, however it dies."""
+    return held(recipe_lock_path(name), f"recipe {name}", wait=wait)

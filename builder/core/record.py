@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builder.core import locks
 from builder.core.errors import BakeError
+from builder.core.state import state_dir
 
 RECORD = "build.json"
 
@@ -88,16 +90,14 @@ class Build:
     def lock_path(self) -> Path:
         """The lock file of this build folder (`locks.is_held` on it tells whether some
         command works on the build now)."""
-        from builder.core import lifetime
         # kept beside bake's journals, not in the folder: a command refused for what the
         # folder lacks must leave it exactly as it was
         name = hashlib.sha256(str(self.dir.resolve()).encode()).hexdigest()[:32]
-        return lifetime.state_dir() / "builds" / f"{name}.lock"
+        return state_dir() / "builds" / f"{name}.lock"
 
     def lock(self, *, wait: bool = True):
         """Hold this build for the block (a context manager): one bake, verification or
         publication works on a build folder at a time; the lock ends with its holder."""
-        from builder.core import locks
         return locks.held(self.lock_path, f"build {self.dir}", wait=wait)
 
     @property

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from builder.cli.options import add_output
-from builder.core import lifetime, locks, stale
+from builder.core import locks, stale
 from builder.operations import records
 from builder.core.record import Build
 from builder.core.cache import TreeCache, cache_root
@@ -384,12 +384,6 @@ def _recorded_keys(data: dict[str, Any]) -> list[tuple[str, str]]:
     return found
 
 
-def recipe_lock_path(recipe: str) -> Path:
-    """Where `pipeline.recipe_lock` keeps recipe `recipe`'s lock (read here without taking it)."""
-    from builder.pipeline.bake import recipe_lock_path as path
-    return path(recipe)
-
-
 def _held(path: Path) -> str | None:
     try:
         return locks.holder_of(path) if locks.is_held(path) else None
@@ -425,7 +419,7 @@ def survey_local(output: str | os.PathLike, scope: Iterable[str] | None = None) 
         facts.mounts = sh.mounts_under(s.dir)
         facts.bytes = _tree_bytes(s.dir)
         survey.builds.append(facts)
-    state = lifetime.state_dir() / "recipes"
+    state = locks.recipe_locks_dir()
     if state.is_dir():
         for lock in sorted(state.glob("*.lock")):
             holder = _held(lock)
@@ -520,8 +514,6 @@ def execute(plan: GcPlan, survey: Survey, clients=None, creds=None) -> GcPlan:
     where its images are."""
     import contextlib
 
-    from builder.pipeline.bake import recipe_lock
-
     plan.dry_run = False
     going: dict[str, list[BuildVerdict]] = {}
     for v in plan.builds:
@@ -530,7 +522,7 @@ def execute(plan: GcPlan, survey: Survey, clients=None, creds=None) -> GcPlan:
     for recipe, verdicts in going.items():
         with contextlib.ExitStack() as stack:
             try:
-                stack.enter_context(recipe_lock(recipe, wait=False))
+                stack.enter_context(locks.recipe_lock(recipe, wait=False))
             except locks.Busy as e:
                 for v in verdicts:
                     v.outcome = f"skipped: {e}"
@@ -599,7 +591,7 @@ def _remove_cache_entry(root: Path, c: CacheVerdict) -> str:
     try:
         with locks.held(cache.lock_path(c.key), f"the {c.namespace} cache entry {c.key}", wait=False):
             # a bake that started since the survey may need any entry: it holds its recipe
-            state = lifetime.state_dir() / "recipes"
+            state = locks.recipe_locks_dir()
             started = [p.stem for p in state.glob("*.lock") if _held(p)] if state.is_dir() else []
             if started:
                 return f"skipped: a bake of {', '.join(started)} started meanwhile"

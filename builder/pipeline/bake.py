@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from builder.core import events, lifetime, locks, sh
+from builder.core import events, lifetime, sh
 from builder.core.interrupts import deferred
+from builder.core.locks import recipe_lock
 from builder.core.record import Build
 from builder.core.errors import BakeError
 from builder.core.log import step
@@ -34,18 +35,6 @@ LATER_STAGES = ("bundle", "publish", "verify")
 
 def _later_stage(name: str):
     return importlib.import_module(f"builder.pipeline.stages.{name}")
-
-
-def recipe_lock_path(name: str) -> Path:
-    """The lock file of recipe `name` (`bake gc` reads it without taking it)."""
-    return lifetime.state_dir() / "recipes" / f"{name}.lock"
-
-
-def recipe_lock(name: str, *, wait: bool = True):
-    """Hold recipe `name` for the block: one bake of a recipe at a time on this box (a
-    second waits, or with `wait=False` raises locks.Busy naming the holder). An flock:
-    the kernel releases it when its holder dies, however it dies."""
-    return locks.held(recipe_lock_path(name), f"recipe {name}", wait=wait)
 
 
 def bake(recipe: Recipe, options: BuildOptions | None = None) -> Build:
