@@ -18,6 +18,8 @@ from builder.cli.options import add_output
 from builder.core.errors import BakeError
 from builder.core.locks import Busy
 from builder.recipe.schemaerrors import RecipeError
+from builder.pipeline import child
+from builder.pipeline.options import SKIPPABLE, STAGE_NAMES, BuildOptions
 from builder.core import events, exitcodes, interrupts, lifetime, stale
 from builder.core import log as steplog
 from builder.farm import hooks as farm_hooks
@@ -114,16 +116,17 @@ def cmd_plan(args) -> int:
 
 
 def cmd_build(args) -> int:
-    if len(args.recipes) > 1:
+    if args.options_json is not None:
+        options = _options_sent(args)
+    elif len(args.recipes) > 1:
         return _build_many(args)
+    else:
+        options = _options_of(args)
     from builder.pipeline.bake import bake
-    from builder.pipeline.options import BuildOptions
     from builder.recipe.recipe import load_recipe
 
     recipe = load_recipe(args.recipes[0])
     events.set_build(None, recipe.name)
-    options = BuildOptions(output=args.output, stop_after=args.stop_after, skip=tuple(args.skip or ()),
-                           cloud=args.cloud, wait=not args.no_wait, build_id=args.build_id)
     build = bake(recipe, options)
     report = build.dir / "verify.json"
     if report.is_file() and not args.quiet:
@@ -133,6 +136,26 @@ def cmd_build(args) -> int:
     if not args.json:
         print(build.dir)     # with --json, the result event names it
     return exitcodes.for_build(build.data)
+
+
+def _options_of(args) -> BuildOptions:
+    """The build options the command line's flags ask for."""
+    return BuildOptions(output=args.output, stop_after=args.stop_after, skip=tuple(args.skip or ()),
+                        cloud=args.cloud, wait=not args.no_wait, build_id=args.build_id)
+
+
+def _options_sent(args) -> BuildOptions:
+    """The build options of a child bake (`builder.pipeline.child`), sent as JSON: they are
+    all there, so a flag that is a build option beside them is a mistake, refused."""
+    flags = (("--stop-after", args.stop_after, None), ("--skip", args.skip, None), ("--cloud", args.cloud, False),
+             ("--no-wait", args.no_wait, False), ("--build-id", args.build_id, None), ("-j", args.jobs, 1))
+    given = [flag for flag, value, default in flags if value != default]
+    if len(args.recipes) > 1:
+        given.append("several recipes")
+    if given:
+        raise BakeError(f"--options-json carries every build option of one recipe's bake; "
+                        f"not with {', '.join(given)}")
+    return child.read_options(args.options_json)
 
 
 def _build_many(args) -> int:
@@ -229,16 +252,17 @@ def _build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-wait", action="store_true",
                     help=f"when another bake holds the recipe, exit at once with status {exitcodes.BUSY} "
                          "(default: wait for it)")
-    sp.add_argument("--stop-after", choices=("bootstrap", "customize", "image", "bundle", "publish", "verify"),
-                    help="stop after this stage")
-    sp.add_argument("--skip", action="append", choices=("bundle", "publish", "verify"),
-                    help="skip this stage (repeatable)")
+    sp.add_argument("--stop-after", choices=STAGE_NAMES, help="stop after this stage")
+    sp.add_argument("--skip", action="append", choices=SKIPPABLE, help="skip this stage (repeatable)")
     sp.add_argument("--cloud", action="store_true", help="verify on the cloud instead of locally under QEMU")
     sp.add_argument("--build-id", metavar="ID", type=_build_id_arg,
                     help="the build folder's name (default: the UTC time; a farm worker names its builds)")
     sp.add_argument("--json", action="store_true",
                     help="print events (stages, progress, checks, the result) as JSON lines on stdout, and nothing "
                          "else there; schema: builder/schema/events.schema.json")
+    # how -j, nightly and a farm worker hand a bake its options: JSON (`-`: on stdin),
+    # not flags rendered to be parsed again (builder/pipeline/child.py)
+    sp.add_argument("--options-json", metavar="FILE", help=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_build)
 
     sp = sub.add_parser("doctor", help="undo what killed bakes left behind (mounts, loop devices, processes, "

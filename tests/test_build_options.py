@@ -1,0 +1,89 @@
+"""Build options as data: `BuildOptions` round-trips through JSON and refuses what does
+not fit its schema; a child bake (`builder.pipeline.child`, how -j, nightly and a farm
+worker start one) reads them from its stdin and refuses bad ones before anything runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from builder.core import exitcodes
+from builder.core.errors import BakeError
+from builder.pipeline import child
+from builder.core.locks import recipe_lock
+from builder.pipeline.options import BuildOptions
+from conftest import REPO
+from event_stream import parse
+
+DEMO = REPO / "recipes" / "debian-demo.yml"
+
+
+def test_options_round_trip_through_json_text():
+    options = BuildOptions(output="/srv/out", stop_after="image", skip=("publish", "verify"), cloud=True,
+                           wait=False, build_id="20261206-221700-ab12")
+    text = json.dumps(options.to_json())
+    assert BuildOptions.from_json(json.loads(text)) == options
+    assert BuildOptions.from_json({}) == BuildOptions(), "every option has its default"
+
+
+@pytest.mark.parametrize("data, says", [
+    ({"cloud_verify": True}, "'cloud_verify' was unexpected"),
+    ({"skip": ["image"]}, "skip/0: 'image' is not one of"),
+    ({"stop_after": "polish"}, "stop_after: 'polish' is not one of"),
+    ({"cloud": "yes"}, "cloud: 'yes' is not of type 'boolean'"),
+    ({"build_id": "../elsewhere"}, "build_id: '../elsewhere' does not match"),
+    ({"output": ""}, "output: '' should be non-empty"),
+    (["--cloud"], "(top): ['--cloud'] is not of type 'object'"),
+])
+def test_options_that_do_not_fit_the_schema_are_refused_saying_where(data, says):
+    with pytest.raises(BakeError, match="^build options: ") as e:
+        BuildOptions.from_json(data)
+    assert says in str(e.value)
+
+
+def _child(stdin: str, cwd, *, json_events: bool = False,
+           extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """A child bake of the demo recipe as -j starts one, `stdin` its input (`extra`: more
+    arguments before the recipe)."""
+    argv = child.command(DEMO, child.Report(json=json_events))
+    end = argv.index("--")
+    argv[end:end] = list(extra)
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_a_child_bake_reads_its_options_from_stdin(tmp_path):
+    out = tmp_path / "out"
+    options = BuildOptions(output=str(out), wait=False)
+    with recipe_lock("debian-demo"):         # held here: the child's wait=False says busy at once
+        r = _child(json.dumps(options.to_json()), tmp_path, json_events=True)
+    assert r.returncode == exitcodes.BUSY, r.stderr
+    [event] = parse(r.stdout)
+    assert event["event"] == "error" and f"in use by pid {os.getpid()}" in event["message"]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("stdin, says", [
+    ("--stop-after image", "bake: error: build options from stdin: not JSON (Expecting value"),
+    ("", "bake: error: build options from stdin: not JSON"),
+    ('{"cloud_verify": true}', "bake: error: build options: (top): Additional properties are not allowed"),
+    ('{"skip": ["image"]}', "bake: error: build options: skip/0: 'image' is not one of"),
+])
+def test_a_child_bake_refuses_options_that_are_not_json_or_do_not_fit_and_makes_nothing(tmp_path, stdin, says):
+    r = _child(stdin, tmp_path, json_events=True)
+    assert r.returncode == exitcodes.FAILED, r.stderr
+    assert says in r.stderr
+    [event] = parse(r.stdout)
+    assert event["event"] == "error" and event["exit_status"] == exitcodes.FAILED
+    assert list(tmp_path.iterdir()) == [], "no output folder, no build"
+
+
+def test_a_child_bake_refuses_build_option_flags_beside_its_json(tmp_path):
+    options = BuildOptions(output=str(tmp_path / "out"))
+    r = _child(json.dumps(options.to_json()), tmp_path, extra=("--stop-after", "image", "--no-wait"))
+    assert r.returncode == exitcodes.FAILED
+    assert "--options-json carries every build option of one recipe's bake; not with --stop-after, --no-wait" \
+        in r.stderr
+    assert not (tmp_path / "out").exists()
