@@ -13,6 +13,7 @@ import yaml
 from builder.base.source import check_release, kernel_version, release_of
 from builder.core.errors import BakeError
 from builder.pipeline.plan import make_plan
+from builder.pipeline.table import plan_build
 from builder.recipe.recipe import load_recipe
 from builder.image.boot import dpkg_status_packages
 from builder.pipeline.stages.baseimage import fstab_by_label
@@ -105,7 +106,7 @@ def test_installed_packages_come_from_the_dpkg_status_file():
 
 def test_the_plan_of_an_evolved_image_opens_the_base_and_keeps_its_kernel(tmp_path):
     recipe = load_recipe(recipe_file(tmp_path, packages=["openssh-server"]))
-    plan = make_plan(recipe, tmp_path / "out")
+    plan = plan_build(recipe, tmp_path / "out")
     assert plan.bootstrap.namespace == "base" and not plan.bootstrap.hit
     assert dict(plan.stages)["bootstrap"] == "open base.img and take out its root tree"
     names = plan.package_names
@@ -120,7 +121,7 @@ def test_the_plan_of_an_evolved_image_opens_the_base_and_keeps_its_kernel(tmp_pa
 def test_the_plan_of_the_light_path_says_it_changes_the_image_in_place(tmp_path):
     recipe = load_recipe(recipe_file(tmp_path, elements=["acpiphp"]))
     recipe.data["base"]["method"] = "guestfs"
-    stages = dict(make_plan(recipe, tmp_path / "out").stages)
+    stages = dict(plan_build(recipe, tmp_path / "out").stages)
     assert stages["customize"].startswith("in the image through libguestfs, no root")
     assert stages["bootstrap"] == "copy of base.img (auto partition), grown by 0M"
 

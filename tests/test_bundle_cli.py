@@ -184,19 +184,19 @@ def test_stage_bundles_with_recipe_credentials_and_keeps_up_to_date_bundles(cred
     build = make_build(tmp_path / "output")
     section = {"cert": str(creds.user.cert), "private_key": str(creds.user.key),
                "cloud_cert": str(creds.cloud.cert), "user_id": "123456789012", "part_size": 1048576}
-    records = bundle_stage.run(build, recipe(**section))
+    records = bundle_stage.run_on(build, recipe(**section))
     assert set(records) == {"kernel", "ramdisk", "image"}
     assert len(records["image"]["parts"]) > 1  # 1 MiB parts from the recipe
     manifest = build.dir / records["image"]["manifest"]
     before = manifest.read_bytes()
 
-    again = bundle_stage.run(Build.load(build.dir), recipe(**section))
+    again = bundle_stage.run_on(Build.load(build.dir), recipe(**section))
     assert again == records and manifest.read_bytes() == before  # same image, same keys: kept
 
     (build.dir / "demo.img").write_bytes(b"changed")
     build = Build.load(build.dir)
     build.record_output("image", build.dir / "demo.img")
-    third = bundle_stage.run(build, recipe(**section))
+    third = bundle_stage.run_on(build, recipe(**section))
     assert third["image"]["size"] == 7 and manifest.read_bytes() != before
     assert sorted(p.name for p in (build.dir / "bundle").iterdir()) == ["image", "kernel", "ramdisk"]
     assert not [p for p in build.dir.iterdir() if p.name.startswith(".bundle")]  # nothing half-made left
@@ -204,7 +204,7 @@ def test_stage_bundles_with_recipe_credentials_and_keeps_up_to_date_bundles(cred
 
 def test_stage_without_any_credentials_bundles_locally_with_a_key_pair_of_the_build(tmp_path, no_cred_env):
     build = make_build(tmp_path / "output")
-    records = bundle_stage.run(build, recipe())
+    records = bundle_stage.run_on(build, recipe())
     data = json.loads((build.dir / "build.json").read_text())
     assert data["stages"]["bundle"]["local"] is True
     assert "bundled locally" in data["stages"]["bundle"]["note"]
@@ -218,7 +218,7 @@ def test_stage_without_any_credentials_bundles_locally_with_a_key_pair_of_the_bu
                      source_dir=None, destination=out, cert=keys / "local-cert.pem")
     assert image.read_bytes() == (build.dir / "demo.img").read_bytes()
     # a second run reuses the same key pair and bundles
-    again = bundle_stage.run(Build.load(build.dir), recipe())
+    again = bundle_stage.run_on(Build.load(build.dir), recipe())
     assert again["image"]["parts"] == records["image"]["parts"]
 
 
@@ -227,22 +227,22 @@ def test_stage_with_half_the_credentials_is_an_error(creds, tmp_path, no_cred_en
     monkeypatch.setenv("EC2_CERT", str(creds.user.cert))
     with pytest.raises(BakeError, match=r"bundling needs the user private key, the cloud certificate, the account id: "
                                         r"give bundle.private_key or EC2_PRIVATE_KEY"):
-        bundle_stage.run(build, recipe())
+        bundle_stage.run_on(build, recipe())
 
 
 def test_stage_follows_the_recipes_prefix_and_settings_and_can_be_disabled(creds, tmp_path, no_cred_env):
     build = make_build(tmp_path / "output")
     section = {"cert": str(creds.user.cert), "private_key": str(creds.user.key),
                "cloud_cert": str(creds.cloud.cert), "user_id": "123456789012", "prefix": "lucid-uec"}
-    records = bundle_stage.run(build, recipe(**section))
+    records = bundle_stage.run_on(build, recipe(**section))
     assert records["image"]["manifest"] == "bundle/image/lucid-uec.manifest.xml"
     assert records["kernel"]["name"] == "vmlinuz-2.6.32-21-generic-pae"  # kernel and ramdisk keep their names
-    changed = bundle_stage.run(Build.load(build.dir), recipe(**section, block_device_mapping={"ami": "sda"}))
+    changed = bundle_stage.run_on(Build.load(build.dir), recipe(**section, block_device_mapping={"ami": "sda"}))
     assert "<virtual>ami</virtual><device>sda</device></mapping></block_device_mapping>" in \
         (build.dir / changed["image"]["manifest"]).read_text()  # a changed setting bundles again
 
     other = make_build(tmp_path / "output2")
-    assert bundle_stage.run(other, recipe(**section, enabled=False)) == {}
+    assert bundle_stage.run_on(other, recipe(**section, enabled=False)) == {}
     assert json.loads((other.dir / "build.json").read_text())["stages"]["bundle"]["skipped"] == "disabled in the recipe"
 
 

@@ -263,18 +263,18 @@ def test_the_stage_is_skipped_with_a_reason_when_no_cloud_is_configured(clean_en
     class Recipe:
         publish: dict = {}
 
-    out = publish_stage.run(b, Recipe())
+    out = publish_stage.run_on(b, Recipe())
     assert "no cloud configured" in out["skipped"]
     assert "no cloud configured" in Build.load(b.dir).data["stages"]["publish"]["skipped"]
     Recipe.publish = None
-    assert "skipped" in publish_stage.run(b, Recipe())
+    assert "skipped" in publish_stage.run_on(b, Recipe())
 
 
 def test_the_stage_publishes_with_the_recipes_publish_section(euca_cloud, clean_env, build):
     class Recipe:
         publish = {"eucarc": str(euca_cloud.eucarc), "bucket": "stage-" + secrets.token_hex(4), "prefix": "lucid/x"}
 
-    out = publish_stage.run(build, Recipe())
+    out = publish_stage.run_on(build, Recipe())
     assert out["image_id"].startswith("emi-") and out["prefix"] == "lucid/x"
     assert Build.load(build.dir).data["cloud"]["image_id"] == out["image_id"]
 
@@ -360,7 +360,7 @@ def test_the_stage_is_skipped_when_the_recipe_turns_publishing_off(euca3, clean_
     class Recipe:
         publish = {"enabled": False, "eucarc": str(euca3.eucarc)}
 
-    assert "enabled is false" in publish_stage.run(b, Recipe())["skipped"]
+    assert "enabled is false" in publish_stage.run_on(b, Recipe())["skipped"]
     assert "cloud" not in Build.load(b.dir).data
 
 

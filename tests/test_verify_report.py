@@ -86,7 +86,7 @@ def test_verify_stage_marks_the_build_failed_when_verification_cannot_run(tmp_pa
 
     b = Build.create(tmp_path, "r")  # no kernel, ramdisk or image
     with pytest.raises(BakeError, match="no kernel"):
-        stage.run(b, Recipe())
+        stage.run_on(b, Recipe())
     assert Build.load(b.dir).data["result"] == "failed"
 
 

@@ -103,10 +103,10 @@ def cmd_validate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from builder.pipeline.plan import make_plan
+    from builder.pipeline.table import plan_build
     from builder.recipe.recipe import load_recipe
 
-    plan = make_plan(load_recipe(args.recipe), output_root=Path(args.output))
+    plan = plan_build(load_recipe(args.recipe), output_root=Path(args.output))
     if args.json:
         import json
         print(json.dumps(plan.as_dict(), indent=2))

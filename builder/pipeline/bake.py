@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import importlib
 import logging
 import os
 import shutil
@@ -17,25 +16,19 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from builder.core import events, lifetime, sh
+from builder.core import events, exitcodes, lifetime, sh
 from builder.core.interrupts import deferred
 from builder.core.locks import recipe_lock
 from builder.core.record import Build
 from builder.core.errors import BakeError
 from builder.core.log import step
 from builder.pipeline.options import BuildOptions
-from builder.pipeline.plan import make_plan
+from builder.pipeline.context import BuildContext
+from builder.pipeline.plan import Plan
+from builder.pipeline.table import plan_build, stages_for
 from builder.recipe.recipe import Recipe
-from builder.pipeline.stages import baseimage, bootstrap, customize, image
 
 log = logging.getLogger("bake")
-
-LATER_STAGES = ("bundle", "publish", "verify")
-
-
-def _later_stage(name: str):
-    return importlib.import_module(f"builder.pipeline.stages.{name}")
-
 
 def bake(recipe: Recipe, options: BuildOptions | None = None) -> Build:
     """Run the recipe's stages into a new build directory and return the build. Another
@@ -54,15 +47,13 @@ def bake(recipe: Recipe, options: BuildOptions | None = None) -> Build:
     output_root = Path(options.output).resolve()
     # mirrors and packages resolve before anything is made, and before waiting for the
     # recipe: bad input is said at once
-    plan = make_plan(recipe, output_root)
+    plan = plan_build(recipe, output_root)
     with recipe_lock(recipe.name, wait=options.wait):
-        return _bake(recipe, plan, output_root, stop_after=options.stop_after, skip=set(options.skip),
-                     cloud=options.cloud, build_id=options.build_id)
+        return _bake(recipe, plan, options, output_root)
 
 
-def _bake(recipe: Recipe, plan, output_root: Path, *, stop_after: str | None, skip: set[str], cloud: bool,
-          build_id: str | None) -> Build:
-    build = Build.create(output_root, recipe.name, build_id)
+def _bake(recipe: Recipe, plan: Plan, options: BuildOptions, output_root: Path) -> Build:
+    build = Build.create(output_root, recipe.name, options.build_id)
     build.data.update({
         "recipe": {"name": recipe.name, "path": str(recipe.path)},
         "release": str(recipe.release), "arch": recipe.arch, "mirror": plan.mirror,
@@ -70,70 +61,41 @@ def _bake(recipe: Recipe, plan, output_root: Path, *, stop_after: str | None, sk
         "result": "running", "pid": os.getpid(),
     })
     build.save()
-    with build.lock(), lifetime.tracked("build", build.dir), \
-            lifetime.tracked("path", build.dir / "work", what="work tree"):
-        return _run_stages(build, recipe, plan, output_root, stop_after=stop_after, skip=skip, cloud=cloud)
-
-
-def _run_stages(build: Build, recipe: Recipe, plan, output_root: Path, *, stop_after: str | None,
-                skip: set[str], cloud: bool) -> Build:
     work = build.dir / "work"
-    work.mkdir()
+    with build.lock(), lifetime.tracked("build", build.dir), lifetime.tracked("path", work, what="work tree"):
+        ctx = BuildContext(recipe, options, plan, build, output_root, work)
+        return _run_stages(ctx)
+
+
+def _run_stages(ctx: BuildContext) -> Build:
+    """Run the route's stages from the table in order, up to `--stop-after`, leaving out
+    `--skip`ped ones and those the recipe turns off; stop at the first failure."""
+    build, recipe, options = ctx.build, ctx.recipe, ctx.options
+    ctx.work.mkdir()
     start = time.monotonic()
     stages_run: list[str] = []
-    current = "bootstrap"
+    current = None
     events.set_build(build.id, recipe.name)
     events.emit("build", dir=str(build.dir))
     try:
         with step(f"Bake {recipe.name} → {build.dir}"):
-            light = bool(recipe.base) and recipe.base["method"] == "guestfs"
-            with _stage(build, "bootstrap"):
-                if light:
-                    opened = baseimage.prepare_light(build, recipe, work)
-                elif recipe.base:
-                    fresh = baseimage.run(build, recipe, plan, work)
+            for stage in stages_for(ctx.route):
+                current = stage.name
+                if stage.name in options.skip:
+                    _skipped(build, stage.name, "--skip")
+                elif stage.section and recipe.section(stage.section).get("enabled") is False:
+                    _skipped(build, stage.name, "disabled in the recipe")
                 else:
-                    fresh = bootstrap.run(build, recipe, plan, work)
-            stages_run.append("bootstrap")
-            if stop_after != "bootstrap":
-                current = "customize"
-                with _stage(build, "customize"):
-                    if light:
-                        _light_customize(build, recipe, opened)
-                    else:
-                        plan = make_plan(recipe, output_root)  # the checkpoint key follows the base just made
-                        root = customize.run(build, recipe, plan, work, fresh)
-                stages_run.append("customize")
-                if stop_after != "customize":
-                    current = "image"
-                    with _stage(build, "image"):
-                        if light:
-                            baseimage.finish_light(build, recipe, opened)
-                        else:
-                            image.run(build, recipe, root)
-                    stages_run.append("image")
-                    shutil.rmtree(work)
-                    for name in LATER_STAGES:
-                        if stop_after in stages_run:
-                            break
-                        if name in skip:
-                            _skipped(build, name, "--skip")
-                            continue
-                        section = recipe.section(name)
-                        if section.get("enabled") is False:
-                            _skipped(build, name, "disabled in the recipe")
-                            continue
-                        current = name
-                        mod = _later_stage(name)
-                        with _stage(build, name):
-                            if name == "verify" and cloud:
-                                mod.run(build, recipe, cloud=True)
-                            else:
-                                mod.run(build, recipe)
-                        stages_run.append(name)
-                        if build.data.get("result") == "failed":
-                            build.data["failed_stage"] = name
-                            break
+                    with _stage(build, stage.name):
+                        stage.run(ctx)
+                    stages_run.append(stage.name)
+                    if stage.last_use_of_work:
+                        shutil.rmtree(ctx.work)
+                    if build.data.get("result") == "failed":
+                        build.data["failed_stage"] = stage.name
+                        break
+                if stage.name == options.stop_after:
+                    break
     except BaseException as e:
         build.data["result"] = "failed"
         build.data["failed_stage"] = current
@@ -143,7 +105,7 @@ def _run_stages(build: Build, recipe: Recipe, plan, output_root: Path, *, stop_a
         build.data["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         build.save()
         with deferred():
-            _discard(work)
+            _discard(ctx.work)
         _result_event(build)
         raise
     if build.data.get("result") == "running":
@@ -152,26 +114,9 @@ def _run_stages(build: Build, recipe: Recipe, plan, output_root: Path, *, stop_a
     build.data["seconds"] = round(time.monotonic() - start, 2)
     build.data["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     build.save()
-    _discard(work)
+    _discard(ctx.work)
     _result_event(build)
     return build
-
-
-def _light_customize(build: Build, recipe: Recipe, opened) -> None:
-    """The customize stage of `base.method: guestfs`: the recipe's changes made inside
-    the base's filesystem through libguestfs."""
-    from builder.base import light
-    from builder.recipe.distro import suite_at_least
-    start = time.monotonic()
-    init = opened.record.get("init_system") or recipe.profile.init_system
-    # Lucid-era glibc calls into the vsyscall page, which the appliance's kernel lacks
-    old_glibc = recipe.release.distro == "ubuntu" and not suite_at_least("ubuntu", recipe.release.suite, "precise")
-    with step("Customize in place (libguestfs)"):
-        notes = light.apply(build, recipe, opened.unpacked.image, init_system=init, lucid=old_glibc,
-                            root_label=recipe.data["label"])
-    build.record_stage("customize", method="guestfs", init_system=init, seconds=round(time.monotonic() - start, 2))
-    if notes:
-        build.set("notes", notes)
 
 
 @contextlib.contextmanager
@@ -196,6 +141,7 @@ def _stage(build: Build, name: str) -> Iterator[None]:
         events.emit("stage", stage=name, status="failed", seconds=seconds,
                     error=str(build.data.get("error") or f"{name} failed").split("\n", 1)[0])
     else:
+        build.record_stage(name, seconds=seconds)
         extra = {"cached": bool(info["cached"])} if "cached" in info else {}
         events.emit("stage", stage=name, status="finished", seconds=seconds, **extra)
 
@@ -206,7 +152,6 @@ def _skipped(build: Build, name: str, reason: str) -> None:
 
 
 def _result_event(build: Build) -> None:
-    from builder.core import exitcodes
     events.emit("result", result=build.data.get("result", "failed"), failed_stage=build.data.get("failed_stage"),
                 error=build.data.get("error"), dir=str(build.dir), exit_status=exitcodes.for_build(build.data))
 

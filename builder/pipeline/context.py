@@ -13,7 +13,7 @@ from typing import Any
 
 from builder.core.record import Build
 from builder.pipeline.options import BuildOptions
-from builder.pipeline.plan import Plan, Route
+from builder.pipeline.plan import Plan, Route, make_plan
 from builder.recipe.recipe import Recipe
 
 
@@ -37,3 +37,10 @@ class BuildContext:
     def route(self) -> Route:
         """How this bake runs, chosen once when the plan was made."""
         return self.plan.route
+
+    def replan(self) -> None:
+        """Make the plan again from what the base stage left (the package checkpoint's key
+        follows the base just made); the route and the stage lines stay as planned."""
+        stages = self.plan.stages
+        self.plan = make_plan(self.recipe, self.output_root)
+        self.plan.stages = stages

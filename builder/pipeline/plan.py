@@ -7,7 +7,6 @@ ones the stages use, so `bake plan` tells truthfully what will be taken from the
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,6 @@ from builder.recipe.recipe import Recipe
 # Phases whose hooks run before packages are installed: they are part of the package
 # checkpoint's key. Everything later (static files, install.d on) is re-run on a rebuild.
 PRE_PACKAGE_PHASES = ("root.d", "extra-data.d", "pre-install.d")
-STAGES = ("bootstrap", "customize", "image", "bundle", "publish", "verify")
 
 
 @dataclass(frozen=True)
@@ -194,7 +192,8 @@ def dib_plan(recipe: Recipe, cache_root: Path):
 
 
 def make_plan(recipe: Recipe, output_root: Path) -> Plan:
-    """The plan for `recipe`, with cache hits looked up under `output_root`'s cache."""
+    """The plan for `recipe`, with cache hits looked up under `output_root`'s cache; its
+    stage lines are the stage table's (`pipeline.table.plan_build` fills them)."""
     d = recipe.data
     mirror, security = resolve_mirrors(recipe.release.distro, d.get("mirror"), d.get("security_mirror"),
                                        "security_mirror" in recipe.given)
@@ -238,31 +237,5 @@ def make_plan(recipe: Recipe, output_root: Path) -> Plan:
     check = CacheEntry("packages", ckey, chit, "root tree after package installation" if chit else "")
 
     plan = Plan(recipe, mirror, security, apt_sources, packages, hooks, boot, check, dib=dplan, route=Route.of(recipe))
-    if base and base["method"] == "guestfs":
-        src = base.get("image") or base.get("emi")
-        plan.stages.append(("bootstrap", f"copy of {src} ({base['partition']} partition), grown by {base['grow']}"))
-        plan.stages.append(("customize", "in the image through libguestfs, no root: static files, element hooks, "
-                            "users, files, commands (no packages, no initramfs)"))
-        plan.stages.append(("image", f"the customized copy; kernel and ramdisk {base['kernel']}"))
-    else:
-        if base:
-            src = base.get("image") or base.get("emi")
-            plan.stages.append(("bootstrap", "cached" if bhit else f"open {src} and take out its root tree"))
-        else:
-            plan.stages.append(("bootstrap", "cached" if bhit else f"debootstrap --variant={d['variant']} {prof.suite}"))
-        plan.stages.append(("customize", ("packages cached; " if chit else f"install {len(packages)} packages; ")
-                            + "run element hooks, files, commands; initramfs once"))
-        plan.stages.append(("image", f"mkfs.{d['filesystem']} -d (features for {prof.distro}/{prof.suite}), "
-                            + ("kernel, ramdisk" if not base or base["kernel"] == "from-image"
-                               else "kernel and ramdisk from the source")))
-    b = recipe.bundle
-    plan.stages.append(("bundle", "off" if b.get("enabled") is False else "bundle kernel, ramdisk, image (EC2 format)"))
-    p = recipe.publish
-    cloud_env = any(os.environ.get(v) for v in ("EC2_URL", "S3_URL"))
-    plan.stages.append(("publish", "off" if p.get("enabled") is False else
-                        "upload to Walrus/S3, register EKI/ERI/EMI" if (p or cloud_env) else "off (no cloud configured)"))
-    v = recipe.verify
-    plan.stages.append(("verify", "off" if v.get("enabled") is False else
-                        f"boot a verification instance ({v.get('mode', 'local')}, {v.get('instance_type', 'm1.small')})"))
     return plan
 

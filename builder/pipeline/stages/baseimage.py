@@ -31,6 +31,7 @@ from builder.core.record import Build
 from builder.core.cache import TreeCache, cache_root
 from builder.core.errors import BakeError
 from builder.core.log import step
+from builder.pipeline.context import BuildContext
 from builder.pipeline.plan import Plan
 from builder.recipe.recipe import Recipe
 from builder.image.boot import SOURCE_BOOT, dpkg_status_packages
@@ -186,10 +187,15 @@ def _boot_from_source(opened: Opened) -> tuple[Path | None, Path | None]:
     return opened.unpacked.kernel, opened.unpacked.ramdisk
 
 
-def run(build: Build, recipe: Recipe, plan: Plan, work: Path) -> Path | None:
-    """`method: unpack`: make sure the base's root tree is in the cache. Returns the tree
-    freshly taken out under `work` (customize takes it over), or None when cached."""
-    start = time.monotonic()
+def run(ctx: BuildContext) -> None:
+    """`method: unpack`: make sure the base's root tree is in the cache. A tree freshly
+    taken out under the work folder is left in `ctx.fresh_tree` (customize takes it over);
+    the plan is made again, as the package checkpoint's key follows the base."""
+    ctx.fresh_tree = _unpack(ctx.build, ctx.recipe, ctx.plan, ctx.work)
+    ctx.replan()
+
+
+def _unpack(build: Build, recipe: Recipe, plan: Plan, work: Path) -> Path | None:
     b = recipe.base
     cache = TreeCache(cache_root(Path(build.dir).parent.parent), "base")
     key = plan.bootstrap.key
@@ -203,8 +209,7 @@ def run(build: Build, recipe: Recipe, plan: Plan, work: Path) -> Path | None:
             check_release(recipe, (record["distro"], record["release"]), f"base {record['source']}")
             recipe.data["label"] = root_label(recipe, record)
             build.set("base", record)
-            build.record_stage("bootstrap", cached=True, key=key, namespace="base",
-                               seconds=round(time.monotonic() - start, 2))
+            build.record_stage("bootstrap", cached=True, key=key, namespace="base")
             return None
         opened = open_base(build, recipe, work)
         how = open_method()
@@ -233,8 +238,7 @@ def run(build: Build, recipe: Recipe, plan: Plan, work: Path) -> Path | None:
         shutil.rmtree(work / "emi", ignore_errors=True)
     recipe.data["label"] = label
     build.set("base", record)
-    build.record_stage("bootstrap", cached=False, key=key, namespace="base",
-                       seconds=round(time.monotonic() - start, 2))
+    build.record_stage("bootstrap", cached=False, key=key, namespace="base")
     return tree
 
 
@@ -257,11 +261,11 @@ def _fix_fstab(tree: Path, record: dict, label: str, fstype: str) -> None:
 
 # --- the light path ---------------------------------------------------------------------
 
-def prepare_light(build: Build, recipe: Recipe, work: Path) -> Opened:
-    """`method: guestfs`: the base's bare root filesystem under `work`, grown by
-    `base.grow`, for the light path to change in place."""
-    start = time.monotonic()
-    opened = open_base(build, recipe, work)
+def open_in_place(ctx: BuildContext) -> None:
+    """`method: guestfs`: the base's bare root filesystem under the work folder, grown by
+    `base.grow`, left in `ctx.opened` for the appliance to change in place."""
+    build, recipe = ctx.build, ctx.recipe
+    opened = open_base(build, recipe, ctx.work)
     grow = parse_size(recipe.base["grow"]) if recipe.base["grow"] not in ("0M", "0G") else 0
     if grow:
         with step(f"Growing the base's filesystem by {recipe.base['grow']}"):
@@ -270,14 +274,14 @@ def prepare_light(build: Build, recipe: Recipe, work: Path) -> Opened:
     opened.record["grown_by"] = grow
     recipe.data["label"] = opened.record["filesystem"]["label"] or recipe.data["label"]
     build.set("base", opened.record)
-    build.record_stage("bootstrap", cached=False, namespace=None, seconds=round(time.monotonic() - start, 2))
-    return opened
+    build.record_stage("bootstrap", cached=False, namespace=None)
+    ctx.opened = opened
 
 
-def finish_light(build: Build, recipe: Recipe, opened: Opened) -> dict:
-    """The image stage of the light path: the changed filesystem becomes the build's
+def image_in_place(ctx: BuildContext) -> None:
+    """The image stage of the appliance route: the changed filesystem becomes the build's
     partition image; kernel and ramdisk from the image's /boot or from the source."""
-    start = time.monotonic()
+    build, recipe, opened = ctx.build, ctx.recipe, ctx.opened
     from builder.base import appliance
     image = build.dir / f"{recipe.name}.img"
     with step("Image: the customized base, kernel, ramdisk"):
@@ -309,6 +313,5 @@ def finish_light(build: Build, recipe: Recipe, opened: Opened) -> dict:
         build.set("packages", dpkg_status_packages(status.decode("utf-8", "replace")) if status else [])
         fs = formats.fs_facts(image)
         build.set("filesystem", {"type": fs.type, "label": fs.label, "size": fs.size, "features": fs.features})
-    build.record_stage("image", seconds=round(time.monotonic() - start, 2))
-    return build.data["outputs"]
+    build.record_stage("image")
 

@@ -22,6 +22,7 @@ from builder.recipe.distro import DEB_ARCH
 from builder.core.errors import BakeError
 from builder.core.log import step
 from builder.core.progress import DebootstrapCounter
+from builder.pipeline.context import BuildContext
 from builder.pipeline.plan import Plan
 from builder.recipe.recipe import Recipe
 
@@ -38,17 +39,20 @@ def release_digest(mirror: str, suite: str, timeout: float = 30) -> str:
         raise BakeError(f"cannot read the archive's Release file {url}: {getattr(e, 'reason', e)}") from None
 
 
-def run(build: Build, recipe: Recipe, plan: Plan, work: Path) -> Path | None:
-    """Make sure the bootstrap cache entry is current.
+def run(ctx: BuildContext) -> None:
+    """Make sure the bootstrap cache entry is current. A tree freshly debootstrapped under
+    the work folder is left in `ctx.fresh_tree` (the customize stage may take it over
+    instead of unpacking the cache); the plan is made again, as the package checkpoint's
+    key follows the base just made."""
+    ctx.fresh_tree = _bootstrap(ctx.build, ctx.recipe, ctx.plan, ctx.work)
+    ctx.replan()
 
-    Returns a freshly debootstrapped tree under `work` when one had to be made (the
-    customize stage may take it over instead of unpacking the cache), else None.
-    """
+
+def _bootstrap(build: Build, recipe: Recipe, plan: Plan, work: Path) -> Path | None:
     prof = recipe.profile
     d = recipe.data
     cache = TreeCache(cache_root(Path(build.dir).parent.parent), "bootstrap")
     key = plan.bootstrap.key
-    start = time.monotonic()
     with step(f"Bootstrap {prof.distro}/{prof.suite} ({d['variant']}, {recipe.arch})"):
         keyring = prof.debootstrap_keyring()   # said before anything is fetched
         try:
@@ -62,16 +66,14 @@ def run(build: Build, recipe: Recipe, plan: Plan, work: Path) -> Path | None:
         # and then finds the entry made, instead of debootstrapping it again.
         with cache.lock(key):
             if cache.has(key) and cache.meta(key).get("release_sha256") == digest:
-                build.record_stage("bootstrap", cached=True, key=key, release_sha256=digest,
-                                   seconds=round(time.monotonic() - start, 2))
+                build.record_stage("bootstrap", cached=True, key=key, release_sha256=digest)
                 return None
             tree = _debootstrap(build, recipe, plan, work, cache, keyring)
             with step("Saving the base tree to the cache"):
                 cache.save(key, tree, {"release": d["release"], "mirror": plan.mirror, "arch": recipe.arch,
                                        "variant": d["variant"], "release_sha256": digest,
                                        "created": time.strftime("%Y-%m-%d %H:%M:%S")})
-        build.record_stage("bootstrap", cached=False, key=key, release_sha256=digest,
-                           seconds=round(time.monotonic() - start, 2))
+        build.record_stage("bootstrap", cached=False, key=key, release_sha256=digest)
         return tree
 
 

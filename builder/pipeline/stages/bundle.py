@@ -33,6 +33,7 @@ from builder.bundle.build import LOCAL_NOTE, ec2_arch, bundle_and_record
 from builder.bundle.keys import resolve_keys
 from builder.bundle.writer import PART_SIZE
 from builder.core.record import Build
+from builder.pipeline.context import BuildContext
 
 log = logging.getLogger("bake.bundle")
 
@@ -51,9 +52,14 @@ def _arch_of(recipe, build: Build) -> str:
     return ec2_arch(getattr(recipe, "arch", None) or build.data.get("arch"))
 
 
-def run(build: Build, recipe) -> dict[str, Any]:
-    """Bundle the build (see the module's doc); returns build.json's "bundle" section,
-    or {} when the recipe turns the stage off."""
+def run(ctx: BuildContext) -> None:
+    """Bundle the build (see the module's doc)."""
+    run_on(ctx.build, ctx.recipe)
+
+
+def run_on(build: Build, recipe) -> dict[str, Any]:
+    """Bundle `build` as `recipe`'s bundle section says; returns build.json's "bundle"
+    section, or {} when the recipe turns the stage off."""
     section = dict(getattr(recipe, "bundle", None) or {})
     if section.get("enabled") is False:
         build.record_stage("bundle", skipped="disabled in the recipe")

@@ -8,7 +8,6 @@ features the distribution profile says the target's kernel and e2fsck understand
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 from builder.core import sh
@@ -17,11 +16,18 @@ from builder.core.errors import BakeError
 from builder.core.log import step
 from builder.image.boot import newest_kernel, package_list, take_source_boot
 from builder.image.filesystem import MiB, auto_size, make_filesystem, parse_size, tree_usage
+from builder.pipeline.context import BuildContext
 from builder.recipe.recipe import Recipe
 
-def run(build: Build, recipe: Recipe, root: Path) -> dict:
-    """Write kernel, ramdisk and partition image into the build directory."""
-    start = time.monotonic()
+def run(ctx: BuildContext) -> None:
+    """Write kernel, ramdisk and partition image of the customized tree (`ctx.root`) into
+    the build directory."""
+    assert ctx.root is not None, "the image stage runs after customize, which leaves the root tree"
+    make_image(ctx.build, ctx.recipe, ctx.root)
+
+
+def make_image(build: Build, recipe: Recipe, root: Path) -> None:
+    """Write kernel, ramdisk and partition image of the tree at `root` into `build`'s folder."""
     d = recipe.data
     fs = d["filesystem"]
     sh.require(f"mkfs.{fs}", "e2fsck")
@@ -52,5 +58,4 @@ def run(build: Build, recipe: Recipe, root: Path) -> dict:
         build.set("packages", package_list(root))
         build.set("filesystem", {"type": fs, "label": d["label"], "size": size, "features": features,
                                  "content_bytes": content, "inodes_used": inodes})
-    build.record_stage("image", seconds=round(time.monotonic() - start, 2))
-    return build.data["outputs"]
+    build.record_stage("image")

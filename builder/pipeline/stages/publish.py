@@ -4,10 +4,12 @@ configured (recipe `publish` section, an eucarc, or the environment); skipped ot
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
+from builder.cloud.credentials import load_credentials
+from builder.cloud.publish import PublishOptions, publish
 from builder.core.record import Build
+from builder.pipeline.context import BuildContext
 from builder.core.log import step
 
 log = logging.getLogger("bake.stages.publish")
@@ -16,12 +18,14 @@ NO_CLOUD = ("no cloud configured (no publish section with an eucarc or URLs in t
             "and no EC2_URL/S3_URL/EC2_ACCESS_KEY/EC2_SECRET_KEY in the environment)")
 
 
-def run(build: Build, recipe: Any) -> dict[str, Any]:
+def run(ctx: BuildContext) -> None:
+    """Publish the build when a cloud is configured (see the module's doc)."""
+    run_on(ctx.build, ctx.recipe)
+
+
+def run_on(build: Build, recipe: Any) -> dict[str, Any]:
     """Publish `build`; returns the build.json "cloud" section, or {"skipped": reason}
     (also recorded as the stage's record in build.json)."""
-    from builder.cloud.credentials import load_credentials
-    from builder.cloud.publish import PublishOptions, publish
-
     section = dict(getattr(recipe, "publish", None) or {})
     creds = None
     if section.get("enabled") is False:
@@ -33,9 +37,8 @@ def run(build: Build, recipe: Any) -> dict[str, Any]:
         log.info("publish skipped: %s", reason)
         build.record_stage("publish", skipped=reason)
         return {"skipped": reason}
-    start = time.monotonic()
     with step("Publish"):
         cloud = publish(build, creds, PublishOptions.from_section(section))
-    build.record_stage("publish", seconds=round(time.monotonic() - start, 2), image_id=cloud["image_id"],
+    build.record_stage("publish", image_id=cloud["image_id"],
                        uploaded=cloud["uploaded"], already_uploaded=cloud["already_uploaded"])
     return cloud

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from builder.core.record import Build
+from builder.verify import verify
+from builder.pipeline.context import BuildContext
 from builder.core.errors import BakeError
 
 
-def run(build: Build, recipe, *, cloud: bool | None = None) -> dict:
+def run(ctx: BuildContext) -> None:
+    """Verify the build: on the cloud with `--cloud`, else as the recipe says."""
+    run_on(ctx.build, ctx.recipe, cloud=True if ctx.options.cloud else None)
+
+
+def run_on(build: Build, recipe, *, cloud: bool | None = None) -> dict:
     """Verify the build as the recipe's verify section says (local unless its mode is
     cloud; `cloud` overrides it, as `bake build --cloud` does); records the outcome in
     build.json and returns its summary. A failed check sets the build's result to
     "failed" (the bake then exits non-zero)."""
-    from builder.verify import verify
-
     section = recipe.verify
     if cloud is None:
         cloud = section.get("mode", "local") == "cloud"
