@@ -10,11 +10,15 @@ and parameters the Eucalyptus query binding does not know removed before sending
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import boto3
+# botocore loads urllib3's pyOpenSSL bridge, which loads Debian's older pyOpenSSL; with the
+# virtualenv's newer cryptography that warns of DSA on import, a line every bake would print.
+warnings.filterwarnings("ignore", message="DSA is deprecated", module="OpenSSL")
+import boto3  # noqa: E402
 from botocore.config import Config
 
 from .credentials import Credentials
