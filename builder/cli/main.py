@@ -103,10 +103,10 @@ def cmd_validate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from builder.pipeline.table import plan_build
+    from builder.pipeline.plan import make_plan
     from builder.recipe.recipe import load_recipe
 
-    plan = plan_build(load_recipe(args.recipe), output_root=Path(args.output))
+    plan = make_plan(load_recipe(args.recipe), output_root=Path(args.output))
     if args.json:
         import json
         print(json.dumps(plan.as_dict(), indent=2))
@@ -162,19 +162,8 @@ def _build_many(args) -> int:
     from builder.cli.many import render_summary
     from builder.operations.many import bake_many
 
-    build_args: list[str] = []
-    if args.stop_after:
-        build_args += ["--stop-after", args.stop_after]
-    for s in args.skip or ():
-        build_args += ["--skip", s]
-    if args.cloud:
-        build_args.append("--cloud")
-    if args.no_wait:
-        build_args.append("--no-wait")
-    if args.json:
-        build_args.append("--json")
-    global_args = ["-v"] * args.verbose + (["-q"] if args.quiet else [])
-    status, jobs = bake_many(args.recipes, build_args, args.jobs, global_args=global_args, output=args.output)
+    report = child.Report(json=args.json, verbose=args.verbose, quiet=args.quiet)
+    status, jobs = bake_many(args.recipes, _options_of(args), args.jobs, report=report)
     if args.json:
         events.set_build(None, None)
         events.emit("summary", exit_status=status, recipes=[j.as_dict() for j in jobs])

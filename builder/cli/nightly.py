@@ -16,6 +16,7 @@ from builder.core import exitcodes
 from builder.core.errors import BakeError
 from builder.farm.connect import Farm, shown
 from builder.operations import nightly
+from builder.pipeline.options import BuildOptions
 
 
 def cmd_nightly(args) -> int:
@@ -28,8 +29,8 @@ def cmd_nightly(args) -> int:
     except BakeError as e:
         print(f"bake: error: {e}", file=sys.stderr)
         return exitcodes.COULD_NOT_RUN
-    status, jobs = nightly.bake_recipes(paths, output=args.output, jobs=args.jobs, cloud_verify=args.cloud_verify,
-                                        no_wait=args.no_wait)
+    options = BuildOptions(output=args.output, cloud=args.cloud_verify, wait=not args.no_wait)
+    status, jobs = nightly.bake_recipes(paths, options, jobs=args.jobs)
     print(render_summary(jobs), file=sys.stderr, flush=True)
     gc = None
     if args.keep:

@@ -1,10 +1,11 @@
 """`bake build A.yml B.yml ... -j N`: several recipes, N bakes at a time.
 
-Each recipe is baked by a `bake build` process of its own, exactly as if it had been
-started alone: its own interrupt handling, watchdog and journal, the recipe lock, and
-the shared stage cache whose entries are made once under their locks (two recipes that
-need the same base wait for one bootstrap, then both use it). A process per bake, not
-a thread: a chroot, a working directory and signal handling belong to a process.
+Each recipe is baked by a `bake build` process of its own (`builder.pipeline.child`),
+exactly as if it had been started alone: its own interrupt handling, watchdog and
+journal, the recipe lock, and the shared stage cache whose entries are made once under
+their locks (two recipes that need the same base wait for one bootstrap, then both use
+it). Every bake gets the same BuildOptions, as JSON. A process per bake, not a thread:
+a chroot, a working directory and signal handling belong to a process.
 
 Every line a bake writes on stderr is shown prefixed with its recipe's name; when all
 are done, a summary lists each recipe's result. An interrupt is passed on to every
@@ -27,6 +28,9 @@ from typing import IO
 
 from builder.core import events, exitcodes, interrupts, lifetime
 from builder.core.errors import BakeError
+from builder.pipeline import child
+from builder.pipeline.options import BuildOptions
+from builder.recipe.recipe import load_recipe
 
 # How a bake's exit status reads in the summary.
 RESULTS = {
@@ -73,12 +77,11 @@ def _collect(stream: IO[str], into: list[str]) -> None:
             events.relay(line)
 
 
-def bake_many(paths: list[str], build_args: list[str], jobs: int, *, global_args: list[str] = (),
-              output: str, out: IO[str] = sys.stderr) -> tuple[int, list[Job]]:
-    """Bake the recipes at `paths`, `jobs` at a time, each with `build_args`; returns the
-    exit status (OK when all succeeded, SOME_FAILED otherwise) and each recipe's job."""
-    from builder.recipe.recipe import load_recipe
-
+def bake_many(paths: list[str], options: BuildOptions, jobs: int, *, report: child.Report = child.Report(),
+              out: IO[str] = sys.stderr) -> tuple[int, list[Job]]:
+    """Bake the recipes at `paths`, `jobs` at a time, each with `options` and reporting as
+    `report` says; returns the exit status (OK when all succeeded, SOME_FAILED otherwise)
+    and each recipe's job."""
     if jobs < 1:
         raise BakeError(f"-j {jobs}: the number of bakes at a time must be at least 1")
     todo: list[Job] = []
@@ -102,18 +105,18 @@ def bake_many(paths: list[str], build_args: list[str], jobs: int, *, global_args
         while todo or running:
             while todo and len(running) < jobs:
                 job = todo.pop(0)
-                _start(job, build_args, global_args, output, env, out)
+                _start(job, options, report, env, out)
                 running.append(job)
             for job in list(running):
                 if job.proc is not None and job.proc.poll() is not None:
-                    _finish(job, output)
+                    _finish(job, options.output)
                     running.remove(job)
                     done.append(job)
             if running:
                 time.sleep(0.2)
     except BaseException:
         with interrupts.deferred():
-            _stop_all(running, output)
+            _stop_all(running, options.output)
             done.extend(running)
         raise
     order = {p: i for i, p in enumerate(paths)}
@@ -122,11 +125,10 @@ def bake_many(paths: list[str], build_args: list[str], jobs: int, *, global_args
     return status, done
 
 
-def _start(job: Job, build_args: list[str], global_args: list[str], output: str, env: dict, out: IO[str]) -> None:
-    argv = [sys.executable, "-m", "builder", *global_args, "build", job.path, "--output", output, *build_args]
+def _start(job: Job, options: BuildOptions, report: child.Report, env: dict, out: IO[str]) -> None:
     job.started = time.monotonic()
-    job.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, errors="replace", env=env, start_new_session=True)
+    job.proc = child.start(job.path, options, report, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, errors="replace", env=env, start_new_session=True)
     lifetime.session().add("pgid", job.proc.pid)
     job.result = "running"
     job.pump = threading.Thread(target=_prefix_lines, args=(job.proc.stderr, job.name, out), daemon=True)
@@ -178,10 +180,10 @@ def _stop_all(running: list[Job], output: str) -> None:
     """Pass the interrupt on to every running bake and wait while each undoes what it
     started (each has the same bound as this process; the bound is extended so that
     they are not cut short)."""
-    live = [j for j in running if j.proc is not None and j.proc.poll() is None]
-    for job in live:
+    live = [j.proc for j in running if j.proc is not None and j.proc.poll() is None]
+    for proc in live:
         with contextlib.suppress(ProcessLookupError):
-            job.proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)
     interrupts.extend(interrupts.BOUND + 10)
     for job in running:
         if job.proc is not None:

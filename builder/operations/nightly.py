@@ -23,6 +23,7 @@ from pathlib import Path
 from builder.core import exitcodes, lifetime
 from builder.core.errors import BakeError
 from builder.operations.many import Job, bake_many
+from builder.pipeline.options import BuildOptions
 
 RECIPE_SUFFIXES = (".yml", ".yaml")
 
@@ -77,11 +78,9 @@ def write_summary(summaries: Path, started: _dt.datetime, summary: dict, suffix:
     return path
 
 
-def bake_recipes(paths: list[str], *, output: str, jobs: int, cloud_verify: bool,
-                 no_wait: bool) -> tuple[int, list[Job]]:
-    """Bake the recipes at `paths`, `jobs` at a time (see `many.bake_many`)."""
-    build_args = (["--cloud"] if cloud_verify else []) + (["--no-wait"] if no_wait else [])
-    return bake_many(paths, build_args, jobs, output=output)
+def bake_recipes(paths: list[str], options: BuildOptions, *, jobs: int) -> tuple[int, list[Job]]:
+    """Bake the recipes at `paths` with `options`, `jobs` at a time (see `many.bake_many`)."""
+    return bake_many(paths, options, jobs)
 
 
 def run_gc(output: str, keep: int, cloud: bool, eucarc: str | None) -> dict:
