@@ -1,6 +1,7 @@
 """Build options as data: `BuildOptions` round-trips through JSON and refuses what does
 not fit its schema; a child bake (`builder.pipeline.child`, how -j, nightly and a farm
-worker start one) reads them from its stdin and refuses bad ones before anything runs."""
+worker start one) reads them from its stdin and refuses bad ones before anything runs;
+a farm job whose spec's options do not fit is refused with nothing run."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from builder.core import exitcodes
 from builder.core.errors import BakeError
+from builder.farm import jobs
 from builder.pipeline import child
 from builder.core.locks import recipe_lock
 from builder.pipeline.options import BuildOptions
@@ -87,3 +89,27 @@ def test_a_child_bake_refuses_build_option_flags_beside_its_json(tmp_path):
     assert "--options-json carries every build option of one recipe's bake; not with --stop-after, --no-wait" \
         in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options, says", [
+    ({"cloud_verify": True}, "submitted by an older bake (cloud_verify is now cloud): submit it again"),
+    ({"skip": "verify"}, "build options: skip: 'verify' is not of type 'array'"),
+    ({"stop_after": "image", "retries": 3}, "'retries' was unexpected"),
+])
+def test_a_farm_job_whose_options_do_not_fit_is_refused_before_anything_runs(tmp_path, monkeypatch, options, says):
+    # no Redis, no store: the job must end before it reaches for either
+    for k in ("BAKE_REDIS_URL", "BAKE_FARM_STORE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv(jobs.OUTPUT_ENV, str(tmp_path / "out"))
+    spec = {"recipe": "farm-x", "bundle": "recipes/0.tar", "sha256": "0" * 64, "options": options}
+    with pytest.raises(jobs.BadSpec, match="^farm job of farm-x: not run: ") as e:
+        jobs.run_build(spec)
+    assert says in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_farm_job_spec_carries_the_options_json():
+    options = BuildOptions(stop_after="bundle", skip=("verify",), cloud=True)
+    assert jobs.job_options({"recipe": "x", "options": options.to_json()}) == options
+    with pytest.raises(jobs.BadSpec, match="has no build options"):
+        jobs.job_options({"recipe": "x"})

@@ -21,9 +21,10 @@ from builder.farm import hooks as farm_hooks
 from builder.farm import lease as lease_mod
 from builder.cli.farm import gc_farm
 from builder.farm.connect import Farm, redis_from_url, shown
-from builder.farm.jobs import Duplicate, pack_recipe, submit
+from builder.farm.jobs import Duplicate, job_options, pack_recipe, submit
 from builder.farm.lease import Lease, LeaseLost
-from builder.farm.records import record_name
+from builder.farm.records import list_records, record_name
+from builder.pipeline.options import BuildOptions
 from conftest import BAKE, REPO
 from eucalyptus_standin.fixtures import euca4  # noqa: F401  (a fixture)
 from eucalyptus_standin.trio import bundle_build, make_build
@@ -212,6 +213,49 @@ def test_submitting_an_invalid_recipe_is_refused_with_the_recipes_error_and_queu
     assert f"{bad}:3: pakages: unknown key" in r.stderr
     from rq import Queue
     assert Queue("bake", connection=farm.redis()).count == 0
+
+
+def test_a_job_carries_its_build_options_as_json(farm, tmp_path):
+    from rq.job import Job
+
+    path = _recipe(tmp_path / "r", "farm-opts", "one\n")
+    r = subprocess.run([BAKE, "submit", str(path), "--stop-after", "bundle", "--skip", "verify", "--verify-on-cloud",
+                        "--redis", farm.redis_url, "--store", farm.store_url], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    [spec] = Job.fetch(r.stdout.strip(), connection=farm.redis()).args
+    assert spec["options"] == BuildOptions(stop_after="bundle", skip=("verify",), cloud=True).to_json()
+    assert job_options(spec) == BuildOptions(stop_after="bundle", skip=("verify",), cloud=True)
+
+
+def test_a_job_whose_options_do_not_fit_fails_at_once_saying_why_and_runs_nothing(farm, redis, cloud_env, tmp_path):
+    from rq import Queue, Retry
+    from rq.job import Job, JobStatus
+
+    conn = farm.redis()
+    # as an older bake submitted it: `cloud_verify` is `cloud` now
+    spec = {"recipe": "farm-old", "bundle": "recipes/none.tar", "sha256": "0" * 64,
+            "options": {"stop_after": None, "skip": [], "cloud_verify": False}}
+    Queue("bake", connection=conn).enqueue_call("builder.farm.jobs.run_build", args=(spec,), job_id="bake_farm-old",
+                                                 retry=Retry(max=3, interval=600))
+    box = tmp_path / "box-old"
+    worker = start_worker("box-old", box, redis, farm.store_url, cloud_env)
+    try:
+        # a job to be tried again is scheduled (in 600 s), not failed
+        wait_for(lambda: Job.fetch("bake_farm-old", connection=conn).get_status() in (
+            JobStatus.FAILED, JobStatus.SCHEDULED), 120, "the job to fail")
+    finally:
+        worker.stop(30)
+    job = Job.fetch("bake_farm-old", connection=conn)
+    assert job.get_status() == JobStatus.FAILED, "failed for good, not tried again"
+    error = job.latest_result().exc_string.strip().splitlines()[-1]
+    assert "farm job of farm-old: not run: build options: (top): Additional properties are not allowed " \
+           "('cloud_verify' was unexpected); it was submitted by an older bake (cloud_verify is now cloud): " \
+           "submit it again" in error, error
+    assert Queue("bake", connection=conn).count == 0
+    assert "attempts" not in job.meta, "no attempt was made"
+    assert list_records(farm.store(), "farm-old") == [], "no record: nothing ran"
+    assert not (box / "output" / "farm-old").exists() and not list(box.glob("output/.farm/jobs/*"))
 
 
 def test_the_farm_commands_say_what_is_missing(tmp_path, monkeypatch):

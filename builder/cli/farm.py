@@ -16,6 +16,7 @@ from builder.core import exitcodes, stale
 from builder.core.errors import BakeError
 from builder.cli.options import add_output
 from builder.farm.connect import QUEUE, Farm, shown
+from builder.pipeline.options import SKIPPABLE, STAGE_NAMES, BuildOptions
 from builder.farm.records import (
     BUILDING,
     RELEASED,
@@ -112,14 +113,17 @@ def cmd_worker(args) -> int:
 
 # --- bake submit ------------------------------------------------------------------------
 
-def job_options(args) -> dict[str, Any]:
-    return {"stop_after": getattr(args, "stop_after", None), "skip": list(getattr(args, "skip", None) or ()),
-            "cloud_verify": bool(getattr(args, "cloud_verify", False))}
+def job_options(args) -> BuildOptions:
+    """The build options of the jobs `bake submit` or `bake nightly --farm` asks for; the
+    output root and the build id are each worker's."""
+    return BuildOptions(stop_after=getattr(args, "stop_after", None), skip=tuple(getattr(args, "skip", None) or ()),
+                        cloud=bool(getattr(args, "cloud_verify", False)))
 
 
-def submit_all(farm: Farm, paths: list[str], options: dict, *, day: str | None, timeout: int,
+def submit_all(farm: Farm, paths: list[str], options: BuildOptions, *, day: str | None, timeout: int,
                retries: int, backoff: float) -> tuple[list[dict], list[dict]]:
-    """Submit each recipe; (submitted, refused), each a list of {recipe, path, job?, error}."""
+    """Submit each recipe with the build `options`; (submitted, refused), each a list of
+    {recipe, path, job?, error}."""
     from builder.recipe.schemaerrors import RecipeError
     from builder.farm.jobs import Duplicate, submit
 
@@ -372,9 +376,10 @@ def register(subparsers) -> None:
     sp.add_argument("--eucarc", help="the cloud of the store (default: the environment)")
     sp.add_argument("--wait", action="store_true", help="wait for the jobs; exit 7 when one did not succeed")
     add_job_options(sp)
-    sp.add_argument("--stop-after", choices=("bootstrap", "customize", "image", "bundle", "publish", "verify"))
-    sp.add_argument("--skip", action="append", choices=("bundle", "publish", "verify"))
-    sp.add_argument("--verify-on-cloud", dest="cloud_verify", action="store_true")
+    sp.add_argument("--stop-after", choices=STAGE_NAMES, help="stop each build after this stage")
+    sp.add_argument("--skip", action="append", choices=SKIPPABLE, help="skip this stage (repeatable)")
+    sp.add_argument("--verify-on-cloud", dest="cloud_verify", action="store_true",
+                    help="verify on the cloud the builds are published to, instead of locally")
     sp.set_defaults(func=cmd_submit)
 
     sp = subparsers.add_parser(

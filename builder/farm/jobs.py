@@ -8,21 +8,27 @@ while its job is queued, running or kept (a day) is refused, not run twice. A lo
 `base.image` is named by its absolute path, which must exist on every worker (or use
 `base.emi`).
 
-**A job**, in the worker's work horse (a process forked for it, in a process group of
-its own), fetches the packed recipe, takes the recipe's lease (waiting while another
-box bakes it), writes the durable record, and runs `bake build` as a child with the
-lease in its environment (publishing checks it, see builder/core/fence.py) and the shared
-stage cache on. Every stage the child finishes is written to the record. When the
-child has ended, the lease is checked once more before the build's artifacts (kernel,
-ramdisk, the image compressed with zstd) and its log are uploaded; the record gets its
-final state and the lease is released. A failure that a second try may mend (a stage
-failed, publishing failed, an interrupt, the lease lost) raises, and RQ retries the job
-with back-off; an invalid recipe or a failed verification is recorded and not retried.
+The job's spec is data: the recipe's name, where its pack is and its digest, and the
+build options as `BuildOptions.to_json()`. **A job**, in the worker's work horse (a
+process forked for it, in a process group of its own), first checks those options
+(`BuildOptions.from_json`): a spec they do not fit fails at once, saying why, with
+nothing run and no retry. It fetches the packed recipe, takes the recipe's lease
+(waiting while another box bakes it), writes the durable record, and runs a child bake
+(`builder.pipeline.child`, the options on its stdin; the output root and the build id
+are the worker's) with the lease in its environment (publishing checks it, see
+builder/core/fence.py) and the shared stage cache on. Every stage the child finishes is
+written to the record. When the child has ended, the lease is checked once more before
+the build's artifacts (kernel, ramdisk, the image compressed with zstd) and its log are
+uploaded; the record gets its final state and the lease is released. A failure that a
+second try may mend (a stage failed, publishing failed, an interrupt, the lease lost)
+raises, and RQ retries the job with back-off; an invalid recipe or a failed
+verification is recorded and not retried.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import hashlib
 import io
@@ -35,7 +41,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,8 @@ import yaml
 
 from builder.core import exitcodes, lifetime
 from builder.core.errors import BakeError
+from builder.pipeline import child
+from builder.pipeline.options import BuildOptions
 from .connect import EUCARC_ENV, REDIS_ENV, STORE_ENV, Farm
 from .lease import Lease, describe
 from .records import FarmRecord, artifact_folder, log_name, now
@@ -141,11 +148,12 @@ def job_id(recipe: str, digest: str, day: str | None = None) -> str:
     return f"bake_{safe}_{digest[:20]}" + (f"_{day}" if day else "")
 
 
-def submit(farm: Farm, path: str | Path, *, options: dict[str, Any] | None = None, day: str | None = None,
+def submit(farm: Farm, path: str | Path, *, options: BuildOptions | None = None, day: str | None = None,
            timeout: int = JOB_TIMEOUT, retries: int = RETRIES, backoff: float = BACKOFF, conn=None,
            store=None) -> dict[str, Any]:
-    """Pack and enqueue the recipe at `path`; {recipe, job, digest}. A BakeError
-    ("already submitted") when a job with the same id is queued, running or kept."""
+    """Pack and enqueue the recipe at `path` with the build `options` (their output root
+    and build id are the worker's); {recipe, job, digest}. A BakeError ("already
+    submitted") when a job with the same id is queued, running or kept."""
     from rq import Queue, Retry
     from rq.exceptions import DuplicateJobError
     from .connect import QUEUE
@@ -157,7 +165,7 @@ def submit(farm: Farm, path: str | Path, *, options: dict[str, Any] | None = Non
     if store.head(bundle) is None:
         store.put_bytes(bundle, packed)
     jid = job_id(name, digest, day)
-    spec = {"recipe": name, "bundle": bundle, "sha256": digest, "options": dict(options or {}),
+    spec = {"recipe": name, "bundle": bundle, "sha256": digest, "options": (options or BuildOptions()).to_json(),
             "submitted": now(), "submitted_from": socket.gethostname()}
     queue = Queue(QUEUE, connection=conn)
     try:
@@ -181,6 +189,22 @@ class Duplicate(BakeError):
 
 class Retryable(BakeError):
     """A job that failed in a way a second try may mend: RQ tries it again."""
+
+
+class BadSpec(BakeError):
+    """A job whose spec this worker cannot run (no second try can mend it)."""
+
+
+def job_options(spec: dict[str, Any]) -> BuildOptions:
+    """The build options of a job's spec, checked; BadSpec says what does not fit."""
+    if not isinstance(spec, dict) or "options" not in spec:
+        raise BadSpec("the farm job has no build options; submit the recipe again")
+    try:
+        return BuildOptions.from_json(spec["options"])
+    except BakeError as e:
+        hint = ("; it was submitted by an older bake (cloud_verify is now cloud): submit it again"
+                if isinstance(spec["options"], dict) and "cloud_verify" in spec["options"] else "")
+        raise BadSpec(f"farm job of {spec.get('recipe', '?')}: not run: {e}{hint}") from None
 
 
 def _unpack(tar_path: Path, dest: Path) -> None:
@@ -210,6 +234,12 @@ def run_build(spec: dict[str, Any]) -> dict[str, Any]:
     from rq import get_current_job
 
     job = get_current_job()
+    try:
+        options = job_options(spec)
+    except BadSpec:
+        if job is not None:
+            job.retries_left = 0    # the same spec fails the same way: fail the job now, not after back-off
+        raise
     farm = _farm_from_env()
     conn = farm.redis()
     store = farm.store()
@@ -233,7 +263,8 @@ def run_build(spec: dict[str, Any]) -> dict[str, Any]:
             lease.acquire(timeout=JOB_TIMEOUT, on_wait=lambda other: log.warning(
                 "waiting for recipe %s, baked by %s", name, describe(other)))
             try:
-                return _bake(spec, job, farm, store, lease, folder, output, build_id, attempt)
+                options = dataclasses.replace(options, output=str(output), build_id=build_id)
+                return _bake(spec, options, job, farm, store, lease, folder, attempt)
             finally:
                 lease.release()
     finally:
@@ -242,32 +273,26 @@ def run_build(spec: dict[str, Any]) -> dict[str, Any]:
             lifetime.session().close()
 
 
-def _bake(spec, job, farm: Farm, store, lease: Lease, folder: Path, output: Path, build_id: str,
+def _bake(spec, options: BuildOptions, job, farm: Farm, store, lease: Lease, folder: Path,
           attempt: int) -> dict[str, Any]:
     name = spec["recipe"]
-    opts = spec.get("options") or {}
+    output = Path(options.output)
+    build_id = options.build_id
+    assert build_id is not None
     rec = FarmRecord(store, name, build_id, {
         "recipe": name, "build_id": build_id, "state": "building", "job": job.id if job else None,
         "attempt": attempt, "host": socket.gethostname(), "worker": os.environ.get("RQ_WORKER_ID"),
         "pid": os.getpid(), "content_sha256": spec["sha256"], "submitted": spec.get("submitted"),
         "started": now(), "lease": lease.name, "stages": {}})
     rec.save()
-    argv = [sys.executable, "-m", "builder", "build", str(folder / "recipe" / "recipe.yml"), "--json",
-            "--output", str(output), "--build-id", build_id]
-    if opts.get("stop_after"):
-        argv += ["--stop-after", opts["stop_after"]]
-    for s in opts.get("skip") or ():
-        argv += ["--skip", s]
-    if opts.get("cloud_verify"):
-        argv.append("--cloud")
     env = dict(os.environ, **lifetime.child_env(), BAKE_FARM_SHARED_CACHE="1",
                BAKE_FARM_LEASE=json.dumps({"redis": farm.redis_url, **lease.spec}))
     logfile = folder / "bake.log"
     with open(logfile, "w") as logf:
         # in this work horse's process group (os.setpgrp by RQ): a kill of the group ends
         # it too; the horse's watchdog ends it when the horse alone is killed
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=logf, text=True,
-                                errors="replace", env=env)
+        proc = child.start(folder / "recipe" / "recipe.yml", options, child.Report(json=True),
+                           stdout=subprocess.PIPE, stderr=logf, text=True, errors="replace", env=env)
 
         def lost(why: str) -> None:
             with contextlib.suppress(ProcessLookupError):
