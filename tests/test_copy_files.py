@@ -16,7 +16,8 @@ from builder.core import sh
 from builder.core.record import Build
 from builder.core.errors import BakeError
 from builder.recipe.recipe import load_recipe
-from builder.pipeline.stages.customize import Customizer, copy_into_image, path_in_root
+from builder.customize.chroot import copy_into_image, path_in_root
+from builder.pipeline.stages.customize import Customizer
 
 
 @pytest.fixture
