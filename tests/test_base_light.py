@@ -22,7 +22,8 @@ import pytest
 import yaml
 
 from builder.core import sh
-from builder.base import appliance, light
+from builder.base import appliance
+from builder.customize import inplace
 from builder.core.errors import BakeError
 from builder.recipe.recipe import load_recipe
 from conftest import REPO
@@ -34,9 +35,9 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHbakeLightPathTestKeyOnlyNotARealOne
 CHILD = """
 import json, os, sys
 from pathlib import Path
-from builder.base import light
+from builder.customize import inplace
 from builder.recipe import load_recipe
-notes = light.apply(None, load_recipe(sys.argv[1]), Path(sys.argv[2]), init_system=sys.argv[3])
+notes = inplace.apply(load_recipe(sys.argv[1]), Path(sys.argv[2]), init_system=sys.argv[3])
 status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
 print(json.dumps({"notes": notes, "euid": os.geteuid(), "capeff": status["CapEff"].strip()}))
 """
@@ -138,7 +139,7 @@ def as_user(user: str, scratch: Path, argv: list, *, path: str, cwd: Path) -> sh
 
 
 def run_as(user: str, scratch: Path, recipe: Path, image: Path, init_system: str) -> dict:
-    """light.apply run by `user` in a process of its own (see `as_user`)."""
+    """inplace.apply run by `user` in a process of its own (see `as_user`)."""
     r = as_user(user, scratch, ["python", "-c", CHILD, recipe, image, init_system],
                 path="/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", cwd=scratch)
     assert r.returncode == 0, r.output
@@ -253,7 +254,7 @@ def test_an_element_whose_packages_the_image_lacks_is_refused(base, tmp_path, mo
     image = tmp_path / "image.img"
     sh.run(["cp", "--sparse=always", base, image])
     with pytest.raises(BakeError, match=r"lacks packages .*element 'needs-cowsay' needs cowsay.*method: unpack"):
-        light.apply(None, recipe, image, init_system="systemd")
+        inplace.apply(recipe, image, init_system="systemd")
 
 
 def test_a_failing_hook_says_which_with_its_output_and_the_chroot_paths_environment(base, tmp_path, monkeypatch):
@@ -273,7 +274,7 @@ def test_a_failing_hook_says_which_with_its_output_and_the_chroot_paths_environm
     image = tmp_path / "image.img"
     sh.run(["cp", "--sparse=always", base, image])
     with pytest.raises(BakeError) as e:
-        light.apply(None, recipe, image, init_system="systemd", root_label="from-the-base")
+        inplace.apply(recipe, image, init_system="systemd", root_label="from-the-base")
     assert str(e.value) == (
         "element 'fails', phase install.d, hook 10-fail failed (exit 3)\n--- last lines of its output ---\n"
         "dir=/tmp/bake/elements/fails label=from-the-base init=systemd word=hi home=/root\n10-fail\nit went wrong")

@@ -16,8 +16,8 @@ from builder.core import sh
 from builder.core.record import Build
 from builder.core.errors import BakeError
 from builder.recipe.recipe import load_recipe
-from builder.customize.chroot import copy_into_image, path_in_root
-from builder.pipeline.stages.customize import Customizer
+from builder.customize.chroot import ChrootBackend, copy_into_image, path_in_root
+from builder.customize.customizer import Customizer
 
 
 @pytest.fixture
@@ -185,7 +185,7 @@ def test_copy_files_names_the_recipe_entry_even_for_a_recipe_that_skipped_valida
     build = Build.create(tmp_path / "output", "files-test")
     before = snapshot(tmp_path, skip=root)
     with pytest.raises(BakeError) as e:
-        Customizer(build, recipe, None, root).copy_files()
+        Customizer(ChrootBackend(root), recipe, init_system="systemd").copy_files()
     assert str(e.value).startswith("files[1] (payload.conf → /../../../etc/escaped): "
                                    "'..' climbs above the image's root")
     assert (root / "etc/payload.conf").read_text() == "written by the recipe\n"

@@ -18,7 +18,7 @@ from builder.recipe.distro import profile_for, resolve_mirrors
 from builder.core.errors import BakeError
 from builder.pipeline.plan import collect_packages, make_plan
 from builder.recipe.recipe import load_recipe
-from builder.pipeline.stages.customize import detect_init_system
+from builder.customize.chroot import detect_init_system
 from conftest import BAKE, REPO
 
 LUCID = REPO / "recipes" / "lucid-uec.yml"
@@ -253,7 +253,7 @@ def test_resolver_is_handed_to_resolved_only_where_it_is_enabled(tmp_path):
     systemd-resolved is enabled (systemd targets), an empty file for the DHCP client
     otherwise (Lucid's ifupdown)."""
     from types import SimpleNamespace
-    from builder.pipeline.stages.customize import Customizer, resolved_enabled
+    from builder.customize.chroot import ChrootBackend as Customizer, resolved_enabled
 
     def tree(name, enabled):
         root = tmp_path / name
