@@ -1,5 +1,6 @@
-"""Build records: `bake ls [RECIPE]` lists the builds under an output root with their
-state, and `bake show BUILD` shows one build's record.
+"""Build records: the builds under an output root with their state (what `bake ls
+[RECIPE]` lists), and one build's record (what `bake show BUILD` shows; the commands and
+their rendering are builder/cli/records.py's).
 
 A build is any directory with a build.json two levels under the output root
 (`OUTPUT/<recipe>/<build-id>/`). Everything here only reads: a record is never changed,
@@ -14,15 +15,11 @@ published (the cloud section has an EMI), baked.
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builder.cli.options import add_output
 from builder.core import locks
 from builder.core.record import RECORD, Build
 from builder.core.errors import BakeError
@@ -64,15 +61,18 @@ class BuildSummary:
 # A record passed Build.load's shape check, but a field inside a section may still be of
 # an unexpected type (a hand-edited or foreign build.json): these read it as absent.
 
-def _obj(value: Any) -> dict[str, Any]:
+def as_section(value: Any) -> dict[str, Any]:
+    """`value` if it is a section (a dict), else an empty one."""
     return value if isinstance(value, dict) else {}
 
 
-def _text(value: Any) -> str | None:
+def as_text(value: Any) -> str | None:
+    """`value` if it is a string that is not empty, else None."""
     return value if isinstance(value, str) and value else None
 
 
-def _bytes(value: Any) -> int | None:
+def as_bytes(value: Any) -> int | None:
+    """`value` if it is a count of bytes (a whole number, not negative), else None."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
@@ -80,14 +80,14 @@ def failed_stage(data: dict[str, Any]) -> str | None:
     """The stage a failed build failed at: the recorded `failed_stage`, else "verify" when
     the verification failed, else the first stage whose record holds an error, else the
     first stage with no record at all; None when none of these tells."""
-    recorded = _text(data.get("failed_stage"))
+    recorded = as_text(data.get("failed_stage"))
     if recorded:
         return recorded
-    if _obj(data.get("verify")).get("result") == "failed":
+    if as_section(data.get("verify")).get("result") == "failed":
         return "verify"
-    stages = _obj(data.get("stages"))
+    stages = as_section(data.get("stages"))
     for name in STAGES:
-        if _obj(stages.get(name)).get("error"):
+        if as_section(stages.get(name)).get("error"):
             return name
     run = data.get("stages_run")
     seen = set(stages) | (set(x for x in run if isinstance(x, str)) if isinstance(run, list) else set())
@@ -113,9 +113,9 @@ def state_of(build: Build) -> tuple[str, str | None]:
         return (BUILDING if is_building(build) else KILLED), None
     if result == "failed":
         return FAILED, failed_stage(data)
-    if _obj(data.get("verify")).get("result") == "passed":
+    if as_section(data.get("verify")).get("result") == "passed":
         return VERIFIED, None
-    if _text(_obj(data.get("cloud")).get("image_id")):
+    if as_text(as_section(data.get("cloud")).get("image_id")):
         return PUBLISHED, None
     return BAKED, None
 
@@ -123,11 +123,11 @@ def state_of(build: Build) -> tuple[str, str | None]:
 def bundle_bytes(data: dict[str, Any]) -> int | None:
     """The bytes of all the build's bundles (every role's parts), when recorded."""
     total, found = 0, False
-    for entry in _obj(data.get("bundle")).values():
-        entry = _obj(entry)
-        size = _bytes(entry.get("bundled_size"))
+    for entry in as_section(data.get("bundle")).values():
+        entry = as_section(entry)
+        size = as_bytes(entry.get("bundled_size"))
         if size is None and isinstance(entry.get("parts"), list):
-            parts = [_bytes(_obj(p).get("size")) for p in entry["parts"]]
+            parts = [as_bytes(as_section(p).get("size")) for p in entry["parts"]]
             size = sum(parts) if parts and None not in parts else None   # type: ignore[arg-type]
         if size is not None:
             total, found = total + size, True
@@ -138,19 +138,19 @@ def summarize(build: Build) -> BuildSummary:
     """What `bake ls` says of one build."""
     data = build.data
     state, stage = state_of(build)
-    outputs = _obj(data.get("outputs"))
-    sizes: dict[str, int | None] = {role: _bytes(_obj(outputs.get(role)).get("size")) for role in SIZE_ROLES}
+    outputs = as_section(data.get("outputs"))
+    sizes: dict[str, int | None] = {role: as_bytes(as_section(outputs.get(role)).get("size")) for role in SIZE_ROLES}
     sizes["bundle"] = bundle_bytes(data)
-    cloud = _obj(data.get("cloud"))
-    images = _obj(cloud.get("images"))
-    ids = {key: _text(cloud.get(field)) or _text(_obj(images.get(role)).get("id"))
+    cloud = as_section(data.get("cloud"))
+    images = as_section(cloud.get("images"))
+    ids = {key: as_text(cloud.get(field)) or as_text(as_section(images.get(role)).get("id"))
            for key, field, role in (("emi", "image_id", "image"), ("eki", "kernel_id", "kernel"),
                                     ("eri", "ramdisk_id", "ramdisk"))}
-    verify = _obj(data.get("verify"))
+    verify = as_section(data.get("verify"))
     return BuildSummary(
         recipe=build.dir.parent.name, build_id=build.dir.name, dir=build.dir, state=state, failed_stage=stage,
-        created=_text(data.get("created")), sizes=sizes, cloud=ids,
-        verify={"result": _text(verify.get("result")), "mode": _text(verify.get("mode"))},
+        created=as_text(data.get("created")), sizes=sizes, cloud=ids,
+        verify={"result": as_text(verify.get("result")), "mode": as_text(verify.get("mode"))},
         released=data.get("released") or None)
 
 
@@ -232,216 +232,3 @@ def show_record(build: Build) -> dict[str, Any]:
     the stage a failed build failed at, and the build's directory."""
     state, stage = state_of(build)
     return {**build.data, "state": state, "failed_stage": stage, "dir": str(build.dir)}
-
-
-# --- rendering ---------------------------------------------------------------------------
-
-def mib(n: int | None) -> str:
-    """Bytes in MiB for a table ("-" for unknown)."""
-    return "-" if n is None else f"{n / 2**20:,.1f} MiB"
-
-
-def when(stamp: str | None) -> str:
-    """An ISO time stamp as "YYYY-MM-DD HH:MM:SS" in UTC ("-" for none)."""
-    if not stamp:
-        return "-"
-    try:
-        t = _dt.datetime.fromisoformat(stamp)
-    except ValueError:
-        return stamp
-    if t.tzinfo is not None:
-        t = t.astimezone(_dt.timezone.utc)
-    return t.strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _verify_label(v: dict[str, str | None]) -> str:
-    if not v.get("result"):
-        return "-"
-    return f"{v['result']} ({v['mode']})" if v.get("mode") else str(v["result"])
-
-
-def render_table(builds: list[BuildSummary]) -> str:
-    """The `bake ls` table: one line per build, a header above."""
-    head = ("RECIPE", "BUILD", "STATE", "CREATED", "IMAGE", "EMI", "VERIFY")
-    rows = [(b.recipe, b.build_id, b.state_label, when(b.created), mib(b.sizes["image"]), b.cloud["emi"] or "-",
-             _verify_label(b.verify)) for b in builds]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = []
-    for r in [head, *rows]:
-        cells = [c.rjust(w) if i == 4 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
-
-
-def _state_sentence(build: Build) -> str:
-    state, stage = state_of(build)
-    if state == BUILDING:
-        return f"building: held by {locks.holder_of(build.lock_path)}"
-    if state == KILLED:
-        return ("killed: build.json says it is running but no bake holds it, so the bake died before it "
-                "finished (`bake doctor` undoes what it left)")
-    if state == FAILED:
-        return f"failed at {stage}" if stage else "failed"
-    if state == RELEASED:
-        return "released"
-    return state
-
-
-def _stage_line(name: str, rec: dict[str, Any], failed_here: bool) -> str:
-    bits = []
-    if isinstance(rec.get("seconds"), (int, float)):
-        bits.append(f"{rec['seconds']:.1f} s")
-    if rec.get("cached") is not None:
-        bits.append("cached" if rec["cached"] else "not cached")
-    if rec.get("cached_packages") is not None:
-        bits.append("packages cached" if rec["cached_packages"] else "packages installed")
-    if rec.get("local"):
-        bits.append("local")
-    for key in ("result", "skipped", "error", "note"):
-        if rec.get(key):
-            bits.append(f"{key}: {' '.join(str(rec[key]).split())}" if key != "result" else str(rec[key]))
-    if failed_here:
-        bits.append("failed here")
-    return f"  {name:<10} {', '.join(bits) or 'done'}"
-
-
-def _verify_summaries(build: Build, section: dict[str, Any]) -> dict[str, str]:
-    # verify.json holds each check's one-line summary; it is evidence beside the record,
-    # so a missing or damaged one only leaves the summaries out
-    try:
-        report = json.loads((build.dir / (_text(section.get("report")) or "verify.json")).read_text())
-        return {c["name"]: " ".join(str(c.get("summary") or "").split()) for c in report.get("checks", [])}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return {}
-
-
-def render_build(build: Build) -> str:
-    """`bake show`: one build's record, in sections a person reads."""
-    data = build.data
-    s = summarize(build)
-    out = [f"{s.recipe}/{s.build_id}: {_state_sentence(build)}",
-           f"  dir       {build.dir}",
-           f"  created   {when(s.created)}"]
-    recipe = _obj(data.get("recipe"))
-    if recipe:
-        out.append(f"  recipe    {recipe.get('name', s.recipe)}" + (f" ({recipe['path']})" if recipe.get("path") else ""))
-    if data.get("release"):
-        out.append(f"  release   {data['release']}" + (f", {data['arch']}" if data.get("arch") else ""))
-    if isinstance(data.get("seconds"), (int, float)):
-        out.append(f"  took      {data['seconds']:.1f} s")
-    if data.get("error"):
-        out.append(f"  error     {' '.join(str(data['error']).split())}")
-    if s.released:
-        rel = s.released
-        out.append("  released  " + (", ".join(f"{k}: {v}" for k, v in rel.items()) if isinstance(rel, dict) else str(rel)))
-
-    stages = _obj(data.get("stages"))
-    failed_unrecorded = s.state == FAILED and s.failed_stage is not None and s.failed_stage not in stages
-    if stages or failed_unrecorded:
-        out += ["", "stages"]
-        for name in [*(n for n in STAGES if n in stages), *(n for n in stages if n not in STAGES)]:
-            out.append(_stage_line(name, _obj(stages[name]), s.state == FAILED and name == s.failed_stage))
-        if failed_unrecorded:
-            out.append(_stage_line(str(s.failed_stage), {}, True))
-    outputs = _obj(data.get("outputs"))
-    if outputs:
-        out += ["", "outputs"]
-        for role, entry in outputs.items():
-            entry = _obj(entry)
-            size = _bytes(entry.get("size"))
-            out.append(f"  {role:<10} {entry.get('path')}  {mib(size)}"
-                       + (f" ({size} bytes)" if size is not None else "")
-                       + (f"  sha256 {entry['sha256']}" if entry.get("sha256") else ""))
-    bundle = _obj(data.get("bundle"))
-    if bundle:
-        local = _obj(stages.get("bundle")).get("local")
-        out += ["", "bundle" + (" (local: made with the build's own key pair)" if local else "")
-                + f", {mib(s.sizes['bundle'])} in all"]
-        for role, entry in bundle.items():
-            entry = _obj(entry)
-            parts = entry.get("parts") if isinstance(entry.get("parts"), list) else []
-            out.append(f"  {role:<10} {entry.get('manifest')}  {len(parts)} part(s), "
-                       f"{mib(_bytes(entry.get('bundled_size')))}")
-    cloud = _obj(data.get("cloud"))
-    if cloud:
-        out += ["", "cloud"]
-        for key in ("emi", "eki", "eri"):
-            if s.cloud[key]:
-                out.append(f"  {key:<10} {s.cloud[key]}")
-        if cloud.get("bucket"):
-            out.append(f"  {'bucket':<10} {cloud['bucket']}" + (f"/{cloud['prefix']}" if cloud.get("prefix") else ""))
-        for key in ("ec2_url", "published"):
-            if cloud.get(key):
-                out.append(f"  {key:<10} {cloud[key]}")
-    verify = _obj(data.get("verify"))
-    if verify:
-        counts = _obj(verify.get("counts"))
-        line = f"verification: {_verify_label(s.verify)}"
-        if counts:
-            line += f", {counts.get('pass', 0)} passed, {counts.get('fail', 0)} failed, {counts.get('skip', 0)} skipped"
-        if isinstance(verify.get("seconds"), (int, float)):
-            line += f" in {verify['seconds']:.0f} s"
-        out += ["", line]
-        summaries = _verify_summaries(build, verify)
-        checks = _obj(verify.get("checks"))
-        width = max([10, *(len(n) for n in checks)])
-        for name, status in checks.items():
-            summary = summaries.get(name, "")
-            out.append(f"  {name:<{width}} {str(status).upper():<4}" + (f"  {summary}" if summary else ""))
-    notes = data.get("notes")
-    if notes:
-        out += ["", "notes"]
-        out += [f"  - {' '.join(str(n).split())}" for n in (notes if isinstance(notes, list) else [notes])]
-    return "\n".join(out)
-
-
-# --- the commands ----------------------------------------------------------------------
-
-def cmd_ls(args) -> int:
-    if args.farm:
-        from builder.cli.farm import cmd_ls_farm
-        return cmd_ls_farm(args)
-    builds, warnings = find_builds(args.output, args.recipe)
-    for w in warnings:
-        print(f"bake: warning: {w}", file=sys.stderr)
-    if args.json:
-        print(json.dumps([b.as_dict() for b in builds], indent=2))
-    elif builds:
-        print(render_table(builds))
-    else:
-        print(f"no builds of {args.recipe} under {args.output}" if args.recipe else f"no builds under {args.output}")
-    return 0
-
-
-def cmd_show(args) -> int:
-    build = resolve_build(args.build, args.output)
-    if args.json:
-        print(json.dumps(show_record(build), indent=2, default=str))
-    else:
-        print(render_build(build))
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add `ls` and `show` to the `bake` command."""
-    sp = subparsers.add_parser(
-        "ls", help="list builds: recipe, id, state, sizes, cloud ids, verification",
-        description="List every build under the output root (OUTPUT/<recipe>/<build-id>/build.json), oldest "
-                    "first per recipe, with its state: building, killed (its bake died), failed at STAGE, baked, "
-                    "published, verified or released. A build.json that cannot be read is skipped with a warning.")
-    sp.add_argument("recipe", nargs="?", metavar="RECIPE", help="only the builds of this recipe (its name)")
-    add_output(sp)
-    sp.add_argument("--json", action="store_true", help="print a JSON array (sizes in bytes) instead of a table")
-    from builder.cli.farm import add_farm_switch
-    add_farm_switch(sp, "list the build farm's builds from its store (building, killed, failed, ok, published, "
-                        "verified, released) instead of this box's")
-    sp.add_argument("--eucarc", help="--farm: the cloud of the store (default: the environment)")
-    sp.set_defaults(func=cmd_ls)
-    sp = subparsers.add_parser(
-        "show", help="show one build's record: state, stages, outputs, bundle, cloud ids, verification",
-        description="Show one build's record. BUILD is a build directory, RECIPE/BUILD_ID under the output root, "
-                    "or a build id that only one recipe has.")
-    sp.add_argument("build", metavar="BUILD", help="a build directory, RECIPE/BUILD_ID, or a build id")
-    add_output(sp)
-    sp.add_argument("--json", action="store_true", help="print build.json with the computed state as JSON")
-    sp.set_defaults(func=cmd_show)
