@@ -25,7 +25,7 @@ from builder.core import log as steplog
 from builder.farm import hooks as farm_hooks
 
 AREA_CLIS = ("builder.cli.bundle", "builder.cli.cloud", "builder.cli.verify", "builder.cli.records",
-             "builder.operations.release", "builder.cli.gc", "builder.cli.nightly", "builder.cli.farm")
+             "builder.cli.release", "builder.cli.gc", "builder.cli.nightly", "builder.cli.farm")
 # Commands that mount, boot or write builds: before them, what killed bakes left is undone.
 CLEANS_FIRST = ("build", "bundle", "publish", "unpublish", "verify")
 
