@@ -21,9 +21,17 @@ MISSING_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 
 
 class RetryPolicy(Protocol):
-    attempts: int
-    backoff: float            # first delay, doubled after each failure (at most 60 s)
-    sleep: Callable[[float], None]
+    """How often and how patiently a failed call is tried again. Read only: the options
+    and the stores' frozen settings that carry these fields all fit it."""
+
+    @property
+    def attempts(self) -> int: ...
+
+    @property
+    def backoff(self) -> float: ...   # first delay, doubled after each failure (at most 60 s)
+
+    @property
+    def sleep(self) -> Callable[[float], None]: ...
 
 
 def error_code(e: ClientError) -> str:

@@ -131,7 +131,11 @@ def parse_eucarc(path: str | os.PathLike) -> dict[str, str]:
         value = words[0] if words else ""
         single_quoted = raw.strip().startswith("'")
         if not single_quoted:
-            value = _VAR.sub(lambda mm: values.get(mm.group(1) or mm.group(2), os.environ.get(mm.group(1) or mm.group(2), "")), value)
+            def expand(mm: re.Match[str]) -> str:
+                var = mm.group(1) or mm.group(2)
+                return values.get(var, os.environ.get(var, ""))
+
+            value = _VAR.sub(expand, value)
         values[name] = value
     return values
 
@@ -161,6 +165,7 @@ def load_credentials(publish: Mapping[str, Any] | None = None, *,
     source = "environment"
     rc = eucarc or publish.get("eucarc")
     rc_path = Path(os.path.expandvars(str(rc))).expanduser() if rc else None
+    rc_values: dict[str, str] = {}
     if rc_path is not None:
         rc_values = parse_eucarc(rc_path)
         # another cloud's endpoints or keys left in the environment must not fill the

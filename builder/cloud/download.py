@@ -243,7 +243,8 @@ def _read_manifest(clients: Clients, creds: Credentials, b: _Bundle, folder: Pat
     try:
         _fetch(clients, creds, b.bucket, b.key, path, limit=MAX_MANIFEST)
     except _Missing:
-        fix = "upload its bundle again (bake publish)" if yours else f"ask its owner (account {b.owner}) to upload it again"
+        fix = ("upload its bundle again (bake publish)" if yours
+               else f"ask its owner (account {b.owner}) to upload it again")
         raise BakeError(f"{b.what}: its manifest {b.location} cannot be read: it is not in the bucket (deleted after "
                         f"the image was registered?); {fix}, or deregister the image") from None
     except _Denied:
@@ -276,7 +277,7 @@ def _download_and_unbundle(clients: Clients, creds: Credentials, bundles: list[_
                            private_key: Path) -> dict[str, Path]:
     """Fetch every part (its SHA-1 checked on arrival), unbundle each image, and drop
     its parts once it is out. Returns the decrypted file of each role."""
-    total = sum(b.manifest.bundled_size for b in bundles)   # type: ignore[union-attr]
+    total = sum(b.manifest.bundled_size for b in bundles if b.manifest is not None)
     done = 0
     label = f"downloading {bundles[0].image_id}"
 
@@ -290,9 +291,12 @@ def _download_and_unbundle(clients: Clients, creds: Credentials, bundles: list[_
         for part in m.parts:
             key = b.object_key(part.filename)
             before = done
+
+            def progress(got: int, offset: int = before) -> None:  # this part's offset, bound now
+                report(offset + got)
+
             try:
-                sha1 = _fetch(clients, creds, b.bucket, key, folder / part.filename,
-                              progress=lambda got: report(before + got))
+                sha1 = _fetch(clients, creds, b.bucket, key, folder / part.filename, progress=progress)
             except (_Missing, _Denied) as e:
                 why = "is missing from the bucket" if isinstance(e, _Missing) else "cannot be read (access denied)"
                 raise BakeError(f"{b.what}: part {part.index} of its bundle ({b.bucket}/{key}) {why}: the bundle "

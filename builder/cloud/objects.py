@@ -12,6 +12,7 @@ file fetched is checked against it before it is trusted. One PUT per object, as 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -117,7 +118,6 @@ class ObjectStore:
         return self._publish(name, lambda: open(path, "rb"), sha256_file(path), path.stat().st_size)
 
     def put_bytes(self, name: str, data: bytes) -> dict[str, Any]:
-        import io
         return self._publish(name, lambda: io.BytesIO(data), hashlib.sha256(data).hexdigest(), len(data))
 
     def put_json(self, name: str, value: Any) -> dict[str, Any]:

@@ -16,6 +16,9 @@ from typing import Any, Callable
 
 from botocore.exceptions import ClientError
 
+from builder.bundle import manifest as manifest_format  # the only module that knows the manifest's XML
+from builder.bundle.build import bundle_build as bundle_stage_build
+from builder.bundle.keys import BundleKeys
 from builder.core.record import Build
 from builder.core import events, fence
 from builder.core.errors import BakeError
@@ -58,17 +61,12 @@ class PublishOptions:
     def from_section(cls, publish: dict | None, **overrides: Any) -> "PublishOptions":
         """Options from a recipe's `publish` section (bucket, prefix, image_name)."""
         publish = publish or {}
-        kw = {k: publish.get(k) for k in ("bucket", "prefix", "image_name")}
+        kw: dict[str, Any] = {k: publish.get(k) for k in ("bucket", "prefix", "image_name")}
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)
 
 
 # --- the build's bundles --------------------------------------------------------------
-
-def _manifest_module():
-    from ..bundle import manifest  # the only place that knows the manifest's XML
-    return manifest
-
 
 def _resolve(build: Build, p: str | Path) -> Path:
     p = Path(p)
@@ -92,7 +90,6 @@ def bundles_of(build: Build, creds: Credentials | None = None) -> list[Bundle]:
                         "EC2_PRIVATE_KEY, EUCALYPTUS_CERT and EC2_USER_ID (or an eucarc that sets them)")
     elif not section:
         raise BakeError(f"{build.dir}: this build has no bundles (run `bake bundle` first)")
-    manifest_mod = _manifest_module()
     out = []
     for role, image_type in ROLES:
         entry = section.get(role)
@@ -103,7 +100,7 @@ def bundles_of(build: Build, creds: Credentials | None = None) -> list[Bundle]:
         manifest_path = _resolve(build, entry["manifest"])
         if not manifest_path.is_file():
             raise BakeError(f"{manifest_path}: recorded as the {role} bundle's manifest but missing")
-        m = manifest_mod.parse(manifest_path.read_bytes())
+        m = manifest_format.parse(manifest_path.read_bytes())
         parts = [manifest_path.parent / p.filename for p in sorted(m.parts, key=lambda p: p.index)]
         for p in parts:
             if not p.is_file():
@@ -118,13 +115,12 @@ def bundle_build(build: Build, creds: Credentials) -> dict[str, Any]:
     bundles already made with these certificates are kept as they are; otherwise the
     build is bundled again exactly as the bundle stage does (same settings as the
     bundles it replaces, same record in build.json "bundle"). Returns that section."""
-    from builder.bundle.build import bundle_build as bundle_stage_build
-
     keys = _bundle_keys(creds)
     section = build.data.get("bundle") or {}
     if _sealed_with(section, keys):
         return section
-    settings = next((e["settings"] for e in section.values() if isinstance(e, dict) and e.get("settings")), {})
+    settings: dict[str, Any] = next(
+        (e["settings"] for e in section.values() if isinstance(e, dict) and e.get("settings")), {})
     kw = {k: settings[k] for k in ("arch", "part_size", "block_device_mapping", "image_prefix")
           if settings.get(k) is not None}
     with step("Bundling the build for the cloud"):
@@ -134,15 +130,13 @@ def bundle_build(build: Build, creds: Credentials) -> dict[str, Any]:
     return section
 
 
-def _bundle_keys(creds: Credentials):
-    from ..bundle.keys import BundleKeys
-
+def _bundle_keys(creds: Credentials) -> BundleKeys:
     creds.require_bundling()
     return BundleKeys(user_id=creds.user_id, cert=creds.cert, private_key=creds.private_key,  # type: ignore[arg-type]
                       cloud_cert=creds.cloud_cert)  # type: ignore[arg-type]
 
 
-def _sealed_with(section: dict[str, Any], keys) -> bool:
+def _sealed_with(section: dict[str, Any], keys: BundleKeys) -> bool:
     made_with = keys.describe()
     return bool(section) and all(isinstance(e, dict) and e.get("keys") == made_with for e in section.values())
 
