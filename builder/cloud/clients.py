@@ -18,10 +18,10 @@ from urllib.parse import urlsplit
 # botocore loads urllib3's pyOpenSSL bridge, which loads Debian's older pyOpenSSL; with the
 # virtualenv's newer cryptography that warns of DSA on import, a line every bake would print.
 warnings.filterwarnings("ignore", message="DSA is deprecated", module="OpenSSL")
-import boto3  # noqa: E402
-from botocore.config import Config
+import boto3  # noqa: E402 - after the filter above
+from botocore.config import Config  # noqa: E402 - after the filter above
 
-from .credentials import Credentials
+from .credentials import Credentials  # noqa: E402 - after the filter above
 
 # botocore fills these in on its own; Eucalyptus' strict binding rejects a request
 # carrying any parameter its message type lacks ("Failed to bind the following fields").
