@@ -74,10 +74,12 @@ def _key(kernel: Path) -> str:
 def probe_kvm(kernel: Path, ramdisk: Path, timeout: float = PROBE_SECONDS) -> tuple[bool, str]:
     """Boot `kernel`+`ramdisk` under KVM until the kernel starts init; (booted?, how it went)."""
     with tempfile.TemporaryDirectory(prefix="bake-kvm-probe-") as tmp:
-        argv = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none", "-machine", "pc",
-                "-accel", "kvm", "-cpu", "host", "-m", "256", "-serial", "stdio",
-                "-kernel", kernel, "-initrd", ramdisk, "-append", "console=ttyS0 panic=-1 root=/dev/null"]
+        argv: list[str | Path] = [
+            "qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none", "-machine", "pc",
+            "-accel", "kvm", "-cpu", "host", "-m", "256", "-serial", "stdio",
+            "-kernel", kernel, "-initrd", ramdisk, "-append", "console=ttyS0 panic=-1 root=/dev/null"]
         with sh.background(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, grace=1) as proc:
+            assert proc.stdout is not None  # stdout=PIPE
             console = Console(proc.stdout, Path(tmp) / "console.log", proc)
             try:
                 console.wait_for(r"Run /init as init process|Freeing unused kernel", timeout=timeout,

@@ -39,7 +39,8 @@ class Console:
         self._partial = ""
         self._closed = False
         self._cond = threading.Condition()
-        self._file = open(self.path, "a", encoding="utf-8", errors="replace")
+        # open for the console's life: _pump closes it when the guest's stream ends
+        self._file = open(self.path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115
         self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True, name=f"console:{path.name}")
         self._thread.start()
 

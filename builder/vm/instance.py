@@ -45,7 +45,8 @@ GUEST_IPV4 = "169.254.169.15"  # the first address the user-mode DHCP server han
 # lines after which the ready line cannot come: the kernel or the initramfs gave up
 BOOT_FAILED = re.compile(r"Kernel panic - not syncing|Failed to mount \S+ as root file system|"
                          r"Gave up waiting for root|Dropping to a shell|Unable to mount root fs")
-READY = re.compile(r"bake-ready first_boot=(?P<first_boot>yes|no) instance_id=(?P<instance_id>\S*) uptime=(?P<uptime>[\d.]+)")
+READY = re.compile(r"bake-ready first_boot=(?P<first_boot>yes|no) instance_id=(?P<instance_id>\S*) "
+                   r"uptime=(?P<uptime>[\d.]+)")
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,8 @@ def launch(trio: Trio, base_disk: Path, workdir: Path, *, name: str = "a", accel
         metadata.write_metadata(md_file, metadata.metadata_tree(
             instance_id=instance_id, local_ipv4=GUEST_IPV4, hostname=instance_id,
             ssh_public_key=ssh_public_key, instance_type=itype.name), user_data)
-        server = f"{shlex.quote(sys.executable)} -I {shlex.quote(os.path.abspath(metadata.__file__))} {shlex.quote(str(md_file))}"
+        server = " ".join(shlex.quote(a) for a in (sys.executable, "-I", os.path.abspath(metadata.__file__),
+                                                    str(md_file)))
         netdev = (f"user,id=net0,net={NETWORK},hostname={instance_id},"
                   "hostfwd=tcp:127.0.0.1:0-:22,"
                   f"guestfwd=tcp:169.254.169.254:80-cmd:{_opt(server)}")
@@ -247,6 +249,7 @@ def launch(trio: Trio, base_disk: Path, workdir: Path, *, name: str = "a", accel
                               grace=2) as proc:
             started = time.monotonic()
             qmp_guest.close()
+            assert proc.stdout is not None  # stdout=PIPE
             console = Console(proc.stdout, folder / "console.log", proc)
             qmp = ssh = None
             try:
@@ -271,8 +274,9 @@ def launch(trio: Trio, base_disk: Path, workdir: Path, *, name: str = "a", accel
                 with deferred():
                     if ssh is not None:
                         ssh.close()
-                        shutil.rmtree(ssh.control.parent, ignore_errors=True)
-                        session.remove("path", ssh.control.parent)
+                        if ssh.control is not None:  # always: it was made with one above
+                            shutil.rmtree(ssh.control.parent, ignore_errors=True)
+                            session.remove("path", ssh.control.parent)
                     if qmp is not None:
                         qmp.close()
                     with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -32,7 +32,8 @@ class Monitor:
         self._client = QMPClient(name)
         self._listener = EventListener()
         self._client.register_listener(self._listener)
-        self._events_log = open(events_log, "a", encoding="utf-8")
+        # open for the session's life, closed by close()
+        self._events_log = open(events_log, "a", encoding="utf-8")  # noqa: SIM115
         self._seen: list[dict[str, Any]] = []
         try:
             self._run(self._client.connect(sock), 15, "the QMP greeting")
@@ -43,7 +44,7 @@ class Monitor:
     def _run(self, coro, timeout: float, what: str):
         try:
             return self._loop.run_until_complete(asyncio.wait_for(coro, timeout))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise QMPFailure(f"QEMU did not answer within {timeout:.0f} s ({what})") from None
         except QMPError as e:
             raise QMPFailure(f"QMP {what}: {e}") from None
@@ -84,7 +85,7 @@ class Monitor:
                 raise QMPFailure(f"timed out after {timeout:.0f} s waiting for {what} (QMP event {name})")
             try:
                 ev = self._loop.run_until_complete(asyncio.wait_for(self._listener.get(), left))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise QMPFailure(f"timed out after {timeout:.0f} s waiting for {what} (QMP event {name})") from None
             self._record(ev)
         return found
