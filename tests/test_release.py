@@ -27,7 +27,7 @@ from builder.core.record import Build
 from builder.cloud.clients import make_clients
 from builder.cloud.credentials import load_credentials
 from builder.operations.records import state_of
-from builder.operations.release import compare_versions, package_changes
+from builder.operations.packages import compare_versions, package_changes
 from conftest import BAKE, REPO
 from eucalyptus_standin.fixtures import euca3, euca4  # noqa: F401
 

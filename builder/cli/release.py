@@ -9,8 +9,9 @@ from pathlib import Path
 
 from builder.cli.options import add_output
 from builder.cloud.credentials import load_credentials
-from builder.operations.records import resolve_build
-from builder.operations.release import STREAMS, check_releasable, image_ids, latest, release
+from builder.operations.records import image_ids, resolve_build
+from builder.operations.release import check_releasable, latest, release
+from builder.operations.streams import STREAMS
 from builder.recipe.recipe import load_recipe
 from builder.verify import recipe_of
 

@@ -28,6 +28,7 @@ STAGES = ("bootstrap", "customize", "image", "bundle", "publish", "verify")
 RELEASED, BUILDING, KILLED, FAILED = "released", "building", "killed", "failed"
 VERIFIED, PUBLISHED, BAKED = "verified", "published", "baked"
 SIZE_ROLES = ("image", "kernel", "ramdisk")
+IMAGE_KEYS = (("emi", "image_id", "image"), ("eki", "kernel_id", "kernel"), ("eri", "ramdisk_id", "ramdisk"))
 
 
 @dataclass
@@ -134,6 +135,14 @@ def bundle_bytes(data: dict[str, Any]) -> int | None:
     return total if found else None
 
 
+def image_ids(build: Build) -> dict[str, str | None]:
+    """The build's EMI, EKI and ERI as publishing recorded them (None where there is none)."""
+    cloud = as_section(build.data.get("cloud"))
+    images = as_section(cloud.get("images"))
+    return {key: as_text(cloud.get(field)) or as_text(as_section(images.get(role)).get("id"))
+            for key, field, role in IMAGE_KEYS}
+
+
 def summarize(build: Build) -> BuildSummary:
     """What `bake ls` says of one build."""
     data = build.data
@@ -141,11 +150,7 @@ def summarize(build: Build) -> BuildSummary:
     outputs = as_section(data.get("outputs"))
     sizes: dict[str, int | None] = {role: as_bytes(as_section(outputs.get(role)).get("size")) for role in SIZE_ROLES}
     sizes["bundle"] = bundle_bytes(data)
-    cloud = as_section(data.get("cloud"))
-    images = as_section(cloud.get("images"))
-    ids = {key: as_text(cloud.get(field)) or as_text(as_section(images.get(role)).get("id"))
-           for key, field, role in (("emi", "image_id", "image"), ("eki", "kernel_id", "kernel"),
-                                    ("eri", "ramdisk_id", "ramdisk"))}
+    ids = image_ids(build)
     verify = as_section(data.get("verify"))
     return BuildSummary(
         recipe=build.dir.parent.name, build_id=build.dir.name, dir=build.dir, state=state, failed_stage=stage,

@@ -23,28 +23,25 @@ beside its bundles, where `bake gc --cloud` finds it even without the build's re
 from __future__ import annotations
 
 import datetime as _dt
-import email.utils
 import json
 import os
-import re
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-from builder.core.record import Build, and_list, sha256_file
+from builder.core.atomic import write_text
 from builder.core.errors import BakeError
 from builder.core.log import step
+from builder.core.record import Build, and_list, sha256_file
+from builder.operations.packages import package_changes
+from builder.operations.records import find_builds, image_ids, load_build
+from builder.operations.sbom import sbom
+from builder.operations.streams import write_streams
 
 SHA256SUMS = "SHA256SUMS"
 SBOM = "sbom.spdx.json"
 NOTES = "RELEASE-NOTES.md"
 RELEASE_MARKER = "released.json"       # the name `bake gc --cloud` looks for beside a build's bundles
-STREAMS = "streams/v1"
-CONTENT_ID = "bake:released:image-ids"
 ROLES = ("kernel", "ramdisk", "image")
-IMAGE_KEYS = (("emi", "image_id", "image"), ("eki", "kernel_id", "kernel"), ("eri", "ramdisk_id", "ramdisk"))
 
 
 # --- may this build be released? --------------------------------------------------------
@@ -85,17 +82,6 @@ def check_releasable(build: Build, *, public: bool = False) -> None:
         at = already.get("at", "?") if isinstance(already, dict) else "?"
         raise BakeError(f"{build.dir} was released already ({at})"
                         + ("" if public else "; `bake release --public` makes its images public"))
-
-
-def image_ids(build: Build) -> dict[str, str | None]:
-    """The build's EMI, EKI and ERI as publishing recorded them (None where there is none)."""
-    cloud = build.data.get("cloud") if isinstance(build.data.get("cloud"), dict) else {}
-    images = cloud.get("images") if isinstance(cloud.get("images"), dict) else {}
-    out: dict[str, str | None] = {}
-    for key, field, role in IMAGE_KEYS:
-        value = cloud.get(field) or (images.get(role) or {}).get("id")
-        out[key] = value if isinstance(value, str) and value else None
-    return out
 
 
 # --- SHA256SUMS ----------------------------------------------------------------------------
@@ -140,136 +126,10 @@ def sha256sums(build: Build) -> tuple[str, str]:
     return "".join(lines), image_digest
 
 
-# --- SBOM (SPDX 2.3) -----------------------------------------------------------------------
-
-def _spdx_id(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.-]", "-", text)
-
-
-def purl(distro: str, pkg: dict[str, str]) -> str:
-    """The package URL of a Debian package: pkg:deb/DISTRO/NAME@VERSION?arch=ARCH."""
-    return (f"pkg:deb/{distro}/{quote(pkg['name'].lower(), safe='')}@{quote(pkg['version'], safe='')}"
-            f"?arch={quote(pkg['arch'], safe='')}")
-
-
-def sbom(build: Build, image_digest: str, created: str) -> dict[str, Any]:
-    """An SPDX 2.3 document (JSON) of the image: the image itself as the package the
-    document describes, containing every Debian package installed in it."""
-    recipe = build.dir.parent.name
-    release = str(build.data.get("release") or "debian/unknown")
-    distro = release.split("/")[0] or "debian"
-    image = {"SPDXID": "SPDXRef-Image", "name": recipe, "versionInfo": build.id,
-             "downloadLocation": "NOASSERTION", "filesAnalyzed": False, "primaryPackagePurpose": "OPERATING-SYSTEM",
-             "checksums": [{"algorithm": "SHA256", "checksumValue": image_digest}],
-             "comment": f"partition image of {release} ({build.data.get('arch', '?')}) baked by bake from recipe {recipe}"}
-    packages, relationships, seen = [image], [], set()
-    relationships.append({"spdxElementId": "SPDXRef-DOCUMENT", "relationshipType": "DESCRIBES",
-                          "relatedSpdxElement": "SPDXRef-Image"})
-    for pkg in build.data.get("packages") or []:
-        spdx_id = base = f"SPDXRef-deb-{_spdx_id(pkg['name'])}-{_spdx_id(pkg['arch'])}"
-        n = 1
-        while spdx_id in seen:
-            n += 1
-            spdx_id = f"{base}-{n}"
-        seen.add(spdx_id)
-        entry: dict[str, Any] = {
-            "SPDXID": spdx_id, "name": pkg["name"], "versionInfo": pkg["version"],
-            "downloadLocation": "NOASSERTION", "filesAnalyzed": False,
-            "externalRefs": [{"referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl",
-                              "referenceLocator": purl(distro, pkg)}]}
-        if pkg.get("source"):
-            entry["sourceInfo"] = (f"built from the {distro} source package {pkg['source']} "
-                                   f"{pkg.get('source_version') or pkg['version']}")
-        packages.append(entry)
-        relationships.append({"spdxElementId": "SPDXRef-Image", "relationshipType": "CONTAINS",
-                              "relatedSpdxElement": spdx_id})
-    return {
-        "spdxVersion": "SPDX-2.3",
-        "dataLicense": "CC0-1.0",
-        "SPDXID": "SPDXRef-DOCUMENT",
-        "name": f"{recipe}-{build.id}",
-        # unique per release: releasing the same build again is another document
-        "documentNamespace": f"https://spdx.org/spdxdocs/bake/{quote(recipe, safe='')}/{quote(build.id, safe='')}/{uuid.uuid4()}",
-        "creationInfo": {"created": created, "creators": [f"Tool: bake-{_bake_version()}"]},
-        "documentDescribes": ["SPDXRef-Image"],
-        "packages": packages,
-        "relationships": relationships,
-    }
-
-
 # --- release notes -------------------------------------------------------------------------
-
-def _weight(s: str, i: int) -> int:
-    # Debian's order of the non-digit parts of a version: "~" before everything, even
-    # the end of the part; then the end; then letters; then every other character.
-    if i >= len(s) or s[i].isdigit():
-        return 0
-    if s[i] == "~":
-        return -1
-    return ord(s[i]) if s[i].isalpha() else ord(s[i]) + 256
-
-
-def _compare_part(a: str, b: str) -> int:
-    i = j = 0
-    while i < len(a) or j < len(b):
-        while (i < len(a) and not a[i].isdigit()) or (j < len(b) and not b[j].isdigit()):
-            wa, wb = _weight(a, i), _weight(b, j)
-            if wa != wb:
-                return -1 if wa < wb else 1
-            i, j = i + 1, j + 1
-        da = re.match(r"[0-9]*", a[i:]).group()     # type: ignore[union-attr]
-        db = re.match(r"[0-9]*", b[j:]).group()     # type: ignore[union-attr]
-        if int(da or 0) != int(db or 0):
-            return -1 if int(da or 0) < int(db or 0) else 1
-        i, j = i + len(da), j + len(db)
-    return 0
-
-
-def compare_versions(a: str, b: str) -> int:
-    """-1, 0 or 1 as Debian version `a` sorts before, with or after `b` (epoch, upstream
-    version, revision, as dpkg orders them)."""
-    def split(v: str) -> tuple[int, str, str]:
-        epoch, _, rest = v.partition(":") if ":" in v else ("0", "", v)
-        upstream, _, revision = rest.rpartition("-") if "-" in rest else (rest, "", "")
-        return int(epoch) if epoch.isdigit() else 0, upstream, revision
-    ea, ua, ra = split(a)
-    eb, ub, rb = split(b)
-    if ea != eb:
-        return -1 if ea < eb else 1
-    return _compare_part(ua, ub) or _compare_part(ra, rb)
-
-
-@dataclass
-class PackageChanges:
-    """What changed in an image's packages between two releases."""
-
-    added: list[tuple[str, str]]                    # (name, version)
-    removed: list[tuple[str, str]]
-    upgraded: list[tuple[str, str, str]]            # (name, old version, new version)
-    downgraded: list[tuple[str, str, str]]
-
-
-def _by_name(packages: list[dict[str, str]]) -> dict[str, str]:
-    names = [p["name"] for p in packages]
-    # a package installed for two architectures (multiarch) is told apart by its arch
-    return {(p["name"] if names.count(p["name"]) == 1 else f"{p['name']}:{p['arch']}"): p["version"] for p in packages}
-
-
-def package_changes(old: list[dict[str, str]], new: list[dict[str, str]]) -> PackageChanges:
-    """The packages added, removed, upgraded and downgraded from `old` to `new` (lists as
-    the image stage records them), each sorted by name."""
-    a, b = _by_name(old), _by_name(new)
-    changed = [(n, a[n], b[n], compare_versions(a[n], b[n])) for n in sorted(set(a) & set(b)) if a[n] != b[n]]
-    return PackageChanges(added=[(n, b[n]) for n in sorted(set(b) - set(a))],
-                          removed=[(n, a[n]) for n in sorted(set(a) - set(b))],
-                          upgraded=[(n, o, v) for n, o, v, c in changed if c < 0],
-                          downgraded=[(n, o, v) for n, o, v, c in changed if c > 0])
-
 
 def previous_release(build: Build) -> Build | None:
     """The newest other released build of the same recipe under the same output root."""
-    from builder.operations.records import find_builds, load_build
-
     builds, _ = find_builds(build.dir.parent.parent, build.dir.parent.name)
     released = [s for s in builds if s.released and s.dir.resolve() != build.dir.resolve()]
     if not released:
@@ -318,79 +178,7 @@ def release_notes(build: Build, previous: Build | None, *, at: str, public: bool
     return "\n".join(lines)
 
 
-# --- the stream index (simplestreams v1) -----------------------------------------------
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def stream_products(output_root: Path) -> dict[str, Any]:
-    """The products of the stream: per recipe and architecture, a version per released
-    and published build (keyed by build id), whose items are its EMI, EKI and ERI."""
-    from builder.operations.records import find_builds, load_build
-
-    builds, _ = find_builds(output_root)
-    products: dict[str, Any] = {}
-    for s in builds:
-        if not s.released:
-            continue
-        build = load_build(s.dir)
-        ids = image_ids(build)
-        if not ids["emi"]:
-            continue        # a release that was never published has no image ids to list
-        distro, _, suite = str(build.data.get("release") or "/").partition("/")
-        arch = str(build.data.get("arch") or "unknown")
-        cloud = build.data.get("cloud") or {}
-        released = build.data["released"] if isinstance(build.data["released"], dict) else {}
-        product = products.setdefault(f"bake:{s.recipe}:{arch}", {
-            "recipe": s.recipe, "arch": arch, "os": distro, "release": suite, "versions": {}})
-        where = {"crsn": cloud.get("region") or "eucalyptus", "endpoint": cloud.get("ec2_url") or "",
-                 "root_store": "instance-store", "virt": "paravirtual"}
-        items = {}
-        for key, role in (("emi", "machine"), ("eki", "kernel"), ("eri", "ramdisk")):
-            if ids[key]:
-                items[key] = {"id": ids[key], "itype": role, **where}
-        items["emi"].update(kernel_id=ids["eki"], ramdisk_id=ids["eri"])
-        product["versions"][build.id] = {
-            "build_id": build.id, "label": "release", "pubname": f"{s.recipe}-{build.id}",
-            "released": released.get("at"), "public": bool(released.get("public")), "items": items}
-    return products
-
-
-def write_streams(output_root: Path) -> Path:
-    """Rebuild the stream index under `output_root` from the build records: `streams/v1/
-    index.json` and its products file, each written atomically. Returns the index."""
-    from builder.core import locks, lifetime
-
-    output_root = Path(output_root)
-    lock = lifetime.state_dir() / "streams" / (re.sub(r"[^A-Za-z0-9]", "_", str(output_root.resolve()))[-100:] + ".lock")
-    with locks.held(lock, f"the stream index of {output_root}"):
-        products = stream_products(output_root)
-        updated = email.utils.formatdate(usegmt=True)
-        products_path = f"{STREAMS}/{CONTENT_ID}.json"
-        doc = {"content_id": CONTENT_ID, "format": "products:1.0", "datatype": "image-ids", "updated": updated,
-               "products": products}
-        index = {"format": "index:1.0", "updated": updated,
-                 "index": {CONTENT_ID: {"format": "products:1.0", "datatype": "image-ids", "path": products_path,
-                                        "updated": updated, "products": sorted(products)}}}
-        _write_atomically(output_root / products_path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        index_path = output_root / STREAMS / "index.json"
-        _write_atomically(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return index_path
-
-
 # --- release ----------------------------------------------------------------------------
-
-def _bake_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("bake")
-    except PackageNotFoundError:
-        return "unknown"
-
 
 def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
@@ -464,12 +252,12 @@ def release(build: Build, *, public: bool = False, creds=None) -> dict[str, Any]
                 make_public(build, creds)
             notes = release_notes(build, previous, at=at.isoformat(), public=public)
             for name, text in ((SHA256SUMS, sums), (SBOM, json.dumps(doc, indent=2) + "\n"), (NOTES, notes)):
-                _write_atomically(build.dir / name, text)
+                write_text(build.dir / name, text)
             released = {"at": at.isoformat(), "public": public, "sha256sums": SHA256SUMS, "sbom": SBOM,
                         "notes": NOTES, "previous": previous.id if previous else None, "images": image_ids(build)}
             if published:
                 marker = build.dir / RELEASE_MARKER
-                _write_atomically(marker, json.dumps({"recipe": build.dir.parent.name, "build_id": build.id,
+                write_text(marker, json.dumps({"recipe": build.dir.parent.name, "build_id": build.id,
                                                       **released}, indent=2) + "\n")
                 released.update(marker=RELEASE_MARKER, marker_at=put_release_marker(build, creds, marker))
             build.data["released"] = released
@@ -484,8 +272,6 @@ def latest(output_root: str | os.PathLike, recipe: str, *, released: bool = Fals
     """The newest build of `recipe` under `output_root` that has image ids (with
     `released`, the newest released one that has): its id, directory and EMI/EKI/ERI.
     A BakeError when there is none."""
-    from builder.operations.records import find_builds
-
     builds, _ = find_builds(output_root, recipe)
     for s in reversed(builds):
         if s.cloud.get("emi") and (s.released or not released):
