@@ -18,6 +18,10 @@ from typing import Any, Iterator
 from builder.core.record import Build
 from builder.core.errors import BakeError
 from builder.core.log import step
+from builder.recipe.recipe import load_recipe
+from .checks import BUILTIN
+from .cloud import CloudOptions, verify_cloud
+from .local import LocalOptions, verify_local
 from .report import REPORT, Report, render_table
 from .result import FAIL, PASS, SKIP, CheckResult
 from .result import event as result_event
@@ -31,8 +35,6 @@ def recipe_of(build: Build):
     path = rec.get("path") if isinstance(rec, dict) else None
     if not path or not Path(path).is_file():
         return None
-    from builder.recipe.recipe import load_recipe
-
     return load_recipe(path)
 
 
@@ -47,17 +49,14 @@ def verify(build: Build, *, cloud: bool = False, only: set[str] | None = None, r
     recipe = recipe if recipe is not None else recipe_of(build)
     section = recipe.verify if recipe is not None else {}
     if only:
-        from .checks import BUILTIN
-
         checks = options.get("recipe_checks", section.get("checks") or ())
         known = [*BUILTIN, *(f"recipe:{c['name']}" for c in checks)]
         unknown = sorted(set(only) - set(known))
         if unknown:
             raise BakeError(f"unknown check(s): {', '.join(unknown)}; known: {', '.join(known)}")
     user = options.pop("user", None) or (recipe.default_user if recipe is not None else "")
+    opts: CloudOptions | LocalOptions
     if cloud:
-        from .cloud import CloudOptions, verify_cloud
-
         if recipe is not None:
             options.setdefault("publish_section", recipe.publish)
         opts = CloudOptions.from_recipe(section, user=user, only=only, **options)
@@ -65,8 +64,6 @@ def verify(build: Build, *, cloud: bool = False, only: set[str] | None = None, r
         with step("Verify on the cloud"), _recorded_if_unfinished(build, report):
             report = verify_cloud(build, opts, report)
     else:
-        from .local import LocalOptions, verify_local
-
         opts = LocalOptions.from_recipe(section, user=user, build=build, only=only, **options)
         report = Report("local")
         with step("Verify locally under QEMU"), _recorded_if_unfinished(build, report):

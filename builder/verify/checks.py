@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..vm import Instance, blank_volume
 from ..vm.console import GuestTimeout
-from ..vm.guest import GuestCommandError
+from ..vm.guest import SSH, GuestCommandError
 from .result import CheckFailed, CheckResult, CheckSkipped
 
 BUILTIN = ("boots", "metadata", "user-data", "acpiphp", "volume-hotplug", "sync-agent")
@@ -27,7 +27,8 @@ CLOUD_INIT_SAYS = re.compile(r"Cloud-init v\. |\[(WARNING|ERROR|CRITICAL)\]|Trac
                              r"|(?i:fail).*cloud-init|cloud-init.*(?i:fail)")
 
 
-def _guest(inst: Instance):
+def guest_ssh(inst: Instance) -> SSH:
+    """The instance's SSH channel; CheckSkipped when it was started without one."""
     if inst.ssh is None:
         raise CheckSkipped("no SSH channel to the guest")
     return inst.ssh
@@ -43,7 +44,8 @@ def boots(inst: Instance, result: CheckResult, *, timeout: float) -> None:
     result.evidence.update(boot_to_ready_seconds=ready.seconds, guest_uptime=ready.uptime,
                            first_boot=ready.first_boot, ready_line=ready.line, accelerator=inst.accel.name,
                            kernel_command_line=inst.kernel_command_line)
-    result.summary = f"ready in {ready.seconds:.1f} s under {inst.accel.name.upper()} (guest uptime {ready.uptime:.1f} s)"
+    result.summary = (f"ready in {ready.seconds:.1f} s under {inst.accel.name.upper()} "
+                      f"(guest uptime {ready.uptime:.1f} s)")
     if not ready.first_boot:
         raise CheckFailed("the image says this is not its first boot: it was shipped with state of an earlier boot",
                           **result.evidence)
@@ -58,13 +60,14 @@ def metadata(inst: Instance, result: CheckResult, *, public_key: str | None, use
     if not public_key:
         raise CheckFailed("the metadata service served no public key, so none can be installed",
                           **result.evidence)
-    ssh = _guest(inst)
+    ssh = guest_ssh(inst)
     try:
         ssh.wait(timeout=timeout)
     except GuestCommandError as e:
         lines = inst.console.lines()
-        said = [l for l in lines if "bake-ec2-metadata" in l][-3:]
-        cloud_init = [l.strip() for l in lines if ("cloud-init" in l or "ci-info" in l) and CLOUD_INIT_SAYS.search(l)]
+        said = [line for line in lines if "bake-ec2-metadata" in line][-3:]
+        cloud_init = [line.strip() for line in lines
+                      if ("cloud-init" in line or "ci-info" in line) and CLOUD_INIT_SAYS.search(line)]
         cloud_init = cloud_init[-15:]
         if cloud_init:
             result.evidence["cloud_init_said"] = cloud_init
@@ -131,7 +134,7 @@ def user_data(inst: Instance, result: CheckResult, *, token: str, timeout: float
     """cloud-init ran the user data the metadata service served: it finished (`status:
     done`) within `timeout` seconds, the served script wrote `token` to its marker file,
     and cloud-init printed the SSH host key fingerprints on the console."""
-    ssh = _guest(inst)
+    ssh = guest_ssh(inst)
     wait = max(1, int(timeout))
     t0 = time.monotonic()
     r = ssh.run(f"timeout {wait} cloud-init status --wait --long", timeout=wait + 30, check=False)
@@ -174,7 +177,7 @@ def user_data(inst: Instance, result: CheckResult, *, token: str, timeout: float
         raise CheckFailed("cloud-init finished but printed no SSH host key fingerprints on the console "
                           f"(no '{FINGERPRINTS_BEGIN}' block): its keys-to-console module did not run",
                           **result.evidence)
-    keys = [l for l in fingerprints if FINGERPRINTS_BEGIN not in l and FINGERPRINTS_END not in l]
+    keys = [line for line in fingerprints if FINGERPRINTS_BEGIN not in line and FINGERPRINTS_END not in line]
     result.summary = (f"cloud-init done (datasource {datasource}); the user-data script wrote the served token; "
                       f"{len(keys)} host key fingerprint(s) on the console")
 
@@ -194,10 +197,10 @@ echo "present=$present how=$how disabled=$disabled kernel=$(uname -r)"
 
 def acpiphp(inst: Instance, result: CheckResult) -> None:
     """The ACPI PCI hot-plug driver is loaded or built in, and not disabled."""
-    out = _guest(inst).run(ACPIPHP_PROBE, timeout=30).output.strip().splitlines()[-1]
+    out = guest_ssh(inst).run(ACPIPHP_PROBE, timeout=30).output.strip().splitlines()[-1]
     facts = dict(kv.split("=", 1) for kv in out.split())
     result.evidence.update(facts)
-    said = [l.strip() for l in inst.console.lines() if "acpiphp" in l]
+    said = [line.strip() for line in inst.console.lines() if "acpiphp" in line]
     if said:
         result.evidence["console"] = said[-3:]
     if facts.get("present") != "yes" or facts.get("how") == "none":
@@ -230,7 +233,7 @@ echo "none $(cd /sys/block && echo *)"; exit 1
 def wait_for_disk(inst: Instance, serial: str, size: int, timeout: float) -> str:
     """Wait in the guest for a disk with `serial` and `size` bytes; its name (vdb, ...)."""
     cmd = f"sh -c {shlex.quote(WAIT_DISK)} wait-disk {shlex.quote(serial)} {size} {int(timeout)}"
-    r = _guest(inst).run(cmd, timeout=timeout + 30, check=False)
+    r = guest_ssh(inst).run(cmd, timeout=timeout + 30, check=False)
     words = r.output.strip().split()
     if r.returncode == 0 and words[:1] == ["found"]:
         return words[1]
@@ -244,7 +247,7 @@ def wait_for_disk(inst: Instance, serial: str, size: int, timeout: float) -> str
 def volume_hotplug(inst: Instance, result: CheckResult, *, scratch: Path, timeout: float = 30) -> None:
     """A volume attached after boot appears in the guest (found by serial and size), and
     a detach completes (the guest releases it)."""
-    _guest(inst)
+    guest_ssh(inst)
     size = 1024 * MiB + 5 * MiB  # an unusual size, so that no other disk matches it
     serial = f"bakevol{secrets.token_hex(4)}"
     path = blank_volume(scratch / f"{serial}.raw", size)
@@ -259,12 +262,15 @@ def volume_hotplug(inst: Instance, result: CheckResult, *, scratch: Path, timeou
         try:
             inst.detach_volume(vol.id, timeout=timeout)
         except Exception as e:
-            raise CheckFailed(f"the volume appeared as /dev/{name} but detaching it failed: {e}", **result.evidence)
-        gone = _guest(inst).run(f"test ! -e /sys/block/{name} && echo gone || echo present", timeout=30).output.strip()
+            raise CheckFailed(f"the volume appeared as /dev/{name} but detaching it failed: {e}",
+                              **result.evidence) from None
+        gone = guest_ssh(inst).run(f"test ! -e /sys/block/{name} && echo gone || echo present",
+                                   timeout=30).output.strip()
         result.evidence.update(seconds_to_detach=round(time.monotonic() - t1, 2), after_detach=gone)
         if gone != "gone":
             raise CheckFailed(f"QEMU released the volume but /dev/{name} is still in the guest", **result.evidence)
-        result.summary = f"appeared as /dev/{name} {appeared:.1f} s after device_add (serial {serial}, {size} bytes); detached"
+        result.summary = (f"appeared as /dev/{name} {appeared:.1f} s after device_add (serial {serial}, "
+                          f"{size} bytes); detached")
     finally:
         path.unlink(missing_ok=True)
 
@@ -272,7 +278,7 @@ def volume_hotplug(inst: Instance, result: CheckResult, *, scratch: Path, timeou
 def recipe_check(inst: Instance, result: CheckResult, spec: dict) -> None:
     """A check from the recipe's verify section: `run` in the guest, exit 0, output
     containing `expect` (when given)."""
-    ssh = _guest(inst)
+    ssh = guest_ssh(inst)
     timeout = float(spec.get("timeout", 60))
     r = ssh.run(spec["run"], timeout=timeout, check=False)
     out = r.output.strip()

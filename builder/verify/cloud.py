@@ -13,8 +13,8 @@ as skipped with the reason. An API error inside a check fails that check. The co
 saved to verify-cloud-console.log while the instance still exists; then the instance is
 terminated and, once it is gone, the volume deleted, on success, failure and Ctrl-C
 (SIGINT and SIGTERM wait until that is done, which is bounded: see `_Cloud.release`).
-What could not be cleaned up fails the report as the "cleanup" check. Clients come from builder.cloud (the only package that
-speaks to the cloud's API library).
+What could not be cleaned up fails the report as the "cleanup" check. Clients come from
+builder.cloud (the only package that speaks to the cloud's API library).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterator
 # builder.cloud is the one package that imports the API library; its calls module
 # carries the error types and the rule for what may have reached the cloud.
 from ..cloud.calls import BotoCoreError, ClientError, error_code, retryable
+from ..cloud.clients import make_clients
+from ..cloud.credentials import load_credentials
 from builder.core import interrupts
 from builder.core.record import Build
 from builder.core.errors import BakeError
@@ -301,9 +303,6 @@ def _interrupts_held() -> Iterator[None]:
 def _clients(build: Build, opts: CloudOptions):
     if opts.clients is not None:
         return opts.clients
-    from ..cloud.clients import make_clients
-    from ..cloud.credentials import load_credentials
-
     creds = load_credentials(opts.publish_section, eucarc=opts.eucarc)
     if creds is None:
         raise BakeError("no cloud configured for --cloud: source an eucarc, or set EC2_URL, S3_URL, "
@@ -385,6 +384,7 @@ def _run(cloud: _Cloud, section: dict, opts: CloudOptions, results: list[CheckRe
         except TimedOut as e:
             raise e.with_console_tail() from None
         m = READY.search(out)
+        assert m is not None  # what the poll above waited for
         r.evidence.update(ready_line=m.group(0), boot_to_ready_seconds=round(time.monotonic() - t0, 1))
         r.summary = f"{cloud.instance_id} running, ready in {time.monotonic() - t0:.0f} s: {m.group(0)}"
         booted = True
@@ -396,11 +396,11 @@ def _run(cloud: _Cloud, section: dict, opts: CloudOptions, results: list[CheckRe
         with checking("acpiphp", results) as r:
             if not booted:
                 raise CheckSkipped("the instance did not boot")
-            lines = [l.strip() for l in cloud.console().splitlines() if "acpiphp" in l]
+            lines = [line.strip() for line in cloud.console().splitlines() if "acpiphp" in line]
             r.evidence["console"] = lines[-3:]
-            if any("disabled by user" in l for l in lines):
+            if any("disabled by user" in line for line in lines):
                 raise CheckFailed("the kernel says acpiphp is disabled: attached volumes will not appear", **r.evidence)
-            if not any(ACPIPHP.search(l) for l in lines):
+            if not any(ACPIPHP.search(line) for line in lines):
                 raise CheckSkipped("the console does not show whether acpiphp is loaded (quiet kernel?)")
             r.summary = "the console shows the ACPI PCI hot-plug driver: " + lines[-1][:80]
     if opts.wants("volume-hotplug"):

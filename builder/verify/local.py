@@ -26,8 +26,10 @@ from builder.core.errors import BakeError
 from builder.core.log import step
 from builder.core import lifetime
 from builder import vm
+from builder.recipe.schemaerrors import size_mib
 from . import checks
 from .report import Report
+from .syncagent import sync_agent
 from .result import CheckFailed, CheckResult, CheckSkipped, checking, skipped
 
 WORKDIR = "verify"
@@ -66,8 +68,7 @@ class LocalOptions:
                    skip=set(section.get("skip") or ()),
                    recipe_checks=list(section.get("checks") or ()))
         if section.get("free_after_root"):
-            from builder.recipe.schemaerrors import size_mib  # the schema's size syntax (validated before this)
-
+            # the schema's size syntax, validated with the recipe
             opts.free_after_root = int((size_mib(section["free_after_root"]) or 0) * vm.disk.MiB)
         if build is not None and build.data.get("elements") is not None:
             names = {e["name"] if isinstance(e, dict) else str(e) for e in build.data["elements"]}
@@ -201,7 +202,7 @@ def _run_checks(s: Session, results: list[CheckResult], report: Report) -> None:
             results.pop()
     elif opts.serve_key:
         try:
-            a.ssh.wait(timeout=60)
+            checks.guest_ssh(a).wait(timeout=60)
         except BakeError:
             channel = False
     else:
@@ -217,6 +218,7 @@ def _run_checks(s: Session, results: list[CheckResult], report: Report) -> None:
         elif not channel:
             skipped("user-data", why, results)
         else:
+            assert s.user_data_token is not None  # served whenever the image's cloud-init may run it
             with step("Check user-data (cloud-init runs the served script)"), checking("user-data", results) as r:
                 checks.user_data(a, r, token=s.user_data_token, timeout=opts.cloud_init_timeout)
 
@@ -253,6 +255,5 @@ def _run_checks(s: Session, results: list[CheckResult], report: Report) -> None:
         elif not channel:
             skipped("sync-agent", why, results)
         else:
-            from .syncagent import sync_agent
             with step("Check sync-agent (backup on a, kill a, restore on b)"), checking("sync-agent", results) as r:
                 sync_agent(s, a, r, timeout=opts.agent_timeout)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from types import TracebackType
+from typing import Any
 
+from builder.core import events
 from builder.core.errors import BakeError
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
@@ -45,41 +46,54 @@ class CheckResult:
         return asdict(self)
 
 
-@contextlib.contextmanager
-def checking(name: str, results: list[CheckResult]) -> Iterator[CheckResult]:
+class checking:  # lower case: it reads as the function it was, `with checking(name, results) as r:`
     """Run the block as check `name` and append its result to `results`.
 
     The block fills `result.summary`/`result.evidence`; raising CheckFailed or any
     BakeError (a guest that timed out, a QMP error) makes it a failure, CheckSkipped a
     skip. Anything else is a bug and propagates (after the result is recorded).
+
+    A class rather than a @contextmanager generator so that its __exit__ says (-> bool)
+    that the block's failures stop here: code after the block runs after them.
     """
-    result = CheckResult(name)
-    start = time.monotonic()
-    try:
-        yield result
-    except CheckSkipped as e:
-        result.status, result.summary = SKIP, e.reason
-    except CheckFailed as e:
-        result.status, result.summary = FAIL, e.reason
-        result.evidence.update(e.evidence)
-    except BakeError as e:
-        result.status = FAIL
-        lines = str(e).split("\n--- ", 1)
-        result.summary = lines[0].strip()
-        if len(lines) > 1:
-            result.evidence.setdefault("detail", "--- " + lines[1])
-    except BaseException as e:
-        result.status, result.summary = FAIL, f"interrupted: {type(e).__name__}"
-        raise
-    finally:
-        result.seconds = round(time.monotonic() - start, 2)
-        results.append(result)
-        event(result)
+
+    def __init__(self, name: str, results: list[CheckResult]):
+        self.result = CheckResult(name)
+        self._results = results
+        self._start = time.monotonic()
+
+    def __enter__(self) -> CheckResult:
+        return self.result
+
+    def __exit__(self, kind: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        result = self.result
+        try:
+            if e is None:
+                return False
+            if isinstance(e, CheckSkipped):
+                result.status, result.summary = SKIP, e.reason
+            elif isinstance(e, CheckFailed):
+                result.status, result.summary = FAIL, e.reason
+                result.evidence.update(e.evidence)
+            elif isinstance(e, BakeError):
+                result.status = FAIL
+                lines = str(e).split("\n--- ", 1)
+                result.summary = lines[0].strip()
+                if len(lines) > 1:
+                    result.evidence.setdefault("detail", "--- " + lines[1])
+            else:
+                result.status, result.summary = FAIL, f"interrupted: {type(e).__name__}"
+                return False
+            return True
+        finally:
+            result.seconds = round(time.monotonic() - self._start, 2)
+            self._results.append(result)
+            event(result)
 
 
 def event(result: CheckResult) -> None:
-    """Emit `result` as a `check` event (see builder.events)."""
-    from builder.core import events
+    """Emit `result` as a `check` event (see builder.core.events)."""
     events.emit("check", check=result.name, result={PASS: "passed", FAIL: "failed", SKIP: "skipped"}.get(
         result.status, str(result.status)), summary=result.summary or "", seconds=result.seconds)
 

@@ -17,7 +17,6 @@ import json
 import re
 import secrets
 import shlex
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from builder.core import sh
 from ..vm import Instance, blank_volume
 from ..vm.console import GuestTimeout
 from ..vm.guest import GuestCommandError
+from .checks import guest_ssh
 from .result import CheckFailed, CheckResult
 
 LABEL = "rootsync"
@@ -56,11 +56,11 @@ def _marker_package(scratch: Path, nonce: str) -> Path:
 
 def _root(inst: Instance) -> str:
     """The prefix that runs a guest command as root (the default user has passwordless sudo)."""
-    return "" if inst.ssh.user == "root" else "sudo "
+    return "" if guest_ssh(inst).user == "root" else "sudo "
 
 
 def _status(inst: Instance) -> dict[str, Any]:
-    out = inst.ssh.run(f"{_root(inst)}rootsync status --json", timeout=60).output.strip().splitlines()
+    out = guest_ssh(inst).run(f"{_root(inst)}rootsync status --json", timeout=60).output.strip().splitlines()
     for line in reversed(out):
         if line.startswith("{"):
             return json.loads(line)
@@ -73,7 +73,8 @@ def _backup(inst: Instance, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while True:
         mark = inst.console.mark()
-        r = inst.ssh.run(f"{_root(inst)}rootsync backup", timeout=max(1, deadline - time.monotonic()), check=False)
+        r = guest_ssh(inst).run(f"{_root(inst)}rootsync backup", timeout=max(1, deadline - time.monotonic()),
+                                check=False)
         m = re.search(r"backup complete generation=(\S+)", r.output)
         if r.returncode == 0 and m:
             return m.group(1)
@@ -141,7 +142,7 @@ echo "package=$(dpkg-query -W -f='${Version}:${Status}' bake-verify-marker 2>/de
 def sync_agent(session, a: Instance, result: CheckResult, *, timeout: float) -> None:
     """Run the story above on instance `a` (booted) and a fresh instance b."""
     ev = result.evidence
-    ssh = a.ssh
+    ssh = guest_ssh(a)
     found = ssh.run("PATH=$PATH:/usr/sbin:/sbin; command -v rootsync || true", timeout=30).output.strip()
     if not found:
         raise CheckFailed("the image has no sync agent: `rootsync` is not installed "
@@ -183,7 +184,8 @@ def sync_agent(session, a: Instance, result: CheckResult, *, timeout: float) -> 
     status_a = _status(a)
     ev["a_status"] = {k: status_a.get(k) for k in ("current", "paired", "volume_id", "last_backup")}
     if (status_a.get("current") or "") < gen_a:
-        raise CheckFailed(f"after backing up generation {gen_a}, the agent reports {status_a.get('current')} as current")
+        raise CheckFailed(f"after backing up generation {gen_a}, the agent reports {status_a.get('current')} "
+                          "as current")
     a.kill()
     ev["a_killed"] = "QMP quit"
 
