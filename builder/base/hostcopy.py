@@ -48,8 +48,8 @@ def copy_tree(image: Path, tree: Path) -> None:
 def _tar_pipe(src: Path, dest: Path) -> None:
     """`tar -c` of `src` piped into `tar -x` in `dest`; a CommandError with the failing
     side's own words when either fails."""
-    create = ["tar", *TAR_FLAGS, "--anchored", "--exclude=./lost+found", "-C", src, "-cf", "-", "."]
-    extract = ["tar", *TAR_FLAGS, "--same-owner", "--same-permissions", "-C", dest, "-xf", "-"]
+    create = ["tar", *TAR_FLAGS, "--anchored", "--exclude=./lost+found", "-C", str(src), "-cf", "-", "."]
+    extract = ["tar", *TAR_FLAGS, "--same-owner", "--same-permissions", "-C", str(dest), "-xf", "-"]
     with tempfile.TemporaryFile() as create_err, tempfile.TemporaryFile() as extract_err:
         r, w = os.pipe()
         try:

@@ -15,6 +15,7 @@ from builder.core.record import sha256_file
 from builder.recipe.distro import distro_of_suite
 from builder.core.errors import BakeError
 from builder.recipe.recipe import Recipe
+from .formats import identify, sha256_of
 
 _digests: dict[tuple, str] = {}
 
@@ -36,8 +37,9 @@ def source_digest(recipe: Recipe) -> str:
         return f"emi:{b['emi']}"
     if b.get("sha256"):
         return b["sha256"]
-    from .formats import identify, sha256_of
     path = recipe.base_image
+    if path is None:
+        raise BakeError("the recipe's base names no image, emi or sha256")
     if path.is_dir():
         return sha256_of(identify(path))
     return file_digest(path)
