@@ -14,7 +14,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from builder.bundle.build import bundle_and_record
+from builder.bundle.files import first_missing, removed_on_failure
+from builder.bundle.keys import credentials_wanted, resolve_keys
+from builder.bundle.reader import unbundle
+from builder.bundle.writer import PART_SIZE, bundle_image
 from builder.core.errors import BakeError
+from builder.core.record import Build
 
 
 def parse_block_device_mappings(text: str) -> dict[str, str]:
@@ -102,9 +108,6 @@ def _default_destination_parent() -> Path:
 
 
 def cmd_bundle(args) -> int:
-    from builder.bundle.keys import credentials_wanted, resolve_keys
-    from builder.bundle.writer import PART_SIZE
-
     keys = resolve_keys({"cert": args.cert, "private_key": args.privatekey,
                          "cloud_cert": args.ec2cert, "user_id": args.user})
     bdm = parse_block_device_mappings(args.block_device_mappings) if args.block_device_mappings is not None else None
@@ -120,10 +123,6 @@ def cmd_bundle(args) -> int:
 
 
 def _bundle_build_dir(args, keys, bdm, part_size: int) -> int:
-    from builder.core.record import Build
-    from builder.bundle.build import bundle_and_record
-    from builder.bundle.keys import credentials_wanted
-
     if args.image:
         raise BakeError("give either a build directory or -i IMAGE, not both")
     for opt, value in (("-p/--prefix", args.prefix), ("--kernel", args.kernel), ("--ramdisk", args.ramdisk),
@@ -146,9 +145,6 @@ def _bundle_build_dir(args, keys, bdm, part_size: int) -> int:
 
 
 def _bundle_one_image(args, keys, bdm, part_size: int) -> int:
-    from builder.bundle.files import first_missing, removed_on_failure
-    from builder.bundle.writer import bundle_image
-
     image = Path(args.image)
     image_type, kernel_id, ramdisk_id = _type_and_ids(args)
     _check_readable_image(image)
@@ -173,9 +169,6 @@ def _bundle_one_image(args, keys, bdm, part_size: int) -> int:
 
 
 def cmd_unbundle(args) -> int:
-    from builder.bundle.files import first_missing, removed_on_failure
-    from builder.bundle.reader import unbundle
-
     key = args.privatekey or os.environ.get("EC2_PRIVATE_KEY") or os.environ.get("EUCA_PRIVATE_KEY")
     if not key:
         raise BakeError("unbundling needs the private key that opens the bundle: give -k or set EC2_PRIVATE_KEY")

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
+from builder.cloud.credentials import load_credentials
 from builder.core.errors import BakeError
+from builder.core.record import Build
+from builder.recipe.recipe import recipe_of
 
 
 def _recipe_publish_section(build) -> dict:
     """The publish section of the recipe the build was baked from, when it is still there."""
-    from pathlib import Path
-
-    recipe = build.data.get("recipe")
-    path = recipe.get("path") if isinstance(recipe, dict) else None
-    if not path or not Path(path).is_file():
-        return {}
-    from builder.recipe.recipe import load_recipe
-
-    return load_recipe(path).publish
+    recipe = recipe_of(build)
+    return recipe.publish if recipe is not None else {}
 
 
 def _setup(args, *, where_published: bool = False):
@@ -25,11 +22,7 @@ def _setup(args, *, where_published: bool = False):
     `where_published`, the bucket and prefix build.json records from publishing come
     before the recipe's: what was uploaded is where it was uploaded, even if the recipe
     was edited since."""
-    from dataclasses import replace
-
-    from builder.core.record import Build
-    from builder.cloud.credentials import load_credentials
-    from builder.cloud.publish import PublishOptions
+    from builder.cloud.publish import PublishOptions  # noqa: PLC0415 (boto3: loaded by the commands that reach a cloud)
 
     build = Build.load(args.build_dir)
     section = _recipe_publish_section(build)
@@ -47,7 +40,7 @@ def _setup(args, *, where_published: bool = False):
 
 
 def cmd_publish(args) -> int:
-    from builder.cloud.publish import publish
+    from builder.cloud.publish import publish  # noqa: PLC0415 (boto3: loaded by the commands that reach a cloud)
 
     build, creds, opts = _setup(args)
     with build.lock():
@@ -59,7 +52,7 @@ def cmd_publish(args) -> int:
 
 
 def cmd_unpublish(args) -> int:
-    from builder.cloud.publish import unpublish
+    from builder.cloud.publish import unpublish  # noqa: PLC0415 (boto3: loaded by the commands that reach a cloud)
 
     build, creds, opts = _setup(args, where_published=True)
     with build.lock():

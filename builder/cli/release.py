@@ -12,8 +12,7 @@ from builder.cloud.credentials import load_credentials
 from builder.operations.records import image_ids, resolve_build
 from builder.operations.release import check_releasable, latest, release
 from builder.operations.streams import STREAMS
-from builder.recipe.recipe import load_recipe
-from builder.verify import recipe_of
+from builder.recipe.recipe import load_recipe, recipe_of
 
 
 def _recipe_name(spec: str) -> str:

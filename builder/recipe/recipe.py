@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.core.errors import BakeError
+from builder.core.record import Build
 from builder.recipe import dib
 from builder.recipe import elements as elements_mod
 from builder.recipe.distro import Profile, profile_for
@@ -218,6 +219,15 @@ def load_recipe(path: str | Path) -> Recipe:
             raise RecipeError(path, loc.line_of(("files", i, "source")), f"files[{i}].source",
                               f"no such file: {f['source']} (looked for {src})")
     return recipe
+
+
+def recipe_of(build: Build) -> Recipe | None:
+    """The recipe `build` was baked from, loaded again, if its file is still there (else None)."""
+    rec = build.data.get("recipe")
+    path = rec.get("path") if isinstance(rec, dict) else None
+    if not path or not Path(path).is_file():
+        return None
+    return load_recipe(path)
 
 
 def _dib_entries(data: dict) -> list[tuple[int, str]]:
