@@ -82,6 +82,15 @@ def test_a_child_bake_refuses_options_that_are_not_json_or_do_not_fit_and_makes_
     assert list(tmp_path.iterdir()) == [], "no output folder, no build"
 
 
+def test_options_are_read_from_a_file_too_and_a_missing_one_is_said(tmp_path):
+    options = BuildOptions(output=str(tmp_path / "out"), skip=("verify",))
+    sent = tmp_path / "options.json"
+    sent.write_text(json.dumps(options.to_json()))
+    assert child.read_options(str(sent)) == options
+    with pytest.raises(BakeError, match=f"^build options from {tmp_path / 'none.json'}: cannot be read"):
+        child.read_options(str(tmp_path / "none.json"))
+
+
 def test_a_child_bake_refuses_build_option_flags_beside_its_json(tmp_path):
     options = BuildOptions(output=str(tmp_path / "out"))
     r = _child(json.dumps(options.to_json()), tmp_path, extra=("--stop-after", "image", "--no-wait"))
