@@ -19,7 +19,7 @@ from builder.core.cache import TreeCache
 from builder.core.errors import BakeError
 from builder.farm import hooks as farm_hooks
 from builder.farm import lease as lease_mod
-from builder.cli.farm import gc_farm
+from builder.farm.gc import gc_farm
 from builder.farm.connect import Farm, redis_from_url, shown
 from builder.farm.jobs import Duplicate, job_options, pack_recipe, submit
 from builder.farm.lease import Lease, LeaseLost

@@ -12,24 +12,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from builder.cli.options import add_output
 from builder.core import exitcodes, stale
 from builder.core.errors import BakeError
-from builder.cli.options import add_output
 from builder.farm.connect import QUEUE, Farm, shown
+from builder.farm.gc import gc_farm
+from builder.farm.jobs import BACKOFF, JOB_TIMEOUT, LEASE_TTL_ENV, OUTPUT_ENV, RETRIES, Duplicate, submit
+from builder.farm.records import lease_holders, list_records, state_of
+from builder.farm.workers import clean_job_folders, take_name
 from builder.pipeline.options import SKIPPABLE, STAGE_NAMES, BuildOptions
-from builder.farm.records import (
-    BUILDING,
-    RELEASED,
-    artifact_folder,
-    lease_holders,
-    list_records,
-    log_name,
-    render,
-    state_of,
-)
-
-GOOD = ("ok", "published", "verified")
-
+from builder.recipe.schemaerrors import RecipeError
 
 def add_farm_options(sp) -> None:
     sp.add_argument("--redis", metavar="URL", help="the farm's Redis (default: $BAKE_REDIS_URL)")
@@ -40,50 +32,8 @@ def add_farm_options(sp) -> None:
 
 # --- bake worker ----------------------------------------------------------------------
 
-def _clean_job_folders(output: Path) -> list[str]:
-    """Remove the job folders of work horses of this box that are gone."""
-    removed = []
-    jobs = output / ".farm" / "jobs"
-    if not jobs.is_dir():
-        return removed
-    import shutil
-    for d in jobs.iterdir():
-        pid = d.name.rsplit(".", 1)[-1]
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(str(d))
-    return removed
-
-
-def _take_name(conn, name: str) -> str | None:
-    """Free the name of a worker of this box that was killed (it never said it died, and
-    RQ keeps its name for the worker's TTL): marked dead, what was done is said. A
-    live worker of that name, or one on another box, keeps it: a clear error."""
-    from rq import Worker
-
-    key = Worker.redis_worker_namespace_prefix + name
-    seen = {k.decode(): v.decode(errors="replace") for k, v in conn.hgetall(key).items()}
-    if not seen or "death" in seen:
-        return None
-    host, pid = seen.get("hostname", ""), int(seen.get("pid") or 0)
-    if host != socket.gethostname():
-        raise BakeError(f"a worker named {name} is registered from {host or 'another box'} (pid {pid}); "
-                        f"give this one another --name")
-    try:
-        alive = b"worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        alive = False
-    if alive:
-        raise BakeError(f"a worker named {name} runs on this box already (pid {pid}); give this one another --name")
-    found = Worker.find_by_key(key, connection=conn)
-    if found is not None:
-        found.register_death()
-    return f"the worker {name} of this box (pid {pid}) was killed; its name is taken over"
-
-
 def cmd_worker(args) -> int:
-    from rq import Queue, Worker
-    from builder.farm.jobs import LEASE_TTL_ENV, OUTPUT_ENV
+    from rq import Queue, Worker  # noqa: PLC0415 (rq: only the farm's commands load it)
 
     farm = Farm.from_args(args)
     conn = farm.redis()
@@ -91,14 +41,14 @@ def cmd_worker(args) -> int:
     # what a killed worker of this box left: mounts, loop devices, processes, work trees
     stale.report_stale(stale.clean_stale())
     output = Path(args.output).resolve()
-    for d in _clean_job_folders(output):
+    for d in clean_job_folders(output):
         print(f"removed the folder of a killed job: {d}", file=sys.stderr)
     os.environ.update(farm.env())
     os.environ[OUTPUT_ENV] = str(output)
     os.environ[LEASE_TTL_ENV] = str(args.lease_ttl)
     queues = [Queue(q, connection=conn) for q in (args.queues or [QUEUE])]
     name = args.name or f"{socket.gethostname()}.{os.getpid()}"
-    said = _take_name(conn, name)
+    said = take_name(conn, name)
     if said:
         print(said, file=sys.stderr)
     worker = Worker(queues, connection=conn, name=name,
@@ -124,9 +74,6 @@ def submit_all(farm: Farm, paths: list[str], options: BuildOptions, *, day: str 
                retries: int, backoff: float) -> tuple[list[dict], list[dict]]:
     """Submit each recipe with the build `options`; (submitted, refused), each a list of
     {recipe, path, job?, error}."""
-    from builder.recipe.schemaerrors import RecipeError
-    from builder.farm.jobs import Duplicate, submit
-
     conn, store = farm.redis(), farm.store()
     submitted, refused = [], []
     for path in paths:
@@ -147,7 +94,7 @@ def submit_all(farm: Farm, paths: list[str], options: BuildOptions, *, day: str 
 def wait_for_jobs(farm: Farm, submitted: list[dict], *, poll: float = 2.0) -> list[dict]:
     """Wait until every submitted job finished or failed for good; each entry gains
     `outcome` (ok, failed, lost) and the job's result or error."""
-    from rq.job import Job, JobStatus
+    from rq.job import Job, JobStatus  # noqa: PLC0415 (rq: only the farm's commands load it)
 
     conn = farm.redis()
     pending = {s["job"]: s for s in submitted}
@@ -200,6 +147,17 @@ def cmd_submit(args) -> int:
 
 # --- ls / status / gc --farm -------------------------------------------------------------
 
+def render(records: list[dict[str, Any]], holders) -> str:
+    """The table of farm builds `bake ls --farm` and `bake status` print."""
+    rows = [("RECIPE", "BUILD", "STATE", "HOST", "FINISHED", "EMI")]
+    for r in records:
+        cloud = r.get("cloud") or {}
+        rows.append((r["recipe"], r["build_id"], state_of(r, holders), r.get("host") or "-",
+                     r.get("finished") or "-", cloud.get("emi") or "-"))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
 def _redis_or_none(farm: Farm):
     try:
         return farm.redis()
@@ -232,8 +190,9 @@ def cmd_status(args) -> int:
     out: dict[str, Any] = {}
     conn = _redis_or_none(farm) if farm.redis_url else None
     if conn is not None:
-        from rq import Queue, Worker
-        from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+        # rq: only the farm's commands load it
+        from rq import Queue, Worker  # noqa: PLC0415
+        from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry  # noqa: PLC0415
 
         q = Queue(QUEUE, connection=conn)
         out["queue"] = {"queued": q.get_job_ids(), "running": StartedJobRegistry(queue=q).get_job_ids(),
@@ -262,70 +221,6 @@ def cmd_status(args) -> int:
     return exitcodes.OK
 
 
-def gc_farm(farm: Farm, keep: int, *, dry_run: bool, recipes: list[str] | None = None,
-            temporary_after: float | None = None) -> dict[str, Any]:
-    """Keep the `keep` newest good builds of each recipe in the store (and every released
-    one, every one still building, a failed or killed one among the `keep` newest); delete the rest:
-    artifacts and log first, the record last. Uploads a killed writer left half-done
-    (`.tmp/`) go once older than `temporary_after` s (the job timeout: no live job
-    writes one for longer). {"kept": [...], "deleted": [...], "temporary": [...]}"""
-    from builder.farm.jobs import JOB_TIMEOUT
-
-    store = farm.store()
-    limit = JOB_TIMEOUT if temporary_after is None else temporary_after
-    temporary = [{"name": name, "age": round(age)} for name, age in store.ages(".tmp/") if age > limit]
-    if not dry_run:
-        for t in temporary:
-            store.delete(t["name"])
-    records = list_records(store)
-    if recipes:
-        records = [r for r in records if r["recipe"] in recipes]
-    conn = None
-    if farm.redis_url:
-        try:
-            conn = farm.redis()
-        except BakeError:
-            conn = None
-    holders = lease_holders(conn, {r["recipe"] for r in records})
-    kept, deleted = [], []
-    by_recipe: dict[str, list[dict]] = {}
-    for r in records:
-        by_recipe.setdefault(r["recipe"], []).append(r)
-    for name, recs in by_recipe.items():
-        ranked = sorted(recs, key=lambda d: d["build_id"], reverse=True)
-        states = {r["build_id"]: state_of(r, holders) for r in ranked}
-        # as on one box: the N newest good builds, and a failed or killed one among the N
-        # newest of all (to be looked into); a build still going takes no place among them
-        newest_good = {r["build_id"] for r in ranked if states[r["build_id"]] in GOOD}
-        newest_good = set(sorted(newest_good, reverse=True)[:keep])
-        newest = {r["build_id"] for r in ranked[:keep]}
-        for r in ranked:
-            state = states[r["build_id"]]
-            entry = {"recipe": name, "build_id": r["build_id"], "state": state}
-            if state == RELEASED:
-                kept.append({**entry, "why": "released"})
-            elif state == BUILDING:
-                kept.append({**entry, "why": "its lease is held (building)"})
-            elif state == "building?":
-                kept.append({**entry, "why": "Redis cannot say whether it is building"})
-            elif r["build_id"] in newest_good:
-                kept.append({**entry, "why": f"one of the {keep} newest"})
-            elif r["build_id"] in newest and state not in GOOD:
-                kept.append({**entry, "why": f"{state}, among the {keep} newest: kept to be looked into"})
-            else:
-                deleted.append({**entry, "why": f"beyond the {keep} newest"})
-                if not dry_run:
-                    _delete_build(store, r)
-    return {"keep": keep, "dry_run": dry_run, "kept": kept, "deleted": deleted, "temporary": temporary}
-
-
-def _delete_build(store, r: dict) -> None:
-    for name in list(store.list(artifact_folder(r["recipe"], r["build_id"]))):
-        store.delete(name)
-    store.delete(log_name(r["recipe"], r["build_id"]))
-    store.delete(r["_name"])
-
-
 def cmd_gc_farm(args) -> int:
     farm = Farm.from_args(args, need_redis=False)
     result = gc_farm(farm, args.keep, dry_run=args.dry_run, recipes=args.recipes or None)
@@ -343,8 +238,6 @@ def cmd_gc_farm(args) -> int:
 
 
 def register(subparsers) -> None:
-    from builder.farm.jobs import JOB_TIMEOUT
-
     sp = subparsers.add_parser(
         "worker", help="work for the build farm: bake the jobs of its queue (RQ on Redis)",
         description="An RQ worker of the farm: takes a submitted recipe from the queue, bakes it in a work horse "
@@ -393,7 +286,7 @@ def register(subparsers) -> None:
 
 
 def add_job_options(sp) -> None:
-    from builder.farm.jobs import BACKOFF, JOB_TIMEOUT, RETRIES
+    """`--timeout`, `--retries` and `--backoff` of the jobs a command submits."""
     sp.add_argument("--timeout", type=int, default=JOB_TIMEOUT, metavar="S",
                     help=f"seconds a job may run (default {JOB_TIMEOUT}); then it is stopped and counts as failed")
     sp.add_argument("--retries", type=int, default=RETRIES, metavar="N",

@@ -9,12 +9,13 @@ from __future__ import annotations
 import datetime as _dt
 import sys
 
-from builder.cli.farm import add_farm_switch, add_job_options, gc_farm, job_options, submit_all, wait_for_jobs
+from builder.cli.farm import add_farm_switch, add_job_options, job_options, submit_all, wait_for_jobs
 from builder.cli.many import render_summary
 from builder.cli.options import add_output
 from builder.core import exitcodes
 from builder.core.errors import BakeError
 from builder.farm.connect import Farm, shown
+from builder.farm.gc import gc_farm
 from builder.operations import nightly
 from builder.pipeline.options import BuildOptions
 
@@ -69,7 +70,8 @@ def cmd_nightly_farm(args) -> int:
         status = exitcodes.SOME_FAILED
     finished = _dt.datetime.now(_dt.timezone.utc)
     summary = {"started": started.isoformat(timespec="seconds"), "finished": finished.isoformat(timespec="seconds"),
-               "farm": {"redis": shown(farm.redis_url), "store": farm.store_url}, "exit_status": status, "keep": args.keep,
+               "farm": {"redis": shown(farm.redis_url), "store": farm.store_url},
+               "exit_status": status, "keep": args.keep,
                "recipes": submitted + refused, "refused": len(refused),
                "passed": sum(s["outcome"] == "ok" for s in submitted),
                "failed": sum(s["outcome"] != "ok" for s in submitted), "gc": gc}

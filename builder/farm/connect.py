@@ -32,7 +32,7 @@ def shown(url: str) -> str:
 
 def redis_from_url(url: str):
     """A Redis client for `url`, checked to answer (a BakeError saying where it looked)."""
-    import redis
+    import redis  # noqa: PLC0415 (redis: only the farm's commands and a farm job's bake load it)
 
     try:
         conn = redis.Redis.from_url(url, socket_connect_timeout=10, health_check_interval=30)
@@ -69,7 +69,7 @@ class Farm:
         return redis_from_url(self.redis_url)
 
     def store(self):
-        from ..cloud.objects import ObjectStore
+        from builder.cloud.objects import ObjectStore  # noqa: PLC0415 (boto3: only when the store is reached)
         return ObjectStore.from_url(self.store_url, eucarc=self.eucarc)
 
     def env(self) -> dict[str, str]:

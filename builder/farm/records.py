@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from builder.core.errors import BakeError
+from builder.farm.lease import holder
 
 log = logging.getLogger("bake.farm")
 
@@ -96,7 +97,6 @@ def lease_holders(conn, recipes: set[str]) -> dict[str, str | None] | None:
     (then nobody can say a build is still going: `ls` says "building?")."""
     if conn is None:
         return None
-    from .lease import holder
     try:
         return {r: (holder(conn, f"recipe:{r}") or {}).get("build_id") for r in recipes}
     except Exception as e:           # Redis gone: the records still stand
@@ -113,13 +113,3 @@ def state_of(rec: dict[str, Any], holders: dict[str, str | None] | None) -> str:
             return "building?"
         return BUILDING if holders.get(rec["recipe"]) == rec["build_id"] else KILLED
     return state
-
-
-def render(records: list[dict[str, Any]], holders) -> str:
-    rows = [("RECIPE", "BUILD", "STATE", "HOST", "FINISHED", "EMI")]
-    for r in records:
-        cloud = r.get("cloud") or {}
-        rows.append((r["recipe"], r["build_id"], state_of(r, holders), r.get("host") or "-",
-                     r.get("finished") or "-", cloud.get("emi") or "-"))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows)
