@@ -50,7 +50,8 @@ class Module:
     is_package: bool
     lines: int
     imports: set[str] = field(default_factory=set)          # bake's own modules, anywhere in it
-    top: set[str] = field(default_factory=set)              # bake's own, run when it is imported
+    top: set[str] = field(default_factory=set)              # bake's own, run when it is imported (its
+                                                            # own submodules too, for a package)
     late: set[str] = field(default_factory=set)             # bake's own, inside a function
     optional_at_top: bool = False                           # loads an OPTIONAL library at its top
 
@@ -112,10 +113,11 @@ def modules() -> dict[str, Module]:
             if not in_function and any(n.split(".")[0] in OPTIONAL for n in names):
                 m.optional_at_top = True
             own = {n for n in names if n in found and n != m.name}
+            # what runs on import counts a package's own submodules; circles do not
+            (m.late if in_function else m.top).update(own)
             if m.is_package:
                 own = {n for n in own if not n.startswith(m.name + ".")}
             m.imports |= own
-            (m.late if in_function else m.top).update(own)
     return found
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import threading
 from typing import IO
 
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
 from builder.core import events
 from builder.core import log as steplog
 
@@ -18,8 +21,6 @@ MiB = 1 << 20
 
 def wanted(stream: IO[str]) -> bool:
     """Whether `stream` is a terminal that live progress can be drawn on."""
-    from rich.console import Console
-
     try:
         if not stream.isatty():
             return False
@@ -33,9 +34,6 @@ class TerminalDisplay:
     """Step lines printed above live progress bars; one bar per step being counted."""
 
     def __init__(self, stream: IO[str]):
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
         self.console = Console(file=stream, highlight=False)
         self.progress = Progress(
             TextColumn("  {task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),

@@ -12,6 +12,7 @@ import sys
 from builder.cli.farm import add_farm_switch, cmd_gc_farm
 from builder.cli.options import add_output
 from builder.cli.records import mib
+from builder.cloud.credentials import load_credentials
 from builder.core import stale
 from builder.core.errors import BakeError
 from builder.operations.gc import GcPlan, execute, parse_age, plan_gc, survey_cloud, survey_local
@@ -83,9 +84,8 @@ def cmd_gc(args) -> int:
     clients = creds = None
     if args.cloud:
         # the cloud's clients import boto3: only a gc that goes to the cloud loads it
-        from builder.cloud.clients import make_clients
-        from builder.cloud.credentials import load_credentials
-        from builder.cloud.images import check_credentials
+        from builder.cloud.clients import make_clients  # noqa: PLC0415
+        from builder.cloud.images import check_credentials  # noqa: PLC0415
 
         creds = load_credentials(None, eucarc=args.eucarc)
         if creds is None:

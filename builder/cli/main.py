@@ -7,16 +7,24 @@ Subcommands of other areas (bundle, publish, verify) are registered by their own
 from __future__ import annotations
 
 import argparse
+import atexit
+import difflib
 import importlib
+import json
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
 
+from builder.cli import display
 from builder.cli.options import add_output
 from builder.core.errors import BakeError
 from builder.core.locks import Busy
+from builder.recipe.recipe import load_recipe
+from builder.recipe.schema import recipe_schema
+from builder.recipe.schemadoc import markdown
 from builder.recipe.schemaerrors import RecipeError
 from builder.pipeline import child
 from builder.pipeline.options import SKIPPABLE, STAGE_NAMES, BuildOptions
@@ -54,13 +62,11 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.setLevel(level)
     if quiet:
         return
-    from builder.cli import display
     if display.wanted(sys.stderr):
         # live progress bars on a terminal; the steps are printed above them
         term = display.TerminalDisplay(sys.stderr)
         term.attach()
         handler.setStream(_ConsoleStream(term.console))
-        import atexit
         atexit.register(term.detach)
     else:
         steplog.add_listener(_StepPrinter())
@@ -85,8 +91,6 @@ class _ConsoleStream:
 # --- core commands --------------------------------------------------------------------
 
 def cmd_validate(args) -> int:
-    from builder.recipe.recipe import load_recipe
-
     failed = 0
     for path in args.recipes:
         try:
@@ -104,11 +108,8 @@ def cmd_validate(args) -> int:
 
 def cmd_plan(args) -> int:
     from builder.pipeline.plan import make_plan
-    from builder.recipe.recipe import load_recipe
-
     plan = make_plan(load_recipe(args.recipe), output_root=Path(args.output))
     if args.json:
-        import json
         print(json.dumps(plan.as_dict(), indent=2))
     else:
         print(plan.render())
@@ -190,19 +191,14 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    from builder.recipe.recipe import recipe_schema
-    from builder.recipe.schemadoc import markdown
-
     if args.markdown:
         print(markdown(), end="")
     else:
-        import json
         print(json.dumps(recipe_schema(), indent=2, ensure_ascii=False))
     return 0
 
 
 def _build_id_arg(value: str) -> str:
-    import re
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value):
         raise argparse.ArgumentTypeError(f"{value!r}: a build id is letters, digits, '.', '_' and '-'")
     return value
@@ -232,7 +228,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--markdown", action="store_true", help="render the reference as Markdown")
     sp.set_defaults(func=cmd_schema)
 
-    sp = sub.add_parser("build", help="bake recipes: bootstrap, customize, image, then bundle/publish/verify as configured",
+    sp = sub.add_parser("build",
+                        help="bake recipes: bootstrap, customize, image, then bundle/publish/verify as configured",
                         epilog="Exit statuses: " + "; ".join(f"{n} {text}" for n, text in exitcodes.TABLE) + ".")
     sp.add_argument("recipes", nargs="+", metavar="RECIPE")
     add_output(sp)
@@ -299,8 +296,6 @@ def _with_build_command(argv: list[str], commands: dict[str, argparse.ArgumentPa
         return argv
     word = argv[first]
     if not word.startswith("-") and not _looks_like_recipe(word):
-        import difflib
-
         close = difflib.get_close_matches(word, list(commands), n=1)
         parser.error(f"unknown command {word!r}" + (f" (did you mean {close[0]}?)" if close else "")
                      + f"; the commands are {', '.join(commands)}; `bake RECIPE.yml` builds a recipe")

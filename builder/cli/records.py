@@ -64,7 +64,7 @@ def render_table(builds: list[BuildSummary]) -> str:
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = []
     for r in [head, *rows]:
-        cells = [c.rjust(w) if i == 4 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        cells = [c.rjust(w) if i == 4 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
@@ -120,7 +120,8 @@ def render_build(build: Build) -> str:
            f"  created   {when(s.created)}"]
     recipe = as_section(data.get("recipe"))
     if recipe:
-        out.append(f"  recipe    {recipe.get('name', s.recipe)}" + (f" ({recipe['path']})" if recipe.get("path") else ""))
+        out.append(f"  recipe    {recipe.get('name', s.recipe)}"
+                   + (f" ({recipe['path']})" if recipe.get("path") else ""))
     if data.get("release"):
         out.append(f"  release   {data['release']}" + (f", {data['arch']}" if data.get("arch") else ""))
     if isinstance(data.get("seconds"), (int, float)):
@@ -129,7 +130,8 @@ def render_build(build: Build) -> str:
         out.append(f"  error     {' '.join(str(data['error']).split())}")
     if s.released:
         rel = s.released
-        out.append("  released  " + (", ".join(f"{k}: {v}" for k, v in rel.items()) if isinstance(rel, dict) else str(rel)))
+        out.append("  released  "
+                   + (", ".join(f"{k}: {v}" for k, v in rel.items()) if isinstance(rel, dict) else str(rel)))
 
     stages = as_section(data.get("stages"))
     failed_unrecorded = s.state == FAILED and s.failed_stage is not None and s.failed_stage not in stages
