@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from builder.core import sh
-from builder.base.formats import fs_facts
+from builder.base.extfs import fs_facts
 
 EXCLUDED = {"lost+found"}      # at the top only: what mkfs makes, not part of a tree
 

@@ -16,7 +16,7 @@ import pytest
 from base_fixtures import fs_image, pattern, scratch, special_tree
 from builder.core import lifetime, watchdog
 from builder.base import appliance
-from builder.base.formats import fs_facts
+from builder.base.extfs import fs_facts
 from builder.core.errors import BakeError
 from fulllisting import image_listing, listing
 

@@ -69,7 +69,7 @@ def handmade_base(tmp_path_factory) -> Build:
 
 
 def image_file(image: Path, path: str) -> str:
-    from builder.base.formats import read_file
+    from builder.base.extfs import read_file
     data = read_file(image, path)
     assert data is not None, f"{path} is not in {image}"
     return data.decode()
@@ -211,5 +211,5 @@ def test_kernel_from_source_takes_the_bases_own_kernel_and_ramdisk(demo_build, t
     for role in ("kernel", "ramdisk"):
         assert build.data["outputs"][role]["sha256"] == demo_build.data["outputs"][role]["sha256"], role
     assert build.data["kernel_version"] == demo_build.data["kernel_version"]
-    from builder.base.formats import list_dir
+    from builder.base.extfs import list_dir
     assert ".bake-source-boot" not in list_dir(build.output_path("image"), "/")

@@ -16,8 +16,10 @@ import pytest
 from base_fixtures import (LONG_NAME, MiB, OS_RELEASE, boot_file, disk_image, fs_image, qcow2_disk,
                            raw_disk, scratch, special_tree, uec_tarball)
 from builder.core import sh
-from builder.base import formats
-from builder.base.formats import fs_facts, identify, partitions, read_file, list_dir, sha256_of, unpack
+from builder.base import extfs
+from builder.base.disks import partitions
+from builder.base.extfs import fs_facts, list_dir, read_file
+from builder.base.formats import identify, sha256_of, unpack
 from builder.core.record import Build, sha256_file
 from builder.core.errors import BakeError
 
@@ -243,7 +245,7 @@ def test_grow_adds_the_space_and_the_filesystem_checks_clean(made, work):
     img = work / "grown.img"
     shutil.copyfile(made["base"], img)
     before = fs_facts(img)
-    formats.grow(img, 16 * MiB)
+    extfs.grow(img, 16 * MiB)
     after = fs_facts(img)
     assert after.size == before.size + 16 * MiB == os.path.getsize(img)
     assert (after.uuid, after.label) == (before.uuid, before.label)

@@ -137,7 +137,7 @@ def test_a_base_whose_kernel_has_acpiphp_as_a_module_gets_it_loaded_at_boot(mini
     """base image → tree (host path) → the acpiphp element's hook in a chroot → image:
     the new image loads the module at boot, the way its init system reads."""
     from base_fixtures import fs_image
-    from builder.base.formats import read_file
+    from builder.base.extfs import read_file
     from builder.base.hostcopy import copy_tree
     from builder.image.filesystem import make_filesystem, tree_usage
 

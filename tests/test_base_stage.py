@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from base_fixtures import fs_image, qcow2_disk, special_tree, uec_tarball
-from builder.base.formats import fs_facts
+from builder.base.extfs import fs_facts
 from builder.core.record import sha256_file
 from conftest import BAKE
 

@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.base.formats import fs_facts
+from builder.base.extfs import fs_facts
 from builder.core import sh
 from builder.core.errors import BakeError
 

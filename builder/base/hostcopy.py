@@ -18,7 +18,7 @@ from builder.core import sh
 from builder.core.cache import TAR_FLAGS
 from builder.core.errors import BakeError
 from builder.core.interrupts import deferred
-from .formats import fs_facts
+from builder.base.extfs import fs_facts
 
 # How long one wait for the two tars blocks at most, so that a signal's handler runs.
 WAKE = 0.5

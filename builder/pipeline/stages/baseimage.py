@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.core import sh
-from builder.base import formats
+from builder.base import disks, extfs, formats
 from builder.base.source import check_release, file_digest, release_of, source_digest
 from builder.core.record import Build
 from builder.core.cache import TreeCache, cache_root
@@ -94,7 +94,7 @@ def open_base(build: Build, recipe: Recipe, work: Path) -> Opened:
     with step(f"Opening the base {record['source']} ({src.kind}, {src.format})"):
         try:
             unpacked = formats.unpack(src, work / "base", partition=b["partition"])
-        except formats.NoRootPartition as e:
+        except disks.NoRootPartition as e:
             # a layout the host cannot read (a root on LVM): libguestfs finds and copies it
             log.info("%s; asking libguestfs", e)
             unpacked, record["root_device"] = _root_by_libguestfs(src, work / "base")
@@ -104,7 +104,7 @@ def open_base(build: Build, recipe: Recipe, work: Path) -> Opened:
     if facts.get("distro") and facts.get("codename"):
         found = (facts["distro"], facts["codename"])
     else:
-        found = release_of(*(_text(formats.read_file(unpacked.image, p))
+        found = release_of(*(_text(extfs.read_file(unpacked.image, p))
                              for p in ("/etc/os-release", "/etc/lsb-release", "/etc/debian_version")))
     check_release(recipe, found, f"base {record['source']}")
     fs = unpacked.fs
@@ -130,7 +130,7 @@ def _root_by_libguestfs(src, work: Path):
     image = work / formats.IMAGE_NAME
     with step("Copying the root filesystem out with libguestfs (not on a partition the host reads)"):
         device = appliance.root_filesystem(src.path, src.format, image)
-    facts = formats.fs_facts(image)
+    facts = extfs.fs_facts(image)
     if os.path.getsize(image) > facts.size:
         os.truncate(image, facts.size)
     return formats.Unpacked(image=image, kernel=None, ramdisk=None, loader=None, partition=None, fs=facts), device
@@ -269,7 +269,7 @@ def open_in_place(ctx: BuildContext) -> None:
     grow = parse_size(recipe.base["grow"]) if recipe.base["grow"] not in ("0M", "0G") else 0
     if grow:
         with step(f"Growing the base's filesystem by {recipe.base['grow']}"):
-            formats.grow(opened.unpacked.image, grow)
+            extfs.grow(opened.unpacked.image, grow)
     opened.record["opened_by"] = "libguestfs in place"
     opened.record["grown_by"] = grow
     recipe.data["label"] = opened.record["filesystem"]["label"] or recipe.data["label"]
@@ -309,9 +309,9 @@ def image_in_place(ctx: BuildContext) -> None:
         build.record_output("ramdisk", ramdisk)
         build.record_output("image", image)
         build.set("kernel_version", version)
-        status = formats.read_file(image, "/var/lib/dpkg/status")
+        status = extfs.read_file(image, "/var/lib/dpkg/status")
         build.set("packages", dpkg_status_packages(status.decode("utf-8", "replace")) if status else [])
-        fs = formats.fs_facts(image)
+        fs = extfs.fs_facts(image)
         build.set("filesystem", {"type": fs.type, "label": fs.label, "size": fs.size, "features": fs.features})
     build.record_stage("image")
 
