@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from builder.cli import display
+from builder.cli.many import render_summary
 from builder.cli.options import add_output
 from builder.core.errors import BakeError
 from builder.core.locks import Busy
@@ -31,6 +32,7 @@ from builder.pipeline.options import SKIPPABLE, STAGE_NAMES, BuildOptions
 from builder.core import events, exitcodes, interrupts, lifetime, stale
 from builder.core import log as steplog
 from builder.farm import hooks as farm_hooks
+from builder.operations.many import bake_many
 
 AREA_CLIS = ("builder.cli.bundle", "builder.cli.cloud", "builder.cli.verify", "builder.cli.records",
              "builder.cli.release", "builder.cli.gc", "builder.cli.nightly", "builder.cli.farm")
@@ -123,16 +125,16 @@ def cmd_build(args) -> int:
         return _build_many(args)
     else:
         options = _options_of(args)
-    from builder.pipeline.bake import bake
-    from builder.recipe.recipe import load_recipe
+    # the pipeline reaches the cloud's modules, and so boto3 (a second to load): only a
+    # build pays for it, not `bake validate` or `bake --help`
+    from builder.pipeline.bake import bake  # noqa: PLC0415 (boto3, as said above)
 
     recipe = load_recipe(args.recipes[0])
     events.set_build(None, recipe.name)
     build = bake(recipe, options)
     report = build.dir / "verify.json"
     if report.is_file() and not args.quiet:
-        import json
-        from builder.verify import render_table
+        from builder.verify import render_table  # noqa: PLC0415 (boto3: loaded with the pipeline above)
         print(render_table(json.loads(report.read_text())), file=sys.stderr)
     if not args.json:
         print(build.dir)     # with --json, the result event names it
@@ -160,9 +162,6 @@ def _options_sent(args) -> BuildOptions:
 
 
 def _build_many(args) -> int:
-    from builder.cli.many import render_summary
-    from builder.operations.many import bake_many
-
     report = child.Report(json=args.json, verbose=args.verbose, quiet=args.quiet)
     status, jobs = bake_many(args.recipes, _options_of(args), args.jobs, report=report)
     if args.json:

@@ -47,11 +47,12 @@ from typing import Any
 
 import yaml
 
-from builder.core import exitcodes, lifetime
+from builder.core import exitcodes, lifetime, sh
 from builder.core.errors import BakeError
 from builder.pipeline import child
 from builder.pipeline.options import BuildOptions
-from .connect import EUCARC_ENV, REDIS_ENV, STORE_ENV, Farm
+from builder.recipe.recipe import load_recipe
+from .connect import EUCARC_ENV, QUEUE, REDIS_ENV, STORE_ENV, Farm
 from .lease import Lease, describe
 from .records import FarmRecord, artifact_folder, log_name, now
 
@@ -100,8 +101,6 @@ def _add(tar: tarfile.TarFile, path: Path, arcname: str) -> None:
 def pack_recipe(path: str | Path) -> tuple[str, bytes, str]:
     """(recipe name, packed bytes, their SHA-256) of the recipe at `path`, validated
     first (a RecipeError names what is wrong)."""
-    from builder.recipe.recipe import load_recipe
-
     recipe = load_recipe(path)
     here = recipe.path.parent
     data = yaml.safe_load(recipe.path.read_text())
@@ -154,9 +153,8 @@ def submit(farm: Farm, path: str | Path, *, options: BuildOptions | None = None,
     """Pack and enqueue the recipe at `path` with the build `options` (their output root
     and build id are the worker's); {recipe, job, digest}. A BakeError ("already
     submitted") when a job with the same id is queued, running or kept."""
-    from rq import Queue, Retry
-    from rq.exceptions import DuplicateJobError
-    from .connect import QUEUE
+    from rq import Queue, Retry  # noqa: PLC0415 (rq: only the farm's commands load it)
+    from rq.exceptions import DuplicateJobError  # noqa: PLC0415 (rq, as above)
 
     name, packed, digest = pack_recipe(path)
     conn = conn or farm.redis()
@@ -195,7 +193,7 @@ class BadSpec(BakeError):
     """A job whose spec this worker cannot run (no second try can mend it)."""
 
 
-def job_options(spec: dict[str, Any]) -> BuildOptions:
+def job_options(spec: object) -> BuildOptions:
     """The build options of a job's spec, checked; BadSpec says what does not fit."""
     if not isinstance(spec, dict) or "options" not in spec:
         raise BadSpec("the farm job has no build options; submit the recipe again")
@@ -231,7 +229,7 @@ def new_build_id() -> str:
 
 def run_build(spec: dict[str, Any]) -> dict[str, Any]:
     """The RQ job: bake one submitted recipe on this worker (see the module docstring)."""
-    from rq import get_current_job
+    from rq import get_current_job  # noqa: PLC0415 (rq: loaded by the worker that runs this)
 
     job = get_current_job()
     try:
@@ -292,7 +290,7 @@ def _bake(spec, options: BuildOptions, job, farm: Farm, store, lease: Lease, fol
         # in this work horse's process group (os.setpgrp by RQ): a kill of the group ends
         # it too; the horse's watchdog ends it when the horse alone is killed
         proc = child.start(folder / "recipe" / "recipe.yml", options, child.Report(json=True),
-                           stdout=subprocess.PIPE, stderr=logf, text=True, errors="replace", env=env)
+                           stdout=subprocess.PIPE, stderr=logf, errors="replace", env=env)
 
         def lost(why: str) -> None:
             with contextlib.suppress(ProcessLookupError):
@@ -355,8 +353,6 @@ def _local_record(build_dir: Path) -> dict[str, Any] | None:
 
 
 def _upload_artifacts(store, recipe: str, build_id: str, build_dir: Path, local: dict) -> dict[str, Any]:
-    from builder.core import sh
-
     sent = {}
     folder = artifact_folder(recipe, build_id)
     for role in ARTIFACT_ROLES:

@@ -77,11 +77,12 @@ def _collect(stream: IO[str], into: list[str]) -> None:
             events.relay(line)
 
 
-def bake_many(paths: list[str], options: BuildOptions, jobs: int, *, report: child.Report = child.Report(),
+def bake_many(paths: list[str], options: BuildOptions, jobs: int, *, report: child.Report | None = None,
               out: IO[str] = sys.stderr) -> tuple[int, list[Job]]:
     """Bake the recipes at `paths`, `jobs` at a time, each with `options` and reporting as
-    `report` says; returns the exit status (OK when all succeeded, SOME_FAILED otherwise)
-    and each recipe's job."""
+    `report` says (default: no events, no -v or -q); returns the exit status (OK when all
+    succeeded, SOME_FAILED otherwise) and each recipe's job."""
+    report = report or child.Report()
     if jobs < 1:
         raise BakeError(f"-j {jobs}: the number of bakes at a time must be at least 1")
     todo: list[Job] = []
@@ -128,7 +129,7 @@ def bake_many(paths: list[str], options: BuildOptions, jobs: int, *, report: chi
 def _start(job: Job, options: BuildOptions, report: child.Report, env: dict, out: IO[str]) -> None:
     job.started = time.monotonic()
     job.proc = child.start(job.path, options, report, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, errors="replace", env=env, start_new_session=True)
+                           errors="replace", env=env, start_new_session=True)
     lifetime.session().add("pgid", job.proc.pid)
     job.result = "running"
     job.pump = threading.Thread(target=_prefix_lines, args=(job.proc.stderr, job.name, out), daemon=True)

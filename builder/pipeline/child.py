@@ -11,7 +11,6 @@ names only the recipe and how it reports (`Report`), which is no build option.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import subprocess
@@ -48,14 +47,13 @@ def start(recipe: str | os.PathLike, options: BuildOptions, report: Report = Rep
           **popen: Any) -> subprocess.Popen:
     """Start a child bake of `recipe` with `options`, written as JSON on its stdin, which
     is then closed. `popen` are the rest of subprocess.Popen's arguments (stdout, stderr,
-    env, text, ...); stdin is this function's."""
-    proc = subprocess.Popen(command(recipe, report), stdin=subprocess.PIPE, **popen)
+    env, errors, ...); stdin is this function's, and the pipes are text."""
+    proc = subprocess.Popen(command(recipe, report), stdin=subprocess.PIPE, text=True, **popen)
     assert proc.stdin is not None
-    text = json.dumps(options.to_json())
     # a child that ended before reading (a usage error) says so by its exit status
     with contextlib.suppress(BrokenPipeError):
         try:
-            proc.stdin.write(text if isinstance(proc.stdin, io.TextIOBase) else text.encode())
+            proc.stdin.write(json.dumps(options.to_json()))
         finally:
             proc.stdin.close()
     return proc
