@@ -14,28 +14,29 @@ phase (and lists a phase's hooks for the plan), its `package-installs-squash` an
 - the hooks tree (`TMP_HOOKS_PATH`): every subfolder of every expanded element merged
   into one, a file named twice being an error, as DIB's `generate_hooks` does; in the
   chroot it is bind-mounted read-only at `/tmp/in_target.d`;
-- the environment hooks rely on (see `hook_env`), and the safety DIB leaves to its
-  user (see `builder/recipe/dib/sandbox.py`).
+- the environment hooks rely on (see `base_env`, and `dib/env.py` for the recipe's
+  `dib.env`), and the safety DIB leaves to its user (see `builder/recipe/dib/sandbox.py`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import os
 import re
-import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as installed_version
 from typing import Any
 
-from builder.recipe.distro import DEB_ARCH, suite_at_least
 from builder.core.errors import BakeError
+from builder.recipe.dib.env import DibEnv, cache_salt, dib_env_declaration, resolve_env, secret_digest
+from builder.recipe.distro import DEB_ARCH, suite_at_least
 
 HERE = Path(__file__).resolve().parent
 TARGET_ELEMENT = "bake-target"
@@ -88,16 +89,16 @@ def missing_package_message() -> str:
 def package_dir() -> Path:
     """The installed diskimage_builder package's folder."""
     try:
-        import diskimage_builder
+        import diskimage_builder  # noqa: PLC0415 (the `dib` extra: only recipes with DIB elements need it)
     except ImportError:
         raise BakeError(missing_package_message()) from None
     return Path(diskimage_builder.__file__).resolve().parent
 
 
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError, version as v
+    """The installed diskimage-builder's version."""
     try:
-        return v("diskimage-builder")
+        return installed_version("diskimage-builder")
     except PackageNotFoundError:
         raise BakeError(missing_package_message()) from None
 
@@ -163,7 +164,7 @@ def element_paths(extra: list[Path]) -> list[Path]:
 def expand(requested: list[str], extra_paths: list[Path] | None = None) -> Expansion:
     """Expand `requested` with DIB's own dependency resolution; a BakeError says which
     element is refused and why, or what DIB could not resolve."""
-    from diskimage_builder import element_dependencies as ed  # noqa: F401 (checked first)
+    from diskimage_builder import element_dependencies as ed  # noqa: PLC0415 (the `dib` extra, checked first)
     paths = element_paths(list(extra_paths or []))
     for p in paths:
         if not p.is_dir():
@@ -362,86 +363,7 @@ def packages_by_phase(expansion: Expansion, env: dict[str, str]) -> dict[str, di
 
 
 # --- the environment ----------------------------------------------------------------------
-
-@dataclass
-class DibEnv:
-    """The recipe's `dib.env`, resolved: values as hooks see them, and which are secret."""
-    values: dict[str, str]
-    secret: set[str]
-    missing: dict[str, str] = field(default_factory=dict)   # name -> the unset variable its from_env names
-
-    def check(self) -> None:
-        """A BakeError for a from_env variable that is not set (needed to plan or bake;
-        verifying a build does not need it)."""
-        for name, var in self.missing.items():
-            raise BakeError(f"dib.env.{name}: from_env names {var}, which is not set in bake's environment")
-
-    def public(self) -> dict[str, str]:
-        return {k: ("(secret)" if k in self.secret else v) for k, v in self.values.items()}
-
-    def secret_values(self) -> list[str]:
-        return [self.values[k] for k in self.secret if self.values.get(k)]
-
-
-def resolve_env(spec: dict[str, Any], recipe_dir: Path, environ: dict[str, str] | None = None) -> DibEnv:
-    """`dib.env` from a recipe: a value is a string (numbers and booleans as text), or
-    a mapping of `value` / `from_env` (a variable of bake's environment) / `file` (a path
-    beside the recipe, made absolute) with `secret: true` to keep it out of logs, records
-    and the image."""
-    environ = os.environ if environ is None else environ
-    values: dict[str, str] = {}
-    secret: set[str] = set()
-    missing: dict[str, str] = {}
-    for name, v in (spec or {}).items():
-        if isinstance(v, dict):
-            if "from_env" in v:
-                if v["from_env"] not in environ:
-                    missing[name] = v["from_env"]
-                val = environ.get(v["from_env"], "")
-            elif "file" in v:
-                f = (recipe_dir / v["file"]).resolve()
-                if not f.is_file():
-                    raise BakeError(f"dib.env.{name}: no such file: {v['file']} (looked for {f})")
-                val = str(f)
-            else:
-                val = _text(v.get("value"))
-            if v.get("secret"):
-                secret.add(name)
-        else:
-            val = _text(v)
-        values[name] = val
-    return DibEnv(values, secret, missing)
-
-
-def _text(v: Any) -> str:
-    if isinstance(v, bool):
-        return "1" if v else ""
-    return "" if v is None else str(v)
-
-
-def secret_digest(salt: bytes, name: str, value: str) -> str:
-    """What a secret value contributes to a cache key: an HMAC under the cache's own salt,
-    so the key changes with the value but cannot be checked against guesses without it."""
-    return hmac.new(salt, f"{name}\0{value}".encode(), hashlib.sha256).hexdigest()
-
-
-def cache_salt(cache_root: Path) -> bytes:
-    """The cache's salt for secret digests (made on first use, readable by root only)."""
-    f = cache_root / "dib-secret-salt"
-    if not f.exists():
-        cache_root.mkdir(parents=True, exist_ok=True)
-        tmp = cache_root / f".dib-secret-salt.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(secrets.token_bytes(32))
-        try:
-            os.link(tmp, f)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-    return f.read_bytes()
-
+# (the recipe's dib.env is resolved in dib/env.py)
 
 def base_env(*, distro: str, suite: str, arch: str, init_system: str, image_name: str, label: str,
              filesystem: str, expansion: Expansion) -> dict[str, str]:
@@ -469,13 +391,6 @@ def base_env(*, distro: str, suite: str, arch: str, init_system: str, image_name
         "LC_ALL": "C",
         "LANG": "C",
     }
-
-
-def dib_env_declaration(env: DibEnv) -> str:
-    """DIB_ENV as disk-image-create exports it (`declare -p` of the DIB_ variables),
-    without the secret ones: the manifests element stores it in the image."""
-    import shlex
-    return "\n".join(f"declare -x {k}={shlex.quote(v)}" for k, v in sorted(env.values.items()) if k not in env.secret)
 
 
 # --- what a build with DIB elements will do -------------------------------------------------
@@ -517,3 +432,13 @@ def make_plan(expansion: Expansion, env: DibEnv, base: dict[str, str], salt: byt
     parts = {k: (secret_digest(salt or b"", k, v) if k in env.secret else v) for k, v in sorted(env.values.items())}
     digest = hashlib.sha256(json.dumps([version(), tree_digest(expansion), parts], sort_keys=True).encode()).hexdigest()
     return DibPlan(hooks, packages, digest, version())
+
+
+# what the package offers (the recipe's dib.env is resolved in dib/env.py, and named here too)
+__all__ = [
+    "HERE", "TARGET_ELEMENT", "IN_TARGET", "PHASES", "CHROOT", "REFUSED_PHASES", "REFUSED", "RESERVED_ENV",
+    "ENV_NAME", "FIRST", "missing_package_message", "package_dir", "version", "library", "run_parts", "supported",
+    "DibElement", "Expansion", "element_paths", "expand", "merge_hooks", "listed_hooks", "hook_owner",
+    "squashed_packages", "mapped", "packages_by_phase", "base_env", "DibPlan", "tree_digest", "make_plan", "DibEnv",
+    "resolve_env", "secret_digest", "cache_salt", "dib_env_declaration",
+]
