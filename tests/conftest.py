@@ -3,6 +3,11 @@
 The slow end-to-end tests share one real bake of recipes/debian-demo.yml per run
 (`demo_build`); the cache under output/.cache makes a second run on the same machine
 fast, and CI starts from a clean clone, so there it bakes from scratch.
+
+Tiers (markers, declared in pyproject.toml): `bakes` (a real bake, root's chroot and
+mkfs, or the run's demo or DIB build), `boots` (a QEMU guest or a libguestfs appliance),
+`e2e` (a whole flow) and `slow` (neither, but long: the cloud stand-in's flows, a sync
+agent's debounce). `scripts/test --quick` leaves all four out.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ BAKE = str(Path(sys.executable).parent / "bake")
 
 os.environ.setdefault("BAKE_CACHE", str(REPO / "output" / ".cache"))
 
+# Fixtures that bake: a test using one must say so with the `bakes` marker.
+BAKING_FIXTURES = ("demo_build", "dib_build")
+
 
 def pytest_sessionstart(session):
     if os.geteuid() != 0:
@@ -30,6 +38,17 @@ def pytest_sessionstart(session):
     # own: the interrupt tests would interrupt nothing, and every process they start would
     # inherit the ignored signal too. The suite runs with Python's usual SIGINT handling.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """A test that uses a baking fixture but lacks the `bakes` marker would slip into
+    the quick tier: refuse the run, naming it."""
+    wrong = [item.nodeid for item in items
+             if set(BAKING_FIXTURES) & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("bakes")]
+    if wrong:
+        raise pytest.UsageError("these tests bake (they use the demo or DIB build) but lack the `bakes` marker, "
+                                "so the quick tier would run them:\n  " + "\n  ".join(wrong))
 
 
 @pytest.fixture(scope="session")

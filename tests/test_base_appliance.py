@@ -71,6 +71,7 @@ def test_settings_from_the_environment_win(monkeypatch):
     assert appliance.settings() == ("direct", ["force_tcg", "gdb"], "LIBGUESTFS_BACKEND_SETTINGS=force_tcg:gdb")
 
 
+@pytest.mark.boots
 def test_inspect_says_what_a_bookworm_image_is(images):
     facts = appliance.inspect(images["rooted"])
     sb = fs_facts(images["rooted"])
@@ -84,6 +85,7 @@ def test_inspect_says_what_a_bookworm_image_is(images):
     assert (facts["fs_type"], facts["label"], facts["uuid"]) == ("ext4", "uec-rootfs", sb.uuid)
 
 
+@pytest.mark.boots
 def test_inspect_reads_os_release_where_inspection_finds_no_root(images):
     """special_tree has no /etc/fstab (nor /etc/hosts), which libguestfs looks for."""
     facts = appliance.inspect(images["special"])
@@ -92,6 +94,7 @@ def test_inspect_reads_os_release_where_inspection_finds_no_root(images):
     assert facts["label"] == "uec-rootfs"
 
 
+@pytest.mark.boots
 def test_extract_tree_copies_every_special_file_and_the_holes(images, work):
     expected = image_listing(images["special"])
     sparse = [line for line in expected if line.startswith("var/sparse\t")]
@@ -100,6 +103,7 @@ def test_extract_tree_copies_every_special_file_and_the_holes(images, work):
     assert listing(work / "tree") == expected
 
 
+@pytest.mark.boots
 def test_extract_tree_refuses_a_folder_that_is_not_empty(images, work):
     (work / "tree").mkdir()
     (work / "tree/something").write_text("x")
@@ -107,6 +111,7 @@ def test_extract_tree_refuses_a_folder_that_is_not_empty(images, work):
         appliance.extract_tree(images["special"], work / "tree")
 
 
+@pytest.mark.boots
 def test_boot_files_take_the_newest_kernel_with_an_initrd_or_the_one_asked_for(images, work):
     kernel, ramdisk, version = appliance.boot_files(images["rooted"], work / "boot")
     assert version == OLD            # NEW is newer, but has no initrd
@@ -117,6 +122,7 @@ def test_boot_files_take_the_newest_kernel_with_an_initrd_or_the_one_asked_for(i
     assert kernel.read_bytes() == pattern(4000, 20)
 
 
+@pytest.mark.boots
 def test_a_launch_that_fails_is_a_bake_error_naming_the_drive(work):
     with pytest.raises(BakeError, match=r"starting libguestfs for missing\.img: .*No such file"):
         with appliance.opened([work / "missing.img"]):
@@ -127,6 +133,7 @@ class Boom(Exception):
     pass
 
 
+@pytest.mark.boots
 def test_no_qemu_outlives_opened_when_the_block_raises(images):
     token = lifetime.session().token
     seen = {}
@@ -149,6 +156,7 @@ def test_no_qemu_outlives_opened_when_the_block_raises(images):
     assert ("pgid", str(seen["pid"])) not in live
 
 
+@pytest.mark.boots
 def test_ctrl_c_during_the_launch_stops_the_appliance_at_once(images):
     """SIGINT comes as soon as QEMU runs, while the launch still waits for the appliance."""
     token = lifetime.session().token

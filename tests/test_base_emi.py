@@ -38,6 +38,8 @@ from eucalyptus_standin.fixtures import euca3, euca4, euca_cloud  # noqa: F401
 from eucalyptus_standin.keys import TestIdentity
 from eucalyptus_standin.trio import bundle_build
 
+pytestmark = pytest.mark.slow
+
 MiB = 1024 * 1024
 FOREIGN_REFUSAL = ("only the account that bundled it can decrypt it — ask its owner to re-bundle it for you "
                    "or to share the image file")

@@ -19,6 +19,8 @@ from builder.base.extfs import fs_facts
 from builder.core.record import sha256_file
 from conftest import BAKE
 
+pytestmark = pytest.mark.bakes
+
 
 def bake_bootstrap(tmp_path: Path, base: dict, env: dict | None = None) -> dict:
     recipe = tmp_path / "evolve.yml"
@@ -60,6 +62,7 @@ def test_a_uec_tarball_is_recorded_with_its_members_and_its_tree_cached(base_ima
     assert {"etc/os-release", "etc/fstab"} <= names
 
 
+@pytest.mark.boots
 def test_a_qcow2_disk_is_recorded_with_its_partition_and_opened_by_libguestfs_when_asked(base_image, tmp_path):
     disk = qcow2_disk(base_image, tmp_path / "disk.qcow2")
     data = bake_bootstrap(tmp_path, {"image": str(disk), "sha256": sha256_file(disk)},
@@ -83,6 +86,7 @@ def test_a_second_bake_takes_the_base_from_the_cache(base_image, tmp_path):
     assert again["base"]["filesystem"] == first["base"]["filesystem"]
 
 
+@pytest.mark.boots
 def test_a_root_on_lvm_which_the_host_cannot_read_is_copied_out_by_libguestfs(tmp_path):
     """A qcow2 disk whose root filesystem is a logical volume (made inside the libguestfs
     appliance: this host has no device-mapper): no partition holds an ext root, so

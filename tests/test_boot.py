@@ -10,7 +10,7 @@ import pytest
 from builder import vm
 from vm_builds import default_user, leftovers, qemu_processes_under, source_build
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.bakes, pytest.mark.boots]
 
 
 def say(request, text: str) -> None:

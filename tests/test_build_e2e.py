@@ -11,6 +11,8 @@ import pytest
 from builder.core.record import sha256_file
 from builder.recipe.distro import profile_for
 
+pytestmark = pytest.mark.bakes
+
 
 def debugfs_cat(image, path) -> str:
     r = subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True, text=True)

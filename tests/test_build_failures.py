@@ -17,6 +17,8 @@ import yaml
 from builder.core import sh
 from conftest import BAKE, REPO
 
+pytestmark = pytest.mark.bakes
+
 TEST_ELEMENTS = Path(__file__).parent / "elements"
 
 

@@ -83,6 +83,7 @@ def test_cloud_key_opens_the_bundle_too(creds, tmp_path):
     assert back.read_bytes() == image.read_bytes()
 
 
+@pytest.mark.slow
 def test_sparse_1gib_image_round_trips_and_comes_back_sparse(creds, tmp_path):
     image = tmp_path / "sparse.img"
     marks = {0: b"boot sector", 300 * MiB + 5: image_data(3 * MiB, seed=7), (1 << 30) - 7: b"the end"}

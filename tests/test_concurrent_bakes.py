@@ -15,7 +15,7 @@ from builder.core import sh, stale
 from conftest import BAKE
 from shared_base import intact, recipes
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.bakes]
 
 ROUNDS = 2      # a third round of two bakes on an empty cache is in test_many_bakes
 

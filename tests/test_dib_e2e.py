@@ -21,7 +21,7 @@ from builder.vm import metadata
 from dib_builds import OUT, bake, latest
 from vm_builds import kill_qemu_under, leftovers, qemu_processes_under
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.bakes]
 FINGERPRINTS = ("-----BEGIN SSH HOST KEY FINGERPRINTS-----", "-----END SSH HOST KEY FINGERPRINTS-----")
 
 
@@ -54,6 +54,7 @@ def dib_bake(dib_build):
     return dib_build
 
 
+@pytest.mark.boots
 def test_the_dib_image_passes_verification_with_cloud_init_and_user_data(dib_bake):
     build = dib_bake["build"]
     assert build.data["result"] == "ok"
@@ -78,6 +79,7 @@ def test_the_dib_image_passes_verification_with_cloud_init_and_user_data(dib_bak
     assert any("ec2-metadata left out" in n for n in notes)
 
 
+@pytest.mark.boots
 def test_nothing_of_the_build_host_changed_or_went_into_the_image(dib_bake):
     assert dib_bake["host_changes"] == {"/etc": [], "/usr/share": []}
     image = dib_bake["build"].dir / "dib-bookworm.img"
@@ -100,6 +102,7 @@ def test_nothing_of_the_build_host_changed_or_went_into_the_image(dib_bake):
     assert "in_target.d" not in image_ls(image, "/tmp")
 
 
+@pytest.mark.boots
 def test_a_second_instance_logs_in_as_ops_grows_root_and_has_its_own_host_keys(dib_bake, tmp_path):
     build = dib_bake["build"]
     trio = vm.Trio.from_build(build)
@@ -132,6 +135,7 @@ def test_a_second_instance_logs_in_as_ops_grows_root_and_has_its_own_host_keys(d
     assert not leftovers(tmp_path)
 
 
+@pytest.mark.boots
 def test_a_cached_rebuild_installs_the_new_key(dib_bake):
     key2, pub2 = vm.make_keypair(dib_bake["work"], "ops-key-2")
     dib_bake["ops_keys"].write_text(pub2 + "\n")

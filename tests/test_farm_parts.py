@@ -331,6 +331,7 @@ def _ls(farm: Farm) -> dict[str, str]:
     return {b["build_id"]: b["state"] for b in json.loads(r.stdout)}
 
 
+@pytest.mark.slow
 def test_gc_keeps_n_per_recipe_and_held_and_released_builds_and_works_from_the_store_when_redis_is_lost(
         farm, redis, tmp_path):
     store = farm.store()
@@ -409,6 +410,7 @@ def test_gc_keeps_n_per_recipe_and_held_and_released_builds_and_works_from_the_s
 
 # --- a Redis with a password ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_farm_whose_redis_has_a_password_works_with_it_and_never_prints_it(cloud_env, tmp_path):
     password = "pw-" + secrets.token_hex(8)
     with redis_server(tmp_path / "redis", password=password) as server:

@@ -117,6 +117,7 @@ def folders(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
+@pytest.mark.slow
 def test_cloud_gc_removes_exactly_the_build_nothing_protects_and_dry_run_changes_nothing(published, capsys):
     p = published
     old_released, in_use, other, newest = p["builds"]
@@ -154,6 +155,7 @@ def test_cloud_gc_removes_exactly_the_build_nothing_protects_and_dry_run_changes
     assert all(b.dir.is_dir() for b in (old_released, in_use, newest))
 
 
+@pytest.mark.slow
 def test_cloud_gc_finds_the_builds_from_the_clouds_listing_with_a_fresh_output(published, capsys):
     """A second build box, or a wiped output/: nothing local says what was published or
     released, and gc still removes exactly the unprotected build. The released build is
@@ -186,6 +188,7 @@ def test_cloud_gc_finds_the_builds_from_the_clouds_listing_with_a_fresh_output(p
     assert not fresh.exists() or not any(fresh.iterdir())
 
 
+@pytest.mark.slow
 def test_a_public_image_is_kept_though_nothing_else_protects_it(published, capsys):
     from builder.cloud.images import grant_public_launch
 
@@ -202,6 +205,7 @@ def test_a_public_image_is_kept_though_nothing_else_protects_it(published, capsy
     assert all(b.dir.is_dir() for b in p["builds"])
 
 
+@pytest.mark.slow
 def test_an_instance_that_ends_frees_its_image_for_the_next_gc(published, capsys):
     p = published
     old_released, in_use, other, newest = p["builds"]

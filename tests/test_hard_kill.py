@@ -20,7 +20,7 @@ from events import wait_for
 from test_build_failures import TEST_ELEMENTS, demo_plus
 from vm_builds import copy_build, default_user, qemu_processes_under, source_build
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.bakes]
 
 GONE_WITHIN = 5     # seconds from the SIGKILL to the last process of the bake
 
@@ -121,6 +121,7 @@ def test_sigkill_in_customize_leaves_no_process_and_the_next_bake_cleans_up(demo
     assert record["result"] == "failed" and "killed" in record["error"]
 
 
+@pytest.mark.boots
 def test_sigkill_while_the_instance_boots_leaves_no_qemu_and_the_next_bake_removes_the_overlays(
         request, tmp_path, bakes):
     build = copy_build(source_build(request), tmp_path / "verified")

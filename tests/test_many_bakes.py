@@ -89,6 +89,8 @@ def _interval(record: dict) -> tuple[dt.datetime, dt.datetime]:
     return dt.datetime.fromisoformat(record["created"]), dt.datetime.fromisoformat(record["finished"])
 
 
+@pytest.mark.bakes
+@pytest.mark.boots
 @pytest.mark.e2e
 def test_two_recipes_sharing_a_base_baked_and_verified_with_j2_and_one_debootstrap(tmp_path):
     a, b = recipes(tmp_path)
@@ -193,6 +195,7 @@ def _cmdline_mentions(pid: str, text: str) -> bool:
         return False
 
 
+@pytest.mark.bakes
 @pytest.mark.e2e
 def test_sigterm_to_a_j2_bake_ends_every_bake_with_everything_undone(demo_build, tmp_path):
     from test_build_failures import TEST_ELEMENTS, assert_nothing_left, demo_plus

@@ -101,6 +101,7 @@ def test_some_failed_is_its_own_status_and_the_summary_says_which(tmp_path):
     assert not [f for f in (out / "nightly").iterdir() if f.name.endswith(".tmp")]
 
 
+@pytest.mark.bakes
 @pytest.mark.e2e
 def test_two_nights_bake_the_folder_and_gc_keeps_one_build_per_recipe(demo_build, tmp_path):
     import yaml

@@ -15,6 +15,8 @@ import pytest
 from bundle_keys import make_credentials
 from conftest import BAKE
 
+pytestmark = pytest.mark.slow
+
 SIZE = 96 << 20
 
 

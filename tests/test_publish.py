@@ -23,6 +23,8 @@ from builder.pipeline.stages import publish as publish_stage
 from eucalyptus_standin.fixtures import euca3, euca4, euca_cloud  # noqa: F401
 from eucalyptus_standin.trio import bundle_build, make_build
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def creds(euca_cloud, clean_env):

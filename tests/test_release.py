@@ -31,7 +31,7 @@ from builder.operations.packages import compare_versions, package_changes
 from conftest import BAKE, REPO
 from eucalyptus_standin.fixtures import euca3, euca4  # noqa: F401
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.bakes, pytest.mark.boots]
 
 RECIPE = "release-demo"
 # (name, version, source package) installed by the probe element in each bake

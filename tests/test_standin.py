@@ -395,6 +395,7 @@ def wait_for(fn, want, timeout=10.0):
     raise AssertionError(f"never reached {want!r}; saw {seen}")
 
 
+@pytest.mark.slow
 def test_instances_and_volumes_change_state_after_a_delay(bundled):
     cloud, loc = bundled
     ec2 = ec2_client(cloud)

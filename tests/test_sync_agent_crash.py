@@ -14,7 +14,7 @@ from syncagent_helpers import (EX_FAIL, PATIENCE, attach, backup, content, label
                                mounted_volume, move_volume, needs_root_and_tools, new_instance, run_agent,
                                running_agent, status, wait_for, wait_paused)
 
-pytestmark = pytest.mark.usefixtures("needs_root_and_tools")
+pytestmark = [pytest.mark.usefixtures("needs_root_and_tools"), pytest.mark.slow]
 
 
 def snapshot(root):

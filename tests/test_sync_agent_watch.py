@@ -16,7 +16,7 @@ from syncagent_helpers import (PATIENCE, assert_same_tree, attach, kill_group, l
                                loop_image, make_rich_root, mounted_volume, move_volume, needs_root_and_tools,
                                new_instance, run_agent, running_agent, status, wait_for)
 
-pytestmark = pytest.mark.usefixtures("needs_root_and_tools")
+pytestmark = [pytest.mark.usefixtures("needs_root_and_tools"), pytest.mark.slow]
 
 DEBOUNCE = 1
 

@@ -18,7 +18,7 @@ from builder.core import sh
 from builder.verify import FAIL, PASS, SKIP, render_table, verify
 from vm_builds import copy_build, default_user, kill_qemu_under, leftovers, qemu_processes_under, source_build
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.bakes, pytest.mark.boots]
 
 BAKE = str(Path(sys.executable).parent / "bake")
 

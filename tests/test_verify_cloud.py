@@ -27,6 +27,8 @@ from builder.verify import FAIL, PASS, SKIP, render_table, verify
 from eucalyptus_standin.fixtures import euca3, euca4, euca_cloud  # noqa: F401
 from eucalyptus_standin.trio import bundle_build, make_build
 
+pytestmark = pytest.mark.slow
+
 BOOT = ("Linux version 6.1.0-50-cloud-amd64 (stand-in)\n"
         "acpiphp: ACPI Hot Plug PCI Controller Driver version: 0.5\n"
         "bake-ready first_boot=yes instance_id={iid} uptime=11.20\n")

@@ -275,6 +275,8 @@ def _say(request, text: str) -> None:
         print(f"\n[{request.node.name}] {text}", flush=True)
 
 
+@pytest.mark.bakes
+@pytest.mark.boots
 @pytest.mark.e2e
 def test_asking_for_user_data_on_an_image_without_cloud_init_fails_saying_so(request, demo):
     from vm_builds import default_user
@@ -309,6 +311,8 @@ def with_cloud_init(cloud_init_build, tmp_path):
     assert not leftovers(tmp_path), "temporary files outlived the verification"
 
 
+@pytest.mark.bakes
+@pytest.mark.boots
 @pytest.mark.e2e
 def test_a_refused_login_on_a_cloud_init_image_shows_what_cloud_init_said(request, with_cloud_init):
     b = with_cloud_init
