@@ -40,4 +40,4 @@ def for_build(data: Mapping[str, Any]) -> int:
     stage = data.get("failed_stage")
     if data.get("error") == "interrupted":
         return INTERRUPTED
-    return {"publish": PUBLISH_FAILED, "verify": VERIFY_FAILED}.get(stage, FAILED)
+    return {"publish": PUBLISH_FAILED, "verify": VERIFY_FAILED}.get(str(stage), FAILED)

@@ -72,7 +72,8 @@ class Session:
         self._mutex = threading.Lock()
         self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        self._journal = open(self.journal_path, "a", encoding="utf-8")
+        # open for the session's whole life: closed by close(), at exit
+        self._journal = open(self.journal_path, "a", encoding="utf-8")  # noqa: SIM115
         self._write({"op": "session", "token": self.token, "pid": self.pid, "boot_id": watchdog.boot_id(),
                      "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:300]})
         read_end, self._pipe = os.pipe()          # both close-on-exec: no child keeps the pipe open

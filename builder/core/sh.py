@@ -141,7 +141,7 @@ def run(
     before propagating. Every string in `redact` is replaced by `***` in each line before
     it is logged, kept or handed on (a secret a command may print, as shell tracing does).
     """
-    argv = [os.fspath(a) for a in argv]
+    command: list[str] = [os.fspath(a) for a in argv]
     secrets = sorted((s for s in redact if s), key=len, reverse=True)
     full_env = dict(os.environ if env is None else env)
     if extra_env:
@@ -150,12 +150,12 @@ def run(
     session = lifetime.session()
     full_env[lifetime.COOKIE] = session.token
     if not quiet:
-        log.debug("run: %s", _show(argv))
+        log.debug("run: %s", _show(command))
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
-            argv,
-            executable=_program(argv),
+            command,
+            executable=_program(command),
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -164,7 +164,7 @@ def run(
             start_new_session=True,
         )
     except OSError as e:
-        raise CommandError(argv, None, str(e), what) from None
+        raise CommandError(command, None, str(e), what) from None
     session.add("pgid", proc.pid)
     lines: list[str] = []
     tail: deque[str] = deque(maxlen=TAIL_LINES)
@@ -223,11 +223,12 @@ def run(
         feeder.join(timeout=1)
         session.remove("pgid", proc.pid)
     if timed_out:
-        raise CommandError(argv, proc.returncode, "".join(tail), (what or "command") + f" timed out after {timeout:.0f} s")
+        raise CommandError(command, proc.returncode, "".join(tail),
+                           (what or "command") + f" timed out after {timeout:.0f} s")
     seconds = time.monotonic() - start
-    result = Result(argv, proc.returncode, "".join(lines), seconds)
+    result = Result(command, proc.returncode, "".join(lines), seconds)
     if check and proc.returncode != 0:
-        raise CommandError(argv, proc.returncode, "".join(tail), what)
+        raise CommandError(command, proc.returncode, "".join(tail), what)
     return result
 
 
@@ -410,15 +411,15 @@ def background(argv: Sequence[str | os.PathLike], *, stdout: IO | int | None = N
                env: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None,
                grace: float = 5.0, pass_fds: Sequence[int] = ()) -> Iterator[subprocess.Popen]:
     """Start `argv` and yield its Popen; on any exit its whole process group is ended."""
-    argv = [os.fspath(a) for a in argv]
-    log.debug("start: %s", _show(argv))
+    command: list[str] = [os.fspath(a) for a in argv]
+    log.debug("start: %s", _show(command))
     session = lifetime.session()
     full_env = dict(os.environ if env is None else env)
     full_env[lifetime.COOKIE] = session.token
     try:
         proc = subprocess.Popen(
-            argv,
-            executable=_program(argv),
+            command,
+            executable=_program(command),
             stdin=subprocess.DEVNULL if stdin is None else stdin,
             stdout=subprocess.DEVNULL if stdout is None else stdout,
             stderr=subprocess.STDOUT if stderr is None and stdout is not None else (stderr or subprocess.DEVNULL),
@@ -428,7 +429,7 @@ def background(argv: Sequence[str | os.PathLike], *, stdout: IO | int | None = N
             pass_fds=tuple(pass_fds),
         )
     except OSError as e:
-        raise CommandError(argv, None, str(e)) from None
+        raise CommandError(command, None, str(e)) from None
     session.add("pgid", proc.pid)
     try:
         yield proc
