@@ -9,8 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from builder import BUILTIN_ELEMENTS
 from builder.recipe.distro import DEBIAN_ALIASES, distro_of_suite, suite_at_least
 from builder.core.errors import BakeError

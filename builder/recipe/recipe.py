@@ -130,7 +130,7 @@ def _element_entries(data: dict) -> list[tuple[int | None, str, dict]]:
         else:
             out.append((i, item["name"], dict(item.get("with") or {})))
             named.add(item["name"])
-    implicit = [(None, n, {}) for n in IMPLICIT_ELEMENTS if n not in named]
+    implicit: list[tuple[int | None, str, dict]] = [(None, n, {}) for n in IMPLICIT_ELEMENTS if n not in named]
     return implicit + out
 
 
@@ -182,8 +182,9 @@ def load_recipe(path: str | Path) -> Recipe:
     known = elements_mod.available()
     for idx, name, _ in entries:
         if name not in known:
-            at = ("elements", idx) if idx is not None else ("elements",)
-            raise RecipeError(path, loc.line_of(at), format_path(at), elements_mod.unknown_element_message(name, known))
+            where: tuple = ("elements", idx) if idx is not None else ("elements",)
+            raise RecipeError(path, loc.line_of(where), format_path(where),
+                              elements_mod.unknown_element_message(name, known))
     try:
         resolved = elements_mod.resolve([name for _, name, _ in entries])
     except RecipeError:
@@ -246,7 +247,7 @@ def _load_dib(recipe: Recipe, loc: Located, path: Path) -> None:
             raise RecipeError(path, loc.line_of(("dib",)), "dib",
                               "dib settings are given, but no element of the recipe is a {dib: NAME} element")
         return
-    first = ("elements", entries[0][0])
+    first: tuple = ("elements", entries[0][0])
     why = dib.supported(recipe.release.distro, recipe.release.suite)
     if why:
         raise RecipeError(path, loc.line_of(first), format_path(first), why)
@@ -256,7 +257,7 @@ def _load_dib(recipe: Recipe, loc: Located, path: Path) -> None:
                           "(use method: unpack)")
     for name, why in dib.RESERVED_ENV.items():
         if name in (section.get("env") or {}):
-            at = ("dib", "env", name)
+            at: tuple = ("dib", "env", name)
             raise RecipeError(path, loc.line_of(at), format_path(at), f"{name} is set by bake: it is {why}")
     extra = []
     for i, p in enumerate(section.get("elements_path") or []):

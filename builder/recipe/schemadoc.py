@@ -47,8 +47,8 @@ def markdown() -> str:
     """The recipe reference as a Markdown document."""
     s = recipe_schema()
     out = ["# Recipe reference", "",
-           "Generated from `builder/schema/recipe.schema.json` by `bake schema --markdown`; "
-           "do not edit by hand.", "", s.get("description", ""), "",
+           ("Generated from `builder/schema/recipe.schema.json` by `bake schema --markdown`; "
+            "do not edit by hand."), "", s.get("description", ""), "",
            "| key | type | default | meaning |", "|---|---|---|---|"]
     out += _rows(s["properties"], "", set(s.get("required", [])))
     return "\n".join(out) + "\n"

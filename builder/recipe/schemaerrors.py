@@ -126,16 +126,20 @@ _TYPE_WORDS = {
 
 def _expected_type(t: Any) -> str:
     if isinstance(t, list):
-        return " or ".join(_TYPE_WORDS.get(x, x) for x in t)
+        return " or ".join(_TYPE_WORDS.get(x, str(x)) for x in t)
     return _TYPE_WORDS.get(t, str(t))
 
 
 def explain(error: jsonschema.ValidationError) -> tuple[tuple, str]:
     """The key path an error is about and a sentence saying what was expected and found."""
     path = tuple(error.absolute_path)
-    v, val, inst = error.validator, error.validator_value, error.instance
+    # jsonschema types these as maybe unset; an error being explained has them all
+    v = error.validator
+    val: Any = error.validator_value
+    inst: Any = error.instance
+    schema: Any = error.schema
     if v == "additionalProperties":
-        allowed = list(error.schema.get("properties", {}))
+        allowed = list(schema.get("properties", {}))
         extra = [k for k in inst if k not in allowed]
         key = extra[0] if extra else "?"
         hint = difflib.get_close_matches(str(key), allowed, n=1)
@@ -154,9 +158,10 @@ def explain(error: jsonschema.ValidationError) -> tuple[tuple, str]:
     if v == "const":
         return path, f"expected {json.dumps(val)}, found {_found(inst)}"
     if v == "pattern":
-        return path, f"expected {error.schema.get('x-expected') or 'a value matching ' + val}, found {_found(inst)}"
+        return path, f"expected {schema.get('x-expected') or 'a value matching ' + val}, found {_found(inst)}"
     if v in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-        word = {"minimum": "at least", "maximum": "at most", "exclusiveMinimum": "more than", "exclusiveMaximum": "less than"}[v]
+        word = {"minimum": "at least", "maximum": "at most", "exclusiveMinimum": "more than",
+                "exclusiveMaximum": "less than"}[v]
         return path, f"expected a number {word} {val}, found {_found(inst)}"
     if v == "x-min-size":
         return path, f"expected a size of at least {val}, found {_found(inst)}"
@@ -180,7 +185,7 @@ def explain(error: jsonschema.ValidationError) -> tuple[tuple, str]:
         for sub in sorted(error.context, key=lambda e: len(e.absolute_path), reverse=True):
             if sub.validator != "type" and sub.validator not in ("const",):
                 return explain(sub)
-        return path, f"expected {error.schema.get('x-expected') or 'one of the allowed forms'}, found {_found(inst)}"
+        return path, f"expected {schema.get('x-expected') or 'one of the allowed forms'}, found {_found(inst)}"
     return path, error.message
 
 
@@ -234,7 +239,8 @@ def fill_defaults(instance: Any, schema: dict) -> Any:
         if key in instance:
             if sub.get("type") == "object":
                 fill_defaults(instance[key], sub)
-            elif sub.get("type") == "array" and isinstance(instance[key], list) and sub.get("items", {}).get("type") == "object":
+            elif (sub.get("type") == "array" and isinstance(instance[key], list)
+                  and sub.get("items", {}).get("type") == "object"):
                 for item in instance[key]:
                     fill_defaults(item, sub["items"])
     return instance

@@ -304,7 +304,7 @@ def listed_hooks(tree: Path, phase: str) -> list[str]:
     if not d.is_dir():
         return []
     r = subprocess.run(["bash", str(tree / "dib-run-parts"), "--list", str(d)], capture_output=True, text=True,
-                       env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C"})
+                       check=False, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C"})
     if r.returncode != 0:
         raise BakeError(f"dib-run-parts --list {phase} failed: {r.stderr.strip()}")
     return [Path(line).name for line in r.stdout.split()]
@@ -326,9 +326,11 @@ def squashed_packages(expansion: Expansion, env: dict[str, str]) -> dict[str, An
         out = Path(tmp) / "package-installs.json"
         full = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C", **env}
         r = subprocess.run([sys.executable, str(squash), f"--elements={' '.join(expansion.names)}",
-                            f"--path={expansion.path_string()}", str(out)], capture_output=True, text=True, env=full)
+                            f"--path={expansion.path_string()}", str(out)], capture_output=True, text=True,
+                           check=False, env=full)
         if r.returncode != 0:
-            raise BakeError(f"diskimage-builder's package-installs-squash failed: {(r.stderr or r.stdout).strip()[-800:]}")
+            raise BakeError("diskimage-builder's package-installs-squash failed: "
+                            f"{(r.stderr or r.stdout).strip()[-800:]}")
         return json.loads(out.read_text())
 
 
@@ -338,13 +340,14 @@ def mapped(expansion: Expansion, element: str, packages: list[str], env: dict[st
     if el is None or not (el.path / "pkg-map").is_file():
         return list(packages)
     tool = library() / "pkg-map" / "bin" / "pkg-map"
-    r = subprocess.run([sys.executable, str(tool), "--prefix", "-", "--missing-ok", "--pkg-map", str(el.path / "pkg-map"),
-                        *packages], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, str(tool), "--prefix", "-", "--missing-ok",
+                        "--pkg-map", str(el.path / "pkg-map"), *packages], capture_output=True, text=True, check=False,
                        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C", **env})
     if r.returncode == 2:
         return list(packages)
     if r.returncode != 0:
-        raise BakeError(f"diskimage-builder's pkg-map failed for element {element}: {(r.stderr or r.stdout).strip()[-400:]}")
+        raise BakeError(f"diskimage-builder's pkg-map failed for element {element}: "
+                        f"{(r.stderr or r.stdout).strip()[-400:]}")
     return [line[1:] for line in r.stdout.splitlines() if line.startswith("-") and line[1:]]
 
 

@@ -8,6 +8,7 @@ import hmac
 import os
 import secrets
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,21 +38,21 @@ class DibEnv:
         return [self.values[k] for k in self.secret if self.values.get(k)]
 
 
-def resolve_env(spec: dict[str, Any], recipe_dir: Path, environ: dict[str, str] | None = None) -> DibEnv:
+def resolve_env(spec: dict[str, Any], recipe_dir: Path, environ: Mapping[str, str] | None = None) -> DibEnv:
     """`dib.env` from a recipe: a value is a string (numbers and booleans as text), or
     a mapping of `value` / `from_env` (a variable of bake's environment) / `file` (a path
     beside the recipe, made absolute) with `secret: true` to keep it out of logs, records
     and the image."""
-    environ = os.environ if environ is None else environ
+    env: Mapping[str, str] = os.environ if environ is None else environ
     values: dict[str, str] = {}
     secret: set[str] = set()
     missing: dict[str, str] = {}
     for name, v in (spec or {}).items():
         if isinstance(v, dict):
             if "from_env" in v:
-                if v["from_env"] not in environ:
+                if v["from_env"] not in env:
                     missing[name] = v["from_env"]
-                val = environ.get(v["from_env"], "")
+                val = env.get(v["from_env"], "")
             elif "file" in v:
                 f = (recipe_dir / v["file"]).resolve()
                 if not f.is_file():

@@ -27,6 +27,7 @@ Usage: unshare --mount --uts --ipc --propagation unchanged -- python -m builder.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def make_private() -> bool:
     (the mount holding it lies outside and cannot be named), each mount it can name is
     made private; then False when one of them was shared, a sign that the unnamed one may
     be too, so that no mount may be made on it. True otherwise."""
-    if subprocess.run(["mount", "--make-rprivate", "/"], capture_output=True).returncode == 0:
+    if subprocess.run(["mount", "--make-rprivate", "/"], capture_output=True, check=False).returncode == 0:
         return True
     was_shared = False
     for target, _fstype, shared in mounts(shared=True):
@@ -81,7 +82,7 @@ def under_a_mount(path: str, targets: list[str]) -> bool:
 
 
 def _mount(*args: str) -> None:
-    r = subprocess.run(["mount", *args], capture_output=True, text=True)
+    r = subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
     if r.returncode != 0:
         raise OSError(f"mount {' '.join(args)}: {r.stderr.strip()}")
 
@@ -92,7 +93,6 @@ MS_REMOUNT, MS_BIND, MS_REC = 32, 4096, 16384
 def bind_fd(fd: int, target: str) -> None:
     """Bind the folder open as `fd` at `target`, writable (mount(2) itself: mount(8) would
     resolve /proc/self/fd/N to a path name, which may now lead elsewhere)."""
-    import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     # recursive, so the image's own /proc, /sys and /dev mounts come along
     for src, flags in ((f"/proc/self/fd/{fd}".encode(), MS_BIND | MS_REC), (None, MS_REMOUNT | MS_BIND)):
@@ -185,7 +185,7 @@ def main(argv: list[str]) -> int:
         read_only_bind(a.hooks, where)
         for sub in ("proc/sys", "sys"):
             t = os.path.join(root, sub)
-            if os.path.ismount(t) or sub == "proc/sys" and os.path.isdir(t):
+            if os.path.ismount(t) or (sub == "proc/sys" and os.path.isdir(t)):
                 read_only(t, bind_first=(sub == "proc/sys"))
     read_only("/proc/sys", bind_first=True)
     os.execvp(cmd[0], cmd)
