@@ -1,4 +1,4 @@
-"""Fixtures shared by the whole suite.
+"""Fixtures shared by the whole suite, and what lets it run on several workers at once.
 
 The slow end-to-end tests share one real bake of recipes/debian-demo.yml per run
 (`demo_build`); the cache under output/.cache makes a second run on the same machine
@@ -7,18 +7,33 @@ fast, and CI starts from a clean clone, so there it bakes from scratch.
 Tiers (markers, declared in pyproject.toml): `bakes` (a real bake, root's chroot and
 mkfs, or the run's demo or DIB build), `boots` (a QEMU guest or a libguestfs appliance),
 `e2e` (a whole flow) and `slow` (neither, but long: the cloud stand-in's flows, a sync
-agent's debounce). `scripts/test --quick` leaves all four out.
+agent's debounce). `scripts/test --quick` leaves all four out; `scripts/test` runs
+everything, on two workers (pytest-xdist, `--dist loadgroup`):
+
+- tests that share a module fixture run on one worker, and so do the tests of one
+  `xdist_group` (tests/parallel.py says which and why);
+- the demo build is baked by the first worker that needs it, under a file lock; the
+  others wait for it and use the same build;
+- each worker has a state folder (BAKE_STATE_DIR: bake's journals, recipe and build
+  locks) and a temporary folder (TMPDIR) of its own, so that a test which kills a bake
+  and checks what the next one cleans up, or which counts the mounts in the temporary
+  folder, sees its own worker's bakes only.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import secrets
 import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+import parallel
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_OUTPUT = REPO / "output" / "tests"
@@ -26,8 +41,44 @@ BAKE = str(Path(sys.executable).parent / "bake")
 
 os.environ.setdefault("BAKE_CACHE", str(REPO / "output" / ".cache"))
 
-# Fixtures that bake: a test using one must say so with the `bakes` marker.
-BAKING_FIXTURES = ("demo_build", "dib_build")
+
+# This run's name, the same in every worker: the first process's pid (so that a later
+# run can tell whether it still goes) and a token (a pid comes round again).
+if "BAKE_TEST_RUN" not in os.environ:
+    os.environ["BAKE_TEST_RUN"] = f"{os.getpid()}-{secrets.token_hex(4)}"
+RUN = os.environ["BAKE_TEST_RUN"]
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+
+
+def run_is_alive(name: str) -> bool:
+    """Whether the run named `name` (`run-PID-TOKEN`, or `run-PID` as older runs named
+    their builds) is still going."""
+    pid = name.removeprefix("run-").split("-")[0]
+    return pid.isdigit() and os.path.exists(f"/proc/{pid}")
+
+
+def _worker_folders() -> None:
+    """A state folder and a temporary folder of this worker's own (see the docstring)."""
+    os.environ["BAKE_STATE_DIR"] = str(TEST_OUTPUT / "state" / WORKER)
+    # libguestfs keeps its appliance under TMPDIR unless told: it stays where it was
+    os.environ.setdefault("LIBGUESTFS_CACHEDIR", "/var/tmp")
+    tmp = Path(tempfile.mkdtemp(prefix=f"bake-test-{WORKER}-"))
+    os.environ["TMPDIR"] = str(tmp)
+    tempfile.tempdir = None         # gettempdir() reads TMPDIR again
+
+
+def pytest_configure(config):
+    if WORKER:
+        _worker_folders()
+
+
+def pytest_unconfigure(config):
+    tmp = os.environ.get("TMPDIR", "")
+    if WORKER and Path(tmp).name.startswith(f"bake-test-{WORKER}-"):
+        from builder.core import sh
+        # never through a mount: a chroot's /dev or /proc left mounted is the host's own
+        if not sh.mounts_under(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def pytest_sessionstart(session):
@@ -42,38 +93,55 @@ def pytest_sessionstart(session):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """A test that uses a baking fixture but lacks the `bakes` marker would slip into
-    the quick tier: refuse the run, naming it."""
-    wrong = [item.nodeid for item in items
-             if set(BAKING_FIXTURES) & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("bakes")]
-    if wrong:
-        raise pytest.UsageError("these tests bake (they use the demo or DIB build) but lack the `bakes` marker, "
-                                "so the quick tier would run them:\n  " + "\n  ".join(wrong))
+    """Check the tiers' markers, and share the tests out among the workers (tests/parallel.py)."""
+    parallel.check_markers(items)
+    parallel.share_out(items)
 
 
-@pytest.fixture(scope="session")
-def demo_build():
-    """The demo recipe baked for real, once per test run (up to the image stage)."""
+def _bake_demo() -> "Build":  # noqa: F821
     from builder.pipeline.bake import bake
     from builder.pipeline.options import BuildOptions
     from builder.recipe.recipe import load_recipe
 
-    # Earlier runs' builds are a gigabyte or more each; keep only this run's, and those of
-    # runs still going beside it (their pid is in the name).
-    for old in (TEST_OUTPUT / "debian-demo").glob("run-*"):
-        pid = old.name.removeprefix("run-")
-        if old.name != f"run-{os.getpid()}" and not (pid.isdigit() and os.path.exists(f"/proc/{pid}")):
-            shutil.rmtree(old, ignore_errors=True)
     recipe = load_recipe(REPO / "recipes" / "debian-demo.yml")
-    build = bake(recipe, BuildOptions(output=str(TEST_OUTPUT), stop_after="image", build_id=f"run-{os.getpid()}"))
-    assert build.data["result"] == "ok"
+    return bake(recipe, BuildOptions(output=str(TEST_OUTPUT), stop_after="image", build_id=f"run-{RUN}"))
+
+
+@pytest.fixture(scope="session")
+def demo_build():
+    """The demo recipe baked for real, once per test run (up to the image stage): the
+    first worker to ask bakes it, the others wait for that bake and share its build."""
+    from builder.core.record import Build
+
+    builds = TEST_OUTPUT / "debian-demo"
+    builds.mkdir(parents=True, exist_ok=True)
+    here = builds / f"run-{RUN}"
+    failed = builds / f"run-{RUN}.failed"
+    with open(TEST_OUTPUT / "debian-demo.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)        # released when the file closes, or its holder dies
+        if failed.exists():
+            pytest.fail(f"the run's demo build failed in another worker:\n{failed.read_text()}")
+        if (here / "build.json").exists():
+            build = Build.load(here)
+        else:
+            # Earlier runs' builds are a gigabyte or more each; keep only this run's, and
+            # those of runs still going beside it.
+            for old in builds.glob("run-*"):
+                if not old.name.startswith(f"run-{RUN}") and not run_is_alive(old.name):
+                    shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+            try:
+                build = _bake_demo()
+            except BaseException as e:
+                failed.write_text(f"{type(e).__name__}: {e}\n")
+                raise
+    assert build.data["result"] == "ok", build.data.get("error")
     return build
 
 
 @pytest.fixture(scope="session")
 def dib_build(tmp_path_factory):
     """tests/recipes/dib-bookworm.yml baked and verified for real, once per test run
-    (see tests/dib_builds.py)."""
+    (see tests/dib_builds.py); its tests all run on one worker (the host-etc group)."""
     from dib_builds import bake_dib
 
     yield from bake_dib(tmp_path_factory)

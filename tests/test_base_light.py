@@ -28,7 +28,8 @@ from builder.core.errors import BakeError
 from builder.recipe.recipe import load_recipe
 from conftest import REPO
 
-pytestmark = [pytest.mark.bakes, pytest.mark.boots]
+# the test user goes into the host's /etc: never beside a test watching it (tests/parallel.py)
+pytestmark = [pytest.mark.bakes, pytest.mark.boots, pytest.mark.xdist_group("host-etc")]
 
 FAKE_KERNEL = "6.1.0-99-hotplug"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHbakeLightPathTestKeyOnlyNotARealOne0000 alice@test"

@@ -161,6 +161,7 @@ def fake_user_key():
     shutil.rmtree(home)
 
 
+@pytest.mark.xdist_group("host-etc")     # watches the host's /etc (tests/parallel.py)
 def test_outside_hooks_write_into_the_image_and_never_into_the_host(tmp_path, fake_user_key):
     home, host_key = fake_user_key
     root = tmp_path / "rootfs"
