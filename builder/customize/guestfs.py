@@ -15,6 +15,7 @@ import contextlib
 import logging
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -100,6 +101,7 @@ class GuestfsBackend:
             quiet: bool = False, logfile: IO[str] | None = None,
             on_line: Callable[[str], None] | None = None) -> sh.Result:
         full = {**IMAGE_ENV, **(env or {})}
+        start = time.monotonic()
         with appliance.doing(what or f"running {argv[0]} in the image"):
             status = self.g.command(["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in full.items()),
                                      "/bin/sh", "-c", RUN, "sh", f"{SCRATCH}/output", *argv]).strip()
@@ -117,7 +119,7 @@ class GuestfsBackend:
             raise BakeError(f"running {argv[0]} in the image gave no exit status (output: {status!r})") from None
         if check and rc != 0:
             raise sh.CommandError(argv, rc, tail(output), what)
-        return sh.Result(list(argv), rc, output, 0.0)
+        return sh.Result(list(argv), rc, output, time.monotonic() - start)
 
     def _download(self, path: str) -> bytes:
         try:
