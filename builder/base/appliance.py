@@ -412,7 +412,7 @@ def extract_tree(image: Path, tree: Path) -> None:
 
 def _tar_out(g: guestfs.GuestFS, tree: Path) -> None:
     """`tar_out` of the image's / streamed through a pipe into `tar -x` in `tree`."""
-    extract = ["tar", *TAR_FLAGS, "--same-owner", "--same-permissions", "-C", tree, "-xf", "-"]
+    extract = ["tar", *TAR_FLAGS, "--same-owner", "--same-permissions", "-C", str(tree), "-xf", "-"]
     with tempfile.TemporaryFile() as err:
         r, w = os.pipe()
         try:

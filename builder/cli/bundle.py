@@ -41,7 +41,8 @@ def parse_block_device_mappings(text: str) -> dict[str, str]:
 def register(subparsers) -> None:
     """Add the `bundle` and `unbundle` subcommands."""
     p = subparsers.add_parser(
-        "bundle", help="make EC2/Eucalyptus bundles (euca-bundle-image): of an image, or of a build's kernel, ramdisk and image",
+        "bundle",
+        help="make EC2/Eucalyptus bundles (euca-bundle-image): of an image, or of a build's kernel, ramdisk and image",
         description="Bundle one image (-i IMAGE), or the kernel, ramdisk and image of a build directory, "
                     "for upload to Walrus/S3. Credentials default to EC2_CERT, EC2_PRIVATE_KEY, EUCALYPTUS_CERT "
                     "and EC2_USER_ID. With none at all, a build directory is bundled locally, as a bake does: "
@@ -50,7 +51,8 @@ def register(subparsers) -> None:
     p.add_argument("build", nargs="?", metavar="BUILD_DIR", help="a build directory (output/<recipe>/<id>) to bundle")
     p.add_argument("-i", "--image", metavar="FILE", help="the image file to bundle")
     p.add_argument("-c", "--cert", metavar="FILE", help="your X.509 certificate (default: $EC2_CERT)")
-    p.add_argument("-k", "--privatekey", metavar="FILE", help="your private key, which signs the manifest (default: $EC2_PRIVATE_KEY)")
+    p.add_argument("-k", "--privatekey", metavar="FILE",
+                   help="your private key, which signs the manifest (default: $EC2_PRIVATE_KEY)")
     p.add_argument("--ec2cert", metavar="FILE", help="the cloud's X.509 certificate (default: $EUCALYPTUS_CERT)")
     p.add_argument("-u", "--user", metavar="ACCOUNT", help="your 12-digit account id (default: $EC2_USER_ID)")
     p.add_argument("-d", "--destination", metavar="DIR",
@@ -60,10 +62,12 @@ def register(subparsers) -> None:
     p.add_argument("-r", "--arch", choices=("i386", "x86_64", "armhf"),
                    help="the image's architecture (default: x86_64, or the build's)")
     p.add_argument("--kernel", metavar="ID", help="kernel id for a machine image, or 'true' if the image is a kernel")
-    p.add_argument("--ramdisk", metavar="ID", help="ramdisk id for a machine image, or 'true' if the image is a ramdisk")
+    p.add_argument("--ramdisk", metavar="ID",
+                   help="ramdisk id for a machine image, or 'true' if the image is a ramdisk")
     p.add_argument("-B", "--block-device-mappings", "--block-device-mapping", dest="block_device_mappings",
                    metavar="VIRTUAL=DEVICE,...",
-                   help="machine image block device mappings (default: ami=sda1,root=/dev/sda1,ephemeral0=sda2,swap=sda3; "
+                   help="machine image block device mappings "
+                        "(default: ami=sda1,root=/dev/sda1,ephemeral0=sda2,swap=sda3; "
                         "'none' for none)")
     p.add_argument("--image-type", choices=("machine", "kernel", "ramdisk"), help=argparse.SUPPRESS)
     p.add_argument("--part-size", type=int, default=None, help=argparse.SUPPRESS)

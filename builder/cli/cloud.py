@@ -59,7 +59,8 @@ def cmd_unpublish(args) -> int:
         removed = unpublish(build, creds, opts)
     for image_id in removed["images"]:
         print(f"deregistered\t{image_id}")
-    print(f"deleted\t{len(removed['objects'])} object(s)" + (f" and bucket {removed['bucket']}" if removed["bucket"] else ""))
+    print(f"deleted\t{len(removed['objects'])} object(s)"
+          + (f" and bucket {removed['bucket']}" if removed["bucket"] else ""))
     return 0
 
 

@@ -11,7 +11,7 @@ import threading
 from typing import IO
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from builder.core import events
 from builder.core import log as steplog
@@ -39,8 +39,8 @@ class TerminalDisplay:
             TextColumn("  {task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
             console=self.console, transient=True)
-        self.tasks: dict[tuple[str, str], int] = {}
-        self.units: dict[int, str] = {}
+        self.tasks: dict[tuple[str, str], TaskID] = {}
+        self.units: dict[TaskID, str] = {}
         self.live = False
         self._lock = threading.Lock()
 

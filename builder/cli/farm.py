@@ -113,7 +113,8 @@ def wait_for_jobs(farm: Farm, submitted: list[dict], *, poll: float = 2.0) -> li
                 if (s["result"] or {}).get("state") == "failed":
                     s["outcome"] = "failed"
             elif status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
-                exc = (job.latest_result().exc_string if job.latest_result() else None) or ""
+                latest = job.latest_result()
+                exc = (latest.exc_string if latest is not None else None) or ""
                 s.update(outcome="failed", error=exc.strip().splitlines()[-1] if exc.strip() else str(status))
             else:
                 if said.get(jid) != str(status):

@@ -109,7 +109,8 @@ def cmd_gc(args) -> int:
         print(json.dumps(plan.as_dict(), indent=2, default=str))
     else:
         print(render(plan))
-    failed = any((x.outcome or "").startswith("failed") for x in [*plan.builds, *plan.cache])
+    outcomes = [v.outcome for v in plan.builds] + [c.outcome for c in plan.cache]
+    failed = any((o or "").startswith("failed") for o in outcomes)
     return 1 if failed else 0
 
 

@@ -360,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str]) -> int:
     parser = _build_parser()
-    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    # argparse keeps the subcommands' parsers on a private action; its type says no more than Iterable
+    commands: dict[str, argparse.ArgumentParser] = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr, assignment]
     args = parser.parse_args(_with_build_command(argv, commands, parser))
     if not getattr(args, "func", None):
         parser.print_help()

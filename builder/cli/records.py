@@ -157,7 +157,7 @@ def render_build(build: Build) -> str:
                 + f", {mib(s.sizes['bundle'])} in all"]
         for role, entry in bundle.items():
             entry = as_section(entry)
-            parts = entry.get("parts") if isinstance(entry.get("parts"), list) else []
+            parts: list = entry["parts"] if isinstance(entry.get("parts"), list) else []
             out.append(f"  {role:<10} {entry.get('manifest')}  {len(parts)} part(s), "
                        f"{mib(as_bytes(entry.get('bundled_size')))}")
     cloud = as_section(data.get("cloud"))

@@ -13,7 +13,7 @@ from builder.core.errors import BakeError
 
 def clean_job_folders(output: Path) -> list[str]:
     """Remove the job folders of work horses of this box that are gone."""
-    removed = []
+    removed: list[str] = []
     jobs = output / ".farm" / "jobs"
     if not jobs.is_dir():
         return removed

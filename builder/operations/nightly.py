@@ -92,7 +92,7 @@ def run_gc(output: str, keep: int, cloud: bool, eucarc: str | None) -> dict:
         if eucarc:
             argv += ["--eucarc", eucarc]
     env = dict(os.environ, **lifetime.child_env())
-    p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env)
+    p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, check=False)
     sys.stderr.write("".join(f"gc | {line}\n" for line in (p.stderr + p.stdout).splitlines()))
     return {"exit_status": p.returncode, "output": p.stdout.strip()[-4000:], "error": p.stderr.strip()[-2000:] or None}
 

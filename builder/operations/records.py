@@ -227,7 +227,8 @@ def resolve_build(spec: str, output_root: str | os.PathLike) -> Build:
             return load_build(matches[0])
         if len(matches) > 1:
             names = ", ".join(f"{m.parent.name}/{m.name}" for m in matches)
-            raise BakeError(f"build id {spec} is in more than one recipe under {root}: {names}; name one as RECIPE/BUILD_ID")
+            raise BakeError(f"build id {spec} is in more than one recipe under {root}: {names}; "
+                            "name one as RECIPE/BUILD_ID")
     raise BakeError(f"no build {spec}: not a build directory, nor RECIPE/BUILD_ID or a build id under {root} "
                     f"(`bake ls --output {root}` lists them)")
 

@@ -67,7 +67,8 @@ def refusal(build: Build) -> str | None:
     if not any(status == "pass" for status in checks.values()):
         return f"{where}: its verification passed no check; run `bake verify {where}`"
     if result == "failed":
-        return f"{where} failed{' at ' + data['failed_stage'] if data.get('failed_stage') else ''}: {data.get('error', '')}"
+        at = f" at {data['failed_stage']}" if data.get("failed_stage") else ""
+        return f"{where} failed{at}: {data.get('error', '')}"
     return None
 
 
@@ -91,7 +92,7 @@ def released_files(build: Build) -> list[tuple[str, Path]]:
     bundle's parts and manifest. A BakeError names what is missing."""
     found = build.require_outputs(*ROLES)
     files = [(role, found[role]) for role in ROLES]
-    bundle = build.data.get("bundle") if isinstance(build.data.get("bundle"), dict) else {}
+    bundle: dict[str, Any] = build.data["bundle"] if isinstance(build.data.get("bundle"), dict) else {}
     for role in ROLES:
         entry = bundle.get(role)
         if not isinstance(entry, dict):
@@ -121,7 +122,8 @@ def sha256sums(build: Build) -> tuple[str, str]:
                 image_digest = digest
         lines.append(f"{digest}  {path.relative_to(build.dir).as_posix()}\n")
     if changed:
-        raise BakeError(f"{build.dir}: {and_list(changed)} changed since the build recorded {'it' if len(changed) == 1 else 'them'}; "
+        them = "it" if len(changed) == 1 else "them"
+        raise BakeError(f"{build.dir}: {and_list(changed)} changed since the build recorded {them}; "
                         "what was verified is not what would be released: bake it again")
     return "".join(lines), image_digest
 
@@ -149,9 +151,9 @@ def release_notes(build: Build, previous: Build | None, *, at: str, public: bool
     skipped = [n for n, s in checks.items() if s == "skip"]
     ids = image_ids(build)
     lines = [f"# {recipe} {build.id}", "",
-             f"Released {at} from build {build.id} of recipe {recipe} "
-             f"({build.data.get('release', '?')}, {build.data.get('arch', '?')}, kernel "
-             f"{build.data.get('kernel_version', '?')}, {len(packages)} packages).", ""]
+             (f"Released {at} from build {build.id} of recipe {recipe} "
+              f"({build.data.get('release', '?')}, {build.data.get('arch', '?')}, kernel "
+              f"{build.data.get('kernel_version', '?')}, {len(packages)} packages)."), ""]
     if ids["emi"]:
         lines += [f"Images: EMI {ids['emi']}, EKI {ids['eki'] or '-'}, ERI {ids['eri'] or '-'}"
                   + (" (launchable by every account)." if public else " (private to the publishing account)."), ""]
@@ -163,9 +165,11 @@ def release_notes(build: Build, previous: Build | None, *, at: str, public: bool
     if previous is None:
         lines += ["## Packages", "", f"First release of {recipe}: there is no earlier release to compare with.", ""]
         return "\n".join(lines)
-    prev_at = (previous.data.get("released") or {}).get("at", "?") if isinstance(previous.data.get("released"), dict) else "?"
+    previous_released = previous.data.get("released")
+    prev_at = previous_released.get("at", "?") if isinstance(previous_released, dict) else "?"
     changes = package_changes(previous.data.get("packages") or [], packages)
-    lines += [f"## Changes since {previous.id}", "", f"Compared with the release of build {previous.id} ({prev_at}).", ""]
+    lines += [f"## Changes since {previous.id}", "",
+              f"Compared with the release of build {previous.id} ({prev_at}).", ""]
     sections = (("Added", [f"{n} {v}" for n, v in changes.added]),
                 ("Removed", [f"{n} {v}" for n, v in changes.removed]),
                 ("Upgraded", [f"{n} {o} → {v}" for n, o, v in changes.upgraded]),
@@ -195,9 +199,10 @@ def check_same_cloud(build: Build, creds) -> None:
 def put_release_marker(build: Build, creds, marker: Path) -> str:
     """Upload `marker` beside the build's bundles (`BUCKET/PREFIX/released.json`);
     returns "BUCKET/KEY"."""
-    from builder.cloud.clients import make_clients
-    from builder.cloud.publish import PublishOptions
-    from builder.cloud.store import upload_file
+    # the cloud's clients import boto3: only a release of a published build loads it
+    from builder.cloud.clients import make_clients  # noqa: PLC0415
+    from builder.cloud.publish import PublishOptions  # noqa: PLC0415
+    from builder.cloud.store import upload_file  # noqa: PLC0415
 
     cloud = build.data.get("cloud") or {}
     bucket, prefix = cloud["bucket"], str(cloud.get("prefix") or "").strip("/")
@@ -210,8 +215,9 @@ def put_release_marker(build: Build, creds, marker: Path) -> str:
 def make_public(build: Build, creds) -> list[str]:
     """Grant launch permission to all on the build's EMI, EKI and ERI, and check that the
     cloud says so. Returns the ids."""
-    from builder.cloud.clients import make_clients
-    from builder.cloud.images import grant_public_launch, launch_permissions
+    # the cloud's clients import boto3: only a release of a published build loads it
+    from builder.cloud.clients import make_clients  # noqa: PLC0415
+    from builder.cloud.images import grant_public_launch, launch_permissions  # noqa: PLC0415
 
     ids = [i for i in image_ids(build).values() if i]
     if not image_ids(build)["emi"]:

@@ -31,7 +31,8 @@ def sbom(build: Build, image_digest: str, created: str) -> dict[str, Any]:
     image = {"SPDXID": "SPDXRef-Image", "name": recipe, "versionInfo": build.id,
              "downloadLocation": "NOASSERTION", "filesAnalyzed": False, "primaryPackagePurpose": "OPERATING-SYSTEM",
              "checksums": [{"algorithm": "SHA256", "checksumValue": image_digest}],
-             "comment": f"partition image of {release} ({build.data.get('arch', '?')}) baked by bake from recipe {recipe}"}
+             "comment": (f"partition image of {release} ({build.data.get('arch', '?')}) "
+                         f"baked by bake from recipe {recipe}")}
     packages, relationships, seen = [image], [], set()
     relationships.append({"spdxElementId": "SPDXRef-DOCUMENT", "relationshipType": "DESCRIBES",
                           "relatedSpdxElement": "SPDXRef-Image"})
@@ -59,7 +60,8 @@ def sbom(build: Build, image_digest: str, created: str) -> dict[str, Any]:
         "SPDXID": "SPDXRef-DOCUMENT",
         "name": f"{recipe}-{build.id}",
         # unique per release: releasing the same build again is another document
-        "documentNamespace": f"https://spdx.org/spdxdocs/bake/{quote(recipe, safe='')}/{quote(build.id, safe='')}/{uuid.uuid4()}",
+        "documentNamespace": (f"https://spdx.org/spdxdocs/bake/{quote(recipe, safe='')}/"
+                              f"{quote(build.id, safe='')}/{uuid.uuid4()}"),
         "creationInfo": {"created": created, "creators": [f"Tool: bake-{_bake_version()}"]},
         "documentDescribes": ["SPDXRef-Image"],
         "packages": packages,

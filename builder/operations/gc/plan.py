@@ -109,10 +109,10 @@ def plan_gc(survey: Survey, keep: int, older_than: _dt.timedelta | None = None,
     in_use = set(survey.instances) | survey.instance_refs
     for b, v in pending:
         _cloud_removal(b, v, remaining_images, in_use)
-    goes = {(v.recipe, v.build_id) for v in verdicts if v.goes}
+    going = {(v.recipe, v.build_id) for v in verdicts if v.goes}
     kept_keys: dict[tuple[str, str], str] = dict(survey.other_cache_users)
     for b in survey.builds:
-        if (b.recipe, b.build_id) not in goes:
+        if (b.recipe, b.build_id) not in going:
             for k in b.cache_keys:
                 kept_keys.setdefault(k, b.name)
     cache = [_cache_verdict(c, survey, kept_keys, older_than, now) for c in survey.cache]

@@ -40,7 +40,7 @@ def execute(plan: GcPlan, survey: Survey, clients=None, creds=None) -> GcPlan:
                 continue
             used = {}
             if clients is not None and any(v.deregister for v in verdicts):
-                from builder.cloud import inventory     # boto3: only when gc goes to the cloud
+                from builder.cloud import inventory  # noqa: PLC0415 (boto3: only when gc goes to the cloud)
                 used = in_use(inventory.instances(clients, creds))    # an instance started since the survey
             for v in verdicts:
                 try:
@@ -75,9 +75,9 @@ def _remove_build(v: BuildVerdict, used: dict[str, list[str]], clients, creds) -
                 return f"skipped: {mounts[0]} is mounted in it (`bake doctor` undoes what a killed bake left)"
         if clients is not None:
             # the cloud's clients import boto3: only a gc that goes to the cloud loads it
-            from builder.cloud.images import deregister
-            from builder.cloud.publish import PublishOptions
-            from builder.cloud.store import delete_object
+            from builder.cloud.images import deregister  # noqa: PLC0415
+            from builder.cloud.publish import PublishOptions  # noqa: PLC0415
+            from builder.cloud.store import delete_object  # noqa: PLC0415
 
             for image_id in v.deregister:
                 log.info("deregistering %s (%s/%s)", image_id, v.recipe, v.build_id)

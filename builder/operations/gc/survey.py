@@ -29,7 +29,7 @@ from builder.operations.gc.facts import (
 
 def _tree_bytes(path: Path) -> int:
     total = 0
-    for top, dirs, files in os.walk(path):
+    for top, _dirs, files in os.walk(path):
         for name in files:
             try:
                 total += os.lstat(os.path.join(top, name)).st_size
@@ -40,7 +40,7 @@ def _tree_bytes(path: Path) -> int:
 
 def _recorded_keys(data: dict[str, Any]) -> list[tuple[str, str]]:
     """The cache entries a build's record says it used (bootstrap or base key, package checkpoint)."""
-    stages = data.get("stages") if isinstance(data.get("stages"), dict) else {}
+    stages: dict[str, Any] = data["stages"] if isinstance(data.get("stages"), dict) else {}
     found = []
     where = (("bootstrap", "bootstrap", "key"), ("packages", "customize", "checkpoint_key"))
     for namespace, stage, field_name in where:
@@ -117,7 +117,7 @@ def survey_cloud(survey: Survey, clients, creds) -> None:
     the records that name them or by bake's prefix; the instances using them; and the
     bundle files and release marker under each build's prefix."""
     # the cloud's listing imports boto3: only a gc that goes to the cloud loads it
-    from builder.cloud import inventory
+    from builder.cloud import inventory  # noqa: PLC0415
 
     survey.cloud = True
     same_cloud = lambda c: isinstance(c, dict) and c.get("ec2_url") == creds.ec2_url  # noqa: E731
