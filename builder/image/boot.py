@@ -34,8 +34,8 @@ def package_list(root: Path) -> list[dict[str, str]]:
     Debian source package each was built from (with the source's version where it
     differs from the binary's, as for binNMUs and packages like the kernel's)."""
     out = sh.output(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W",
-                     "-f", "${Package}\t${Version}\t${Architecture}\t${db:Status-Abbrev}\t"
-                           "${source:Package}\t${source:Version}\n"])
+                     "-f", ("${Package}\t${Version}\t${Architecture}\t${db:Status-Abbrev}\t"
+                            "${source:Package}\t${source:Version}\n")])
     pkgs = []
     for line in out.splitlines():
         name, version, arch, status, source, source_version = (line.split("\t") + [""] * 6)[:6]

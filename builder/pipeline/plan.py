@@ -15,7 +15,10 @@ from builder.core import cache as cache_mod
 from builder.recipe.distro import resolve_mirrors
 from builder.recipe.dib import CHROOT as DIB_CHROOT
 from builder.recipe.elements import PHASES, ordered_hooks, package_applies
+from builder.core.errors import BakeError
 from builder.recipe.recipe import Recipe
+from builder.base.source import source_digest
+from builder.recipe import dib
 
 # Phases whose hooks run before packages are installed: they are part of the package
 # checkpoint's key. Everything later (static files, install.d on) is re-run on a rebuild.
@@ -38,6 +41,14 @@ class Route:
         if not base:
             return cls("debootstrap", "chroot")
         return cls("image", "appliance" if base["method"] == "guestfs" else "chroot")
+
+
+def image_base(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's `base:` section, for the code of the image route (which only a recipe
+    with one takes)."""
+    if recipe.base is None:
+        raise BakeError(f"recipe {recipe.name} has no base: section; it is baked from debootstrap")
+    return recipe.base
 
 
 @dataclass
@@ -74,7 +85,8 @@ class Plan:
             "elements": [{"name": u.name, "explicit": u.explicit, "params": u.params} for u in r.elements],
             "hooks": {ph: [{"hook": h, "element": e} for h, e in hs] for ph, hs in self.hooks.items()},
             "packages": [{"name": p, "from": why} for p, why in self.packages],
-            "cache": {c.namespace: {"key": c.key, "hit": c.hit, "note": c.note} for c in (self.bootstrap, self.checkpoint)},
+            "cache": {c.namespace: {"key": c.key, "hit": c.hit, "note": c.note}
+                      for c in (self.bootstrap, self.checkpoint)},
             "stages": [{"stage": s, "action": a} for s, a in self.stages],
             "notes": list(r.notes),
             "dib": None if self.dib is None else {
@@ -90,9 +102,11 @@ class Plan:
 
     def render(self) -> str:
         r = self.recipe
-        out = [f"recipe   {r.path}", f"image    {r.name}: {r.release} {r.arch}, {r.data['filesystem']}, "
-               f"size {r.data['size']}, init {r.profile.init_system}, kernel {r.kernel_package}",
-               f"mirror   {self.mirror}" + (f" (security: {self.security_mirror})" if self.security_mirror else ""), "", "stages"]
+        security = f" (security: {self.security_mirror})" if self.security_mirror else ""
+        out = [f"recipe   {r.path}",
+               (f"image    {r.name}: {r.release} {r.arch}, {r.data['filesystem']}, "
+                f"size {r.data['size']}, init {r.profile.init_system}, kernel {r.kernel_package}"),
+               f"mirror   {self.mirror}{security}", "", "stages"]
         out += [f"  {s:<10} {a}" for s, a in self.stages]
         out += ["", "elements"]
         for u in r.elements:
@@ -155,8 +169,7 @@ def base_key(recipe: Recipe) -> str:
     """The key of the root tree taken out of the recipe's base image: the image's content
     (its SHA-256; an EMI by its id, which a cloud never points at other content), which
     partition of it, and whether its own kernel comes along."""
-    from builder.base.source import source_digest
-    b = recipe.base
+    b = image_base(recipe)
     # with from-source, the source's kernel and ramdisk are kept in the cached tree
     return cache_mod.key_of("base", 1, source_digest(recipe), b["partition"], recipe.arch, b["kernel"])
 
@@ -176,7 +189,6 @@ def checkpoint_key(recipe: Recipe, boot_key: str, release_digest: str, apt_sourc
 
 def dib_env_base(recipe: Recipe, init_system: str | None = None) -> dict[str, str]:
     """The variables DIB hooks get for this recipe (before dib.env)."""
-    from builder.recipe import dib
     d = recipe.data
     return dib.base_env(distro=recipe.release.distro, suite=recipe.release.suite, arch=recipe.arch,
                         init_system=init_system or recipe.profile.init_system, image_name=recipe.name,
@@ -185,7 +197,6 @@ def dib_env_base(recipe: Recipe, init_system: str | None = None) -> dict[str, st
 
 def dib_plan(recipe: Recipe, cache_root: Path):
     """The DIB part of the plan (builder.dib.DibPlan); needs dib.env's from_env variables."""
-    from builder.recipe import dib
     recipe.dib_env.check()
     salt = dib.cache_salt(cache_root) if recipe.dib_env.secret else None
     return dib.make_plan(recipe.dib, recipe.dib_env, dib_env_base(recipe), salt)
@@ -202,7 +213,8 @@ def make_plan(recipe: Recipe, output_root: Path) -> Plan:
         security = None  # sid: no security suite to read, whatever archive would serve it
     apt_sources = prof.apt_sources(mirror, security, d["components"])
     packages = collect_packages(recipe)
-    hooks = {ph: [(h.name, h.element) for h in ordered_hooks([u.element for u in recipe.elements], ph)] for ph in PHASES}
+    elements = [u.element for u in recipe.elements]
+    hooks = {ph: [(h.name, h.element) for h in ordered_hooks(elements, ph)] for ph in PHASES}
     hooks = {ph: hs for ph, hs in hooks.items() if hs}
 
     root = cache_mod.cache_root(output_root)
@@ -216,7 +228,8 @@ def make_plan(recipe: Recipe, output_root: Path) -> Plan:
     bhit = bcache.has(bkey)
     bmeta = bcache.meta(bkey) if bhit else {}
     if base:
-        note = f"root tree of {base.get('image') or base.get('emi')}, opened {bmeta.get('created', '?')}" if bhit else ""
+        source = base.get("image") or base.get("emi")
+        note = f"root tree of {source}, opened {bmeta.get('created', '?')}" if bhit else ""
     else:
         note = f"built {bmeta.get('created', '?')}; the archive's Release file is checked when baking" if bhit else ""
     boot = CacheEntry(bcache.namespace, bkey, bhit, note)

@@ -16,7 +16,7 @@ from typing import Callable
 
 from builder.pipeline.context import BuildContext
 from builder.pipeline.options import STAGE_NAMES
-from builder.pipeline.plan import CacheEntry, Plan, Route, make_plan
+from builder.pipeline.plan import CacheEntry, Plan, Route, image_base, make_plan
 from builder.pipeline.stages import baseimage, bootstrap, bundle, customize, image, publish, verify
 from builder.recipe.recipe import Recipe
 
@@ -43,7 +43,7 @@ class Stage:
 
 
 def _source_of(plan: Plan) -> str:
-    base = plan.recipe.base
+    base = image_base(plan.recipe)
     return str(base.get("image") or base.get("emi"))
 
 
@@ -57,7 +57,7 @@ def _unpack(plan: Plan) -> str:
 
 
 def _open_in_place(plan: Plan) -> str:
-    base = plan.recipe.base
+    base = image_base(plan.recipe)
     return f"copy of {_source_of(plan)} ({base['partition']} partition), grown by {base['grow']}"
 
 
@@ -74,12 +74,12 @@ def _customize_appliance(plan: Plan) -> str:
 def _image_chroot(plan: Plan) -> str:
     r = plan.recipe
     base = r.base
-    return (f"mkfs.{r.data['filesystem']} -d (features for {r.profile.distro}/{r.profile.suite}), "
-            + ("kernel, ramdisk" if not base or base["kernel"] == "from-image" else "kernel and ramdisk from the source"))
+    boot = "kernel, ramdisk" if not base or base["kernel"] == "from-image" else "kernel and ramdisk from the source"
+    return f"mkfs.{r.data['filesystem']} -d (features for {r.profile.distro}/{r.profile.suite}), {boot}"
 
 
 def _image_in_place(plan: Plan) -> str:
-    return f"the customized copy; kernel and ramdisk {plan.recipe.base['kernel']}"
+    return f"the customized copy; kernel and ramdisk {image_base(plan.recipe)['kernel']}"
 
 
 def _bundle(plan: Plan) -> str:

@@ -26,16 +26,20 @@ from pathlib import Path
 
 from builder.core import sh
 from builder.base import disks, extfs, formats
-from builder.base.source import check_release, file_digest, release_of, source_digest
+from builder.base.source import check_release, file_digest, kernel_version, release_of, source_digest
 from builder.core.record import Build
 from builder.core.cache import TreeCache, cache_root
 from builder.core.errors import BakeError
 from builder.core.log import step
 from builder.pipeline.context import BuildContext
-from builder.pipeline.plan import Plan
+from builder.pipeline.plan import Plan, image_base
 from builder.recipe.recipe import Recipe
 from builder.image.boot import SOURCE_BOOT, dpkg_status_packages
 from builder.image.filesystem import parse_size
+from builder.base import appliance
+from builder.base.hostcopy import copy_tree
+from builder.cloud.credentials import load_credentials
+from builder.cloud.download import download_image
 
 log = logging.getLogger("bake.base")
 
@@ -61,10 +65,8 @@ def open_method() -> str:
 
 def _source(build: Build, recipe: Recipe, work: Path) -> tuple[formats.Source, dict, tuple]:
     """The recipe's base as a local source, its record so far, and an EMI's kernel and ramdisk."""
-    b = recipe.base
+    b = image_base(recipe)
     if b.get("emi"):
-        from builder.cloud.credentials import load_credentials
-        from builder.cloud.download import download_image
         creds = load_credentials(recipe.publish)
         if creds is None:
             raise BakeError(f"base.emi {b['emi']}: no cloud configured to download it from (a publish section "
@@ -76,6 +78,8 @@ def _source(build: Build, recipe: Recipe, work: Path) -> tuple[formats.Source, d
                   "owner": got.owner, "sha256": got.sha256}
         return src, record, (got.kernel, got.ramdisk)
     path = recipe.base_image
+    if path is None:
+        raise BakeError(f"recipe {recipe.name}: base has neither image nor emi")
     src = formats.identify(path)
     digest = source_digest(recipe) if not b.get("sha256") else \
         (formats.sha256_of(src) if path.is_dir() else file_digest(path))
@@ -88,9 +92,8 @@ def _source(build: Build, recipe: Recipe, work: Path) -> tuple[formats.Source, d
 def open_base(build: Build, recipe: Recipe, work: Path) -> Opened:
     """Reduce the recipe's base to a bare root filesystem under `work`, inspect it and
     check its release; the record for build.json."""
-    b = recipe.base
+    b = image_base(recipe)
     src, record, emi_boot = _source(build, recipe, work)
-    from builder.base import appliance
     with step(f"Opening the base {record['source']} ({src.kind}, {src.format})"):
         try:
             unpacked = formats.unpack(src, work / "base", partition=b["partition"])
@@ -107,6 +110,7 @@ def open_base(build: Build, recipe: Recipe, work: Path) -> Opened:
         found = release_of(*(_text(extfs.read_file(unpacked.image, p))
                              for p in ("/etc/os-release", "/etc/lsb-release", "/etc/debian_version")))
     check_release(recipe, found, f"base {record['source']}")
+    assert found is not None  # check_release refuses a base whose release it cannot tell
     fs = unpacked.fs
     record.update({
         "type": src.kind, "format": src.format, "members": dict(src.members),
@@ -125,7 +129,6 @@ def open_base(build: Build, recipe: Recipe, work: Path) -> Opened:
 def _root_by_libguestfs(src, work: Path):
     """(`formats.Unpacked`, the root's device in the appliance) of a disk whose root
     filesystem only libguestfs can reach."""
-    from builder.base import appliance, formats
     work.mkdir(parents=True, exist_ok=True)
     image = work / formats.IMAGE_NAME
     with step("Copying the root filesystem out with libguestfs (not on a partition the host reads)"):
@@ -172,11 +175,9 @@ def fstab_by_label(fstab: str, label: str, fstype: str) -> tuple[str, list[str]]
 
 def _take_tree(opened: Opened, tree: Path, how: str) -> None:
     if how == "host":
-        from builder.base.hostcopy import copy_tree
         with step("Taking the root tree out (read-only loop mount, tar)"):
             copy_tree(opened.unpacked.image, tree)
     else:
-        from builder.base import appliance
         with step("Taking the root tree out (libguestfs tar_out)"):
             appliance.extract_tree(opened.unpacked.image, tree)
 
@@ -196,7 +197,7 @@ def run(ctx: BuildContext) -> None:
 
 
 def _unpack(build: Build, recipe: Recipe, plan: Plan, work: Path) -> Path | None:
-    b = recipe.base
+    b = image_base(recipe)
     cache = TreeCache(cache_root(Path(build.dir).parent.parent), "base")
     key = plan.bootstrap.key
     with cache.lock(key):
@@ -266,9 +267,9 @@ def open_in_place(ctx: BuildContext) -> None:
     `base.grow`, left in `ctx.opened` for the appliance to change in place."""
     build, recipe = ctx.build, ctx.recipe
     opened = open_base(build, recipe, ctx.work)
-    grow = parse_size(recipe.base["grow"]) if recipe.base["grow"] not in ("0M", "0G") else 0
+    grow = parse_size(image_base(recipe)["grow"]) if image_base(recipe)["grow"] not in ("0M", "0G") else 0
     if grow:
-        with step(f"Growing the base's filesystem by {recipe.base['grow']}"):
+        with step(f"Growing the base's filesystem by {image_base(recipe)['grow']}"):
             extfs.grow(opened.unpacked.image, grow)
     opened.record["opened_by"] = "libguestfs in place"
     opened.record["grown_by"] = grow
@@ -282,27 +283,26 @@ def image_in_place(ctx: BuildContext) -> None:
     """The image stage of the appliance route: the changed filesystem becomes the build's
     partition image; kernel and ramdisk from the image's /boot or from the source."""
     build, recipe, opened = ctx.build, ctx.recipe, ctx.opened
-    from builder.base import appliance
     image = build.dir / f"{recipe.name}.img"
     with step("Image: the customized base, kernel, ramdisk"):
         sh.run(["e2fsck", "-f", "-n", str(opened.unpacked.image)], what="checking the customized filesystem",
                quiet=True)
         shutil.move(str(opened.unpacked.image), image)
-        if recipe.base["kernel"] == "from-source":
+        if image_base(recipe)["kernel"] == "from-source":
             kernel_src, ramdisk_src = _boot_from_source(opened)
             if kernel_src is None or ramdisk_src is None:
                 raise BakeError(f"base {opened.record['source']} has no kernel and ramdisk of its own; "
                                 "use base.kernel: from-image")
-            from builder.base.source import kernel_version
             version = kernel_version(kernel_src) or "source"
             kernel, ramdisk = build.dir / f"vmlinuz-{version}", build.dir / f"initrd.img-{version}"
             shutil.copyfile(kernel_src, kernel)
             shutil.copyfile(ramdisk_src, ramdisk)
         else:
-            kernel, ramdisk, version = appliance.boot_files(image, build.dir)
-            if ramdisk is None:
+            kernel, found_ramdisk, version = appliance.boot_files(image, build.dir)
+            if found_ramdisk is None:
                 raise BakeError(f"the base's kernel {version} has no initrd in /boot, and the light path makes "
                                 "none: use method: unpack")
+            ramdisk = found_ramdisk
         for p in (image, kernel, ramdisk):
             p.chmod(0o644)
         build.record_output("kernel", kernel)

@@ -34,6 +34,7 @@ from builder.bundle.keys import resolve_keys
 from builder.bundle.writer import PART_SIZE
 from builder.core.record import Build
 from builder.pipeline.context import BuildContext
+from builder.cloud.credentials import parse_eucarc
 
 log = logging.getLogger("bake.bundle")
 
@@ -43,7 +44,6 @@ def _eucarc_values(recipe) -> dict[str, str]:
     rc = publish.get("eucarc") if isinstance(publish, dict) else None
     if not rc:
         return {}
-    from builder.cloud.credentials import parse_eucarc  # the one eucarc reader
 
     return parse_eucarc(Path(os.path.expandvars(str(rc))).expanduser())
 
