@@ -48,6 +48,8 @@ if "BAKE_TEST_RUN" not in os.environ:
     os.environ["BAKE_TEST_RUN"] = f"{os.getpid()}-{secrets.token_hex(4)}"
 RUN = os.environ["BAKE_TEST_RUN"]
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+# which unit of work each test is, written by the workers for the controller's scheduler
+UNITS = TEST_OUTPUT / f"units-{RUN}.json"
 
 
 def run_is_alive(name: str) -> bool:
@@ -70,9 +72,13 @@ def _worker_folders() -> None:
 def pytest_configure(config):
     if WORKER:
         _worker_folders()
+    else:
+        TEST_OUTPUT.mkdir(parents=True, exist_ok=True)
 
 
 def pytest_unconfigure(config):
+    if not WORKER:
+        UNITS.unlink(missing_ok=True)
     tmp = os.environ.get("TMPDIR", "")
     if WORKER and Path(tmp).name.startswith(f"bake-test-{WORKER}-"):
         from builder.core import sh
@@ -95,7 +101,14 @@ def pytest_sessionstart(session):
 def pytest_collection_modifyitems(config, items):
     """Check the tiers' markers, and share the tests out among the workers (tests/parallel.py)."""
     parallel.check_markers(items)
-    parallel.share_out(items)
+    parallel.share_out(items, UNITS if WORKER else None)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """The controller's scheduler: tests/parallel.py's units of work (`--dist loadgroup`)."""
+    if config.getvalue("dist") == "loadgroup":
+        return parallel.UnitScheduling(config, log, units_path=UNITS)
+    return None
 
 
 def _bake_demo() -> "Build":  # noqa: F821

@@ -1,5 +1,5 @@
-"""How the suite's tests are shared out among pytest-xdist's workers (`--dist loadgroup`,
-see scripts/test): which tests must run on one worker, and in what order the work goes out.
+"""How the suite's tests are shared out among pytest-xdist's workers (see scripts/test):
+which tests must run on one worker, and in what order the work goes out.
 
 - Tests that share a module- or class-scoped fixture form one unit of work (an
   `xdist_group`), so that the fixture is made once; a test that shares none is a unit of
@@ -7,6 +7,10 @@ see scripts/test): which tests must run on one worker, and in what order the wor
 - A test may name its group (`@pytest.mark.xdist_group(NAME)`): the tests of one group run
   on one worker, one after another. `host-etc` holds the tests that change the host's /etc
   or watch it stay unchanged, and every user of the DIB build (whose bake watches it).
+- pytest-xdist's own `--dist loadgroup` renames each test after its group, which pytest 9
+  no longer lets it do (the group is silently ignored): each worker writes which unit each
+  test belongs to into a file of the run, and the controller's scheduler (`UnitScheduling`,
+  pytest-xdist's scheduling by scope with these units as the scopes) reads it.
 - The costliest units go out first (a rough cost from the tiers' markers), so that the
   last unit to finish is a short one; in the host-etc group the tests that wait for the
   demo build go last, so that its worker bakes the DIB recipe meanwhile.
@@ -14,7 +18,12 @@ see scripts/test): which tests must run on one worker, and in what order the wor
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
+from xdist.scheduler import LoadScopeScheduling
 
 HOST_ETC = "host-etc"
 # Fixtures that bake: a test using one must say so with the `bakes` marker.
@@ -62,8 +71,9 @@ def check_markers(items: list[pytest.Item]) -> None:
                                     f"it belongs to the {HOST_ETC} group, not {group_of(item)}")
 
 
-def share_out(items: list[pytest.Item]) -> None:
-    """Give each test its unit of work and put the units in the order they go out (in place)."""
+def share_out(items: list[pytest.Item], units_path: Path | None = None) -> None:
+    """Give each test its unit of work and put the units in the order they go out (in
+    place); in a worker, write each test's unit to `units_path` for the scheduler."""
     # tests joined by a shared fixture, found with a union-find over tests and fixtures
     parent: dict[str, str] = {}
 
@@ -94,3 +104,22 @@ def share_out(items: list[pytest.Item]) -> None:
 
     # stable: within a unit the tests keep their order, but for host-etc's demo users
     items.sort(key=lambda item: (-weights[unit(item)], unit(item), waits_for_demo(item)))
+    if units_path is not None:
+        tmp = units_path.with_name(f"{units_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({item.nodeid: unit(item) for item in items}))
+        os.replace(tmp, units_path)        # every worker writes the same: the last one stays
+
+
+class UnitScheduling(LoadScopeScheduling):
+    """pytest-xdist's scheduling by scope, with the units `share_out` wrote to `units_path`
+    (by the time the controller schedules, every worker has collected) as the scopes."""
+
+    def __init__(self, config: pytest.Config, log=None, *, units_path: Path) -> None:
+        super().__init__(config, log)
+        self._units_path = units_path
+        self._units: dict[str, str] | None = None
+
+    def _split_scope(self, nodeid: str) -> str:
+        if self._units is None:
+            self._units = json.loads(self._units_path.read_text())
+        return self._units.get(nodeid, nodeid)
