@@ -23,8 +23,9 @@ from typing import Any
 from builder.core import locks
 from builder.core.record import RECORD, Build
 from builder.core.errors import BakeError
+from builder.pipeline.options import STAGE_NAMES
 
-STAGES = ("bootstrap", "customize", "image", "bundle", "publish", "verify")
+STAGES = STAGE_NAMES   # the stage table's names, in order
 RELEASED, BUILDING, KILLED, FAILED = "released", "building", "killed", "failed"
 VERIFIED, PUBLISHED, BAKED = "verified", "published", "baked"
 SIZE_ROLES = ("image", "kernel", "ramdisk")
