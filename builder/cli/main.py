@@ -109,8 +109,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from builder.pipeline.plan import make_plan
-    plan = make_plan(load_recipe(args.recipe), output_root=Path(args.output))
+    from builder.pipeline.table import plan_build  # noqa: PLC0415 (boto3: the table names the publish stage)
+    plan = plan_build(load_recipe(args.recipe), output_root=Path(args.output))
     if args.json:
         print(json.dumps(plan.as_dict(), indent=2))
     else:
