@@ -4,6 +4,7 @@ mistyped command, `bake validate` over many files, and output cut short by its r
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -129,3 +130,11 @@ def test_bake_schema_piped_into_head_shows_no_traceback():
     assert r.returncode in (0, 141)
     assert r.stdout.splitlines()[0] == "{"
     assert "Traceback" not in r.stderr and "BrokenPipeError" not in r.stderr
+
+
+def test_bake_plan_lists_the_stage_tables_stages_for_the_recipes_route(tmp_path):
+    r = subprocess.run([BAKE, "plan", "--json", str(LUCID), "--output", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    stages = json.loads(r.stdout)["stages"]
+    assert [s["stage"] for s in stages] == ["bootstrap", "customize", "image", "bundle", "publish", "verify"]
+    assert stages[0]["action"].startswith("debootstrap --variant=")
