@@ -15,7 +15,7 @@ import pytest
 
 from base_fixtures import fs_image, pattern, scratch, special_tree
 from builder.core import lifetime, watchdog
-from builder.base import appliance
+from builder.base import appliance, readout
 from builder.base.extfs import fs_facts
 from builder.core.errors import BakeError
 from fulllisting import image_listing, listing
@@ -73,7 +73,7 @@ def test_settings_from_the_environment_win(monkeypatch):
 
 @pytest.mark.boots
 def test_inspect_says_what_a_bookworm_image_is(images):
-    facts = appliance.inspect(images["rooted"])
+    facts = readout.inspect(images["rooted"])
     sb = fs_facts(images["rooted"])
     assert facts["distro"] == "debian"
     assert facts["version"] == "12"
@@ -88,7 +88,7 @@ def test_inspect_says_what_a_bookworm_image_is(images):
 @pytest.mark.boots
 def test_inspect_reads_os_release_where_inspection_finds_no_root(images):
     """special_tree has no /etc/fstab (nor /etc/hosts), which libguestfs looks for."""
-    facts = appliance.inspect(images["special"])
+    facts = readout.inspect(images["special"])
     assert (facts["distro"], facts["version"], facts["codename"]) == ("debian", "12", "bookworm")
     assert facts["kernels"] == [OLD]
     assert facts["label"] == "uec-rootfs"
@@ -99,7 +99,7 @@ def test_extract_tree_copies_every_special_file_and_the_holes(images, work):
     expected = image_listing(images["special"])
     sparse = [line for line in expected if line.startswith("var/sparse\t")]
     assert "sparse=yes" in sparse[0]
-    appliance.extract_tree(images["special"], work / "tree")
+    readout.extract_tree(images["special"], work / "tree")
     assert listing(work / "tree") == expected
 
 
@@ -108,16 +108,16 @@ def test_extract_tree_refuses_a_folder_that_is_not_empty(images, work):
     (work / "tree").mkdir()
     (work / "tree/something").write_text("x")
     with pytest.raises(BakeError, match="new or empty folder"):
-        appliance.extract_tree(images["special"], work / "tree")
+        readout.extract_tree(images["special"], work / "tree")
 
 
 @pytest.mark.boots
 def test_boot_files_take_the_newest_kernel_with_an_initrd_or_the_one_asked_for(images, work):
-    kernel, ramdisk, version = appliance.boot_files(images["rooted"], work / "boot")
+    kernel, ramdisk, version = readout.boot_files(images["rooted"], work / "boot")
     assert version == OLD            # NEW is newer, but has no initrd
     assert kernel == work / f"boot/vmlinuz-{OLD}" and kernel.read_bytes() == pattern(3000, 2)
     assert ramdisk == work / f"boot/initrd.img-{OLD}" and ramdisk.read_bytes() == pattern(2000, 3)
-    kernel, ramdisk, version = appliance.boot_files(images["rooted"], work / "new", NEW)
+    kernel, ramdisk, version = readout.boot_files(images["rooted"], work / "new", NEW)
     assert (version, ramdisk) == (NEW, None)
     assert kernel.read_bytes() == pattern(4000, 20)
 

@@ -100,7 +100,7 @@ def test_the_host_path_reads_ext2_and_ext3_bases_too(base, work, fs):
 
 @pytest.mark.boots
 def test_the_libguestfs_path_keeps_every_special_file(base, work):
-    from builder.base.appliance import extract_tree
+    from builder.base.readout import extract_tree
     round_trip(extract_tree, base, work)
 
 

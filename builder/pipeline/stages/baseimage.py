@@ -36,7 +36,7 @@ from builder.pipeline.plan import Plan, image_base
 from builder.recipe.recipe import Recipe
 from builder.image.boot import SOURCE_BOOT, dpkg_status_packages
 from builder.image.filesystem import parse_size
-from builder.base import appliance
+from builder.base import readout
 from builder.base.hostcopy import copy_tree
 from builder.cloud.credentials import load_credentials
 from builder.cloud.download import download_image
@@ -102,7 +102,7 @@ def open_base(build: Build, recipe: Recipe, work: Path) -> Opened:
             log.info("%s; asking libguestfs", e)
             unpacked, record["root_device"] = _root_by_libguestfs(src, work / "base")
     with step("Inspecting the base with libguestfs"):
-        facts = appliance.inspect(unpacked.image)
+        facts = readout.inspect(unpacked.image)
     found = None
     if facts.get("distro") and facts.get("codename"):
         found = (facts["distro"], facts["codename"])
@@ -132,7 +132,7 @@ def _root_by_libguestfs(src, work: Path):
     work.mkdir(parents=True, exist_ok=True)
     image = work / formats.IMAGE_NAME
     with step("Copying the root filesystem out with libguestfs (not on a partition the host reads)"):
-        device = appliance.root_filesystem(src.path, src.format, image)
+        device = readout.root_filesystem(src.path, src.format, image)
     facts = extfs.fs_facts(image)
     if os.path.getsize(image) > facts.size:
         os.truncate(image, facts.size)
@@ -179,7 +179,7 @@ def _take_tree(opened: Opened, tree: Path, how: str) -> None:
             copy_tree(opened.unpacked.image, tree)
     else:
         with step("Taking the root tree out (libguestfs tar_out)"):
-            appliance.extract_tree(opened.unpacked.image, tree)
+            readout.extract_tree(opened.unpacked.image, tree)
 
 
 def _boot_from_source(opened: Opened) -> tuple[Path | None, Path | None]:
@@ -298,7 +298,7 @@ def image_in_place(ctx: BuildContext) -> None:
             shutil.copyfile(kernel_src, kernel)
             shutil.copyfile(ramdisk_src, ramdisk)
         else:
-            kernel, found_ramdisk, version = appliance.boot_files(image, build.dir)
+            kernel, found_ramdisk, version = readout.boot_files(image, build.dir)
             if found_ramdisk is None:
                 raise BakeError(f"the base's kernel {version} has no initrd in /boot, and the light path makes "
                                 "none: use method: unpack")
