@@ -39,7 +39,7 @@ CHILD = """
 import json, os, sys
 from pathlib import Path
 from builder.customize import inplace
-from builder.recipe import load_recipe
+from builder.recipe.recipe import load_recipe
 notes = inplace.apply(load_recipe(sys.argv[1]), Path(sys.argv[2]), init_system=sys.argv[3])
 status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
 print(json.dumps({"notes": notes, "euid": os.geteuid(), "capeff": status["CapEff"].strip()}))

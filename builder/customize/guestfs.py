@@ -28,7 +28,8 @@ from builder.customize.backend import IMAGE_ENV, resolve_in_image, split_leaf, t
 
 log = logging.getLogger("bake.customize")
 
-SCRATCH = "/tmp/.bake-appliance"
+# Under /tmp/bake, which hooks that empty /tmp leave alone (base's finalise.d/90-cleanup)
+SCRATCH = "/tmp/bake/.appliance"
 
 # Runs "$@" with its output in the file $1 and prints its exit status: the output comes
 # back as bytes (whatever its encoding), and the status even when it fails.
@@ -103,6 +104,7 @@ class GuestfsBackend:
         full = {**IMAGE_ENV, **(env or {})}
         start = time.monotonic()
         with appliance.doing(what or f"running {argv[0]} in the image"):
+            self.g.mkdir_p(self._scratch)       # a hook may have emptied /tmp/bake too
             status = self.g.command(["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in full.items()),
                                      "/bin/sh", "-c", RUN, "sh", f"{SCRATCH}/output", *argv]).strip()
             output = self._download(f"{self._scratch}/output").decode(errors="replace")
