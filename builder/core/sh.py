@@ -387,17 +387,22 @@ def chroot_mounts(root: str | os.PathLike) -> Iterator[Path]:
         yield root
 
 
+# What a command run in an image's root starts from (nothing of the build host's environment),
+# in a chroot and in the appliance alike.
+IMAGE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LC_ALL": "C",
+    "LANG": "C",
+    "DEBIAN_FRONTEND": "noninteractive",
+    "DEBCONF_NONINTERACTIVE_SEEN": "true",
+    "TERM": "dumb",
+}
+
+
 def chroot_run(root: str | os.PathLike, argv: Sequence[str], **kw) -> Result:
     """Run `argv` inside the chroot `root` (which must have chroot_mounts active)."""
-    env = {
-        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "HOME": "/root",
-        "LC_ALL": "C",
-        "LANG": "C",
-        "DEBIAN_FRONTEND": "noninteractive",
-        "DEBCONF_NONINTERACTIVE_SEEN": "true",
-        "TERM": "dumb",
-    }
+    env = dict(IMAGE_ENV)
     env.update(lifetime.child_env())
     env.update(kw.pop("extra_env", None) or {})
     return run(["chroot", os.fspath(root), *argv], env=env, **kw)

@@ -12,18 +12,10 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Protocol
 
 from builder.core.errors import BakeError
-from builder.core.sh import TAIL_LINES, Result
+from builder.core.sh import IMAGE_ENV, TAIL_LINES, Result
 
-# What a command run in the image starts from (nothing of the build host's environment).
-IMAGE_ENV = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "HOME": "/root",
-    "LC_ALL": "C",
-    "LANG": "C",
-    "DEBIAN_FRONTEND": "noninteractive",
-    "DEBCONF_NONINTERACTIVE_SEEN": "true",
-    "TERM": "dumb",
-}
+# IMAGE_ENV is core.sh's, named here too: the backends take it from the interface they implement
+__all__ = ["IMAGE_ENV", "MAX_SYMLINKS", "Backend", "resolve_in_image", "split_leaf", "tail"]
 
 MAX_SYMLINKS = 40   # as the kernel's limit before ELOOP
 
