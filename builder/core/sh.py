@@ -400,14 +400,6 @@ IMAGE_ENV = {
 }
 
 
-def chroot_run(root: str | os.PathLike, argv: Sequence[str], **kw) -> Result:
-    """Run `argv` inside the chroot `root` (which must have chroot_mounts active)."""
-    env = dict(IMAGE_ENV)
-    env.update(lifetime.child_env())
-    env.update(kw.pop("extra_env", None) or {})
-    return run(["chroot", os.fspath(root), *argv], env=env, **kw)
-
-
 # --- long-lived processes -------------------------------------------------------------
 
 @contextlib.contextmanager
