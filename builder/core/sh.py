@@ -117,6 +117,17 @@ def _program(argv: list[str]) -> str | None:
     return None
 
 
+def pass_on(line: str, *, logfile: IO[str] | None, on_line: Callable[[str], None] | None, quiet: bool) -> None:
+    """Hand one line of a command's output to where run() sends it: the log file, the
+    caller's line callback, and the debug log unless quiet."""
+    if logfile is not None:
+        logfile.write(line)
+    if on_line is not None:
+        on_line(line)
+    if not quiet:
+        log.debug("  | %s", line.rstrip("\n"))
+
+
 def run(
     argv: Sequence[str | os.PathLike],
     *,
@@ -184,12 +195,7 @@ def run(
                 line = line.replace(secret, "***")
             lines.append(line)
             tail.append(line)
-            if logfile is not None:
-                logfile.write(line)
-            if on_line is not None:
-                on_line(line)
-            if not quiet:
-                log.debug("  | %s", line.rstrip("\n"))
+            pass_on(line, logfile=logfile, on_line=on_line, quiet=quiet)
 
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()

@@ -109,12 +109,7 @@ class GuestfsBackend:
                                      "/bin/sh", "-c", RUN, "sh", f"{SCRATCH}/output", *argv]).strip()
             output = self._download(f"{self._scratch}/output").decode(errors="replace")
         for line in output.splitlines(keepends=True):
-            if logfile is not None:
-                logfile.write(line)
-            if on_line is not None:
-                on_line(line)
-            if not quiet:
-                log.debug("  | %s", line.rstrip("\n"))
+            sh.pass_on(line, logfile=logfile, on_line=on_line, quiet=quiet)
         try:
             rc = int(status.splitlines()[-1])
         except (ValueError, IndexError):
