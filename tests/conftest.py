@@ -8,12 +8,16 @@ Tiers (markers, declared in pyproject.toml): `bakes` (a real bake, root's chroot
 mkfs, or the run's demo or DIB build), `boots` (a QEMU guest or a libguestfs appliance),
 `e2e` (a whole flow) and `slow` (neither, but long: the cloud stand-in's flows, a sync
 agent's debounce). `scripts/test --quick` leaves all four out; `scripts/test` runs
-everything, on two workers (pytest-xdist, `--dist loadgroup`):
+everything, on two workers (pytest-xdist, `--dist loadgroup`; BAKE_TEST_WORKERS=0 runs it in
+one process):
 
 - tests that share a module fixture run on one worker, and so do the tests of one
   `xdist_group` (tests/parallel.py says which and why);
 - the demo build is baked by the first worker that needs it, under a file lock; the
   others wait for it and use the same build;
+- a test that starts a guest (`boots`) holds the run's guest lock shared; a test that
+  starts several guests or bakes at once itself (`alone`) holds it alone, so that no guest
+  of the other worker is starved into a timeout beside it (`guest_share`);
 - each worker has a state folder (BAKE_STATE_DIR: bake's journals, recipe and build
   locks) and a temporary folder (TMPDIR) of its own, so that a test which kills a bake
   and checks what the next one cleans up, or which counts the mounts in the temporary
@@ -22,6 +26,7 @@ everything, on two workers (pytest-xdist, `--dist loadgroup`):
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import secrets
@@ -50,6 +55,8 @@ RUN = os.environ["BAKE_TEST_RUN"]
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 # which unit of work each test is, written by the workers for the controller's scheduler
 UNITS = TEST_OUTPUT / f"units-{RUN}.json"
+# held shared by a test that starts a guest, alone by one that starts several (guest_share)
+GUEST_LOCK = TEST_OUTPUT / f"guests-{RUN}.lock"
 
 
 def run_is_alive(name: str) -> bool:
@@ -79,6 +86,8 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     if not WORKER:
         UNITS.unlink(missing_ok=True)
+        GUEST_LOCK.unlink(missing_ok=True)
+        GUEST_LOCK.with_suffix(".turnstile").unlink(missing_ok=True)
     tmp = os.environ.get("TMPDIR", "")
     if WORKER and Path(tmp).name.startswith(f"bake-test-{WORKER}-"):
         from builder.core import sh
@@ -109,6 +118,32 @@ def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") == "loadgroup":
         return parallel.UnitScheduling(config, log, units_path=UNITS)
     return None
+
+
+@contextlib.contextmanager
+def guest_lock(alone: bool):
+    """The run's guest lock, shared or alone. A test that waits to hold it alone first
+    takes the turnstile, which every test that would share it passes through: the
+    sharers of the other worker cannot keep it from its turn."""
+    with open(GUEST_LOCK.with_suffix(".turnstile"), "a") as turnstile, open(GUEST_LOCK, "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        yield                               # the lock goes when the file closes, or its holder dies
+
+
+@pytest.fixture(autouse=True)
+def guest_share(request):
+    """On workers, a `boots` test shares the guest lock and an `alone` test holds it alone
+    (see the docstring); with one process there is no one to share with."""
+    alone = request.node.get_closest_marker("alone") is not None
+    if not WORKER or not (alone or request.node.get_closest_marker("boots")):
+        yield
+        return
+    with guest_lock(alone):
+        yield
 
 
 def _bake_demo() -> "Build":  # noqa: F821

@@ -15,7 +15,7 @@ from builder.core import sh, stale
 from conftest import BAKE
 from shared_base import intact, recipes
 
-pytestmark = [pytest.mark.e2e, pytest.mark.bakes]
+pytestmark = [pytest.mark.e2e, pytest.mark.bakes, pytest.mark.alone]
 
 ROUNDS = 1      # a second round of two bakes on an empty cache is in test_many_bakes
 

@@ -28,7 +28,7 @@ from eucalyptus_standin.fixtures import euca4  # noqa: F401  (a fixture)
 from events import wait_for
 from farm_helpers import BAKE, GO, copy_base, overlaps, redis_server, start_worker, store_url, waiting_roots, write_recipe
 
-pytestmark = [pytest.mark.e2e, pytest.mark.bakes]
+pytestmark = [pytest.mark.e2e, pytest.mark.bakes, pytest.mark.alone]
 
 SLOW = "farm-a1"      # waits in its commands until the test lets it go: the build killed mid-way
 
