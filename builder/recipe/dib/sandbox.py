@@ -32,34 +32,17 @@ import os
 import subprocess
 import sys
 
+from builder.core import mountinfo
+
 PSEUDO = {"proc", "devtmpfs", "devpts", "mqueue", "hugetlbfs", "binfmt_misc", "autofs", "cgroup", "cgroup2",
           "bpf", "tracefs", "debugfs", "securityfs", "pstore", "configfs", "fusectl", "efivarfs", "nsfs",
           "rpc_pipefs"}
 
 
-def _unescape(s: str) -> str:
-    out, i = [], 0
-    while i < len(s):
-        if s[i] == "\\" and i + 3 < len(s) and s[i + 1:i + 4].isdigit():
-            out.append(chr(int(s[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(s[i])
-            i += 1
-    return "".join(out)
-
-
 def mounts(*, shared: bool = False) -> list[tuple]:
     """(mount point, filesystem type) of the mounts this process can name, with whether
     each propagates to other namespaces when `shared`."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            entry = (_unescape(fields[4]), right.split()[0])
-            out.append((*entry, any(o.startswith("shared:") for o in fields[6:])) if shared else entry)
-    return out
+    return [(m.target, m.fstype, m.shared) if shared else (m.target, m.fstype) for m in mountinfo.read()]
 
 
 def make_private() -> bool:
