@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, Iterator, Mapping, Sequence
 
-from builder.core import lifetime
+from builder.core import lifetime, mountinfo, removal
 from builder.core.errors import BakeError
 from builder.core.interrupts import deferred
 
@@ -264,28 +264,61 @@ def require(*programs: str) -> None:
 
 # --- mounts ---------------------------------------------------------------------------
 
-def _mounted_targets() -> list[str]:
-    out = []
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            target = line.split()[1].encode().decode("unicode_escape")
-            out.append(target)
-    return out
+# The mount points and chroot roots (real paths) this process mounted on and has not yet
+# undone, with how many times: what bake may unmount of a tree is what it mounted there.
+_own: dict[str, int] = {}
+_own_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _owning(kind: str, path: str | os.PathLike) -> Iterator[str]:
+    """Record `path` as bake's own ("mount" point or "chroot" root) for the block, in this
+    process and in its journal (for the next bake, should this one be killed)."""
+    real = os.path.realpath(path)
+    with lifetime.tracked(kind, real):
+        with _own_lock:
+            _own[real] = _own.get(real, 0) + 1
+        try:
+            yield real
+        finally:
+            with _own_lock:
+                _own[real] -= 1
+                if not _own[real]:
+                    del _own[real]
 
 
 def mounts_under(path: str | os.PathLike) -> list[str]:
-    """Mount points at or below `path`, deepest first."""
-    p = os.path.realpath(path)
-    found = [t for t in _mounted_targets() if t == p or t.startswith(p.rstrip("/") + "/")]
-    return sorted(set(found), key=lambda t: t.count("/"), reverse=True)
+    """Mount points at or below `path`, deepest first (read from mountinfo)."""
+    return [m.target for m in mountinfo.under(path)]
 
 
-def unmount_all_under(path: str | os.PathLike) -> None:
-    """Unmount everything mounted at or below `path` (deepest first, lazily as a last resort)."""
+def unmount_all_under(path: str | os.PathLike) -> list[str]:
+    """Unmount everything mounted at or below `path`, deepest first (lazily as a last
+    resort); returns the mount points still there after."""
     for target in mounts_under(path):
         r = run(["umount", target], check=False, quiet=True)
         if r.returncode != 0:
             run(["umount", "-l", target], check=False, quiet=True)
+    return mounts_under(path)
+
+
+def own_mounts_under(path: str | os.PathLike) -> list[str]:
+    """The mount points at or below `path` that lie in what this process mounted on or
+    made a chroot of (its record, checked against mountinfo), deepest first."""
+    with _own_lock:
+        roots = list(_own)
+    return [t for t in mounts_under(path) if any(t == r or t.startswith(r.rstrip("/") + "/") for r in roots)]
+
+
+def discard_tree(path: str | os.PathLike, *, ignore_errors: bool = False) -> None:
+    """Remove the tree `path` that bake made: first unmount, deepest first, what bake
+    mounted in it; then remove it, never across a mount (one bake did not make, or could
+    not undo, stops the removal with `removal.MountBoundaryError`, naming it)."""
+    for target in own_mounts_under(path):
+        r = run(["umount", target], check=False, quiet=True)
+        if r.returncode != 0:
+            run(["umount", "-l", target], check=False, quiet=True)
+    removal.remove_tree(path, ignore_errors=ignore_errors)
 
 
 @contextlib.contextmanager
@@ -301,7 +334,7 @@ def mount(source: str, target: str | os.PathLike, *, fstype: str | None = None,
     if options:
         argv += ["-o", options]
     argv += [source, str(target)]
-    with lifetime.tracked("mount", os.path.realpath(target)):
+    with _owning("mount", target):
         try:
             run(argv, what=f"mounting {source} on {target}", quiet=True)
             yield target
@@ -371,7 +404,7 @@ def chroot_guard(root: str | os.PathLike) -> Iterator[Path]:
     is in the journal, so that a killed bake's watchdog ends its processes and the next
     bake its mounts."""
     root = Path(root)
-    with lifetime.tracked("chroot", os.path.realpath(root)):
+    with _owning("chroot", root):
         try:
             yield root
         finally:

@@ -13,12 +13,11 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from builder.core import sh, watchdog
+from builder.core import removal, sh, watchdog
 from builder.core.lifetime import current_token, sessions_dir
 
 log = logging.getLogger("bake.lifetime")
@@ -51,10 +50,11 @@ def _loops_of(backing: str) -> list[str]:
 
 def _undo(kind: str, value: str, rec: dict, stale: Stale) -> None:
     if kind in ("chroot", "mount"):
+        # what the dead bake mounted on, or made a chroot of, as its journal says, and
+        # what mountinfo shows there now (a chroot's binds, what its processes mounted)
         targets = sh.mounts_under(value)
         if targets:
-            sh.unmount_all_under(value)
-            left = sh.mounts_under(value)
+            left = sh.unmount_all_under(value)
             if left:
                 stale.failed.append(f"still mounted: {', '.join(left)}")
             stale.found.append(f"unmounted {', '.join(t for t in targets if t not in left)}")
@@ -68,12 +68,9 @@ def _undo(kind: str, value: str, rec: dict, stale: Stale) -> None:
     elif kind == "path":
         p = Path(value)
         if p.exists() or p.is_symlink():
-            if sh.mounts_under(p):
-                sh.unmount_all_under(p)
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+            # a mount still there (one the journal does not list as the dead bake's)
+            # stops the removal: removal.MountBoundaryError, said in what failed
+            removal.remove_tree(p, ignore_errors=True)
             if p.exists():
                 stale.failed.append(f"could not remove {p}")
             else:
