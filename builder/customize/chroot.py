@@ -18,6 +18,7 @@ from typing import IO
 
 from builder.core import sh
 from builder.core.errors import BakeError
+from builder.core.removal import remove_tree
 from builder.customize.backend import IMAGE_ENV, resolve_in_image, split_leaf
 
 RESOLVED_STUB = "../run/systemd/resolve/stub-resolv.conf"
@@ -253,7 +254,7 @@ class ChrootBackend:
             if entry.is_symlink() or not entry.is_dir():
                 entry.unlink()
             else:
-                shutil.rmtree(entry)
+                remove_tree(entry)
         except OSError as e:
             raise BakeError(f"{path}: cannot remove it from the image: {e.strerror}") from None
 

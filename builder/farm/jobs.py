@@ -37,7 +37,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -266,7 +265,7 @@ def run_build(spec: dict[str, Any]) -> dict[str, Any]:
             finally:
                 lease.release()
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        sh.discard_tree(folder, ignore_errors=True)
         with contextlib.suppress(Exception):
             lifetime.session().close()
 

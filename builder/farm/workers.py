@@ -4,11 +4,11 @@ and the name of a killed worker of this box is taken over."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 from pathlib import Path
 
 from builder.core.errors import BakeError
+from builder.core.removal import remove_tree
 
 
 def clean_job_folders(output: Path) -> list[str]:
@@ -20,7 +20,7 @@ def clean_job_folders(output: Path) -> list[str]:
     for d in jobs.iterdir():
         pid = d.name.rsplit(".", 1)[-1]
         if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            shutil.rmtree(d, ignore_errors=True)
+            remove_tree(d, ignore_errors=True)
             removed.append(str(d))
     return removed
 

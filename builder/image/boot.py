@@ -10,6 +10,7 @@ from pathlib import Path
 from builder.base.source import kernel_version
 from builder.core import sh
 from builder.core.errors import BakeError
+from builder.core.removal import remove_tree
 
 SOURCE_BOOT = ".bake-source-boot"   # the source's own kernel and ramdisk travel with the tree, until the image stage
 
@@ -82,11 +83,11 @@ def take_source_boot(root: Path, dest: Path) -> tuple[Path, Path, str] | None:
     out of the tree into `dest`: (kernel, ramdisk, version), else None."""
     found = source_kernel_of(root)
     if found is None:
-        shutil.rmtree(root / SOURCE_BOOT, ignore_errors=True)
+        remove_tree(root / SOURCE_BOOT, ignore_errors=True)
         return None
     version = kernel_version(found[0]) or "source"
     kernel, ramdisk = dest / f"vmlinuz-{version}", dest / f"initrd.img-{version}"
     shutil.move(str(found[0]), kernel)
     shutil.move(str(found[1]), ramdisk)
-    shutil.rmtree(root / SOURCE_BOOT)
+    remove_tree(root / SOURCE_BOOT)
     return kernel, ramdisk, version

@@ -11,7 +11,6 @@ import contextlib
 import datetime as _dt
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Iterator
@@ -90,7 +89,7 @@ def _run_stages(ctx: BuildContext) -> Build:
                         stage.run(ctx)
                     stages_run.append(stage.name)
                     if stage.last_use_of_work:
-                        shutil.rmtree(ctx.work)
+                        sh.discard_tree(ctx.work)
                     if build.data.get("result") == "failed":
                         build.data["failed_stage"] = stage.name
                         break
@@ -159,5 +158,4 @@ def _result_event(build: Build) -> None:
 def _discard(work: Path) -> None:
     if work.exists():
         sh.kill_chroot_processes(work)
-        sh.unmount_all_under(work)
-        shutil.rmtree(work, ignore_errors=True)
+        sh.discard_tree(work, ignore_errors=True)

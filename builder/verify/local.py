@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from builder.core.record import Build
 from builder.core.errors import BakeError
 from builder.core.log import step
 from builder.core import lifetime
+from builder.core.removal import remove_tree
 from builder import vm
 from builder.recipe.schemaerrors import size_mib
 from . import checks
@@ -142,7 +142,7 @@ class Session:
 def _prepare_workdir(build: Build) -> Path:
     work = build.dir / WORKDIR
     if work.exists():
-        shutil.rmtree(work)
+        remove_tree(work)
     work.mkdir()
     return work
 

@@ -34,6 +34,7 @@ from typing import Iterator
 from builder.core import lifetime, sh
 from builder.core.interrupts import deferred
 from builder.core.errors import BakeError
+from builder.core.removal import remove_tree
 from . import disk, metadata
 from .accel import Accel
 from .console import Console
@@ -211,7 +212,7 @@ def launch(trio: Trio, base_disk: Path, workdir: Path, *, name: str = "a", accel
     itype = disk.instance_type(instance_type)
     folder = Path(workdir) / name
     if folder.exists():
-        shutil.rmtree(folder)
+        remove_tree(folder)
     folder.mkdir(parents=True)
     instance_id = instance_id or f"i-{secrets.token_hex(4)}"
     scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=workdir))

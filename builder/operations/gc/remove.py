@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 from pathlib import Path
 
 from builder.core import locks, sh
 from builder.core.cache import TreeCache
 from builder.core.errors import BakeError
 from builder.core.record import Build
+from builder.core.removal import remove_tree
 from builder.operations.gc.plan import BuildVerdict, CacheVerdict, GcPlan
 from builder.operations.gc.facts import Survey
 from builder.operations.gc.survey import held_by, in_use
@@ -89,7 +89,7 @@ def _remove_build(v: BuildVerdict, used: dict[str, list[str]], clients, creds) -
                     delete_object(clients, bucket, key, opts, creds)
         if build is not None and build.dir.exists():
             log.info("removing %s", build.dir)
-            shutil.rmtree(build.dir)
+            remove_tree(build.dir)
             build.lock_path.unlink(missing_ok=True)     # held by us: nobody waits on a folder that is gone
     return "removed"
 

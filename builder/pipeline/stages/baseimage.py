@@ -216,7 +216,7 @@ def _unpack(build: Build, recipe: Recipe, plan: Plan, work: Path) -> Path | None
         how = open_method()
         tree = work / "bootstrap"
         if tree.exists():
-            shutil.rmtree(tree)
+            sh.discard_tree(tree)
         _take_tree(opened, tree, how)
         record = opened.record
         record["opened_by"] = "host loop mount + tar" if how == "host" else "libguestfs tar_out"
@@ -235,8 +235,8 @@ def _unpack(build: Build, recipe: Recipe, plan: Plan, work: Path) -> Path | None
             shutil.copyfile(ramdisk, keep / "ramdisk")
         with step("Saving the base's root tree to the cache"):
             cache.save(key, tree, {"base": record, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
-        shutil.rmtree(work / "base", ignore_errors=True)
-        shutil.rmtree(work / "emi", ignore_errors=True)
+        sh.discard_tree(work / "base", ignore_errors=True)
+        sh.discard_tree(work / "emi", ignore_errors=True)
     recipe.data["label"] = label
     build.set("base", record)
     build.record_stage("bootstrap", cached=False, key=key, namespace="base")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -84,7 +83,7 @@ def _debootstrap(build: Build, recipe: Recipe, plan: Plan, work: Path, cache: Tr
     sh.require("debootstrap")
     tree = work / "bootstrap"
     if tree.exists():
-        shutil.rmtree(tree)
+        sh.discard_tree(tree)
     argv = ["debootstrap", f"--variant={d['variant']}", f"--arch={DEB_ARCH[recipe.arch]}",
             f"--components={','.join(d['components'])}"]
     # --force-check-gpg: a Release file that cannot be checked stops debootstrap

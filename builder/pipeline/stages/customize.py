@@ -15,11 +15,11 @@ backend, keeps the package checkpoint and records what it did in build.json.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from builder.core import sh
 from builder.core.cache import TreeCache, cache_root
 from builder.core.log import step
 from builder.core.record import Build
@@ -49,7 +49,7 @@ def in_chroot(build: Build, recipe: Recipe, plan: Plan, work: Path, fresh_tree: 
     stage made in this bake, or from the cache); returns the tree."""
     root = work / "rootfs"
     if root.exists():
-        shutil.rmtree(root)
+        sh.discard_tree(root)
     output_root = build.dir.parent.parent
     ckpt = TreeCache(cache_root(output_root), "packages")
     archives = cache_root(output_root) / "apt-archives" / \

@@ -11,7 +11,6 @@ recipe's dib.env passes it, and secret values are masked in everything logged.
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 from pathlib import Path
 
@@ -49,7 +48,7 @@ class DibRunner:
         """A fresh merged hooks tree, and an empty home and scratch for outside hooks."""
         for d in (self.tree, self.home, self.scratch):
             if d.exists():
-                shutil.rmtree(d)
+                sh.discard_tree(d)
         merge_hooks(self.expansion, self.tree)
         self.home.mkdir(mode=0o700)
         self.scratch.mkdir(mode=0o1777)
@@ -112,4 +111,4 @@ class DibRunner:
 
     def remove(self) -> None:
         for d in (self.tree, self.home, self.scratch):
-            shutil.rmtree(d, ignore_errors=True)
+            sh.discard_tree(d, ignore_errors=True)
