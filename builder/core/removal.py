@@ -104,8 +104,13 @@ def _unlink(path: str, ignore_errors: bool, dir_fd: int | None = None) -> None:
 
 def _empty(fd: int, shown: str, root: str, dev: int, mnt: int | None, ignore_errors: bool) -> None:
     """Remove what open folder `fd` (`shown` to a person) holds, for `remove_tree(root)`."""
-    with os.scandir(fd) as it:
-        names = [e.name for e in it]
+    try:
+        with os.scandir(fd) as it:
+            names = [e.name for e in it]
+    except OSError:
+        if not ignore_errors:
+            raise
+        return
     for name in names:
         child = os.path.join(shown, name)
         try:

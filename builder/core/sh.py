@@ -292,13 +292,18 @@ def mounts_under(path: str | os.PathLike) -> list[str]:
     return [m.target for m in mountinfo.under(path)]
 
 
-def unmount_all_under(path: str | os.PathLike) -> list[str]:
-    """Unmount everything mounted at or below `path`, deepest first (lazily as a last
-    resort); returns the mount points still there after."""
-    for target in mounts_under(path):
+def _unmount(targets: list[str]) -> None:
+    """Unmount `targets` in their order (lazily as a last resort)."""
+    for target in targets:
         r = run(["umount", target], check=False, quiet=True)
         if r.returncode != 0:
             run(["umount", "-l", target], check=False, quiet=True)
+
+
+def unmount_all_under(path: str | os.PathLike) -> list[str]:
+    """Unmount everything mounted at or below `path`, deepest first (lazily as a last
+    resort); returns the mount points still there after."""
+    _unmount(mounts_under(path))
     return mounts_under(path)
 
 
@@ -314,10 +319,7 @@ def discard_tree(path: str | os.PathLike, *, ignore_errors: bool = False) -> Non
     """Remove the tree `path` that bake made: first unmount, deepest first, what bake
     mounted in it; then remove it, never across a mount (one bake did not make, or could
     not undo, stops the removal with `removal.MountBoundaryError`, naming it)."""
-    for target in own_mounts_under(path):
-        r = run(["umount", target], check=False, quiet=True)
-        if r.returncode != 0:
-            run(["umount", "-l", target], check=False, quiet=True)
+    _unmount(own_mounts_under(path))
     removal.remove_tree(path, ignore_errors=ignore_errors)
 
 
