@@ -19,6 +19,7 @@ from builder.core import events, exitcodes, lifetime, sh
 from builder.core.interrupts import deferred
 from builder.core.locks import recipe_lock
 from builder.core.record import Build
+from builder.core.removal import MountBoundaryError
 from builder.core.errors import BakeError
 from builder.core.log import step
 from builder.pipeline.options import BuildOptions
@@ -156,6 +157,12 @@ def _result_event(build: Build) -> None:
 
 
 def _discard(work: Path) -> None:
+    """Remove the work tree at the end of a bake. A mount left in it that bake could not
+    undo keeps it (and what is under that mount) in place, said as an error, without
+    taking the place of the error the bake ends with."""
     if work.exists():
         sh.kill_chroot_processes(work)
-        sh.discard_tree(work, ignore_errors=True)
+        try:
+            sh.discard_tree(work, ignore_errors=True)
+        except MountBoundaryError as e:
+            log.error("%s", e)
