@@ -307,41 +307,62 @@ def test_stale_cleanup_unmounts_a_killed_chroot_under_a_non_ascii_output_path_th
 
 # --- a real bake, interrupted and run again (not in the quick tier) -------------------------
 
+HOST_DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/tty")
+
+
+def host_dev_intact() -> bool:
+    return all(stat.S_ISCHR(os.stat(d).st_mode) for d in HOST_DEVICES) and os.path.isdir("/dev/pts")
+
+
 @pytest.mark.bakes
 @pytest.mark.e2e
 def test_an_interrupted_bake_under_a_non_ascii_output_leaves_nothing_mounted_and_the_host_dev_intact(
         demo_build, tmp_path):
+    assert host_dev_intact()
     out = tmp_path / "öut put"
     argv = [BAKE, "build", str(REPO / "recipes" / "debian-demo.yml"), "--stop-after", "customize",
             "--output", str(out)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    # its output goes to a file: a pipe nobody reads while the test waits would stop the bake
+    log_path = tmp_path / "first-run.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        def chroot_mounted():
+        def chroot_dev():
             return [t for t in sh.mounts_under(out) if t.endswith("/work/rootfs/dev")] or proc.poll() is not None
-        wait_for(chroot_mounted, 900, "the chroot's /dev to be mounted under the output path")
-        assert proc.poll() is None, "the bake ended before customize mounted its chroot"
-        build_dir = Path(sh.mounts_under(out)[0].split("/work/rootfs/", 1)[0])
+        found = wait_for(chroot_dev, 900, "the chroot's /dev to be mounted under the output path (customize)")
+        assert proc.poll() is None, "the bake ended before customize mounted its chroot:\n" + log_path.read_text()
+        build_dir = Path(found[0].removesuffix("/work/rootfs/dev"))
+        assert build_dir.parent.parent == out
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=300)
+        proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)     # its watchdog ends what it started
             proc.wait()
-    assert proc.returncode == 130, stderr
+        # what a failure left mounted under the test's own folder, deepest first
+        for target in sh.mounts_under(out):
+            subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+    said = log_path.read_text()
+    assert proc.returncode == 130, said
+    assert "interrupted; everything mounted or started was undone" in said
     assert sh.mounts_under(out) == []
     assert sh.chroot_processes(out) == []
     assert not (build_dir / "work").exists()
-    assert stat.S_ISCHR(os.stat("/dev/null").st_mode) and os.path.exists("/dev/pts")
+    assert host_dev_intact()
     assert json.loads((build_dir / "build.json").read_text())["result"] == "failed"
 
+    # run again, to the end of customize
     again = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=1800)
-    assert again.returncode == 0, again.stderr
-    assert sh.mounts_under(out) == []
-    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
-    results = sorted(json.loads(p.read_text())["result"] for p in out.glob("*/*/build.json"))
-    assert results == ["failed", "ok"], results
-    assert not list(out.glob("*/*/work"))
+    try:
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert sh.mounts_under(out) == []
+        assert host_dev_intact()
+        results = sorted(json.loads(p.read_text())["result"] for p in out.glob("*/*/build.json"))
+        assert results == ["failed", "ok"], results
+        assert not list(out.glob("*/*/work"))
+    finally:
+        for target in sh.mounts_under(out):
+            subprocess.run(["umount", "-l", target], check=False, capture_output=True)
 
 
 # rmtree is left only for folders a run made private to itself, where nothing is mounted:
