@@ -49,6 +49,13 @@ def _is_mounted(path: Path) -> bool:
     return any(m.target == real for m in mountinfo.read())
 
 
+HOST_DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/tty")
+
+
+def host_dev_intact() -> bool:
+    return all(stat.S_ISCHR(os.stat(d).st_mode) for d in HOST_DEVICES) and os.path.isdir("/dev/pts")
+
+
 # --- reading the mount table --------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ODD_NAMES, ids=["space", "tab", "backslash", "newline", "non-ascii", "mixed"])
@@ -90,6 +97,38 @@ def test_mounts_under_lists_the_deeper_mount_first(tmp_path):
         (top / "a" / "b c").mkdir()
         made.make("-t", "tmpfs", "-o", "size=1m", "bake-test", top / "a" / "b c")
         assert sh.mounts_under(top) == [str(top / "a" / "b c"), str(top / "a")]
+    finally:
+        made.undo()
+
+
+# --- undoing what bake mounted -----------------------------------------------------------
+
+def test_a_mount_on_a_non_ascii_path_is_undone_when_its_block_ends(tmp_path):
+    point = tmp_path / "öut put" / "mnt"
+    point.mkdir(parents=True)
+    made = Mounts([str(point)])
+    try:
+        with sh.mount("bake-test", point, fstype="tmpfs", options="size=1m"):
+            assert _is_mounted(point) and sh.own_mounts_under(tmp_path) == [str(point)]
+        assert not _is_mounted(point) and sh.own_mounts_under(tmp_path) == []
+    finally:
+        made.undo()
+
+
+def test_chroot_mounts_under_a_non_ascii_path_are_all_undone_when_the_block_fails(tmp_path):
+    root = tmp_path / "öut put" / "démo" / "work" / "rootfs"
+    for d in sh.CHROOT_BINDS:
+        (root / d).mkdir(parents=True)
+    made = Mounts([str(root / d) for d in sh.CHROOT_BINDS])
+    try:
+        with pytest.raises(RuntimeError):
+            with sh.chroot_mounts(root):
+                mounted = sh.mounts_under(root)
+                assert {str(root / d) for d in sh.CHROOT_BINDS} <= set(mounted)
+                assert sh.own_mounts_under(tmp_path) == mounted
+                raise RuntimeError("a hook failed")
+        assert sh.mounts_under(tmp_path) == []
+        assert host_dev_intact()
     finally:
         made.undo()
 
@@ -306,13 +345,6 @@ def test_stale_cleanup_unmounts_a_killed_chroot_under_a_non_ascii_output_path_th
 
 
 # --- a real bake, interrupted and run again (not in the quick tier) -------------------------
-
-HOST_DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/tty")
-
-
-def host_dev_intact() -> bool:
-    return all(stat.S_ISCHR(os.stat(d).st_mode) for d in HOST_DEVICES) and os.path.isdir("/dev/pts")
-
 
 @pytest.mark.bakes
 @pytest.mark.e2e
