@@ -100,6 +100,7 @@ def test_two_recipes_sharing_a_base_baked_and_verified_with_j2_and_one_debootstr
     cache = tmp_path / "cache"          # empty: the base is made during this run, once
     out = tmp_path / "out"
     env = dict(os.environ, BAKE_CACHE=str(cache))
+    env.pop("BAKE_GROUP", None)
     for k in ("EC2_URL", "S3_URL", "EC2_ACCESS_KEY", "EC2_SECRET_KEY"):
         env.pop(k, None)
     started: list[subprocess.Popen] = []
@@ -176,6 +177,11 @@ def test_two_recipes_sharing_a_base_baked_and_verified_with_j2_and_one_debootstr
         assert rec["result"] == "ok" and rec["recipe"]["name"] == name
         assert rec["stages"]["verify"]["result"] == "passed", rec["stages"]["verify"]
         assert json.loads((builds[name] / "verify.json").read_text())["result"] == "passed"
+        # the build and what it made are the owner's alone (no BAKE_GROUP here)
+        assert builds[name].stat().st_mode & 0o7777 == 0o700
+        for role in ("image", "kernel", "ramdisk"):
+            made = builds[name] / rec["outputs"][role]["path"]
+            assert made.stat().st_mode & 0o7777 == 0o600, (role, oct(made.stat().st_mode))
     made = [rec["stages"]["bootstrap"]["cached"] is False for rec in records.values()]
     assert made.count(True) == 1, "one debootstrap between the two recipes"
     (a0, a1), (b0, b1) = _interval(records["shared-base-a"]), _interval(records["shared-base-b"])

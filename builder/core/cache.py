@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Protocol
 
-from builder.core import lifetime, locks, sh
+from builder.core import exposure, lifetime, locks, sh
 
 
 class SharedCache(Protocol):
@@ -117,6 +117,7 @@ class TreeCache:
         the holder writes them)."""
         @contextlib.contextmanager
         def held():
+            exposure.private_dir(self.dir)
             with locks.held(self.lock_path(key), f"the {self.namespace} cache entry {key}"):
                 for left in self.dir.glob(f"{key}.*.tmp"):
                     left.unlink(missing_ok=True)
@@ -132,7 +133,7 @@ class TreeCache:
     def save(self, key: str, tree: Path, meta: dict[str, Any]) -> None:
         """Store `tree` under `key` (atomically), with `meta` beside it. The caller holds
         `lock(key)`."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        exposure.private_dir(self.dir)
         mine = f"{os.getpid()}-{secrets.token_hex(3)}"
         tmp = self.dir / f"{key}.tar.{mine}.tmp"
         mtmp = self.dir / f"{key}.json.{mine}.tmp"

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder.core import locks
+from builder.core import exposure, locks
 from builder.core.errors import BakeError
 from builder.core.state import state_dir
 
@@ -47,13 +47,13 @@ class Build:
     def create(cls, output_root: Path, recipe_name: str, build_id: str | None = None) -> "Build":
         """Make a fresh build directory under `output_root/recipe_name/`."""
         build_id = build_id or new_build_id()
-        base = Path(output_root) / recipe_name
-        base.mkdir(parents=True, exist_ok=True)
+        base = exposure.private_dir(Path(output_root) / recipe_name)
         d = base / build_id
         n = 1
         while True:
             try:
-                d.mkdir()        # atomic: of two bakes started in the same second, each gets its own
+                # atomic: of two bakes started in the same second, each gets its own
+                exposure.new_private_dir(d)
                 break
             except FileExistsError:
                 n += 1

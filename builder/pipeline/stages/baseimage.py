@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.core import sh
+from builder.core import exposure, sh
 from builder.base import disks, extfs, formats
 from builder.base.source import check_release, file_digest, kernel_version, release_of, source_digest
 from builder.core.record import Build
@@ -304,7 +304,7 @@ def image_in_place(ctx: BuildContext) -> None:
                                 "none: use method: unpack")
             ramdisk = found_ramdisk
         for p in (image, kernel, ramdisk):
-            p.chmod(0o644)
+            exposure.private_file(p)
         build.record_output("kernel", kernel)
         build.record_output("ramdisk", ramdisk)
         build.record_output("image", image)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from builder.core import sh
+from builder.core import exposure, sh
 from builder.core.record import Build
 from builder.core.errors import BakeError
 from builder.core.log import step
@@ -50,7 +50,7 @@ def make_image(build: Build, recipe: Recipe, root: Path) -> None:
             shutil.copyfile(root / "boot" / f"vmlinuz-{version}", kernel)
             shutil.copyfile(root / "boot" / f"initrd.img-{version}", ramdisk)
         for p in (image, kernel, ramdisk):
-            p.chmod(0o644)
+            exposure.private_file(p)
         build.record_output("kernel", kernel)
         build.record_output("ramdisk", ramdisk)
         build.record_output("image", image)
