@@ -27,84 +27,14 @@ Usage: unshare --mount --uts --ipc --propagation unchanged -- python -m builder.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
-import subprocess
 import sys
+
+from builder.core.mountns import bind_fd, make_private, mount, mounts, read_only, read_only_bind, under_a_mount
 
 PSEUDO = {"proc", "devtmpfs", "devpts", "mqueue", "hugetlbfs", "binfmt_misc", "autofs", "cgroup", "cgroup2",
           "bpf", "tracefs", "debugfs", "securityfs", "pstore", "configfs", "fusectl", "efivarfs", "nsfs",
           "rpc_pipefs"}
-
-
-def _unescape(s: str) -> str:
-    out, i = [], 0
-    while i < len(s):
-        if s[i] == "\\" and i + 3 < len(s) and s[i + 1:i + 4].isdigit():
-            out.append(chr(int(s[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(s[i])
-            i += 1
-    return "".join(out)
-
-
-def mounts(*, shared: bool = False) -> list[tuple]:
-    """(mount point, filesystem type) of the mounts this process can name, with whether
-    each propagates to other namespaces when `shared`."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            entry = (_unescape(fields[4]), right.split()[0])
-            out.append((*entry, any(o.startswith("shared:") for o in fields[6:])) if shared else entry)
-    return out
-
-
-def make_private() -> bool:
-    """Keep this namespace's mount events to itself. In a chroot whose root is no mount
-    (the mount holding it lies outside and cannot be named), each mount it can name is
-    made private; then False when one of them was shared, a sign that the unnamed one may
-    be too, so that no mount may be made on it. True otherwise."""
-    if subprocess.run(["mount", "--make-rprivate", "/"], capture_output=True, check=False).returncode == 0:
-        return True
-    was_shared = False
-    for target, _fstype, shared in mounts(shared=True):
-        was_shared |= shared
-        _mount("--make-private", target)
-    return not was_shared
-
-
-def under_a_mount(path: str, targets: list[str]) -> bool:
-    """Whether `path` lies on a mount this process can name."""
-    return any(t == "/" or path == t or path.startswith(t.rstrip("/") + "/") for t in targets)
-
-
-def _mount(*args: str) -> None:
-    r = subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        raise OSError(f"mount {' '.join(args)}: {r.stderr.strip()}")
-
-
-MS_REMOUNT, MS_BIND, MS_REC = 32, 4096, 16384
-
-
-def bind_fd(fd: int, target: str) -> None:
-    """Bind the folder open as `fd` at `target`, writable (mount(2) itself: mount(8) would
-    resolve /proc/self/fd/N to a path name, which may now lead elsewhere)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    # recursive, so the image's own /proc, /sys and /dev mounts come along
-    for src, flags in ((f"/proc/self/fd/{fd}".encode(), MS_BIND | MS_REC), (None, MS_REMOUNT | MS_BIND)):
-        if libc.mount(src, target.encode(), None, flags, None) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"mount {target}: {os.strerror(e)}")
-
-
-def read_only(path: str, *, bind_first: bool = False) -> None:
-    if bind_first:
-        _mount("--bind", path, path)
-    _mount("-o", "remount,bind,ro", path)
 
 
 def host_read_only(keep: list[str], may_mount_on_root: bool) -> None:
@@ -122,7 +52,7 @@ def host_read_only(keep: list[str], may_mount_on_root: bool) -> None:
             p = "/" + name
             if name in ("proc", "sys", "dev", "run") or p in seen or os.path.islink(p) or not os.path.isdir(p):
                 continue
-            _mount("--rbind", p, p)
+            mount("--rbind", p, p)
         targets = mounts()
     for target, fstype in targets:
         if fstype in PSEUDO or target.startswith(("/proc/", "/dev/")) or target in ("/proc", "/dev"):
@@ -143,7 +73,7 @@ def hide_ssh(may_mount_on_root: bool) -> None:
     for h in homes:
         d = os.path.join(h, ".ssh")
         if os.path.isdir(d) and not os.path.islink(d) and (may_mount_on_root or under_a_mount(d, targets)):
-            _mount("-t", "tmpfs", "-o", "ro,size=4k,mode=0700", "tmpfs", d)
+            mount("-t", "tmpfs", "-o", "ro,size=4k,mode=0700", "tmpfs", d)
 
 
 def main(argv: list[str]) -> int:
@@ -190,11 +120,6 @@ def main(argv: list[str]) -> int:
     read_only("/proc/sys", bind_first=True)
     os.execvp(cmd[0], cmd)
     return 127
-
-
-def read_only_bind(source: str, target: str) -> None:
-    _mount("--bind", source, target)
-    _mount("-o", "remount,bind,ro", target)
 
 
 if __name__ == "__main__":
