@@ -89,3 +89,40 @@ def read_only(path: str, *, bind_first: bool = False) -> None:
 def read_only_bind(source: str, target: str) -> None:
     mount("--bind", source, target)
     mount("-o", "remount,bind,ro", target)
+
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+
+
+def sys_mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    """mount(2) itself, for a `target` that is a /proc/self/fd/N link to a folder held
+    open (mount(8) would turn it into a path name, which an image may have changed)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    enc = [None if s is None else s.encode() for s in (source, target, fstype, data)]
+    if libc.mount(enc[0], enc[1], enc[2], ctypes.c_ulong(flags), enc[3]) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"mount {fstype or source or ''} on {target}: {os.strerror(e)}")
+
+
+def parent_pid(pid: str = "self") -> int:
+    """The parent of process `pid` as the /proc this process sees numbers it: the first
+    process of a new PID namespace has no parent in it (getppid() is 0), but the build
+    host's /proc still names it. 0 when there is none."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("PPid:"):
+                return int(line.split()[1])
+    return 0
+
+
+def in_own_mount_namespace() -> bool:
+    """Whether this process's mount namespace is not that of the process that started it
+    (its parent, or the parent's parent, when the parent is `unshare --fork` in the new
+    namespaces itself), so that no mount it makes can be the build host's own. False when
+    that cannot be told."""
+    try:
+        mine = os.readlink("/proc/self/ns/mnt")
+        parent = parent_pid()
+        return any(os.readlink(f"/proc/{pid}/ns/mnt") != mine for pid in (parent, parent_pid(str(parent))))
+    except (OSError, ValueError):
+        return False

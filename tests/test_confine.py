@@ -1,0 +1,205 @@
+"""builder.core.confine: a command run in an image's tree sees its own processes, a
+read-only /sys and kernel settings, a /dev of its own, and a hostname of its own; what it
+leaves behind ends with it, an interrupt ends it at once, and an image whose /proc, /sys
+or /dev is a link is refused with nothing mounted.
+
+Every test runs real commands in a real tree made of the host's own programs (and their
+libraries), from outside, as bake runs them: inside `sh.chroot_mounts`, through
+`confine.argv`. Each one ends by checking that the host's mount table holds nothing under
+the tree.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from builder.core import confine, mountns, sh
+from builder.core.errors import BakeError
+
+PROGRAMS = ("sh", "ls", "cat", "sleep", "stat", "hostname", "touch", "readlink", "head", "wc")
+ENV = dict(sh.IMAGE_ENV)
+MINIMAL_DEV = {"null", "zero", "full", "random", "urandom", "tty", "pts", "ptmx", "shm", "fd", "stdin", "stdout",
+               "stderr"}
+
+
+def host_mounts_under(path: Path) -> list[str]:
+    """Mount points at or under `path` in this process's own mount table, read afresh."""
+    p = os.path.realpath(path)
+    return [t for t, _ in mountns.mounts() if t == p or t.startswith(p + "/")]
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    """A root tree the host's own PROGRAMS run in: bin and lib as links into /usr."""
+    root = tmp_path_factory.mktemp("confine") / "template"
+    for d in ("usr/bin", "usr/lib", "usr/lib64", "etc", "tmp", "root", "proc", "sys", "dev"):
+        (root / d).mkdir(parents=True)
+    for name in ("bin", "sbin", "lib", "lib64"):
+        (root / name).symlink_to("usr/lib" if name == "lib" else "usr/lib64" if name == "lib64" else "usr/bin")
+    files = set()
+    for prog in PROGRAMS:
+        path = shutil.which(prog, path="/usr/bin:/bin")
+        assert path, f"the host has no {prog}"
+        files.add(path)
+        files.update(re.findall(r"(/\S+) \(0x", sh.output(["ldd", path])))
+    for f in files:
+        usr = f if f.startswith("/usr/") else "/usr" + f
+        dest = root / usr.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.realpath(f), dest)
+    return root
+
+
+@pytest.fixture
+def tree(template, tmp_path) -> Path:
+    """A fresh copy of the template; nothing of the host may stay mounted under it."""
+    root = tmp_path / "root"
+    subprocess.run(["cp", "-a", str(template), str(root)], check=True)
+    yield root
+    left = host_mounts_under(tmp_path)
+    sh.unmount_all_under(tmp_path)
+    assert left == [], f"left mounted on the host: {left}"
+
+
+def run_in(root: Path, script: str, **kw) -> sh.Result:
+    return sh.run(confine.argv(root, ["sh", "-c", script]), env=ENV, check=False, **kw)
+
+
+def processes_in(root: Path) -> list[int]:
+    return sh.chroot_processes(root)
+
+
+def wait_for(what: str, predicate, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(0.05)
+
+
+def test_the_command_sees_only_its_own_processes_under_bakes_first_process_rooted_in_the_tree(tree):
+    with sh.chroot_mounts(tree):
+        r = run_in(tree, "echo me $$; ls /proc; echo root-of-1 $(readlink /proc/1/root); "
+                         "cat /proc/1/cmdline; echo; "
+                         "stat -c %d/%i /; stat -Lc %d/%i /proc/1/root")
+    assert r.returncode == 0, r.output
+    lines = r.output.splitlines()
+    me = int(lines[0].split()[1])
+    pids = {int(x) for x in lines[1:] if x.isdigit()}
+    # the first process, the shell, and ls listing them: no process of the host
+    assert 1 in pids and me in pids and len(pids) == 3, r.output
+    assert "root-of-1 /proc" in lines, "the first process is rooted in the tree's /proc, never the host's /"
+    assert "builder.core.confine" in r.output
+    # / and the first process's root differ: a package script that asks learns it runs in a chroot
+    assert lines[-1] != lines[-2]
+    assert host_mounts_under(tree) == []
+
+
+def test_kernel_settings_are_read_only_and_a_hostname_change_stays_inside(tree):
+    host_name = socket.gethostname()
+    with open("/proc/sys/kernel/hostname") as f:
+        before = f.read()
+    with sh.chroot_mounts(tree):
+        r = run_in(tree, "echo taken > /proc/sys/kernel/hostname; echo write=$?; "
+                         "echo 1 > /proc/sys/vm/drop_caches; echo drop=$?; "
+                         "hostname image-chose-this; echo name=$(hostname)")
+    assert "write=2" in r.output and "drop=2" in r.output and "Read-only file system" in r.output, r.output
+    assert "name=image-chose-this" in r.output, r.output
+    with open("/proc/sys/kernel/hostname") as f:
+        assert f.read() == before
+    assert socket.gethostname() == host_name
+    assert host_mounts_under(tree) == []
+
+
+def test_sys_is_read_only(tree):
+    with sh.chroot_mounts(tree):
+        # lo's own MTU written back to it: harmless to the host even where /sys were writable
+        r = run_in(tree, "ls /sys/kernel >/dev/null && echo listed; touch /sys/new; echo touch=$?; "
+                         "mtu=$(cat /sys/class/net/lo/mtu); echo $mtu > /sys/class/net/lo/mtu; echo mtu=$?")
+    assert "listed" in r.output and "touch=1" in r.output and "mtu=2" in r.output, r.output
+    assert "/sys/class/net/lo/mtu: Read-only file system" in r.output
+    assert host_mounts_under(tree) == []
+
+
+def test_dev_holds_only_the_minimal_nodes_of_its_own(tree):
+    host_dev = set(os.listdir("/dev"))
+    assert host_dev - MINIMAL_DEV, "the host has devices (disks, loop devices) a chroot must not see"
+    with sh.chroot_mounts(tree):
+        r = run_in(tree, "ls -A /dev; echo --; ls -A /dev/pts; echo --; echo gone > /dev/null && echo null-ok; "
+                         "head -c 5 /dev/zero | wc -c; head -c 5 /dev/urandom | wc -c; "
+                         "echo x > /dev/full; echo full=$?")  # /dev/full: ENOSPC, which dash calls an I/O error
+    assert r.returncode == 0, r.output
+    dev, pts, rest = r.output.split("--\n")
+    assert set(dev.split()) == MINIMAL_DEV
+    assert pts.split() == ["ptmx"], "a devpts instance of its own: none of the host's terminals"
+    assert rest.split()[:3] == ["null-ok", "5", "5"] and "full=1" in rest and "I/O error" in rest, r.output
+    assert host_mounts_under(tree) == []
+
+
+def test_a_process_the_command_leaves_in_the_background_is_gone_when_it_ends(tree):
+    with sh.chroot_mounts(tree):
+        r = run_in(tree, "sleep 1000 >/dev/null 2>&1 & echo left $!")
+        assert r.returncode == 0 and "left" in r.output, r.output
+        # gone already when the command's run returns: the kernel ends a PID namespace's
+        # processes with its first one, and the first one waits for them to go
+        assert processes_in(tree) == []
+    assert host_mounts_under(tree) == []
+
+
+def test_an_interrupt_ends_the_command_and_all_it_started_at_once(tree):
+    started = time.monotonic()
+    with sh.chroot_mounts(tree):
+        # a long grace: only SIGTERM may end it, SIGKILL would come far too late for the test
+        with sh.background(confine.argv(tree, ["sh", "-c", "sleep 1000 & sleep 1000 & wait"]), env=ENV,
+                           grace=120) as proc:
+            # the first process, the shell and its two sleeps, all in the tree
+            wait_for("the command and its children run", lambda: len(processes_in(tree)) >= 4)
+            signalled = time.monotonic()
+        took = time.monotonic() - signalled
+        assert proc.returncode is not None
+        assert processes_in(tree) == []
+    assert took < 10, f"the command's process group took {took:.1f} s to end after SIGTERM"
+    assert time.monotonic() - started < 60
+    assert host_mounts_under(tree) == []
+
+
+@pytest.mark.parametrize("name", ["dev", "proc", "sys"])
+def test_an_image_whose_dev_proc_or_sys_is_a_link_to_a_host_folder_is_refused(tree, tmp_path, name):
+    host = tmp_path / f"host-{name}"
+    host.mkdir()
+    (tree / name).rmdir()
+    (tree / name).symlink_to(host)
+    with pytest.raises(BakeError) as e:
+        with sh.chroot_mounts(tree):
+            pass
+    message = str(e.value)
+    assert message == (f"refusing the image at {tree}: its /{name} is a symlink (to {host}); "
+                       f"bake mounts /{name} only on a folder of the image's own")
+    with pytest.raises(BakeError, match=f"its /{name} is a symlink"):
+        confine.argv(tree, ["true"])
+    assert list(host.iterdir()) == [] and host_mounts_under(host) == [] and host_mounts_under(tree) == []
+
+
+def test_an_image_whose_dev_is_a_file_is_refused(tree):
+    (tree / "dev").rmdir()
+    (tree / "dev").write_text("")
+    with pytest.raises(BakeError, match=r"its /dev is not a folder; bake mounts /dev only on a folder"):
+        with sh.chroot_mounts(tree):
+            pass
+    assert host_mounts_under(tree) == []
+
+
+def test_confinement_refuses_to_run_outside_namespaces_of_its_own(tree):
+    r = subprocess.run(confine.entry(tree, ["true"]), capture_output=True, text=True, check=False)
+    assert r.returncode == 125 and "run it through unshare" in r.stderr
+    r = subprocess.run(["unshare", "--pid", "--fork", "--kill-child", *confine.entry(tree, ["true"])],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 125 and "run it through unshare" in r.stderr, "a PID namespace without a mount one"
+    assert host_mounts_under(tree) == []
