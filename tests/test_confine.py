@@ -203,3 +203,36 @@ def test_confinement_refuses_to_run_outside_namespaces_of_its_own(tree):
                        capture_output=True, text=True, check=False)
     assert r.returncode == 125 and "run it through unshare" in r.stderr, "a PID namespace without a mount one"
     assert host_mounts_under(tree) == []
+
+
+def test_dibs_chroot_phases_run_confined_with_the_hooks_tree_in_place(tree, tmp_path):
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "probe").write_text("#!/bin/sh\necho hooks-here; ls /proc; ls -A /dev/pts; "
+                                 "touch /tmp/in_target.d/x; echo write=$?\n")
+    (hooks / "probe").chmod(0o755)
+    argv = [*confine.UNSHARE, *confine.program("builder.recipe.dib.sandbox"), "--chroot", str(tree),
+            "--hooks", str(hooks), "--", *confine.entry(tree, ["/tmp/in_target.d/probe"])]
+    with sh.chroot_mounts(tree):
+        r = sh.run(argv, env=ENV, check=False)
+    assert r.returncode == 0, r.output
+    assert "hooks-here" in r.output and "write=1" in r.output, r.output
+    pids = {int(x) for x in r.output.split() if x.isdigit()}
+    assert 1 in pids and len(pids) == 3, "the first process, the hook's shell and ls: no process of the host"
+    assert list(hooks.iterdir()) == [hooks / "probe"]
+    assert host_mounts_under(tree) == []
+
+
+def test_dibs_hooks_tree_is_never_mounted_where_the_images_tmp_link_points(tree, tmp_path):
+    host = tmp_path / "host-etc"
+    host.mkdir()
+    (tree / "tmp").rmdir()
+    (tree / "tmp").symlink_to(host)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    argv = [*confine.UNSHARE, *confine.program("builder.recipe.dib.sandbox"), "--chroot", str(tree),
+            "--hooks", str(hooks), "--", *confine.entry(tree, ["true"])]
+    with sh.chroot_mounts(tree):
+        r = sh.run(argv, env=ENV, check=False)
+    assert r.returncode != 0 and "its /tmp is no folder of its own" in r.output, r.output
+    assert list(host.iterdir()) == [] and host_mounts_under(host) == []
