@@ -201,7 +201,7 @@ def main(args: list[str]) -> int:
     def forward(sig: int, _frame: object) -> None:
         stop.append(sig)
         if child:
-            os.kill(-1, sig)        # every process of the namespace but this one
+            _pass_on(sig)
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
@@ -222,7 +222,7 @@ def main(args: list[str]) -> int:
     if child == 0:
         _run(root, command)
     if stop:
-        os.kill(-1, stop[0])
+        _pass_on(stop[0])
     # this process keeps no hold on the host's tree: its root becomes the tree's /proc
     os.chroot(os.path.join(root, "proc"))
     os.chdir("/")
@@ -231,6 +231,14 @@ def main(args: list[str]) -> int:
         if pid == child:
             sys.stderr.flush()
             os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+
+
+def _pass_on(sig: int) -> None:
+    """`sig` to every process of the namespace but this one (none left is no error)."""
+    try:
+        os.kill(-1, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _run(root: str, command: list[str]) -> None:
