@@ -236,3 +236,14 @@ def test_dibs_hooks_tree_is_never_mounted_where_the_images_tmp_link_points(tree,
         r = sh.run(argv, env=ENV, check=False)
     assert r.returncode != 0 and "its /tmp is no folder of its own" in r.output, r.output
     assert list(host.iterdir()) == [] and host_mounts_under(host) == []
+
+
+def test_no_command_of_bake_enters_a_tree_through_a_bare_chroot():
+    """Every command in an image's tree goes through confine.argv: a `chroot` argv anywhere
+    in builder/ would run the image's code with the host's processes and devices."""
+    package = Path(confine.__file__).resolve().parents[1]
+    argv = re.compile(r"""["']chroot["']\s*,\s*(str\(|self\.|root\b)""")
+    bare = [f"{p.relative_to(package.parent)}:{n}" for p in sorted(package.rglob("*.py"))
+            for n, line in enumerate(p.read_text().splitlines(), 1) if argv.search(line)]
+    assert bare == []
+    assert argv.search('sh.run(["chroot", str(self.root), *argv])'), "the pattern finds what it looks for"
