@@ -148,7 +148,8 @@ def mount_tree(root: str | os.PathLike) -> None:
                 raise
             # the kernel mounts no sysfs right on another (chroot_mounts' own): that one, read-only
             mountns.sys_mount(None, _at(fds["sys"]), None, MS_REMOUNT | MS_BIND | MS_RDONLY | quiet)
-        mountns.sys_mount("tmpfs", _at(fds["dev"]), "tmpfs", MS_NOSUID | MS_NOEXEC, DEV_OPTIONS)
+        # not noexec, as the host's /dev is not: a program may map what it puts in /dev/shm executable
+        mountns.sys_mount("tmpfs", _at(fds["dev"]), "tmpfs", MS_NOSUID, DEV_OPTIONS)
         dev = _mounted(root_fd, "dev")
         try:
             _fill_dev(dev)
