@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -24,7 +25,7 @@ import pytest
 from builder.core import confine, mountns, sh
 from builder.core.errors import BakeError
 
-PROGRAMS = ("sh", "ls", "cat", "sleep", "stat", "hostname", "touch", "readlink", "head", "wc")
+PROGRAMS = ("sh", "ls", "cat", "sleep", "stat", "hostname", "touch", "readlink", "head", "wc", "setsid")
 ENV = dict(sh.IMAGE_ENV)
 MINIMAL_DEV = {"null", "zero", "full", "random", "urandom", "tty", "pts", "ptmx", "shm", "fd", "stdin", "stdout",
                "stderr"}
@@ -145,7 +146,9 @@ def test_dev_holds_only_the_minimal_nodes_of_its_own(tree):
 
 def test_a_process_the_command_leaves_in_the_background_is_gone_when_it_ends(tree):
     with sh.chroot_mounts(tree):
-        r = run_in(tree, "sleep 1000 >/dev/null 2>&1 & echo left $!")
+        # one in the command's process group, one in a session of its own that ignores SIGTERM
+        r = run_in(tree, "sleep 1000 >/dev/null 2>&1 & "
+                         "setsid sh -c 'trap \"\" TERM; exec sleep 1001' >/dev/null 2>&1 & echo left")
         assert r.returncode == 0 and "left" in r.output, r.output
         # gone already when the command's run returns: the kernel ends a PID namespace's
         # processes with its first one, and the first one waits for them to go
@@ -154,11 +157,10 @@ def test_a_process_the_command_leaves_in_the_background_is_gone_when_it_ends(tre
 
 
 def test_an_interrupt_ends_the_command_and_all_it_started_at_once(tree):
-    started = time.monotonic()
     with sh.chroot_mounts(tree):
         # a long grace: only SIGTERM may end it, SIGKILL would come far too late for the test
-        with sh.background(confine.argv(tree, ["sh", "-c", "sleep 1000 & sleep 1000 & wait"]), env=ENV,
-                           grace=120) as proc:
+        script = "sleep 1000 & setsid sh -c 'trap \"\" TERM; exec sleep 1001' & wait"
+        with sh.background(confine.argv(tree, ["sh", "-c", script]), env=ENV, grace=120) as proc:
             # the first process, the shell and its two sleeps, all in the tree
             wait_for("the command and its children run", lambda: len(processes_in(tree)) >= 4)
             signalled = time.monotonic()
@@ -166,7 +168,18 @@ def test_an_interrupt_ends_the_command_and_all_it_started_at_once(tree):
         assert proc.returncode is not None
         assert processes_in(tree) == []
     assert took < 10, f"the command's process group took {took:.1f} s to end after SIGTERM"
-    assert time.monotonic() - started < 60
+    assert host_mounts_under(tree) == []
+
+
+def test_a_hard_kill_of_bakes_side_ends_everything_in_the_tree(tree):
+    """SIGKILL to the process bake started (as the watchdog of a killed bake sends it):
+    unshare's --kill-child ends the namespace's first process, and with it the rest."""
+    with sh.chroot_mounts(tree):
+        with sh.background(confine.argv(tree, ["sh", "-c", "setsid sleep 1000 & wait"]), env=ENV) as proc:
+            wait_for("the command and its child run", lambda: len(processes_in(tree)) >= 3)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            wait_for("everything in the tree ends", lambda: processes_in(tree) == [], timeout=10)
     assert host_mounts_under(tree) == []
 
 
