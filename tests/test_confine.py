@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -260,3 +261,71 @@ def test_no_command_of_bake_enters_a_tree_through_a_bare_chroot():
             for n, line in enumerate(p.read_text().splitlines(), 1) if argv.search(line)]
     assert bare == []
     assert argv.search('sh.run(["chroot", str(self.root), *argv])'), "the pattern finds what it looks for"
+
+
+# --- a build box that is itself a chroot, whose root is no mount and whose mounts propagate ---
+
+BOX = r'''
+import os, subprocess, sys
+work, template, root_of_bake, python = sys.argv[1:5]
+shared = os.path.join(work, "shared")
+box = os.path.join(shared, "box")
+os.makedirs(shared)
+subprocess.run(["mount", "-t", "tmpfs", "tmpfs", shared], check=True)
+subprocess.run(["mount", "--make-shared", shared], check=True)
+os.makedirs(box)
+for name in ("usr", "etc", "dev", "work", "bin", "sbin", "lib", "lib64"):
+    top = "/" + name
+    if os.path.islink(top):
+        os.symlink(os.readlink(top), os.path.join(box, name))
+    elif os.path.isdir(top):
+        os.makedirs(os.path.join(box, name))
+        subprocess.run(["mount", "--rbind", top, os.path.join(box, name)], check=True)
+for name in ("proc", "tmp"):
+    os.makedirs(os.path.join(box, name))
+subprocess.run(["mount", "-t", "proc", "proc", os.path.join(box, "proc")], check=True)
+subprocess.run(["cp", "-a", template, os.path.join(box, "tmp/tree")], check=True)
+env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": root_of_bake, "BAKE_STATE_DIR": "/tmp/state"}
+r = subprocess.run(["chroot", box, python, "-c", sys.stdin.read()], env=env, capture_output=True, text=True)
+print(r.stdout, r.stderr, f"exit={r.returncode}", sep="\n")
+tree = os.path.join(box, "tmp/tree")
+left = [line for line in open("/proc/self/mountinfo") if tree in line]
+print("left on the box's host:", left)
+'''
+
+IN_BOX = r'''
+import subprocess, sys
+from builder.core import confine, sh
+probe = [sys.executable, "-c", "from builder.core import mountns; print('private', mountns.make_private())"]
+print(subprocess.run(["unshare", "--mount", "--propagation", "unchanged", "--", *probe],
+                     capture_output=True, text=True).stdout.strip())
+tree = "/tmp/tree"
+bare = sh.run(confine.argv(tree, ["true"]), check=False)
+print("without chroot_mounts:", bare.returncode, bare.output.strip())
+with sh.chroot_mounts(tree):
+    r = sh.run(confine.argv(tree, ["sh", "-c", "ls /proc; ls -A /dev/pts; touch /sys/x; echo touch=$?"]),
+               env=sh.IMAGE_ENV, check=False)
+print(r.output, f"confined exit={r.returncode}")
+'''
+
+
+def test_in_a_box_whose_root_is_no_mount_and_propagates_nothing_reaches_the_boxs_host(template, tmp_path):
+    """The box is a chroot on a shared tmpfs of a mount namespace made for the test (the
+    box's host); bake runs in it. Where mounts propagate and the tree lies on the mount the
+    box cannot name, the confinement still mounts its own proc, sysfs and /dev, on the
+    mounts chroot_mounts made (which it can name and make private), and refuses to mount
+    without them; the box's host sees nothing of it."""
+    helper = tmp_path / "box.py"
+    helper.write_text(BOX)
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", sys.executable, str(helper),
+                        str(tmp_path / "host"), str(template), confine.PACKAGE_PARENT, sys.executable],
+                       input=IN_BOX, capture_output=True, text=True, timeout=300, check=False)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "private False" in out, "the box's mounts propagate: the case under test"
+    assert "without chroot_mounts: 125 bake-confine: cannot mount on /tmp/tree/proc" in out, out
+    assert "confined exit=0" in out and "touch=1" in out, out
+    listing = out.split("confined exit=0")[0].split("without chroot_mounts")[1]
+    assert "1\n" in listing and "ptmx" in listing
+    assert "left on the box's host: []" in out, out
+    assert host_mounts_under(tmp_path) == []
