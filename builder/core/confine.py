@@ -180,8 +180,9 @@ def _fail(message: str) -> int:
 
 
 def _keep_private(root: str) -> str | None:
-    """Make this namespace's mounts private; then None when it may mount on the tree's /proc, /sys and /dev without the
-    build host seeing it; otherwise the first path it may not."""
+    """Make this namespace's mounts private; then None when it may mount on the tree's
+    /proc, /sys and /dev without the build host seeing it, otherwise the first path it may
+    not (one that lies on no mount it can name, where some mount was shared)."""
     if mountns.make_private():
         return None
     targets = [t for t, _ in mountns.mounts()]
