@@ -25,6 +25,8 @@ import pytest
 
 from builder.core import confine, mountns, sh
 from builder.core.errors import BakeError
+from builder.recipe import dib
+from builder.recipe.dib.run import DibHookError, DibRunner
 
 PROGRAMS = ("sh", "ls", "cat", "sleep", "stat", "hostname", "touch", "readlink", "head", "wc", "setsid")
 ENV = dict(sh.IMAGE_ENV)
@@ -329,3 +331,27 @@ def test_in_a_box_whose_root_is_no_mount_and_propagates_nothing_reaches_the_boxs
     assert "1\n" in listing and "ptmx" in listing
     assert "left on the box's host: []" in out, out
     assert host_mounts_under(tmp_path) == []
+
+
+def test_a_dib_chroot_phase_in_an_image_whose_tmp_links_to_a_host_folder_fails_and_leaves_that_folder(
+        tree, tmp_path):
+    host = tmp_path / "host-folder"
+    (host / "in_target.d").mkdir(parents=True)      # a folder of the host's, as the image's link names it
+    (tree / "tmp").rmdir()
+    (tree / "tmp").symlink_to(host)
+    hook = tmp_path / "els/probe/install.d/10-probe"
+    hook.parent.mkdir(parents=True)
+    hook.write_text("#!/bin/sh\necho ran\n")
+    hook.chmod(0o755)
+    exp = dib.expand(["probe"], [tmp_path / "els"])
+    base = dib.base_env(distro="debian", suite="bookworm", arch="x86_64", init_system="systemd", image_name="t",
+                        label="root", filesystem="ext4", expansion=exp)
+    (tmp_path / "work").mkdir()
+    runner = DibRunner(exp, dib.DibEnv({}, set()), base, tree, tmp_path / "work")
+    runner.prepare()
+    with sh.chroot_mounts(tree):
+        with pytest.raises(DibHookError, match=r"its /tmp is no folder of its own"):
+            runner.run("install.d")
+    assert (host / "in_target.d").is_dir() and list(host.iterdir()) == [host / "in_target.d"]
+    assert host_mounts_under(host) == [] and host_mounts_under(tree) == []
+    runner.remove()

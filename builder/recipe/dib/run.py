@@ -109,7 +109,9 @@ class DibRunner:
                 if inside:
                     # the sandbox's bind mount went with its namespace; its mount point stays
                     point = self.root / IN_TARGET.lstrip("/")
-                    if point.is_dir() and not point.is_mount():
+                    # never through a link of the image's (the sandbox made none there)
+                    if not point.parent.is_symlink() and not point.is_symlink() and point.is_dir() \
+                            and not point.is_mount():
                         point.rmdir()
         self.ran.append(phase)
 
