@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, Iterator, Mapping, Sequence
 
-from builder.core import lifetime, mountinfo, removal
+from builder.core import confine, lifetime, mountinfo, removal
 from builder.core.errors import BakeError
 from builder.core.interrupts import deferred
 
@@ -363,9 +363,6 @@ def loop_device(image: str | os.PathLike, *, read_only: bool = False) -> Iterato
 
 # --- chroots --------------------------------------------------------------------------
 
-CHROOT_BINDS = ("proc", "sys", "dev", "dev/pts")
-
-
 def chroot_processes(root: str | os.PathLike) -> list[int]:
     """PIDs of processes whose root directory is `root` (or below it)."""
     real = os.path.realpath(root)
@@ -417,14 +414,17 @@ def chroot_guard(root: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def chroot_mounts(root: str | os.PathLike) -> Iterator[Path]:
-    """Bind /proc, /sys, /dev and /dev/pts into `root`; on exit, end any process left in
-    the chroot and undo every mount under it."""
+    """Mount in `root` what a command run in it sees outside its own namespaces (see
+    `confine`, through which every such command runs): proc with its kernel-changing files
+    read-only, a read-only sysfs and a minimal /dev of the tree's own, none of the build
+    host's devices. On exit, end any process left in the chroot and undo every mount under
+    it. A BakeError, with nothing mounted, for a tree whose /proc, /sys or /dev is a symlink
+    or no folder."""
     with chroot_guard(root) as root:
-        run(["mount", "-t", "proc", "proc", root / "proc"], what="mounting /proc in the chroot", quiet=True)
-        run(["mount", "--rbind", "/sys", root / "sys"], quiet=True)
-        run(["mount", "--make-rslave", root / "sys"], quiet=True)
-        run(["mount", "--bind", "/dev", root / "dev"], quiet=True)
-        run(["mount", "-t", "devpts", "-o", "newinstance,ptmxmode=0666", "devpts", root / "dev/pts"], quiet=True)
+        try:
+            confine.mount_tree(root)
+        except OSError as e:
+            raise BakeError(f"mounting /proc, /sys and /dev in the chroot {root}: {e.strerror or e}") from None
         yield root
 
 

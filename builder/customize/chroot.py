@@ -4,8 +4,8 @@ bake runs as root on the host, outside the chroot, so a path in the image must b
 resolved as the image sees it: an absolute symlink there (/etc/localtime ->
 /usr/share/zoneinfo/UTC) would otherwise be followed to the host's own file. Every verb
 here goes through `path_in_root`, and refuses what lies on a filesystem mounted into the
-chroot from the host (/proc, /sys, /dev). Commands run in it need `sh.chroot_mounts`
-around them.
+chroot (/proc, /sys, /dev). Commands run in it confined (`core.confine`: namespaces of
+their own, the tree's own /proc, /sys and /dev), inside `sh.chroot_mounts`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
-from builder.core import sh
+from builder.core import confine, sh
 from builder.core.errors import BakeError
 from builder.core.removal import remove_tree
 from builder.customize.backend import IMAGE_ENV, resolve_in_image, split_leaf
@@ -188,7 +188,7 @@ class ChrootBackend:
     def run(self, argv: Sequence[str], *, env: dict[str, str] | None = None, what: str = "", check: bool = False,
             quiet: bool = False, logfile: IO[str] | None = None,
             on_line: Callable[[str], None] | None = None) -> sh.Result:
-        return sh.run(["chroot", str(self.root), *argv], env={**IMAGE_ENV, **(env or {})}, what=what, check=check,
+        return sh.run(confine.argv(self.root, list(argv)), env={**IMAGE_ENV, **(env or {})}, what=what, check=check,
                       quiet=quiet, logfile=logfile, on_line=on_line)
 
     def read(self, path: str) -> bytes | None:

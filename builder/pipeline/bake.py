@@ -41,9 +41,9 @@ def bake(recipe: Recipe, options: BuildOptions | None = None) -> Build:
         if os.geteuid() != 0:
             raise BakeError("base.method unpack customizes the base's tree in a chroot, which needs root: run bake "
                             "as root, or use base.method: guestfs to change the image in place without root")
-        sh.require("chroot", "mount", "tar", "qemu-img", "debugfs")
+        sh.require("unshare", "mount", "tar", "qemu-img", "debugfs")
     else:
-        sh.require("debootstrap", "chroot", "mount", "tar")
+        sh.require("debootstrap", "chroot", "unshare", "mount", "tar")
     output_root = Path(options.output).resolve()
     # mirrors and packages resolve before anything is made, and before waiting for the
     # recipe: bad input is said at once

@@ -11,10 +11,9 @@ recipe's dib.env passes it, and secret values are masked in everything logged.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
-from builder.core import sh
+from builder.core import confine, sh
 from builder.core.errors import BakeError
 from builder.core.log import step
 from builder.recipe.dib import CHROOT, DibEnv, Expansion, IN_TARGET, dib_env_declaration, listed_hooks, merge_hooks
@@ -83,14 +82,18 @@ class DibRunner:
             return
         inside = phase in CHROOT
         # the sandbox makes the mounts private itself: unshare cannot where / is no mount (a chroot)
-        ns = ["unshare", "--mount", "--uts", "--ipc", "--propagation", "unchanged", "--",
-              sys.executable, "-m", "builder.recipe.dib.sandbox"]
         if inside:
-            argv = [*ns, "--chroot", str(self.root), "--hooks", str(self.tree), "--",
-                    "chroot", str(self.root), f"{IN_TARGET}/dib-run-parts", f"{IN_TARGET}/{phase}"]
+            # confined as every command in the tree (core/confine.py), which the sandbox
+            # execs once the hooks tree is in place
+            argv = [*confine.UNSHARE, *confine.program("builder.recipe.dib.sandbox"), "--chroot", str(self.root),
+                    "--hooks", str(self.tree), "--",
+                    *confine.entry(self.root, [f"{IN_TARGET}/dib-run-parts", f"{IN_TARGET}/{phase}"])]
+            confine.check_tree(self.root)
         else:
             writable = [self.root, self.tree, self.home, self.scratch]
-            argv = [*ns, "--outside", *[a for w in writable for a in ("--write", str(w))], "--",
+            argv = ["unshare", "--mount", "--uts", "--ipc", "--propagation", "unchanged", "--",
+                    *confine.program("builder.recipe.dib.sandbox"), "--outside",
+                    *[a for w in writable for a in ("--write", str(w))], "--",
                     "bash", str(self.tree / "dib-run-parts"), str(self.tree / phase)]
         where = "in the chroot" if inside else "outside the chroot"
         with step(f"DIB {phase} ({len(listed)} hook{'s' if len(listed) != 1 else ''}, {where})"):
@@ -105,7 +108,9 @@ class DibRunner:
                 if inside:
                     # the sandbox's bind mount went with its namespace; its mount point stays
                     point = self.root / IN_TARGET.lstrip("/")
-                    if point.is_dir() and not point.is_mount():
+                    # never through a link of the image's (the sandbox made none there)
+                    if not point.parent.is_symlink() and not point.is_symlink() and point.is_dir() \
+                            and not point.is_mount():
                         point.rmdir()
         self.ran.append(phase)
 

@@ -12,82 +12,34 @@ kill included:
   root, the hooks tree, the phase's scratch folder, which is its TMPDIR); every `.ssh`
   folder under /root and /home is hidden under an empty read-only tmpfs;
 - hooks in the chroot (`--chroot ROOT`): the hooks tree is bind-mounted read-only at
-  ROOT/tmp/in_target.d, as DIB does, and the host's kernel settings the chroot can see
-  (ROOT/proc/sys, ROOT/sys) are read-only;
+  ROOT/tmp/in_target.d, as DIB does, and the command is `core/confine.py`'s, which runs
+  the hooks confined as every command in the tree (its own PID namespace, /proc, read-only
+  /sys and kernel settings, minimal /dev) in the namespaces this one prepared;
 - both: /proc/sys read-only, and a hostname change stays in the namespace.
 
 Every mount is made private first (in a chroot whose root is no mount, where
 `unshare --propagation private` cannot work, each mount it can name), so nothing made
 here reaches the host's mount table.
 
-Usage: unshare --mount --uts --ipc --propagation unchanged -- python -m builder.dib.sandbox
-       (--outside | --chroot ROOT --hooks TREE) [--write PATH]... -- ARGV...
+Usage: unshare --mount --uts --ipc --propagation unchanged -- python -m builder.recipe.dib.sandbox
+       --outside [--write PATH]... -- ARGV...
+       unshare --mount --uts --ipc --pid --fork --kill-child --propagation unchanged -- \\
+           python -m builder.recipe.dib.sandbox --chroot ROOT --hooks TREE -- (confine.entry's argv)
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
+import contextlib
 import os
-import subprocess
 import sys
 
-from builder.core import mountinfo
+from builder.core.mountns import (MS_BIND, MS_RDONLY, MS_REMOUNT, bind_fd, in_own_mount_namespace, make_private,
+                                  mount, mounts, read_only, sys_mount, under_a_mount)
 
 PSEUDO = {"proc", "devtmpfs", "devpts", "mqueue", "hugetlbfs", "binfmt_misc", "autofs", "cgroup", "cgroup2",
           "bpf", "tracefs", "debugfs", "securityfs", "pstore", "configfs", "fusectl", "efivarfs", "nsfs",
           "rpc_pipefs"}
-
-
-def mounts(*, shared: bool = False) -> list[tuple]:
-    """(mount point, filesystem type) of the mounts this process can name, with whether
-    each propagates to other namespaces when `shared`."""
-    return [(m.target, m.fstype, m.shared) if shared else (m.target, m.fstype) for m in mountinfo.read()]
-
-
-def make_private() -> bool:
-    """Keep this namespace's mount events to itself. In a chroot whose root is no mount
-    (the mount holding it lies outside and cannot be named), each mount it can name is
-    made private; then False when one of them was shared, a sign that the unnamed one may
-    be too, so that no mount may be made on it. True otherwise."""
-    if subprocess.run(["mount", "--make-rprivate", "/"], capture_output=True, check=False).returncode == 0:
-        return True
-    was_shared = False
-    for target, _fstype, shared in mounts(shared=True):
-        was_shared |= shared
-        _mount("--make-private", target)
-    return not was_shared
-
-
-def under_a_mount(path: str, targets: list[str]) -> bool:
-    """Whether `path` lies on a mount this process can name."""
-    return any(t == "/" or path == t or path.startswith(t.rstrip("/") + "/") for t in targets)
-
-
-def _mount(*args: str) -> None:
-    r = subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        raise OSError(f"mount {' '.join(args)}: {r.stderr.strip()}")
-
-
-MS_REMOUNT, MS_BIND, MS_REC = 32, 4096, 16384
-
-
-def bind_fd(fd: int, target: str) -> None:
-    """Bind the folder open as `fd` at `target`, writable (mount(2) itself: mount(8) would
-    resolve /proc/self/fd/N to a path name, which may now lead elsewhere)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    # recursive, so the image's own /proc, /sys and /dev mounts come along
-    for src, flags in ((f"/proc/self/fd/{fd}".encode(), MS_BIND | MS_REC), (None, MS_REMOUNT | MS_BIND)):
-        if libc.mount(src, target.encode(), None, flags, None) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"mount {target}: {os.strerror(e)}")
-
-
-def read_only(path: str, *, bind_first: bool = False) -> None:
-    if bind_first:
-        _mount("--bind", path, path)
-    _mount("-o", "remount,bind,ro", path)
 
 
 def host_read_only(keep: list[str], may_mount_on_root: bool) -> None:
@@ -105,7 +57,7 @@ def host_read_only(keep: list[str], may_mount_on_root: bool) -> None:
             p = "/" + name
             if name in ("proc", "sys", "dev", "run") or p in seen or os.path.islink(p) or not os.path.isdir(p):
                 continue
-            _mount("--rbind", p, p)
+            mount("--rbind", p, p)
         targets = mounts()
     for target, fstype in targets:
         if fstype in PSEUDO or target.startswith(("/proc/", "/dev/")) or target in ("/proc", "/dev"):
@@ -126,7 +78,7 @@ def hide_ssh(may_mount_on_root: bool) -> None:
     for h in homes:
         d = os.path.join(h, ".ssh")
         if os.path.isdir(d) and not os.path.islink(d) and (may_mount_on_root or under_a_mount(d, targets)):
-            _mount("-t", "tmpfs", "-o", "ro,size=4k,mode=0700", "tmpfs", d)
+            mount("-t", "tmpfs", "-o", "ro,size=4k,mode=0700", "tmpfs", d)
 
 
 def main(argv: list[str]) -> int:
@@ -141,7 +93,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--write", action="append", default=[])
     a = p.parse_args(argv[:i])
     cmd = argv[i + 1:]
-    if os.readlink("/proc/self/ns/mnt") == os.readlink(f"/proc/{os.getppid()}/ns/mnt"):
+    if not in_own_mount_namespace():
         # never change the host's own mounts: this runs in a mount namespace of its own
         print("bake-sandbox: run it through unshare --mount", file=sys.stderr)
         return 2
@@ -162,22 +114,35 @@ def main(argv: list[str]) -> int:
                 if target.startswith(w.rstrip("/") + "/") and fstype == "sysfs":
                     read_only(target)
     if a.chroot:
-        root = os.path.realpath(a.chroot)
-        where = os.path.join(root, "tmp/in_target.d")
-        os.makedirs(where, exist_ok=True)
-        read_only_bind(a.hooks, where)
-        for sub in ("proc/sys", "sys"):
-            t = os.path.join(root, sub)
-            if os.path.ismount(t) or (sub == "proc/sys" and os.path.isdir(t)):
-                read_only(t, bind_first=(sub == "proc/sys"))
+        hooks_in_tree(os.path.realpath(a.chroot), a.hooks)
     read_only("/proc/sys", bind_first=True)
     os.execvp(cmd[0], cmd)
     return 127
 
 
-def read_only_bind(source: str, target: str) -> None:
-    _mount("--bind", source, target)
-    _mount("-o", "remount,bind,ro", target)
+def hooks_in_tree(root: str, hooks: str) -> None:
+    """The hooks tree read-only at ROOT/tmp/in_target.d, made and mounted through
+    descriptors opened without following links: the image's /tmp must be a folder of its
+    own, never a link a hostile image points at the build host's folders."""
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    flags = os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
+    try:
+        tmp = os.open("tmp", flags, dir_fd=root_fd)
+    except OSError as e:
+        raise SystemExit(f"bake-sandbox: refusing the image at {root}: its /tmp is no folder of its own "
+                         f"({e.strerror})") from None
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir("in_target.d", 0o755, dir_fd=tmp)
+        point = os.open("in_target.d", flags, dir_fd=tmp)
+        sys_mount(hooks, f"/proc/self/fd/{point}", None, MS_BIND)
+        os.close(point)
+        point = os.open("in_target.d", flags, dir_fd=tmp)      # the bind mount, now
+        sys_mount(None, f"/proc/self/fd/{point}", None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+        os.close(point)
+    finally:
+        os.close(tmp)
+        os.close(root_fd)
 
 
 if __name__ == "__main__":
