@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -153,6 +154,25 @@ def test_console_wait_stops_at_a_failure_line(tmp_path):
         c = Console(p.stdout, tmp_path / "console.log", p)
         with pytest.raises(GuestTimeout, match="the guest failed before ready: Kernel panic"):
             c.wait_for("ready", timeout=30, what="ready", fail="Kernel panic")
+
+
+def test_console_wait_with_quiet_waits_for_a_guest_that_keeps_printing_past_quiet(tmp_path):
+    # 3 s of boot messages, one every 0.2 s, then the line: longer than `quiet` in all
+    script = "i=0; while [ $i -lt 15 ]; do echo boot $i; sleep 0.2; i=$((i+1)); done; echo ready"
+    with sh.background(["sh", "-c", script], stdout=subprocess.PIPE) as p:
+        c = Console(p.stdout, tmp_path / "console.log", p)
+        t0 = time.monotonic()
+        c.wait_for("ready", timeout=60, quiet=1.5, what="ready")
+        assert time.monotonic() - t0 > 1.5
+        c.close()
+
+
+def test_console_wait_with_quiet_gives_up_on_a_silent_guest_saying_so(tmp_path):
+    with sh.background(["sh", "-c", "echo booting; exec sleep 60"], stdout=subprocess.PIPE) as p:
+        c = Console(p.stdout, tmp_path / "console.log", p)
+        c.wait_for("booting", timeout=10, what="booting")
+        with pytest.raises(GuestTimeout, match=r"waiting for ready: the guest printed nothing for 1 s(?s:.*)booting"):
+            c.wait_for("ready", timeout=60, quiet=1, what="ready")
 
 
 def test_accelerator_override_skips_the_probe(monkeypatch, tmp_path):

@@ -39,6 +39,7 @@ class Console:
         self._partial = ""
         self._closed = False
         self._cond = threading.Condition()
+        self._last_line = time.monotonic()     # when the guest last printed a line
         # open for the console's life: _pump closes it when the guest's stream ends
         self._file = open(self.path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115
         self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True, name=f"console:{path.name}")
@@ -60,6 +61,8 @@ class Console:
                     data = self._partial + text.replace("\r", "")
                     *lines, self._partial = data.split("\n")
                     self._text.extend(_ANSI.sub("", line) for line in lines)
+                    if lines:
+                        self._last_line = time.monotonic()
                     self._cond.notify_all()
         except (OSError, ValueError):
             pass
@@ -88,16 +91,20 @@ class Console:
             return "\n".join(self._text[-n:] + ([_ANSI.sub("", self._partial)] if self._partial else []))
 
     def wait_for(self, pattern: str | re.Pattern, *, timeout: float, what: str, since: int = 0,
-                 fail: str | re.Pattern | None = None) -> re.Match:
+                 fail: str | re.Pattern | None = None, quiet: float | None = None) -> re.Match:
         """Block until a console line after position `since` matches `pattern`.
 
         Raises GuestTimeout naming `what` after `timeout` seconds, as soon as QEMU exits
         (the console reaches EOF) without the line having appeared, or as soon as a line
-        matches `fail` (a sign that the awaited line will never come).
+        matches `fail` (a sign that the awaited line will never come). With `quiet`, also
+        once the guest has printed no line for `quiet` seconds: a guest that keeps printing
+        (one slowed by a busy host) is waited for up to `timeout`, one that went silent
+        (hung) is given up on sooner.
         """
         rx = re.compile(pattern) if isinstance(pattern, str) else pattern
         bad = re.compile(fail) if isinstance(fail, str) else fail
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
         pos = since
         with self._cond:
             while True:
@@ -112,9 +119,16 @@ class Console:
                 if self._closed:
                     code = self.proc.poll() if self.proc is not None else None
                     raise GuestTimeout(f"QEMU exited (status {code}) before {what}", self.tail())
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                left = deadline - now
                 if left <= 0:
                     raise GuestTimeout(f"timed out after {timeout:.0f} s waiting for {what}", self.tail())
+                if quiet is not None:
+                    silent_until = max(self._last_line, start) + quiet
+                    if now >= silent_until:
+                        raise GuestTimeout(f"timed out waiting for {what}: the guest printed nothing for "
+                                           f"{quiet:.0f} s ({now - start:.0f} s after the wait began)", self.tail())
+                    left = min(left, silent_until - now)
                 self._cond.wait(left)
 
     def close(self, timeout: float = 5.0) -> None:

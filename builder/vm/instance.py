@@ -46,6 +46,8 @@ GUEST_IPV4 = "169.254.169.15"  # the first address the user-mode DHCP server han
 # lines after which the ready line cannot come: the kernel or the initramfs gave up
 BOOT_FAILED = re.compile(r"Kernel panic - not syncing|Failed to mount \S+ as root file system|"
                          r"Gave up waiting for root|Dropping to a shell|Unable to mount root fs")
+# how many times its timeout a boot that keeps printing may take in all (see wait_ready)
+BUSY_HOST_FACTOR = 3
 READY = re.compile(r"bake-ready first_boot=(?P<first_boot>yes|no) instance_id=(?P<instance_id>\S*) "
                    r"uptime=(?P<uptime>[\d.]+)")
 
@@ -127,9 +129,12 @@ class Instance:
     # --- boot ---------------------------------------------------------------------
 
     def wait_ready(self, *, timeout: float, since: int = 0, since_time: float | None = None) -> Ready:
-        """Wait for the image's end-of-boot line (`bake-ready ...`) on the console."""
-        m = self.console.wait_for(READY, timeout=timeout, since=since, fail=BOOT_FAILED,
-                                  what=f"the end-of-boot line 'bake-ready' from instance {self.name}")
+        """Wait for the image's end-of-boot line (`bake-ready ...`) on the console: until
+        the guest has printed nothing for `timeout` seconds, or for BUSY_HOST_FACTOR times
+        `timeout` in all (an emulated guest on a busy build box boots slowly, and says so
+        line by line; a hung one goes silent)."""
+        m = self.console.wait_for(READY, timeout=timeout * BUSY_HOST_FACTOR, quiet=timeout, since=since,
+                                  fail=BOOT_FAILED, what=f"the end-of-boot line 'bake-ready' from instance {self.name}")
         t0 = self.started if since_time is None else since_time
         return Ready(m["first_boot"] == "yes", m["instance_id"], float(m["uptime"]),
                      round(time.monotonic() - t0, 2), m.string.strip())
