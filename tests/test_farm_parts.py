@@ -20,7 +20,7 @@ from builder.core.errors import BakeError
 from builder.farm import hooks as farm_hooks
 from builder.farm import lease as lease_mod
 from builder.farm.gc import gc_farm
-from builder.farm.connect import Farm, redis_from_url, shown
+from builder.farm.connect import SERIALIZER, Farm, redis_from_url, shown
 from builder.farm.jobs import Duplicate, job_options, pack_recipe, submit
 from builder.farm.lease import Lease, LeaseLost
 from builder.farm.records import list_records, record_name
@@ -199,7 +199,8 @@ def test_a_recipe_is_packed_by_content_and_submitted_once(farm, tmp_path):
     second = submit(farm, path)
     assert second["job"] != first["job"]
     from rq import Queue
-    assert sorted(Queue("bake", connection=farm.redis()).get_job_ids()) == sorted([first["job"], second["job"]])
+    queued = Queue("bake", connection=farm.redis(), serializer=SERIALIZER).get_job_ids()
+    assert sorted(queued) == sorted([first["job"], second["job"]])
     store = farm.store()
     assert store.head(f"recipes/{digest}.tar")["sha256"] == digest
 
@@ -212,7 +213,7 @@ def test_submitting_an_invalid_recipe_is_refused_with_the_recipes_error_and_queu
     assert r.returncode == 3, r.stderr
     assert f"{bad}:3: pakages: unknown key" in r.stderr
     from rq import Queue
-    assert Queue("bake", connection=farm.redis()).count == 0
+    assert Queue("bake", connection=farm.redis(), serializer=SERIALIZER).count == 0
 
 
 def test_a_job_carries_its_build_options_as_json(farm, tmp_path):
@@ -223,7 +224,7 @@ def test_a_job_carries_its_build_options_as_json(farm, tmp_path):
                         "--redis", farm.redis_url, "--store", farm.store_url], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
-    [spec] = Job.fetch(r.stdout.strip(), connection=farm.redis()).args
+    [spec] = Job.fetch(r.stdout.strip(), connection=farm.redis(), serializer=SERIALIZER).args
     assert spec["options"] == BuildOptions(stop_after="bundle", skip=("verify",), cloud=True).to_json()
     assert job_options(spec) == BuildOptions(stop_after="bundle", skip=("verify",), cloud=True)
 
@@ -236,23 +237,23 @@ def test_a_job_whose_options_do_not_fit_fails_at_once_saying_why_and_runs_nothin
     # as an older bake submitted it: `cloud_verify` is `cloud` now
     spec = {"recipe": "farm-old", "bundle": "recipes/none.tar", "sha256": "0" * 64,
             "options": {"stop_after": None, "skip": [], "cloud_verify": False}}
-    Queue("bake", connection=conn).enqueue_call("builder.farm.jobs.run_build", args=(spec,), job_id="bake_farm-old",
-                                                 retry=Retry(max=3, interval=600))
+    Queue("bake", connection=conn, serializer=SERIALIZER).enqueue_call(
+        "builder.farm.jobs.run_build", args=(spec,), job_id="bake_farm-old", retry=Retry(max=3, interval=600))
     box = tmp_path / "box-old"
     worker = start_worker("box-old", box, redis, farm.store_url, cloud_env)
     try:
         # a job to be tried again is scheduled (in 600 s), not failed
-        wait_for(lambda: Job.fetch("bake_farm-old", connection=conn).get_status() in (
+        wait_for(lambda: Job.fetch("bake_farm-old", connection=conn, serializer=SERIALIZER).get_status() in (
             JobStatus.FAILED, JobStatus.SCHEDULED), 120, "the job to fail")
     finally:
         worker.stop(30)
-    job = Job.fetch("bake_farm-old", connection=conn)
+    job = Job.fetch("bake_farm-old", connection=conn, serializer=SERIALIZER)
     assert job.get_status() == JobStatus.FAILED, "failed for good, not tried again"
     error = job.latest_result().exc_string.strip().splitlines()[-1]
     assert "farm job of farm-old: not run: build options: (top): Additional properties are not allowed " \
            "('cloud_verify' was unexpected); it was submitted by an older bake (cloud_verify is now cloud): " \
            "submit it again" in error, error
-    assert Queue("bake", connection=conn).count == 0
+    assert Queue("bake", connection=conn, serializer=SERIALIZER).count == 0
     assert "attempts" not in job.meta, "no attempt was made"
     assert list_records(farm.store(), "farm-old") == [], "no record: nothing ran"
     assert not (box / "output" / "farm-old").exists() and not list(box.glob("output/.farm/jobs/*"))
@@ -437,7 +438,7 @@ def test_a_farm_whose_redis_has_a_password_works_with_it_and_never_prints_it(clo
         job = r.stdout.strip()
         assert job.startswith("bake_farm-pw_") and password not in r.stdout + r.stderr
         from rq import Queue
-        assert Queue("bake", connection=redis_from_url(server.url)).get_job_ids() == [job]
+        assert Queue("bake", connection=redis_from_url(server.url), serializer=SERIALIZER).get_job_ids() == [job]
         r = subprocess.run([BAKE, "ls", "--farm", "--redis", server.url, "--store", store],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
@@ -450,4 +451,5 @@ def test_a_farm_whose_redis_has_a_password_works_with_it_and_never_prints_it(clo
             assert r.returncode == 1, r.stderr
             assert f"cannot reach the farm's Redis at {shown(url)} (" in r.stderr and why in r.stderr, r.stderr
             assert wrong not in r.stderr and password not in r.stderr
-        assert Queue("bake", connection=redis_from_url(server.url)).count == 1, "the refused submissions queued nothing"
+        assert Queue("bake", connection=redis_from_url(server.url), serializer=SERIALIZER).count == 1, \
+            "the refused submissions queued nothing"

@@ -18,6 +18,9 @@ REDIS_ENV = "BAKE_REDIS_URL"
 STORE_ENV = "BAKE_FARM_STORE"
 EUCARC_ENV = "BAKE_FARM_EUCARC"
 QUEUE = "bake"
+# RQ's JSONSerializer on every Queue, Worker and Job fetch: a job is data, never pickle
+# (farm/trust.py says why)
+SERIALIZER = "json"
 
 
 def shown(url: str) -> str:
