@@ -144,11 +144,15 @@ def start_worker(name: str, folder: Path, redis: RedisServer, store: str, cloud_
     env = dict(os.environ, **cloud_env, BAKE_CACHE=str(folder / "cache"))
     for k in FARM_ENV:
         env.pop(k, None)
+    # a password never goes on the command line (`ps` shows it): the URL with it goes in the environment
+    where = ["--redis", redis.url] if redis.password is None else []
+    if redis.password is not None:
+        env["BAKE_REDIS_URL"] = redis.url
     logfile = folder / "worker.log"
     seen = logfile.stat().st_size if logfile.exists() else 0     # a restart reads its own lines only
     with open(logfile, "a") as log:
         proc = subprocess.Popen(
-            [BAKE, "worker", "--redis", redis.url, "--store", store, "--output", str(folder / "output"), "--name", name,
+            [BAKE, "worker", *where, "--store", store, "--output", str(folder / "output"), "--name", name,
              "--lease-ttl", str(lease_ttl), "--heartbeat", str(heartbeat), "--maintenance-interval", str(maintenance)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     worker = Worker(name, folder, proc)

@@ -269,9 +269,16 @@ def test_the_farm_commands_say_what_is_missing(tmp_path, monkeypatch):
     r = subprocess.run([BAKE, "worker", "--redis", "redis://127.0.0.1:1/0", "--store", "s3://b/p"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "cannot reach the farm's Redis at redis://127.0.0.1:1/0" in r.stderr
+    r = subprocess.run([BAKE, "worker", "--store", "s3://b/p"], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, BAKE_REDIS_URL="redis://default:s3cret@127.0.0.1:1/0"))
+    assert r.returncode == 1 and "cannot reach the farm's Redis at redis://default:***@127.0.0.1:1/0" in r.stderr
+    assert "s3cret" not in r.stderr, "a Redis password is never printed"
     r = subprocess.run([BAKE, "worker", "--redis", "redis://default:s3cret@127.0.0.1:1/0", "--store", "s3://b/p"],
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "cannot reach the farm's Redis at redis://default:***@127.0.0.1:1/0" in r.stderr
+    assert r.returncode == 2, r.stderr
+    assert "argument --redis: refused: a Redis password on the command line is shown by `ps` to every user of " \
+           "this box; give --redis redis://default@127.0.0.1:1/0 and the password in --redis-password-file FILE, " \
+           "or the whole URL in BAKE_REDIS_URL" in r.stderr, r.stderr
     assert "s3cret" not in r.stderr, "a Redis password is never printed"
 
 
@@ -419,8 +426,8 @@ def test_a_farm_whose_redis_has_a_password_works_with_it_and_never_prints_it(clo
         store = store_url()
         worker = start_worker("box-pw", tmp_path / "box-pw", server, store, cloud_env)
         try:
-            r = subprocess.run([BAKE, "status", "--redis", server.url, "--store", store],
-                               capture_output=True, text=True, timeout=120)
+            r = subprocess.run([BAKE, "status", "--store", store], capture_output=True, text=True, timeout=120,
+                               env=dict(os.environ, BAKE_REDIS_URL=server.url))
             assert r.returncode == 0, r.stderr
             assert "box-pw" in r.stdout, r.stdout
             assert password not in r.stdout + r.stderr
@@ -434,20 +441,33 @@ def test_a_farm_whose_redis_has_a_password_works_with_it_and_never_prints_it(clo
         path = _recipe(tmp_path / "r", "farm-pw", "one\n")
         r = subprocess.run([BAKE, "submit", str(path), "--redis", server.url, "--store", store],
                            capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "a Redis password on the command line is shown by `ps`" in r.stderr, r.stderr
+        assert password not in r.stdout + r.stderr
+        secret = tmp_path / "redis-password"
+        secret.write_text(password + "\n")
+        secret.chmod(0o644)
+        bare = f"redis://127.0.0.1:{server.port}/0"
+        r = subprocess.run([BAKE, "submit", str(path), "--redis", bare, "--redis-password-file", str(secret),
+                            "--store", store], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and f"--redis-password-file {secret}: others than its owner may read it (mode " \
+            "0644); chmod 600 it" in r.stderr, r.stderr
+        secret.chmod(0o600)
+        r = subprocess.run([BAKE, "submit", str(path), "--redis", bare, "--redis-password-file", str(secret),
+                            "--store", store], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         job = r.stdout.strip()
         assert job.startswith("bake_farm-pw_") and password not in r.stdout + r.stderr
         from rq import Queue
         assert Queue("bake", connection=redis_from_url(server.url), serializer=SERIALIZER).get_job_ids() == [job]
-        r = subprocess.run([BAKE, "ls", "--farm", "--redis", server.url, "--store", store],
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run([BAKE, "ls", "--farm", "--store", store], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, BAKE_REDIS_URL=server.url))
         assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
 
         wrong = "nope-" + secrets.token_hex(8)
         for url, why in ((server.url.replace(password, wrong), "invalid username-password pair"),
                          (f"redis://127.0.0.1:{server.port}/0", "Authentication required")):
-            r = subprocess.run([BAKE, "submit", str(path), "--redis", url, "--store", store],
-                               capture_output=True, text=True, timeout=120)
+            r = subprocess.run([BAKE, "submit", str(path), "--store", store], capture_output=True, text=True,
+                               timeout=120, env=dict(os.environ, BAKE_REDIS_URL=url))
             assert r.returncode == 1, r.stderr
             assert f"cannot reach the farm's Redis at {shown(url)} (" in r.stderr and why in r.stderr, r.stderr
             assert wrong not in r.stderr and password not in r.stderr

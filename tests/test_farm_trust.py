@@ -8,6 +8,7 @@ with its reason."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import subprocess
@@ -20,13 +21,15 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry
 
-from builder.farm.connect import SERIALIZER, Farm, redis_from_url
+from builder.core.errors import BakeError
+from builder.farm.connect import SERIALIZER, Farm, redis_from_url, refuse_password, shown
 from builder.farm.jobs import BadSpec, submit
 from builder.farm.trust import JOB_FUNC, BakeJob, check_spec, refusal
 from builder.pipeline.options import BuildOptions
 from conftest import BAKE, REPO
 from eucalyptus_standin.fixtures import euca4  # noqa: F401  (a fixture)
-from farm_helpers import redis_server, store_url, tail
+from events import wait_for
+from farm_helpers import free_port, redis_server, store_url, tail
 
 DIGEST = "ab" * 32
 
@@ -178,3 +181,93 @@ def test_a_spec_that_does_not_fit_is_named(change, why):
     assert check_spec(good_spec()) == good_spec()
     with pytest.raises(BadSpec, match="no build options"):
         check_spec({k: v for k, v in good_spec().items() if k != "options"})
+
+
+# --- Redis's password and TLS -------------------------------------------------------------
+
+def _ca(folder: Path, name: str) -> tuple[Path, Path]:
+    """A CA of its own: (its certificate, its key)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+def _server_cert(folder: Path, ca: tuple[Path, Path]) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by `ca`: (certificate, key)."""
+    key, csr, cert, ext = folder / "redis.key", folder / "redis.csr", folder / "redis.pem", folder / "san.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(key),
+                    "-out", str(csr)], check=True, capture_output=True)
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
+                    "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.fixture
+def tls_redis(tmp_path):
+    """Debian's redis-server speaking TLS alone on 127.0.0.1: (port, its CA's certificate, another CA's)."""
+    ca = _ca(tmp_path / "ca", "farm-ca")
+    other = _ca(tmp_path / "other", "other-ca")
+    cert, key = _server_cert(tmp_path / "ca", ca)
+    port = free_port()
+    log = tmp_path / "redis.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", "0", "--tls-port", str(port),
+                                 "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file",
+                                 str(ca[0]), "--tls-auth-clients", "no", "--save", "", "--appendonly", "no",
+                                 "--dir", str(tmp_path)], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: "Ready to accept connections" in log.read_text() or proc.poll() is not None, 60,
+                 "redis-server to listen with TLS")
+        assert proc.poll() is None, f"redis-server exited {proc.returncode}:\n{tail(log)}"
+        yield port, ca[0], other[0]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_rediss_url_checks_the_servers_certificate_against_its_ca_file(tls_redis):
+    port, ca, other = tls_redis
+    conn = redis_from_url(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}")
+    assert conn.ping() and conn.set("k", "v") and conn.get("k") == b"v"
+    conn.close()
+    with pytest.raises(BakeError, match=rf"cannot reach the farm's Redis at rediss://127.0.0.1:{port}/0\?ssl_ca_certs="
+                                        ".*certificate verify failed"):
+        redis_from_url(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={other}")
+    with pytest.raises(BakeError, match="ssl_cert_reqs=none would take any certificate; bake checks it"):
+        redis_from_url(f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=none")
+    with pytest.raises(BakeError, match="ssl_check_hostname off would take another host's certificate"):
+        redis_from_url(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}&ssl_check_hostname=false")
+    with pytest.raises(BakeError, match=f"ssl_ca_certs={ca}.gone cannot be read"):
+        redis_from_url(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}.gone")
+    with pytest.raises(BakeError, match=r"ssl_ca_certs asks for TLS; use rediss://"):
+        redis_from_url(f"redis://127.0.0.1:{port}/0?ssl_ca_certs={ca}")
+
+
+def test_the_password_file_and_the_ca_file_reach_redis_py(tmp_path, monkeypatch):
+    import redis as redis_py
+
+    monkeypatch.delenv("BAKE_REDIS_URL", raising=False)
+    secret = tmp_path / "pw"
+    secret.write_text("p@ss:w/rd\n")
+    secret.chmod(0o600)
+    args = argparse.Namespace(redis="rediss://bake@10.0.0.1:6380/0?ssl_ca_certs=/etc/bake/redis-ca.pem",
+                              redis_password_file=str(secret), store="s3://b/p")
+    farm = Farm.from_args(args)
+    assert shown(farm.redis_url) == "rediss://bake:***@10.0.0.1:6380/0?ssl_ca_certs=/etc/bake/redis-ca.pem"
+    pool = redis_py.Redis.from_url(farm.redis_url).connection_pool
+    kwargs = pool.connection_kwargs
+    assert pool.connection_class is redis_py.SSLConnection
+    assert (kwargs["username"], kwargs["password"], kwargs["ssl_ca_certs"]) == ("bake", "p@ss:w/rd",
+                                                                               "/etc/bake/redis-ca.pem")
+    assert farm.env()["BAKE_REDIS_URL"] == farm.redis_url, "a job's bake is told the password in its environment"
+    monkeypatch.setenv("BAKE_REDIS_URL", "redis://10.0.0.1:6379/0")
+    env_farm = Farm.from_args(argparse.Namespace(redis=None, redis_password_file=str(secret), store="s3://b/p"))
+    assert redis_py.Redis.from_url(env_farm.redis_url).connection_pool.connection_kwargs["password"] == "p@ss:w/rd"
+    with pytest.raises(BakeError, match="a Redis password on the command line"):
+        refuse_password("redis://10.0.0.1:6379/0?password=x")
+    assert shown("redis://h:6379/0?db=0&password=x") == "redis://h:6379/0?db=0&password=***"

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -15,7 +16,7 @@ from typing import Any
 from builder.cli.options import add_output
 from builder.core import exitcodes, stale
 from builder.core.errors import BakeError
-from builder.farm.connect import QUEUE, SERIALIZER, Farm, shown
+from builder.farm.connect import QUEUE, SERIALIZER, Farm, refuse_password, shown
 from builder.farm.gc import gc_farm
 from builder.farm.jobs import BACKOFF, JOB_TIMEOUT, LEASE_TTL_ENV, OUTPUT_ENV, RETRIES, Duplicate, submit
 from builder.farm.records import lease_holders, list_records, state_of
@@ -23,8 +24,19 @@ from builder.farm.workers import clean_job_folders, take_name
 from builder.pipeline.options import SKIPPABLE, STAGE_NAMES, BuildOptions
 from builder.recipe.schemaerrors import RecipeError
 
+def _redis_arg(value: str) -> str:
+    try:
+        return refuse_password(value)
+    except BakeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_farm_options(sp) -> None:
-    sp.add_argument("--redis", metavar="URL", help="the farm's Redis (default: $BAKE_REDIS_URL)")
+    sp.add_argument("--redis", metavar="URL", type=_redis_arg,
+                    help="the farm's Redis, redis://[USER@]HOST:PORT/DB or rediss://…?ssl_ca_certs=CA-FILE for TLS; "
+                         "never with a password (default: $BAKE_REDIS_URL, which may hold one)")
+    sp.add_argument("--redis-password-file", metavar="FILE",
+                    help="the farm Redis's password: the first line of FILE (mode 600)")
     sp.add_argument("--store", metavar="s3://BUCKET/PREFIX",
                     help="the farm's store for records, logs, artifacts and the stage cache (default: "
                          "$BAKE_FARM_STORE); the cloud from the environment or --eucarc")
