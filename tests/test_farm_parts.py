@@ -29,7 +29,7 @@ from conftest import BAKE, REPO
 from eucalyptus_standin.fixtures import euca4  # noqa: F401  (a fixture)
 from eucalyptus_standin.trio import bundle_build, make_build
 from events import wait_for
-from farm_helpers import overlaps, redis_server, start_worker, store_url
+from farm_helpers import farm_key, overlaps, redis_server, start_worker, store_url
 
 
 @pytest.fixture(autouse=True)
@@ -141,6 +141,7 @@ def test_objects_are_written_whole_and_a_damaged_one_is_refused(farm, tmp_path):
 
 def test_an_entry_made_on_one_box_is_taken_from_the_store_by_another(farm, tmp_path, monkeypatch):
     monkeypatch.setenv("BAKE_FARM_SHARED_CACHE", "1")
+    monkeypatch.setenv("BAKE_FARM_KEY_FILE", str(farm_key(tmp_path)))
     monkeypatch.setenv("BAKE_REDIS_URL", farm.redis_url)
     monkeypatch.setenv("BAKE_FARM_STORE", farm.store_url)
     tree = tmp_path / "tree"
@@ -164,9 +165,10 @@ def test_an_entry_made_on_one_box_is_taken_from_the_store_by_another(farm, tmp_p
     assert not [p for p in (tmp_path / "box2" / "bootstrap").iterdir() if p.name.endswith(".tmp")]
 
 
-def test_a_process_told_of_a_farm_forgets_it_when_the_variables_go(farm, monkeypatch):
+def test_a_process_told_of_a_farm_forgets_it_when_the_variables_go(farm, tmp_path, monkeypatch):
     assert cache_mod.shared() is None
     monkeypatch.setenv("BAKE_FARM_SHARED_CACHE", "1")
+    monkeypatch.setenv("BAKE_FARM_KEY_FILE", str(farm_key(tmp_path)))
     monkeypatch.setenv("BAKE_REDIS_URL", farm.redis_url)
     monkeypatch.setenv("BAKE_FARM_STORE", farm.store_url)
     told = cache_mod.shared()

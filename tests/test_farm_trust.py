@@ -9,9 +9,14 @@ with its reason."""
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
+import json
+import logging
 import os
 import pickle
 import subprocess
+import tarfile
 import zlib
 from pathlib import Path
 
@@ -21,15 +26,19 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry
 
+from builder.core import cache as cache_mod
+from builder.core.cache import TreeCache
 from builder.core.errors import BakeError
+from builder.farm import hooks as farm_hooks
 from builder.farm.connect import SERIALIZER, Farm, redis_from_url, refuse_password, shown
 from builder.farm.jobs import BadSpec, submit
+from builder.farm.remote import sign
 from builder.farm.trust import JOB_FUNC, BakeJob, check_spec, refusal
 from builder.pipeline.options import BuildOptions
 from conftest import BAKE, REPO
 from eucalyptus_standin.fixtures import euca4  # noqa: F401  (a fixture)
 from events import wait_for
-from farm_helpers import free_port, redis_server, store_url, tail
+from farm_helpers import farm_key, free_port, redis_server, store_url, tail
 
 DIGEST = "ab" * 32
 
@@ -271,3 +280,121 @@ def test_the_password_file_and_the_ca_file_reach_redis_py(tmp_path, monkeypatch)
     with pytest.raises(BakeError, match="a Redis password on the command line"):
         refuse_password("redis://10.0.0.1:6379/0?password=x")
     assert shown("redis://h:6379/0?db=0&password=x") == "redis://h:6379/0?db=0&password=***"
+
+
+# --- the shared stage cache: entries signed with the farm key ------------------------------
+
+@pytest.fixture
+def shared(redis, euca4, tmp_path, monkeypatch):
+    """This process as a farm job's bake: the shared stage cache on, with a farm key;
+    the store (on the stand-in) and the store's boto3 client, to tamper with it."""
+    for k, v in euca4.env().items():
+        monkeypatch.setenv(k, v)
+    farm = Farm(redis.url, store_url("cache"))
+    for k, v in (("BAKE_FARM_SHARED_CACHE", "1"), ("BAKE_REDIS_URL", farm.redis_url),
+                 ("BAKE_FARM_STORE", farm.store_url), ("BAKE_FARM_KEY_FILE", str(farm_key(tmp_path / "farm")))):
+        monkeypatch.setenv(k, v)
+    farm_hooks.install()
+    return farm.store()
+
+
+def _tree(folder: Path, said: str) -> Path:
+    (folder / "etc").mkdir(parents=True)
+    (folder / "etc" / "made-by").write_text(said)
+    return folder
+
+
+def _made_on_box_one(tmp_path: Path, key: str) -> None:
+    one = TreeCache(tmp_path / "box1", "bootstrap")
+    with one.lock(key):
+        one.save(key, _tree(tmp_path / "tree1", "box one\n"), {"release": "bookworm"})
+
+
+def _evil_tar(tmp_path: Path) -> bytes:
+    evil = _tree(tmp_path / "evil", "the store's writer\n")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(evil, ".")
+    return buf.getvalue()
+
+
+def _taken_by_box_two(tmp_path: Path, key: str) -> str:
+    """What box two's tree says once it holds `key`: taken from the store, or made there."""
+    two = TreeCache(tmp_path / "box2", "bootstrap")
+    with two.lock(key):
+        if not two.has(key):
+            two.save(key, _tree(tmp_path / "tree2", "box two\n"), {"release": "bookworm"})
+        two.restore(key, tmp_path / "restored")
+    return (tmp_path / "restored" / "etc" / "made-by").read_text()
+
+
+def _refused(caplog, key: str, why: str) -> None:
+    said = [r.getMessage() for r in caplog.records if r.name == "bake.farm" and r.levelno == logging.WARNING]
+    assert any(m.startswith(f"refused the farm's bootstrap cache entry {key}: ") and why in m and
+               m.endswith("it is made on this box instead") for m in said), said
+
+
+def test_a_signed_entry_is_taken_by_another_box(shared, tmp_path):
+    _made_on_box_one(tmp_path, "s1")
+    record = shared.get_json("cache/bootstrap/s1.json")
+    assert len(record["hmac"]) == 64
+    assert _taken_by_box_two(tmp_path, "s1") == "box one\n"
+
+
+def test_a_tar_changed_in_the_store_is_refused_and_the_entry_made_here(shared, tmp_path, caplog):
+    _made_on_box_one(tmp_path, "s2")
+    data = _evil_tar(tmp_path)
+    # the writer of the bucket replaces the tar, with the digest the store's metadata says
+    shared.clients.s3.put_object(Bucket=shared.bucket, Key=shared.key("cache/bootstrap/s2.tar"), Body=data,
+                                 Metadata={"sha256": hashlib.sha256(data).hexdigest()})
+    with caplog.at_level(logging.WARNING, logger="bake.farm"):
+        assert _taken_by_box_two(tmp_path, "s2") == "box two\n", "made on box two, not taken from the store"
+    _refused(caplog, "s2", "downloaded content has SHA-256")
+    assert not list((tmp_path / "box2" / "bootstrap").glob("*.tmp"))
+    # box two uploaded its own entry again, signed: a third box takes it
+    three = TreeCache(tmp_path / "box3", "bootstrap")
+    with three.lock("s2"):
+        assert three.has("s2") and three.meta("s2")["from_farm_store"]["host"]
+
+
+@pytest.mark.parametrize("tamper", ["digest", "unsigned", "other-key"])
+def test_a_record_changed_in_the_store_is_refused_and_the_entry_made_here(shared, tmp_path, caplog, tamper):
+    _made_on_box_one(tmp_path, f"r-{tamper}")
+    tar_name, meta_name = f"cache/bootstrap/r-{tamper}.tar", f"cache/bootstrap/r-{tamper}.json"
+    record = shared.get_json(meta_name)
+    data = _evil_tar(tmp_path)
+    digest = hashlib.sha256(data).hexdigest()
+    shared.clients.s3.put_object(Bucket=shared.bucket, Key=shared.key(tar_name), Body=data,
+                                 Metadata={"sha256": digest})
+    if tamper == "digest":                  # the tar's digest changed to the new tar's, the signature kept
+        record["tar_sha256"] = digest
+    elif tamper == "unsigned":              # as a bake before signing wrote it, or a writer who has no key
+        record["tar_sha256"] = digest
+        del record["hmac"]
+    else:                                   # signed, but with a key that is not this farm's
+        record["tar_sha256"] = digest
+        record["hmac"] = sign(b"k" * 32, "bootstrap", f"r-{tamper}", record)
+    shared.clients.s3.put_object(Bucket=shared.bucket, Key=shared.key(meta_name), Body=json.dumps(record).encode(),
+                                 Metadata={"sha256": hashlib.sha256(json.dumps(record).encode()).hexdigest()})
+    with caplog.at_level(logging.WARNING, logger="bake.farm"):
+        assert _taken_by_box_two(tmp_path, f"r-{tamper}") == "box two\n"
+    _refused(caplog, f"r-{tamper}", "its signature does not match (changed in the store, or not signed with this "
+                                   "farm's key)")
+
+
+def test_without_a_farm_key_the_shared_cache_is_off_and_a_loose_key_is_refused(shared, tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("BAKE_FARM_KEY_FILE")
+    with caplog.at_level(logging.WARNING, logger="bake.farm"):
+        assert cache_mod.shared() is None
+    assert "the farm's shared stage cache is off: no farm key to check its entries (BAKE_FARM_KEY_FILE" in caplog.text
+    loose = tmp_path / "loose.key"
+    loose.write_text("x" * 64)
+    loose.chmod(0o644)
+    monkeypatch.setenv("BAKE_FARM_KEY_FILE", str(loose))
+    with pytest.raises(BakeError, match=r"others than its owner may read it \(mode 0644\); chmod 600 it"):
+        cache_mod.shared()
+    loose.chmod(0o600)
+    loose.write_text("short")
+    monkeypatch.setenv("BAKE_FARM_KEY_FILE", str(loose))
+    with pytest.raises(BakeError, match="5 bytes; it needs at least 32"):
+        cache_mod.shared()

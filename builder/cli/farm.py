@@ -20,6 +20,7 @@ from builder.farm.connect import QUEUE, SERIALIZER, Farm, refuse_password, shown
 from builder.farm.gc import gc_farm
 from builder.farm.jobs import BACKOFF, JOB_TIMEOUT, LEASE_TTL_ENV, OUTPUT_ENV, RETRIES, Duplicate, submit
 from builder.farm.records import lease_holders, list_records, state_of
+from builder.farm.remote import KEY_ENV, farm_key
 from builder.farm.workers import clean_job_folders, take_name
 from builder.pipeline.options import SKIPPABLE, STAGE_NAMES, BuildOptions
 from builder.recipe.schemaerrors import RecipeError
@@ -57,6 +58,9 @@ def cmd_worker(args) -> int:
     output = Path(args.output).resolve()
     for d in clean_job_folders(output):
         print(f"removed the folder of a killed job: {d}", file=sys.stderr)
+    if farm_key() is None:
+        print(f"bake: warning: the farm's shared stage cache is off on this worker: no farm key ({KEY_ENV}, the "
+              "same on every box) to check its entries", file=sys.stderr)
     os.environ.update(farm.env())
     os.environ[OUTPUT_ENV] = str(output)
     os.environ[LEASE_TTL_ENV] = str(args.lease_ttl)
