@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from rq import Queue
+from rq import Queue, Retry
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry
 
@@ -32,6 +32,7 @@ from builder.core.errors import BakeError
 from builder.farm import hooks as farm_hooks
 from builder.farm.connect import SERIALIZER, Farm, redis_from_url, refuse_password, shown
 from builder.farm.jobs import BadSpec, submit
+from builder.farm.lease import Lease
 from builder.farm.remote import sign
 from builder.farm.trust import JOB_FUNC, BakeJob, check_spec, refusal
 from builder.pipeline.options import BuildOptions
@@ -398,3 +399,70 @@ def test_without_a_farm_key_the_shared_cache_is_off_and_a_loose_key_is_refused(s
     monkeypatch.setenv("BAKE_FARM_KEY_FILE", str(loose))
     with pytest.raises(BakeError, match="5 bytes; it needs at least 32"):
         cache_mod.shared()
+
+
+# --- the README's Redis user for bake --------------------------------------------------------
+
+def _readme_acl(password: str) -> list[str]:
+    """The README's `ACL SETUSER bake …` line, with `password`, as the words of a command."""
+    lines = [line.strip() for line in (REPO / "README.md").read_text().splitlines()
+             if line.strip().startswith("ACL SETUSER bake ")]
+    assert len(lines) == 1, lines
+    return [w.replace(">PASSWORD", f">{password}") for w in lines[0].split()]
+
+
+def test_the_readmes_redis_user_runs_the_farm_and_nothing_else(euca4, tmp_path):
+    import redis as redis_py
+
+    admin_pw, bake_pw = "admin-" + os.urandom(8).hex(), "bake-" + os.urandom(8).hex()
+    with redis_server(tmp_path / "redis", password=admin_pw) as server:
+        admin = redis_from_url(server.url)
+        assert admin.execute_command(*_readme_acl(bake_pw)) in (b"OK", "OK", True)
+        url = f"redis://bake:{bake_pw}@127.0.0.1:{server.port}/0"
+        conn = redis_from_url(url)
+        farm = Farm(url, store_url("acl"))
+        env = dict(os.environ, **euca4.env(), BAKE_REDIS_URL=url, BAKE_FARM_KEY_FILE=str(farm_key(tmp_path)))
+        for k in ("BAKE_FARM_STORE", "BAKE_FARM_SHARED_CACHE", "BAKE_FARM_LEASE"):
+            env.pop(k, None)
+        try:
+            # a submission, queued and taken back; a lease taken, renewed, checked and let go
+            (tmp_path / "note.txt").write_text("acl\n")
+            data = yaml.safe_load((REPO / "recipes" / "debian-demo.yml").read_text())
+            data.update(name="farm-acl", files=[{"source": "note.txt", "dest": "/etc/note.txt"}])
+            recipe = tmp_path / "farm-acl.yml"
+            recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+            with pytest.MonkeyPatch.context() as mp:
+                for k, v in euca4.env().items():
+                    mp.setenv(k, v)
+                sent = submit(farm, recipe, conn=conn)
+            Job.fetch(sent["job"], connection=conn, serializer=SERIALIZER).delete()
+            lease = Lease(conn, "recipe:farm-acl", ttl=3, what="the ACL test")
+            lease.acquire()
+            lease.keep()
+            lease.check("publishing")
+            lease.release()
+            # jobs a worker fails: one to be retried whose options do not fit, and a pickled one
+            Queue("bake", connection=conn, serializer=SERIALIZER).enqueue_call(
+                JOB_FUNC, args=(good_spec(options={"bogus": 1}),), job_id="acl-spec", retry=Retry(max=2, interval=1))
+            Queue("bake", connection=conn).enqueue_call(JOB_FUNC, args=("pickled",), job_id="acl-pickle")
+            log = tmp_path / "worker.log"
+            with open(log, "w") as out:
+                r = subprocess.run([BAKE, "worker", "--burst", "--store", farm.store_url, "--output",
+                                    str(tmp_path / "output"), "--name", "box-acl"], stdout=out,
+                                   stderr=subprocess.STDOUT, env=env, timeout=300)
+            said = log.read_text()
+            assert r.returncode == 0 and "NOPERM" not in said and "no permission" not in said.lower(), tail(log)
+            for jid in ("acl-spec", "acl-pickle"):
+                assert Job.fetch(jid, connection=conn, serializer=SERIALIZER).get_status() == JobStatus.FAILED, jid
+            r = subprocess.run([BAKE, "status", "--json", "--store", farm.store_url], capture_output=True, text=True,
+                               env=env, timeout=120)
+            assert r.returncode == 0 and "NOPERM" not in r.stderr and "warning" not in r.stderr, r.stderr
+            assert sorted(json.loads(r.stdout)["queue"]["failed"]) == ["acl-pickle", "acl-spec"]
+            # and nothing else: no admin command, no key of another
+            for command in (("FLUSHALL",), ("CONFIG", "GET", "requirepass"), ("KEYS", "*"), ("SET", "other", "x"),
+                            ("ACL", "WHOAMI"), ("CLIENT", "KILL", "ID", "1"), ("EVAL", "return 1", "0")):
+                with pytest.raises(redis_py.exceptions.NoPermissionError):
+                    conn.execute_command(*command)
+        finally:
+            conn.close()
+            admin.close()
