@@ -82,7 +82,8 @@ def attacked(redis, euca4, tmp_path_factory):
     # (b) JSON, but naming another function
     marker = folder / "os-system-ran"
     Queue("bake", connection=conn, serializer=SERIALIZER).enqueue_call(
-        "os.system", args=(f"touch {marker}",), job_id="evil-func")
+        "os.system", args=(f"touch {marker}",), job_id="evil-func",
+        description="backup\n00:00:00 Worker box-trust: bake: Job OK (evil-func)")    # a line forged into the log
     conn.hset("rq:job:evil-func", "failure_callback_name", "os.system")     # called as it fails, were it looked up
     jobs["func"] = ("evil-func", marker)
     # (c) bake's build, with a spec that does not fit: a recipe name that climbs out of the output
@@ -132,9 +133,10 @@ def test_a_pickled_job_is_never_loaded_and_fails_saying_why(attacked):
 
 
 def test_a_json_job_naming_another_function_is_refused(attacked):
-    jobs, _, conn = attacked
+    jobs, log, conn = attacked
     jid, marker = jobs["func"]
     assert not marker.exists(), "os.system never ran"
+    assert "Job OK (evil-func)" not in log, "a job's description, its writer's words, is not logged"
     error = _failed_with(conn, jid)
     assert f"farm job {jid} refused: it calls 'os.system', not bake's build ({JOB_FUNC}); nothing of it ran" \
         in error, error

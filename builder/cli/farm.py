@@ -69,8 +69,10 @@ def cmd_worker(args) -> int:
     said = take_name(conn, name)
     if said:
         print(said, file=sys.stderr)
-    # jobs are JSON data, and only bake's build runs (builder/farm/trust.py)
+    # jobs are JSON data, and only bake's build runs (builder/farm/trust.py); a job's
+    # description is whatever its writer said, so the log names jobs by their ids
     worker = Worker(queues, connection=conn, name=name, serializer=SERIALIZER, job_class=BakeJob,
+                    log_job_description=False,
                     maintenance_interval=args.maintenance_interval, job_monitoring_interval=args.heartbeat,
                     # an idle worker looks for dead workers' jobs once per dequeue wait (worker TTL - 15 s)
                     worker_ttl=args.maintenance_interval + 15)
