@@ -134,6 +134,8 @@ def test_a_pickled_job_is_never_loaded_and_fails_saying_why(attacked):
 
 def test_a_json_job_naming_another_function_is_refused(attacked):
     jobs, log, conn = attacked
+    assert "the farm's shared stage cache is off on this worker: no farm key (BAKE_FARM_KEY_FILE" in log, \
+        "a worker with no farm key says so at start"
     jid, marker = jobs["func"]
     assert not marker.exists(), "os.system never ran"
     assert "Job OK (evil-func)" not in log, "a job's description, its writer's words, is not logged"
