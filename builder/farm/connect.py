@@ -83,8 +83,8 @@ def read_password(path: str) -> str:
 def with_password(url: str, password: str) -> str:
     """`url` with `password` in it (its user kept: `default` when it names none)."""
     parts = urlsplit(url)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    user = quote(parts.username or "default", safe="")
+    auth, _, host = parts.netloc.rpartition("@")
+    user = auth.split(":", 1)[0] or "default"          # as written in the URL (quoted already)
     return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
 
 
