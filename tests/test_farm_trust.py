@@ -467,3 +467,43 @@ def test_the_readmes_redis_user_runs_the_farm_and_nothing_else(euca4, tmp_path):
         finally:
             conn.close()
             admin.close()
+
+
+def test_the_farm_redis_settings_setup_writes_give_an_admin_and_the_bake_user(tmp_path):
+    admin_pw, bake_pw = "admin-" + os.urandom(8).hex(), "bake-" + os.urandom(8).hex()
+    r = subprocess.run([str(REPO / "scripts" / "farm-redis-conf"), "127.0.0.1"], capture_output=True, text=True,
+                       env=dict(os.environ, FARM_REDIS_ADMIN_PASSWORD=admin_pw, FARM_REDIS_BAKE_PASSWORD=bake_pw),
+                       timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    conf = tmp_path / "bake-farm.conf"
+    conf.write_text(r.stdout)
+    assert f"user bake on >{bake_pw} resetkeys ~rq:* ~bake:* resetchannels &rq:* -@all " in r.stdout
+    port = free_port()
+    log = tmp_path / "redis.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["redis-server", str(conf), "--port", str(port), "--save", "", "--appendonly", "no",
+                                 "--dir", str(tmp_path)], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: "Ready to accept connections" in log.read_text() or proc.poll() is not None, 60,
+                 "redis-server to start with the farm's settings")
+        assert proc.poll() is None, f"redis-server refused the settings:\n{tail(log)}"
+        admin = redis_from_url(f"redis://default:{admin_pw}@127.0.0.1:{port}/0")
+        bake = redis_from_url(f"redis://bake:{bake_pw}@127.0.0.1:{port}/0")
+        lease = Lease(bake, "recipe:setup", ttl=5)
+        lease.acquire()
+        lease.release()
+        assert bake.set("rq:probe", "1") and admin.get("rq:probe") == b"1"
+        for command in (("FLUSHALL",), ("SET", "other", "x")):
+            with pytest.raises(redis_py.exceptions.NoPermissionError):
+                bake.execute_command(*command)
+        with pytest.raises(BakeError, match="invalid username-password pair"):
+            redis_from_url(f"redis://bake:{admin_pw}@127.0.0.1:{port}/0")
+        admin.close()
+        bake.close()
+    finally:
+        proc.kill()
+        proc.wait()
+    r = subprocess.run([str(REPO / "scripts" / "farm-redis-conf"), "127.0.0.1", admin_pw], capture_output=True,
+                       text=True, timeout=60, check=False)
+    assert r.returncode == 2 and "usage: FARM_REDIS_ADMIN_PASSWORD=" in r.stderr, "passwords never as arguments"
