@@ -195,12 +195,12 @@ def farm(top: Path, label: str, redis: RedisServer, cloud_env: dict[str, str], b
 def rq_times(redis_url: str, job_ids: list[str]) -> dict[str, dict[str, Any]]:
     from rq.job import Job
 
-    from builder.farm.connect import redis_from_url
+    from builder.farm.connect import SERIALIZER, redis_from_url
 
     conn = redis_from_url(redis_url)
     out = {}
     for jid in job_ids:
-        job = Job.fetch(jid, connection=conn)
+        job = Job.fetch(jid, connection=conn, serializer=SERIALIZER)
         out[jid] = {"enqueued": job.enqueued_at.timestamp() if job.enqueued_at else None,
                     "started": job.started_at.timestamp() if job.started_at else None,
                     "ended": job.ended_at.timestamp() if job.ended_at else None,
@@ -286,7 +286,7 @@ def run_kill(top: Path, slow_recipe: Path, redis: RedisServer, cloud_env: dict[s
     from rq.job import Job
     from rq.registry import StartedJobRegistry
 
-    from builder.farm.connect import QUEUE, redis_from_url
+    from builder.farm.connect import QUEUE, SERIALIZER, redis_from_url
 
     say("kill: three workers, cold; the waiting recipe, its worker killed mid-build ...")
     with farm(top, "kill", redis, cloud_env, 3, settings, keep) as (folder, store, boxes):
@@ -298,7 +298,7 @@ def run_kill(top: Path, slow_recipe: Path, redis: RedisServer, cloud_env: dict[s
                                 text=True, env=env, start_new_session=True)
         try:
             conn = redis_from_url(redis.url)
-            registry = StartedJobRegistry(QUEUE, connection=conn)
+            registry = StartedJobRegistry(QUEUE, connection=conn, serializer=SERIALIZER)
 
             def waiting() -> list[Path]:
                 if proc.poll() is not None:
@@ -326,7 +326,7 @@ def run_kill(top: Path, slow_recipe: Path, redis: RedisServer, cloud_env: dict[s
             say(f"kill: killed {box.name} (job {jid}, horse {record['pid']}); waiting for the restart ...")
 
             seen: dict[str, float] = {}
-            first_start = Job.fetch(jid, connection=conn).started_at
+            first_start = Job.fetch(jid, connection=conn, serializer=SERIALIZER).started_at
             last_store_look = 0.0
             deadline = time.monotonic() + 1800
             while not {"left_started", "started_again", "record_building", "waiting_again"} <= seen.keys():
@@ -336,7 +336,7 @@ def run_kill(top: Path, slow_recipe: Path, redis: RedisServer, cloud_env: dict[s
                                      f"{proc.stderr.read()[-4000:]}")
                 if time.monotonic() > deadline:
                     raise BenchError(f"timed out waiting for {SLOW} to start again; seen so far: {seen}")
-                job = Job.fetch(jid, connection=conn)
+                job = Job.fetch(jid, connection=conn, serializer=SERIALIZER)
                 status = getattr(job.get_status(), "value", None)
                 if status != "started" and "left_started" not in seen:
                     seen["left_started"] = now

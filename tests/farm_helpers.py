@@ -25,7 +25,19 @@ from events import wait_for
 
 BAKE = str(Path(sys.executable).parent / "bake")
 WAITING, GO = "tmp/farm-waiting", "tmp/farm-go"     # the slow recipe's marks in its chroot
-FARM_ENV = ("BAKE_FARM_SHARED_CACHE", "BAKE_FARM_LEASE", "BAKE_REDIS_URL", "BAKE_FARM_STORE", "BAKE_FARM_EUCARC")
+FARM_ENV = ("BAKE_FARM_SHARED_CACHE", "BAKE_FARM_LEASE", "BAKE_REDIS_URL", "BAKE_FARM_STORE", "BAKE_FARM_EUCARC",
+            "BAKE_FARM_KEY_FILE")
+
+
+def farm_key(folder: Path) -> Path:
+    """The farm key file of the farm whose boxes are under `folder` (made once, mode 600):
+    every box of one farm holds the same key."""
+    path = folder / "farm.key"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32) + "\n")
+        path.chmod(0o600)
+    return path
 
 
 def free_port() -> int:
@@ -144,11 +156,16 @@ def start_worker(name: str, folder: Path, redis: RedisServer, store: str, cloud_
     env = dict(os.environ, **cloud_env, BAKE_CACHE=str(folder / "cache"))
     for k in FARM_ENV:
         env.pop(k, None)
+    # a password never goes on the command line (`ps` shows it): the URL with it goes in the environment
+    where = ["--redis", redis.url] if redis.password is None else []
+    if redis.password is not None:
+        env["BAKE_REDIS_URL"] = redis.url
+    env["BAKE_FARM_KEY_FILE"] = str(farm_key(folder.parent))
     logfile = folder / "worker.log"
     seen = logfile.stat().st_size if logfile.exists() else 0     # a restart reads its own lines only
     with open(logfile, "a") as log:
         proc = subprocess.Popen(
-            [BAKE, "worker", "--redis", redis.url, "--store", store, "--output", str(folder / "output"), "--name", name,
+            [BAKE, "worker", *where, "--store", store, "--output", str(folder / "output"), "--name", name,
              "--lease-ttl", str(lease_ttl), "--heartbeat", str(heartbeat), "--maintenance-interval", str(maintenance)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     worker = Worker(name, folder, proc)

@@ -20,7 +20,7 @@ from builder.core.errors import BakeError
 from builder.farm import hooks as farm_hooks
 from builder.farm import lease as lease_mod
 from builder.farm.gc import gc_farm
-from builder.farm.connect import Farm, redis_from_url, shown
+from builder.farm.connect import SERIALIZER, Farm, redis_from_url, shown
 from builder.farm.jobs import Duplicate, job_options, pack_recipe, submit
 from builder.farm.lease import Lease, LeaseLost
 from builder.farm.records import list_records, record_name
@@ -29,7 +29,7 @@ from conftest import BAKE, REPO
 from eucalyptus_standin.fixtures import euca4  # noqa: F401  (a fixture)
 from eucalyptus_standin.trio import bundle_build, make_build
 from events import wait_for
-from farm_helpers import overlaps, redis_server, start_worker, store_url
+from farm_helpers import farm_key, overlaps, redis_server, start_worker, store_url
 
 
 @pytest.fixture(autouse=True)
@@ -141,6 +141,7 @@ def test_objects_are_written_whole_and_a_damaged_one_is_refused(farm, tmp_path):
 
 def test_an_entry_made_on_one_box_is_taken_from_the_store_by_another(farm, tmp_path, monkeypatch):
     monkeypatch.setenv("BAKE_FARM_SHARED_CACHE", "1")
+    monkeypatch.setenv("BAKE_FARM_KEY_FILE", str(farm_key(tmp_path)))
     monkeypatch.setenv("BAKE_REDIS_URL", farm.redis_url)
     monkeypatch.setenv("BAKE_FARM_STORE", farm.store_url)
     tree = tmp_path / "tree"
@@ -164,9 +165,10 @@ def test_an_entry_made_on_one_box_is_taken_from_the_store_by_another(farm, tmp_p
     assert not [p for p in (tmp_path / "box2" / "bootstrap").iterdir() if p.name.endswith(".tmp")]
 
 
-def test_a_process_told_of_a_farm_forgets_it_when_the_variables_go(farm, monkeypatch):
+def test_a_process_told_of_a_farm_forgets_it_when_the_variables_go(farm, tmp_path, monkeypatch):
     assert cache_mod.shared() is None
     monkeypatch.setenv("BAKE_FARM_SHARED_CACHE", "1")
+    monkeypatch.setenv("BAKE_FARM_KEY_FILE", str(farm_key(tmp_path)))
     monkeypatch.setenv("BAKE_REDIS_URL", farm.redis_url)
     monkeypatch.setenv("BAKE_FARM_STORE", farm.store_url)
     told = cache_mod.shared()
@@ -199,7 +201,8 @@ def test_a_recipe_is_packed_by_content_and_submitted_once(farm, tmp_path):
     second = submit(farm, path)
     assert second["job"] != first["job"]
     from rq import Queue
-    assert sorted(Queue("bake", connection=farm.redis()).get_job_ids()) == sorted([first["job"], second["job"]])
+    queued = Queue("bake", connection=farm.redis(), serializer=SERIALIZER).get_job_ids()
+    assert sorted(queued) == sorted([first["job"], second["job"]])
     store = farm.store()
     assert store.head(f"recipes/{digest}.tar")["sha256"] == digest
 
@@ -212,7 +215,7 @@ def test_submitting_an_invalid_recipe_is_refused_with_the_recipes_error_and_queu
     assert r.returncode == 3, r.stderr
     assert f"{bad}:3: pakages: unknown key" in r.stderr
     from rq import Queue
-    assert Queue("bake", connection=farm.redis()).count == 0
+    assert Queue("bake", connection=farm.redis(), serializer=SERIALIZER).count == 0
 
 
 def test_a_job_carries_its_build_options_as_json(farm, tmp_path):
@@ -223,7 +226,7 @@ def test_a_job_carries_its_build_options_as_json(farm, tmp_path):
                         "--redis", farm.redis_url, "--store", farm.store_url], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
-    [spec] = Job.fetch(r.stdout.strip(), connection=farm.redis()).args
+    [spec] = Job.fetch(r.stdout.strip(), connection=farm.redis(), serializer=SERIALIZER).args
     assert spec["options"] == BuildOptions(stop_after="bundle", skip=("verify",), cloud=True).to_json()
     assert job_options(spec) == BuildOptions(stop_after="bundle", skip=("verify",), cloud=True)
 
@@ -236,23 +239,23 @@ def test_a_job_whose_options_do_not_fit_fails_at_once_saying_why_and_runs_nothin
     # as an older bake submitted it: `cloud_verify` is `cloud` now
     spec = {"recipe": "farm-old", "bundle": "recipes/none.tar", "sha256": "0" * 64,
             "options": {"stop_after": None, "skip": [], "cloud_verify": False}}
-    Queue("bake", connection=conn).enqueue_call("builder.farm.jobs.run_build", args=(spec,), job_id="bake_farm-old",
-                                                 retry=Retry(max=3, interval=600))
+    Queue("bake", connection=conn, serializer=SERIALIZER).enqueue_call(
+        "builder.farm.jobs.run_build", args=(spec,), job_id="bake_farm-old", retry=Retry(max=3, interval=600))
     box = tmp_path / "box-old"
     worker = start_worker("box-old", box, redis, farm.store_url, cloud_env)
     try:
         # a job to be tried again is scheduled (in 600 s), not failed
-        wait_for(lambda: Job.fetch("bake_farm-old", connection=conn).get_status() in (
+        wait_for(lambda: Job.fetch("bake_farm-old", connection=conn, serializer=SERIALIZER).get_status() in (
             JobStatus.FAILED, JobStatus.SCHEDULED), 120, "the job to fail")
     finally:
         worker.stop(30)
-    job = Job.fetch("bake_farm-old", connection=conn)
+    job = Job.fetch("bake_farm-old", connection=conn, serializer=SERIALIZER)
     assert job.get_status() == JobStatus.FAILED, "failed for good, not tried again"
     error = job.latest_result().exc_string.strip().splitlines()[-1]
     assert "farm job of farm-old: not run: build options: (top): Additional properties are not allowed " \
            "('cloud_verify' was unexpected); it was submitted by an older bake (cloud_verify is now cloud): " \
            "submit it again" in error, error
-    assert Queue("bake", connection=conn).count == 0
+    assert Queue("bake", connection=conn, serializer=SERIALIZER).count == 0
     assert "attempts" not in job.meta, "no attempt was made"
     assert list_records(farm.store(), "farm-old") == [], "no record: nothing ran"
     assert not (box / "output" / "farm-old").exists() and not list(box.glob("output/.farm/jobs/*"))
@@ -268,9 +271,16 @@ def test_the_farm_commands_say_what_is_missing(tmp_path, monkeypatch):
     r = subprocess.run([BAKE, "worker", "--redis", "redis://127.0.0.1:1/0", "--store", "s3://b/p"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "cannot reach the farm's Redis at redis://127.0.0.1:1/0" in r.stderr
+    r = subprocess.run([BAKE, "worker", "--store", "s3://b/p"], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, BAKE_REDIS_URL="redis://default:s3cret@127.0.0.1:1/0"))
+    assert r.returncode == 1 and "cannot reach the farm's Redis at redis://default:***@127.0.0.1:1/0" in r.stderr
+    assert "s3cret" not in r.stderr, "a Redis password is never printed"
     r = subprocess.run([BAKE, "worker", "--redis", "redis://default:s3cret@127.0.0.1:1/0", "--store", "s3://b/p"],
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "cannot reach the farm's Redis at redis://default:***@127.0.0.1:1/0" in r.stderr
+    assert r.returncode == 2, r.stderr
+    assert "argument --redis: refused: a Redis password on the command line is shown by `ps` to every user of " \
+           "this box; give --redis redis://default@127.0.0.1:1/0 and the password in --redis-password-file FILE, " \
+           "or the whole URL in BAKE_REDIS_URL" in r.stderr, r.stderr
     assert "s3cret" not in r.stderr, "a Redis password is never printed"
 
 
@@ -418,8 +428,8 @@ def test_a_farm_whose_redis_has_a_password_works_with_it_and_never_prints_it(clo
         store = store_url()
         worker = start_worker("box-pw", tmp_path / "box-pw", server, store, cloud_env)
         try:
-            r = subprocess.run([BAKE, "status", "--redis", server.url, "--store", store],
-                               capture_output=True, text=True, timeout=120)
+            r = subprocess.run([BAKE, "status", "--store", store], capture_output=True, text=True, timeout=120,
+                               env=dict(os.environ, BAKE_REDIS_URL=server.url))
             assert r.returncode == 0, r.stderr
             assert "box-pw" in r.stdout, r.stdout
             assert password not in r.stdout + r.stderr
@@ -433,21 +443,35 @@ def test_a_farm_whose_redis_has_a_password_works_with_it_and_never_prints_it(clo
         path = _recipe(tmp_path / "r", "farm-pw", "one\n")
         r = subprocess.run([BAKE, "submit", str(path), "--redis", server.url, "--store", store],
                            capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "a Redis password on the command line is shown by `ps`" in r.stderr, r.stderr
+        assert password not in r.stdout + r.stderr
+        secret = tmp_path / "redis-password"
+        secret.write_text(password + "\n")
+        secret.chmod(0o644)
+        bare = f"redis://127.0.0.1:{server.port}/0"
+        r = subprocess.run([BAKE, "submit", str(path), "--redis", bare, "--redis-password-file", str(secret),
+                            "--store", store], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and f"--redis-password-file {secret}: others than its owner may read it (mode " \
+            "0644); chmod 600 it" in r.stderr, r.stderr
+        secret.chmod(0o600)
+        r = subprocess.run([BAKE, "submit", str(path), "--redis", bare, "--redis-password-file", str(secret),
+                            "--store", store], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         job = r.stdout.strip()
         assert job.startswith("bake_farm-pw_") and password not in r.stdout + r.stderr
         from rq import Queue
-        assert Queue("bake", connection=redis_from_url(server.url)).get_job_ids() == [job]
-        r = subprocess.run([BAKE, "ls", "--farm", "--redis", server.url, "--store", store],
-                           capture_output=True, text=True, timeout=120)
+        assert Queue("bake", connection=redis_from_url(server.url), serializer=SERIALIZER).get_job_ids() == [job]
+        r = subprocess.run([BAKE, "ls", "--farm", "--store", store], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, BAKE_REDIS_URL=server.url))
         assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
 
         wrong = "nope-" + secrets.token_hex(8)
         for url, why in ((server.url.replace(password, wrong), "invalid username-password pair"),
                          (f"redis://127.0.0.1:{server.port}/0", "Authentication required")):
-            r = subprocess.run([BAKE, "submit", str(path), "--redis", url, "--store", store],
-                               capture_output=True, text=True, timeout=120)
+            r = subprocess.run([BAKE, "submit", str(path), "--store", store], capture_output=True, text=True,
+                               timeout=120, env=dict(os.environ, BAKE_REDIS_URL=url))
             assert r.returncode == 1, r.stderr
             assert f"cannot reach the farm's Redis at {shown(url)} (" in r.stderr and why in r.stderr, r.stderr
             assert wrong not in r.stderr and password not in r.stderr
-        assert Queue("bake", connection=redis_from_url(server.url)).count == 1, "the refused submissions queued nothing"
+        assert Queue("bake", connection=redis_from_url(server.url), serializer=SERIALIZER).count == 1, \
+            "the refused submissions queued nothing"

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -15,16 +16,28 @@ from typing import Any
 from builder.cli.options import add_output
 from builder.core import exitcodes, stale
 from builder.core.errors import BakeError
-from builder.farm.connect import QUEUE, Farm, shown
+from builder.farm.connect import QUEUE, SERIALIZER, Farm, refuse_password, shown
 from builder.farm.gc import gc_farm
 from builder.farm.jobs import BACKOFF, JOB_TIMEOUT, LEASE_TTL_ENV, OUTPUT_ENV, RETRIES, Duplicate, submit
 from builder.farm.records import lease_holders, list_records, state_of
+from builder.farm.remote import KEY_ENV, farm_key
 from builder.farm.workers import clean_job_folders, take_name
 from builder.pipeline.options import SKIPPABLE, STAGE_NAMES, BuildOptions
 from builder.recipe.schemaerrors import RecipeError
 
+def _redis_arg(value: str) -> str:
+    try:
+        return refuse_password(value)
+    except BakeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_farm_options(sp) -> None:
-    sp.add_argument("--redis", metavar="URL", help="the farm's Redis (default: $BAKE_REDIS_URL)")
+    sp.add_argument("--redis", metavar="URL", type=_redis_arg,
+                    help="the farm's Redis, redis://[USER@]HOST:PORT/DB or rediss://…?ssl_ca_certs=CA-FILE for TLS; "
+                         "never with a password (default: $BAKE_REDIS_URL, which may hold one)")
+    sp.add_argument("--redis-password-file", metavar="FILE",
+                    help="the farm Redis's password: the first line of FILE (mode 600)")
     sp.add_argument("--store", metavar="s3://BUCKET/PREFIX",
                     help="the farm's store for records, logs, artifacts and the stage cache (default: "
                          "$BAKE_FARM_STORE); the cloud from the environment or --eucarc")
@@ -35,6 +48,8 @@ def add_farm_options(sp) -> None:
 def cmd_worker(args) -> int:
     from rq import Queue, Worker  # noqa: PLC0415 (rq: only the farm's commands load it)
 
+    from builder.farm.trust import BakeJob  # noqa: PLC0415 (loads rq, as above)
+
     farm = Farm.from_args(args)
     conn = farm.redis()
     farm.store().ensure()
@@ -43,15 +58,21 @@ def cmd_worker(args) -> int:
     output = Path(args.output).resolve()
     for d in clean_job_folders(output):
         print(f"removed the folder of a killed job: {d}", file=sys.stderr)
+    if farm_key() is None:
+        print(f"bake: warning: the farm's shared stage cache is off on this worker: no farm key ({KEY_ENV}, the "
+              "same on every box) to check its entries", file=sys.stderr)
     os.environ.update(farm.env())
     os.environ[OUTPUT_ENV] = str(output)
     os.environ[LEASE_TTL_ENV] = str(args.lease_ttl)
-    queues = [Queue(q, connection=conn) for q in (args.queues or [QUEUE])]
+    queues = [Queue(q, connection=conn, serializer=SERIALIZER, job_class=BakeJob) for q in (args.queues or [QUEUE])]
     name = args.name or f"{socket.gethostname()}.{os.getpid()}"
     said = take_name(conn, name)
     if said:
         print(said, file=sys.stderr)
-    worker = Worker(queues, connection=conn, name=name,
+    # jobs are JSON data, and only bake's build runs (builder/farm/trust.py); a job's
+    # description is whatever its writer said, so the log names jobs by their ids
+    worker = Worker(queues, connection=conn, name=name, serializer=SERIALIZER, job_class=BakeJob,
+                    log_job_description=False,
                     maintenance_interval=args.maintenance_interval, job_monitoring_interval=args.heartbeat,
                     # an idle worker looks for dead workers' jobs once per dequeue wait (worker TTL - 15 s)
                     worker_ttl=args.maintenance_interval + 15)
@@ -102,7 +123,7 @@ def wait_for_jobs(farm: Farm, submitted: list[dict], *, poll: float = 2.0) -> li
     while pending:
         for jid, s in list(pending.items()):
             try:
-                job = Job.fetch(jid, connection=conn)
+                job = Job.fetch(jid, connection=conn, serializer=SERIALIZER)
             except Exception:
                 s.update(outcome="lost", error="the job is no longer in Redis (Redis restarted?); see `bake ls --farm`")
                 del pending[jid]
@@ -195,12 +216,12 @@ def cmd_status(args) -> int:
         from rq import Queue, Worker  # noqa: PLC0415
         from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry  # noqa: PLC0415
 
-        q = Queue(QUEUE, connection=conn)
+        q = Queue(QUEUE, connection=conn, serializer=SERIALIZER)
         out["queue"] = {"queued": q.get_job_ids(), "running": StartedJobRegistry(queue=q).get_job_ids(),
                         "retrying": ScheduledJobRegistry(queue=q).get_job_ids(),
                         "failed": FailedJobRegistry(queue=q).get_job_ids()}
         out["workers"] = [{"name": w.name, "state": str(w.get_state()),
-                           "job": w.get_current_job_id()} for w in Worker.all(connection=conn)]
+                           "job": w.get_current_job_id()} for w in Worker.all(connection=conn, serializer=SERIALIZER)]
     records = list_records(farm.store(), args.recipe)
     holders = lease_holders(conn, {r["recipe"] for r in records})
     latest: dict[str, dict] = {}

@@ -51,7 +51,7 @@ from builder.core.errors import BakeError
 from builder.pipeline import child
 from builder.pipeline.options import BuildOptions
 from builder.recipe.recipe import load_recipe
-from .connect import EUCARC_ENV, QUEUE, REDIS_ENV, STORE_ENV, Farm
+from .connect import EUCARC_ENV, QUEUE, REDIS_ENV, SERIALIZER, STORE_ENV, Farm
 from .lease import Lease, describe
 from .records import FarmRecord, artifact_folder, log_name, now
 
@@ -164,7 +164,7 @@ def submit(farm: Farm, path: str | Path, *, options: BuildOptions | None = None,
     jid = job_id(name, digest, day)
     spec = {"recipe": name, "bundle": bundle, "sha256": digest, "options": (options or BuildOptions()).to_json(),
             "submitted": now(), "submitted_from": socket.gethostname()}
-    queue = Queue(QUEUE, connection=conn)
+    queue = Queue(QUEUE, connection=conn, serializer=SERIALIZER)
     try:
         queue.enqueue_call("builder.farm.jobs.run_build", args=(spec,), job_id=jid, unique=True, timeout=timeout,
                            result_ttl=RESULT_TTL, failure_ttl=FAILURE_TTL,

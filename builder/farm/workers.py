@@ -9,6 +9,7 @@ from pathlib import Path
 
 from builder.core.errors import BakeError
 from builder.core.removal import remove_tree
+from .connect import SERIALIZER
 
 
 def clean_job_folders(output: Path) -> list[str]:
@@ -45,7 +46,7 @@ def take_name(conn, name: str) -> str | None:
         alive = False
     if alive:
         raise BakeError(f"a worker named {name} runs on this box already (pid {pid}); give this one another --name")
-    found = Worker.find_by_key(key, connection=conn)
+    found = Worker.find_by_key(key, connection=conn, serializer=SERIALIZER)
     if found is not None:
         found.register_death()
     return f"the worker {name} of this box (pid {pid}) was killed; its name is taken over"
