@@ -11,7 +11,6 @@ filesystem is read by `extfs`, a disk's partitions by `disks`.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import tarfile
@@ -19,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from builder.base import diskinfo
 from builder.base.disks import Partition, choose_partition, partition_table, partitions_of_raw, raw_disk
 from builder.base.extfs import FsFacts, facts_at, fs_facts
-from builder.core import sh
 from builder.core.record import Build, sha256_file
 from builder.core.errors import BakeError
 
@@ -147,13 +146,9 @@ def _is_gzip(path: Path) -> bool:
 def _disk_format(path: Path) -> str | None:
     """qemu-img's name for the format of disk image `path`, None when it is no disk image
     (qemu-img calls anything it does not know "raw": a raw disk must have a partition
-    table)."""
-    r = sh.run(["qemu-img", "info", "-U", "--output=json", path], check=False, quiet=True)
-    try:
-        info = json.loads(r.output[r.output.index("{"):]) if r.returncode == 0 else {}
-    except ValueError:      # no JSON object (a warning ahead of it is skipped)
-        return None
-    fmt = info.get("format")
+    table). A disk that points at other files, or whose format QEMU cannot prove, is
+    refused here, before anything reads it (`diskinfo.probe`)."""
+    fmt = diskinfo.probe(path)
     if fmt != "raw":
         return fmt
     return "raw" if partition_table(path) is not None else None
