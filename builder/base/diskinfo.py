@@ -96,7 +96,7 @@ def _data_file_name(head: bytes, path: Path) -> str:
 
 def _info(path: Path) -> dict | None:
     r = sh.run(["qemu-img", "info", "-U", "--output=json", path], check=False, quiet=True,
-               timeout=INFO_TIMEOUT)
+               timeout=INFO_TIMEOUT, what=f"reading what {path} is with qemu-img info")
     if r.returncode != 0 or "{" not in r.output:
         return None
     try:

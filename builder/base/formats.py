@@ -1,11 +1,12 @@
 """What a base image is and how bake gets its own copy of the bare filesystem out of it.
 
 A base is one of: a bare ext2/3/4 filesystem image (a partition image, what bake
-itself makes), a disk image with a partition table (raw, qcow2, vmdk or anything else
-qemu-img reads), a UEC tarball (`NAME.img` with the kernel, ramdisk and loader beside
-it), or a bake build folder. Everything here works on files with e2fsprogs, qemu-img and
-sfdisk, so none of it needs root: nothing is mounted and no loop device is used. An ext
-filesystem is read by `extfs`, a disk's partitions by `disks`.
+itself makes), a disk image with a partition table (raw, qcow2, vmdk, vhdx, vpc, vdi or
+qed, one file that names no other: `diskinfo`), a UEC tarball (`NAME.img` with the
+kernel, ramdisk and loader beside it; its members checked and its sizes capped:
+`tarball`), or a bake build folder. Everything here works on files with e2fsprogs,
+qemu-img and sfdisk, so none of it needs root: nothing is mounted and no loop device is
+used. An ext filesystem is read by `extfs`, a disk's partitions by `disks`.
 """
 
 from __future__ import annotations
