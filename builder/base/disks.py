@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from builder.base import diskinfo
 from builder.base.extfs import FsFacts, e2name, facts_at, holds_root
 from builder.core import sh
 from builder.core.errors import BakeError
@@ -44,14 +45,16 @@ def partition_table(raw: Path) -> dict | None:
 @contextlib.contextmanager
 def raw_disk(disk: Path, fmt: str, work: Path) -> Iterator[Path]:
     """The disk as a raw file: itself when raw, else a sparse conversion under `work`,
-    removed on exit."""
+    removed on exit. The disk is checked again first (`diskinfo.require`): QEMU is told
+    its format and opens no backing file."""
+    diskinfo.require(disk, fmt)
     if fmt == "raw":
         yield Path(disk)
         return
     work.mkdir(parents=True, exist_ok=True)
     raw = work / f"{Path(disk).name}.raw.tmp"
     try:
-        sh.run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", disk, raw],
+        sh.run(["qemu-img", "convert", "-U", *diskinfo.convert_source(disk, fmt), "-O", "raw", raw],
                what=f"converting {disk} ({fmt}) to a raw disk")
         yield raw
     finally:

@@ -1,27 +1,29 @@
 """What a base image is and how bake gets its own copy of the bare filesystem out of it.
 
 A base is one of: a bare ext2/3/4 filesystem image (a partition image, what bake
-itself makes), a disk image with a partition table (raw, qcow2, vmdk or anything else
-qemu-img reads), a UEC tarball (`NAME.img` with the kernel, ramdisk and loader beside
-it), or a bake build folder. Everything here works on files with e2fsprogs, qemu-img and
-sfdisk, so none of it needs root: nothing is mounted and no loop device is used. An ext
-filesystem is read by `extfs`, a disk's partitions by `disks`.
+itself makes), a disk image with a partition table (raw, qcow2, vmdk, vhdx, vpc, vdi or
+qed, one file that names no other: `diskinfo`), a UEC tarball (`NAME.img` with the
+kernel, ramdisk and loader beside it; its members checked and its sizes capped:
+`tarball`), or a bake build folder. Everything here works on files with e2fsprogs,
+qemu-img and sfdisk, so none of it needs root: nothing is mounted and no loop device is
+used. An ext filesystem is read by `extfs`, a disk's partitions by `disks`.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from builder.base import diskinfo, tarball
 from builder.base.disks import Partition, choose_partition, partition_table, partitions_of_raw, raw_disk
 from builder.base.extfs import FsFacts, facts_at, fs_facts
-from builder.core import sh
+from builder.base.tarball import is_gzip
 from builder.core.record import Build, sha256_file
 from builder.core.errors import BakeError
 
@@ -33,7 +35,6 @@ BLOCK = 4096            # granularity of the holes bake's copies get
 CHUNK = 1 << 20
 
 EXT_MAGIC_OFFSET = 1024 + 56
-GZIP_MAGIC = b"\x1f\x8b"
 
 # What a recipe's base can be, for messages about what it is not.
 WHAT_A_BASE_IS = ("a bare ext2/3/4 filesystem image, a disk image with a partition table (raw, qcow2, "
@@ -80,7 +81,7 @@ def identify(path: Path) -> Source:
         head = f.read(EXT_MAGIC_OFFSET + 2)
     if head[EXT_MAGIC_OFFSET:EXT_MAGIC_OFFSET + 2] == b"\x53\xef":
         return Source(path, "filesystem", fs_facts(path).type)
-    if head[:2] == GZIP_MAGIC or _is_plain_tar(path):
+    if head[:2] == tarball.GZIP_MAGIC or _is_plain_tar(path):
         return _identify_tarball(path)
     fmt = _disk_format(path)
     if fmt is None:
@@ -119,18 +120,18 @@ def member_role(name: str) -> str | None:
 
 
 def _identify_tarball(path: Path) -> Source:
-    compressed = _is_gzip(path)
+    compressed = is_gzip(path)
     members: dict[str, str] = {}
     try:
-        with tarfile.open(path, "r|gz" if compressed else "r|") as tar:
-            for m in tar:
+        with tarball.opened(path) as tar:
+            for m in tarball.members(tar, path):
                 role = member_role(m.name)
                 if role is None or not m.isfile():
                     continue
                 if role in members:
                     raise BakeError(f"{path}: two members could be the {role}: {members[role]} and {m.name}")
                 members[role] = m.name
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         what = "a gzip file that is not a whole tar archive" if compressed else "a damaged tar archive"
         raise BakeError(f"{path}: {what} ({e}); the base should be {WHAT_A_BASE_IS}") from None
     if "image" not in members:
@@ -139,21 +140,12 @@ def _identify_tarball(path: Path) -> Source:
     return Source(path, "uec-tarball", "tar.gz" if compressed else "tar", members)
 
 
-def _is_gzip(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(2) == GZIP_MAGIC
-
-
 def _disk_format(path: Path) -> str | None:
     """qemu-img's name for the format of disk image `path`, None when it is no disk image
     (qemu-img calls anything it does not know "raw": a raw disk must have a partition
-    table)."""
-    r = sh.run(["qemu-img", "info", "-U", "--output=json", path], check=False, quiet=True)
-    try:
-        info = json.loads(r.output[r.output.index("{"):]) if r.returncode == 0 else {}
-    except ValueError:      # no JSON object (a warning ahead of it is skipped)
-        return None
-    fmt = info.get("format")
+    table). A disk that points at other files, or whose format QEMU cannot prove, is
+    refused here, before anything reads it (`diskinfo.probe`)."""
+    fmt = diskinfo.probe(path)
     if fmt != "raw":
         return fmt
     return "raw" if partition_table(path) is not None else None
@@ -233,13 +225,14 @@ def _copy_range(src: Path, offset: int, length: int, dst: Path) -> None:
         w.finish(length)
 
 
-def _extract_members(tarball: Path, wanted: dict[str, Path]) -> None:
-    """Write members `wanted` (name -> file) of `tarball`, sparse, in one pass over it
-    (a compressed tarball cannot be read out of order cheaply)."""
+def _extract_members(path: Path, wanted: dict[str, Path]) -> None:
+    """Write members `wanted` (name -> file) of the tarball at `path`, sparse, in one pass
+    over it (a compressed tarball cannot be read out of order cheaply), every member
+    checked and every size capped on the way (`tarball.members`)."""
     left = dict(wanted)
     try:
-        with tarfile.open(tarball, "r|*") as tar:
-            for m in tar:
+        with tarball.opened(path) as tar:
+            for m in tarball.members(tar, path):
                 if m.name not in left or not m.isfile():
                     continue
                 f = tar.extractfile(m)
@@ -251,10 +244,10 @@ def _extract_members(tarball: Path, wanted: dict[str, Path]) -> None:
                     w.finish(w.pos)
                 if not left:
                     break
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise BakeError(f"{tarball}: the tarball could not be read to its end ({e})") from None
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise BakeError(f"{path}: the tarball could not be read to its end ({e})") from None
     if left:
-        raise BakeError(f"{tarball}: member(s) {', '.join(sorted(left))} missing from the tarball")
+        raise BakeError(f"{path}: member(s) {', '.join(sorted(left))} missing from the tarball")
 
 
 # --- unpacking ----------------------------------------------------------------------

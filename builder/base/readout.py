@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from builder.base import diskinfo
 from builder.base.appliance import ERROR_TAIL, WAKE, ApplianceError, Handle, doing, opened, version_key
 from builder.base.holes import data_layout, restore_holes
 from builder.core import sh
@@ -216,7 +217,9 @@ def root_filesystem(disk: Path, fmt: str, dest: Path) -> str:
     """The root filesystem of `disk` (QEMU format `fmt`) where the host cannot reach it
     (a root on LVM: no device-mapper is needed here), found by libguestfs's inspection
     and copied to `dest`; returns its device in the appliance (e.g. /dev/vg0/root).
-    `dest` is then made sparse on the host (`fallocate --dig-holes`)."""
+    `dest` is then made sparse on the host (`fallocate --dig-holes`). The disk is
+    checked again first (`diskinfo.require`): libguestfs is told its format."""
+    diskinfo.require(disk, fmt)
     with opened([Path(disk)], readonly=True, mount=False, fmt=fmt) as g:
         with doing(f"looking for the root filesystem of {Path(disk).name}"):
             roots = g.inspect_os()

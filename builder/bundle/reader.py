@@ -8,6 +8,12 @@ corrupt part is named rather than a gzip error); the total encrypted size; the t
 stream's SHA-1; the image size. The first that fails is the error raised. Everything
 streams through in bounded memory; zero runs are written as holes, so a sparse image
 comes back sparse. The image appears at its final path only when every check passed.
+
+A bundle comes from outside: the manifest's <size> is an upper bound on what it may
+write, and so is BAKE_MAX_IMAGE_SIZE (`limits`). A manifest declaring more than the cap
+is refused before any part is read, a tar member declaring more than <size> before any
+of it is written, and a stream inflating past <size> and tar's headers as soon as it
+does.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import BinaryIO
 
 from cryptography.hazmat.primitives import padding as sympadding
 
+from builder.core import limits
 from builder.core.errors import BakeError
 from builder.core.log import step
 from . import crypto
@@ -32,6 +39,7 @@ from .manifest import Manifest, ManifestPart, parse
 log = logging.getLogger("bake.bundle")
 
 CHUNK = 1024 * 1024
+TAR_HEADROOM = 64 * 1024    # tar's headers, long names, end blocks and record padding around the image
 
 
 def read_manifest(path: Path) -> Manifest:
@@ -107,11 +115,16 @@ class _Parts:
             self._f = None
 
 
+class StreamTooLong(BakeError):
+    """The decrypted stream inflates past what the manifest says it holds."""
+
+
 class _Plain:
     """The decrypted, gunzipped tar stream as a file object for tarfile, hashing all of it."""
 
-    def __init__(self, parts: _Parts, key: bytes, iv: bytes):
+    def __init__(self, parts: _Parts, key: bytes, iv: bytes, limit: int):
         self.parts = parts
+        self.limit = limit  # the most the stream may inflate to
         self._dec = crypto.decryptor(key, iv)
         self._unpad = sympadding.PKCS7(128).unpadder()
         self._inflate: "zlib._Decompress | None" = zlib.decompressobj(31)
@@ -163,8 +176,11 @@ class _Plain:
                     self._inflate = zlib.decompressobj(31)
                 out = self._inflate.decompress(data, want)
         if out:
-            self.sha1.update(out)
             self.size += len(out)
+            if self.size > self.limit:
+                raise StreamTooLong(f"the bundle's data inflates to more than {self.limit} bytes, more than its "
+                                    "image and tar's headers can be: refused as it was read")
+            self.sha1.update(out)
             self._buf += out
         return True
 
@@ -246,6 +262,9 @@ def unbundle(manifest: Path, *, private_key: Path, source_dir: Path | None, dest
             raise BakeError(f"part {part.index} ({part.filename}) is missing from {source}: the bundle is incomplete")
     if not m.parts:
         raise BakeError(f"{manifest}: the manifest lists no parts")
+    cap = limits.max_image_bytes()
+    if m.size > cap:
+        raise limits.over_cap(f"{manifest}: its <size> declares an image of {m.size} bytes,", cap)
     key, iv = _open_bundle_key(m, private_key)
 
     private_directory(destination)
@@ -257,18 +276,24 @@ def unbundle(manifest: Path, *, private_key: Path, source_dir: Path | None, dest
     try:
         with os_errors_as_bake_errors(f"unbundling {manifest}"), step(f"Unbundling {m.name}"), \
                 os.fdopen(fd, "wb") as out:
-            plain = _Plain(parts, key, iv)
+            plain = _Plain(parts, key, iv, m.size + TAR_HEADROOM + 2 * len(m.name.encode()))
             written = 0
             try:
                 with tarfile.open(fileobj=plain, mode="r|", bufsize=CHUNK) as tar:  # type: ignore[call-overload]
                     member = tar.next()
                     if member is None or not member.isreg():
                         raise BakeError(f"{manifest}: the bundle's tar stream holds no regular file")
+                    if member.size > m.size:
+                        raise BakeError(f"{manifest}: the bundle's image declares {member.size} bytes but the "
+                                        f"manifest's <size> says {m.size}: refused before writing any of it")
                     data_in = tar.extractfile(member)
                     assert data_in is not None
                     while chunk := data_in.read(CHUNK):
-                        _write_sparse(out, chunk)
                         written += len(chunk)
+                        if written > m.size:    # the member was checked: this is a second line of defence
+                            raise BakeError(f"{manifest}: the image grows past the manifest's <size> of {m.size} "
+                                            "bytes; refused as it was written")
+                        _write_sparse(out, chunk)
                     while tar.next() is not None:  # read past any further members (hashed all the same)
                         pass
                 plain.drain()
@@ -276,6 +301,8 @@ def unbundle(manifest: Path, *, private_key: Path, source_dir: Path | None, dest
                 raise
             except (zlib.error, tarfile.TarError, EOFError, BakeError) as e:
                 parts.check_rest()  # a corrupt part is the real cause: name it
+                if isinstance(e, StreamTooLong):
+                    raise StreamTooLong(f"{manifest}: {e}") from None
                 if isinstance(e, BakeError):
                     raise
                 raise BakeError(f"{manifest}: the decrypted data is not a gzipped tar stream ({e}); "
