@@ -8,6 +8,7 @@ the real commands; nothing is baked or booted."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from pathlib import Path
@@ -142,6 +143,34 @@ def test_a_build_of_another_box_with_the_same_recipe_and_id_is_refused_and_chang
     assert images(clients) == images_before
     assert objects(clients, bucket) == objects_before
     assert "cloud" not in Build.load(twin.dir).data
+
+
+def test_a_released_build_published_again_keeps_its_images_and_is_never_bundled_again(
+        euca3, euca4, isolated, capsys):  # noqa: F811
+    cloud, clients = euca4, clients_of(euca4)
+    recipe, bucket = "imm-" + secrets.token_hex(3), "imm-" + secrets.token_hex(5)
+    build = verified_build(isolated / "output", recipe, "20261201-080000", cloud)
+    status, out = publish(capsys, build, cloud, bucket)
+    assert status == 0, out
+    status, out = release(capsys, build, cloud)
+    assert status == 0, out
+    sums = (build.dir / "SHA256SUMS").read_text()
+    images_before, objects_before = images(clients), objects(clients, bucket)
+    cloud.clear_log()
+
+    status, out = publish(capsys, build, cloud, bucket)     # the same cloud: nothing to do
+    assert status == 0, out
+    assert not [r for r in cloud.front.requests if r.operation in ("RegisterImage", "DeregisterImage")]
+    assert images(clients) == images_before and objects(clients, bucket) == objects_before
+
+    # another cloud's certificate would mean new bundles: refused before anything changes
+    other_before = images(clients_of(euca3))
+    status, out = publish(capsys, build, euca3, "imm-" + secrets.token_hex(5))
+    assert status != 0 and "was released" in out and "never change" in out, out
+    for line in sums.splitlines():      # what `sha256sum -c SHA256SUMS` checks
+        digest, name = line.split("  ", 1)
+        assert hashlib.sha256((build.dir / name).read_bytes()).hexdigest() == digest, name
+    assert images(clients_of(euca3)) == other_before and images(clients) == images_before
 
 
 # --- gc --cloud ---------------------------------------------------------------------------

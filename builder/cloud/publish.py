@@ -182,6 +182,12 @@ def publish(build: Build, creds: Credentials, opts: PublishOptions | None = None
     bucket = opts.bucket or previous.get("bucket") or _default_bucket(creds)
     prefix = _folder(build, opts, previous.get("prefix"))
     check_publishable(build, creds)     # what is missing here is said before the cloud is asked anything
+    released = build.data.get("released")
+    if released and creds.can_bundle and not _sealed_with(build.data.get("bundle") or {}, _bundle_keys(creds)):
+        at = released.get("at", "?") if isinstance(released, dict) else "?"
+        raise BakeError(f"{build.dir} was released ({at}) and its bundles are not sealed to these credentials' "
+                        "cloud: publishing would bundle it again, and a release's bundles never change; bake the "
+                        "recipe again for that cloud")
     clients = clients or make_clients(creds)
     check_credentials(clients, creds)   # before bundling, which can take minutes
     bundles = bundles_of(build, creds)
@@ -241,7 +247,8 @@ def publish(build: Build, creds: Credentials, opts: PublishOptions | None = None
             # a machine image without its own kernel/ramdisk takes the cloud's defaults; an
             # image registered for this location is the build's own (its folder was checked)
             image_id, new = register(
-                clients, location, name + suffixes[b.role], b.image_type, b.arch, creds, replace=changed[b.role],
+                clients, location, name + suffixes[b.role], b.image_type, b.arch, creds,
+                replace=changed[b.role] and not released,   # a released image keeps its id
                 kernel_id=ids.get("kernel") if b.role == "image" else None,
                 ramdisk_id=ids.get("ramdisk") if b.role == "image" else None)
             ids[b.role] = image_id
