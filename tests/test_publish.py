@@ -277,7 +277,9 @@ def test_the_stage_publishes_with_the_recipes_publish_section(euca_cloud, clean_
         publish = {"eucarc": str(euca_cloud.eucarc), "bucket": "stage-" + secrets.token_hex(4), "prefix": "lucid/x"}
 
     out = publish_stage.run_on(build, Recipe())
-    assert out["image_id"].startswith("emi-") and out["prefix"] == "lucid/x"
+    # the recipe's prefix is a folder above the build's own names, never a name builds share
+    assert out["image_id"].startswith("emi-") and out["prefix"] == f"lucid/x/trio/{build.id}"
+    assert out["image_name"] == f"lucid-x-trio-{build.id}"
     assert Build.load(build.dir).data["cloud"]["image_id"] == out["image_id"]
 
 

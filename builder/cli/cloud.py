@@ -79,13 +79,14 @@ def register(subparsers) -> None:
                                            "are sent, registered images are reused. Prints the image ids.")
     _common(sp, bucket="bucket to upload to (default: the recipe's publish.bucket, else the bucket of an earlier "
                        "publish, else bake-images-<account number>)",
-            prefix="key prefix in the bucket (default: the recipe's publish.prefix, else that of an earlier "
-                   "publish, else <recipe>/<build-id>)")
-    sp.add_argument("-n", "--name", help="image name (default: <recipe>-<build-id>)")
+            prefix="a folder in the bucket above the build's own, PREFIX/<recipe>/<build-id>/ (default: the "
+                   "recipe's publish.prefix, else the folder of an earlier publish, else none); also the front "
+                   "of the image names")
+    sp.add_argument("-n", "--name", help="image name before -<build-id> (default: the recipe's name)")
     sp.set_defaults(func=cmd_publish)
     sp = subparsers.add_parser("unpublish", help="deregister a build's images and delete its uploaded bundles")
     _common(sp, bucket="bucket to delete the build's bundles from (default: the bucket build.json records from "
                        "publishing, else the recipe's publish.bucket, else bake-images-<account number>)",
-            prefix="key prefix the bundles were uploaded under (default: the one build.json records, else the "
-                   "recipe's publish.prefix, else <recipe>/<build-id>)")
+            prefix="the folder the bundles were uploaded under, PREFIX/<recipe>/<build-id>/ (default: the one "
+                   "build.json records, else the recipe's publish.prefix, else <recipe>/<build-id>)")
     sp.set_defaults(func=cmd_unpublish)

@@ -5,10 +5,19 @@ lines and what they print; the work is builder/operations/release.py's.
 from __future__ import annotations
 
 import json
+import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from builder.cli.farm import add_farm_options
 from builder.cli.options import add_output
 from builder.cloud.credentials import load_credentials
+from builder.core.errors import BakeError
+from builder.core.record import Build
+from builder.farm.connect import STORE_ENV, Farm
+from builder.farm.records import FARM_BUILD_ID, mark_released, record_name
 from builder.operations.records import image_ids, resolve_build
 from builder.operations.release import check_releasable, latest, release
 from builder.operations.streams import STREAMS
@@ -21,15 +30,62 @@ def _recipe_name(spec: str) -> str:
     return spec
 
 
+@dataclass
+class FarmEntry:
+    """The durable record of a farm build in its farm's store, as found before releasing."""
+
+    store: Any
+    conn: Any
+    name: str
+    data: dict[str, Any]
+
+
+def _farm_record(args, build: Build) -> FarmEntry | None:
+    """The farm record of `build` when it is a farm build (its id is a farm job's), found
+    before anything changes: a farm build released without its record saying so would be
+    collected by `bake gc --farm`."""
+    if not FARM_BUILD_ID.match(build.id):
+        return None
+    if not (args.store or os.environ.get(STORE_ENV)):
+        raise BakeError(f"{build.dir} is a farm build (its id {build.id} is a farm job's) and its record in the "
+                        f"farm's store must say it is released, or `bake gc --farm` collects it: give the store "
+                        f"(--store or {STORE_ENV})")
+    farm = Farm.from_args(args, need_redis=False)
+    store = farm.store()
+    name = record_name(build.dir.parent.name, build.id)
+    data = store.get_json(name)
+    if not isinstance(data, dict):
+        raise BakeError(f"the farm's store {store.url} has no record of {build.dir.parent.name}/{build.id} "
+                        f"({name}): is it the store of the farm that made it?")
+    conn = None
+    if farm.redis_url:
+        try:
+            conn = farm.redis()
+        except BakeError as e:      # the record is still marked; only the lease is not taken
+            print(f"bake: warning: {e}", file=sys.stderr)
+    return FarmEntry(store, conn, name, data)
+
+
 def cmd_release(args) -> int:
     build = resolve_build(args.build, args.output)
+    farm = _farm_record(args, build)
+    if farm is not None and build.data.get("released") and not farm.data.get("released") and not args.public:
+        # released here before its farm record could say so: say it now
+        mark_released(farm.store, build.dir.parent.name, build.id, build.data["released"], farm.conn)
+        print(f"released\t{build.dir.parent.name}/{build.id}")
+        print(f"farm\t{farm.store.url}{farm.name}")
+        return 0
     check_releasable(build, public=args.public)    # said before the recipe and credentials are read
     creds = None
     if args.public or image_ids(build)["emi"]:
         recipe = recipe_of(build)
         creds = load_credentials(recipe.publish if recipe is not None else {}, eucarc=args.eucarc)
     rel = release(build, public=args.public, creds=creds)
+    if farm is not None:
+        mark_released(farm.store, build.dir.parent.name, build.id, rel, farm.conn)
     print(f"released\t{build.dir.parent.name}/{build.id}")
+    if farm is not None:
+        print(f"farm\t{farm.store.url}{farm.name}")
     for key in ("sha256sums", "sbom", "notes"):
         print(f"{key}\t{build.dir / rel[key]}")
     if rel["public"]:
@@ -65,6 +121,7 @@ def register(subparsers) -> None:
     sp.add_argument("--eucarc", help="for a published build: its cloud's eucarc (default: the recipe's, else the "
                                      "environment)")
     add_output(sp)
+    add_farm_options(sp)    # a farm build's record in the store says it is released too
     sp.set_defaults(func=cmd_release)
     sp = subparsers.add_parser(
         "latest", help="print the newest published (or released) build's EMI, EKI and ERI",

@@ -28,7 +28,9 @@ def find_images(clients: Clients, location: str, creds: Credentials) -> list[dic
 def register(clients: Clients, location: str, name: str, image_type: str, arch: str, creds: Credentials, *,
              kernel_id: str | None = None, ramdisk_id: str | None = None, replace: bool = False) -> tuple[str, bool]:
     """The id of the image registered for `location` (an existing one reused unless
-    `replace` or its kernel/ramdisk differ); (id, True) when registered now."""
+    `replace` or its kernel/ramdisk differ); (id, True) when registered now. The image it
+    replaces is deregistered: the caller makes sure `location` is in its own build's
+    folder (publish checks the owner of every object there first)."""
     for im in find_images(clients, location, creds):
         same = (image_type != "machine"
                 or (im.get("KernelId") == kernel_id and im.get("RamdiskId") == ramdisk_id))

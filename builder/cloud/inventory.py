@@ -60,3 +60,16 @@ def keys_under(clients: Clients, bucket: str, folder: str, creds: Credentials) -
     except BotoCoreError as e:
         raise cloud_error(e, f"listing {bucket}/{prefix}", creds) from None
     return [k for k in keys if "/" not in k[len(prefix):]]
+
+
+def has_object(clients: Clients, bucket: str, key: str, creds: Credentials) -> bool:
+    """Whether bucket/key is there now (False when the bucket is gone)."""
+    try:
+        clients.s3.head_object(Bucket=bucket, Key=key)
+    except ClientError as e:
+        if error_code(e) in MISSING_CODES:
+            return False
+        raise cloud_error(e, f"checking {bucket}/{key}", creds) from None
+    except BotoCoreError as e:
+        raise cloud_error(e, f"checking {bucket}/{key}", creds) from None
+    return True

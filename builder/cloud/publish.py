@@ -1,8 +1,11 @@
 """Publish a build's bundles: upload them to Walrus/S3 and register the kernel (EKI),
 the ramdisk (ERI) and the machine image (EMI); unpublish undoes it.
 
-Safe to run again at any point: parts already in the bucket with the same MD5 are not
-sent again, and an image already registered for the same manifest location is reused.
+Every build publishes under names of its own (`names`): its folder
+`[PREFIX/]<recipe>/<build-id>/` and its images `[PREFIX-]<name>-<build-id>`; a name
+another build holds is refused before anything is written. Safe to run again at any
+point: parts already in the bucket with the same MD5 are not sent again, and an image
+already registered for the same manifest location (the build's own) is reused.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .calls import MISSING_CODES, cloud_error, error_code
 from .clients import Clients, make_clients
 from .credentials import Credentials
 from .images import check_credentials, deregister, find_images, register
+from .names import OWNER_META, build_folder, check_names_free, image_name, object_owner, own_folder, owner_of
 from .store import delete_object, ensure_bucket, upload_file
 
 log = logging.getLogger("bake.cloud")
@@ -156,18 +160,17 @@ def check_publishable(build: Build, creds: Credentials) -> None:
 
 # --- defaults -------------------------------------------------------------------------
 
-def _default_prefix(build: Build) -> str:
-    return f"{build.dir.parent.name}/{build.id}"
-
-
 def _default_bucket(creds: Credentials) -> str:
     # Bucket names are one namespace for the whole cloud: make ours the account's own.
     return f"bake-images-{creds.user_id}" if creds.user_id else "bake-images"
 
 
-def _image_name(opts: PublishOptions, build: Build) -> str:
-    name = opts.image_name or f"{build.dir.parent.name}-{build.id}"
-    return name[:110]
+def _folder(build: Build, opts: PublishOptions, recorded: str | None) -> str:
+    """Where the build's objects go: under the prefix asked for, else where an earlier
+    publish of this build put them (when that is a folder of its own), else the default."""
+    if opts.prefix is None and recorded and build_folder(build, recorded) == recorded.strip("/"):
+        return recorded.strip("/")
+    return build_folder(build, opts.prefix)
 
 
 def publish(build: Build, creds: Credentials, opts: PublishOptions | None = None, *,
@@ -177,12 +180,22 @@ def publish(build: Build, creds: Credentials, opts: PublishOptions | None = None
     opts = opts or PublishOptions()
     previous = build.data.get("cloud") or {}
     bucket = opts.bucket or previous.get("bucket") or _default_bucket(creds)
-    prefix = (opts.prefix if opts.prefix is not None else previous.get("prefix") or _default_prefix(build)).strip("/")
+    prefix = _folder(build, opts, previous.get("prefix"))
     check_publishable(build, creds)     # what is missing here is said before the cloud is asked anything
+    released = build.data.get("released")
+    if released and creds.can_bundle and not _sealed_with(build.data.get("bundle") or {}, _bundle_keys(creds)):
+        at = released.get("at", "?") if isinstance(released, dict) else "?"
+        raise BakeError(f"{build.dir} was released ({at}) and its bundles are not sealed to these credentials' "
+                        "cloud: publishing would bundle it again, and a release's bundles never change; bake the "
+                        "recipe again for that cloud")
     clients = clients or make_clients(creds)
     check_credentials(clients, creds)   # before bundling, which can take minutes
     bundles = bundles_of(build, creds)
-    key_of = (lambda p: f"{prefix}/{p.name}") if prefix else (lambda p: p.name)
+    key_of = lambda p: f"{prefix}/{p.name}"  # noqa: E731
+    owner = owner_of(build)
+    name = image_name(build, prefix[:-len(own_folder(build))], opts.image_name)
+    suffixes = {"kernel": "-kernel", "ramdisk": "-ramdisk", "image": ""}
+    meta = {OWNER_META: owner}
     section: dict[str, Any] = {
         **creds.describe(), "bucket": bucket, "prefix": prefix,
         "bucket_created": bool(previous.get("bucket_created")) and previous.get("bucket") == bucket,
@@ -201,31 +214,41 @@ def publish(build: Build, creds: Credentials, opts: PublishOptions | None = None
     # a farm worker's bake that lost its recipe's lease must not publish beside the new holder
     fence.check(f"uploading {build.id}'s bundles")
     with step(f"Uploading bundles to {bucket}/{prefix}"):
-        if ensure_bucket(clients, bucket, opts, creds):
+        created = ensure_bucket(clients, bucket, opts, creds)
+        if created:
             section["bucket_created"] = True
+        try:    # before anything is written: every name it would use is free or the build's own
+            check_names_free(clients, creds, bucket=bucket, folder=prefix, owner=owner,
+                             names=[name + suffixes[b.role] for b in bundles],
+                             locations=[f"{bucket}/{key_of(b.manifest)}" for b in bundles],
+                             recorded_folder=str(previous.get("prefix") or "").strip("/") or None)
+        except BakeError:
+            if created:     # made empty just now: the refused publish leaves the cloud as it was
+                clients.s3.delete_bucket(Bucket=bucket)
+            raise
         for b in bundles:
             for part in b.parts:
-                if upload_file(clients, part, bucket, key_of(part), opts, creds):
+                if upload_file(clients, part, bucket, key_of(part), opts, creds, metadata=meta):
                     sent += 1
                 else:
                     skipped += 1
                 count(part)
             # the manifest last: a manifest in the bucket means its parts are there
-            changed[b.role] = upload_file(clients, b.manifest, bucket, key_of(b.manifest), opts, creds)
+            changed[b.role] = upload_file(clients, b.manifest, bucket, key_of(b.manifest), opts, creds, metadata=meta)
             sent += changed[b.role]
             skipped += not changed[b.role]
             count(b.manifest)
     log.info("uploaded %d file(s), %d already there", sent, skipped)
     ids: dict[str, str] = {}
-    name = _image_name(opts, build)
     fence.check(f"registering {build.id}'s images")
     with step("Registering the kernel, ramdisk and image"):
         for b in bundles:
             location = f"{bucket}/{key_of(b.manifest)}"
-            suffix = {"kernel": "-kernel", "ramdisk": "-ramdisk", "image": ""}[b.role]
-            # a machine image without its own kernel/ramdisk takes the cloud's defaults
+            # a machine image without its own kernel/ramdisk takes the cloud's defaults; an
+            # image registered for this location is the build's own (its folder was checked)
             image_id, new = register(
-                clients, location, name + suffix, b.image_type, b.arch, creds, replace=changed[b.role],
+                clients, location, name + suffixes[b.role], b.image_type, b.arch, creds,
+                replace=changed[b.role] and not released,   # a released image keeps its id
                 kernel_id=ids.get("kernel") if b.role == "image" else None,
                 ramdisk_id=ids.get("ramdisk") if b.role == "image" else None)
             ids[b.role] = image_id
@@ -233,7 +256,7 @@ def publish(build: Build, creds: Credentials, opts: PublishOptions | None = None
                 "id": image_id, "type": b.image_type, "manifest_location": location, "registered_now": new,
                 "objects": [key_of(p) for p in b.parts] + [key_of(b.manifest)]}
     section.update(kernel_id=ids.get("kernel"), ramdisk_id=ids.get("ramdisk"), image_id=ids["image"],
-                   uploaded=sent, already_uploaded=skipped,
+                   image_name=name, owner=owner, uploaded=sent, already_uploaded=skipped,
                    published=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     build.set("cloud", section)
     return section
@@ -247,8 +270,13 @@ def unpublish(build: Build, creds: Credentials, opts: PublishOptions | None = No
     opts = opts or PublishOptions()
     cloud = build.data.get("cloud") or {}
     bucket = opts.bucket or cloud.get("bucket") or _default_bucket(creds)
-    prefix = (opts.prefix if opts.prefix is not None else cloud.get("prefix") or _default_prefix(build)).strip("/")
+    recorded = str(cloud.get("prefix") or "").strip("/")
+    if recorded and (opts.prefix is None or opts.prefix.strip("/") == recorded):
+        prefix = recorded       # where it was uploaded, as an earlier version of bake named it too
+    else:
+        prefix = build_folder(build, opts.prefix)
     key_of = (lambda p: f"{prefix}/{p.name}") if prefix else (lambda p: p.name)
+    owner = build.data.get("publish_owner")
     clients = clients or make_clients(creds)
     check_credentials(clients, creds)
     images: dict[str, dict] = cloud.get("images") or {}
@@ -269,7 +297,8 @@ def unpublish(build: Build, creds: Credentials, opts: PublishOptions | None = No
     removed: dict[str, Any] = {"images": [], "objects": [], "bucket": None}
     with step("Deregistering images"):
         for role in ("image", "ramdisk", "kernel"):   # the EMI names the EKI/ERI: it goes first
-            ids = {im["ImageId"] for im in find_images(clients, locations[role], creds)} if role in locations else set()
+            ids = {im["ImageId"] for im in find_images(clients, locations[role], creds)} \
+                if role in locations and _ours(clients, locations[role], owner, creds) else set()
             if images.get(role, {}).get("id"):
                 ids.add(images[role]["id"])
             for image_id in sorted(ids):
@@ -277,6 +306,8 @@ def unpublish(build: Build, creds: Credentials, opts: PublishOptions | None = No
                 removed["images"].append(image_id)
     with step(f"Deleting the bundles from {bucket}"):
         for key in keys:
+            if not _ours(clients, f"{bucket}/{key}", owner, creds):
+                continue
             if delete_object(clients, bucket, key, opts, creds):
                 removed["objects"].append(key)
         if cloud.get("bucket_created"):
@@ -290,3 +321,14 @@ def unpublish(build: Build, creds: Credentials, opts: PublishOptions | None = No
     build.data.pop("cloud", None)
     build.save()
     return removed
+
+
+def _ours(clients: Clients, location: str, owner: str | None, creds: Credentials) -> bool:
+    """Whether the object at `location` (BUCKET/KEY) may be removed by the build `owner`:
+    it carries no other build's owner tag."""
+    bucket, _, key = location.partition("/")
+    who = object_owner(clients, bucket, key, creds)
+    if who and who != owner:
+        log.warning("%s is kept: it belongs to build %s", location, who.rpartition("/")[0])
+        return False
+    return True

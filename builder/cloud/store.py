@@ -79,9 +79,9 @@ def remote_etag(clients: Clients, bucket: str, key: str, opts: RetryPolicy, cred
 
 
 def upload_file(clients: Clients, path: Path, bucket: str, key: str, opts: RetryPolicy,
-                creds: Credentials) -> bool:
-    """Put `path` at bucket/key unless an object with the same MD5 is already there.
-    Returns True when it was sent."""
+                creds: Credentials, *, metadata: dict[str, str] | None = None) -> bool:
+    """Put `path` at bucket/key (with `metadata`, x-amz-meta-*) unless an object with the
+    same MD5 is already there. Returns True when it was sent."""
     md5 = md5_file(path)
     if remote_etag(clients, bucket, key, opts, creds) == md5:
         log.debug("%s/%s is already uploaded", bucket, key)
@@ -89,7 +89,7 @@ def upload_file(clients: Clients, path: Path, bucket: str, key: str, opts: Retry
 
     def put():
         with open(path, "rb") as body:
-            r = clients.s3.put_object(Bucket=bucket, Key=key, Body=body, ACL=ACL,
+            r = clients.s3.put_object(Bucket=bucket, Key=key, Body=body, ACL=ACL, Metadata=metadata or {},
                                       ContentMD5=base64.b64encode(bytes.fromhex(md5)).decode())
         etag = r.get("ETag", "").strip('"')
         if etag and etag != md5:

@@ -5,9 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 from builder.core.errors import BakeError
+from builder.core.locks import Busy
 from builder.farm.connect import Farm
 from builder.farm.jobs import JOB_TIMEOUT
-from builder.farm.records import BUILDING, RELEASED, artifact_folder, lease_holders, list_records, log_name, state_of
+from builder.farm.records import (
+    BUILDING,
+    RELEASED,
+    artifact_folder,
+    build_lease,
+    lease_holders,
+    list_records,
+    log_name,
+    state_of,
+)
 
 GOOD = ("ok", "published", "verified")
 
@@ -60,15 +70,30 @@ def gc_farm(farm: Farm, keep: int, *, dry_run: bool, recipes: list[str] | None =
                 kept.append({**entry, "why": f"one of the {keep} newest"})
             elif r["build_id"] in newest and state not in GOOD:
                 kept.append({**entry, "why": f"{state}, among the {keep} newest: kept to be looked into"})
-            else:
+            elif dry_run:
                 deleted.append({**entry, "why": f"beyond the {keep} newest"})
-                if not dry_run:
-                    _delete_build(store, r)
+            else:
+                why = _delete_build(store, r, conn)
+                if why:
+                    kept.append({**entry, "state": RELEASED if why.startswith("released") else state, "why": why})
+                else:
+                    deleted.append({**entry, "why": f"beyond the {keep} newest"})
     return {"keep": keep, "dry_run": dry_run, "kept": kept, "deleted": deleted, "temporary": temporary}
 
 
-def _delete_build(store, r: dict) -> None:
-    for name in list(store.list(artifact_folder(r["recipe"], r["build_id"]))):
-        store.delete(name)
-    store.delete(log_name(r["recipe"], r["build_id"]))
-    store.delete(r["_name"])
+def _delete_build(store, r: dict, conn) -> str | None:
+    """Delete the build's artifacts, log and record, under its lease, unless its record,
+    read again now, says it was released since the listing (then: why it stays)."""
+    recipe, build_id = r["recipe"], r["build_id"]
+    try:
+        with build_lease(conn, recipe, build_id, f"gc of {recipe}/{build_id}"):
+            now = store.get_json(r["_name"])
+            if isinstance(now, dict) and now.get("released"):
+                return "released since the listing"
+            for name in list(store.list(artifact_folder(recipe, build_id))):
+                store.delete(name)
+            store.delete(log_name(recipe, build_id))
+            store.delete(r["_name"])
+    except Busy as e:
+        return f"skipped: {e}"
+    return None

@@ -16,17 +16,20 @@ worker recorded: ok, verified, published, failed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from builder.core.errors import BakeError
-from builder.farm.lease import holder
+from builder.farm.lease import Lease, holder
 
 log = logging.getLogger("bake.farm")
 
 BUILDING, KILLED, RELEASED = "building", "killed", "released"
+FARM_BUILD_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{4,16}$")   # jobs.new_build_id's form
 
 
 def record_name(recipe: str, build_id: str) -> str:
@@ -113,3 +116,35 @@ def state_of(rec: dict[str, Any], holders: dict[str, str | None] | None) -> str:
             return "building?"
         return BUILDING if holders.get(rec["recipe"]) == rec["build_id"] else KILLED
     return state
+
+
+@contextlib.contextmanager
+def build_lease(conn, recipe: str, build_id: str, what: str) -> Iterator[None]:
+    """Hold the farm lease of one build (`build:<recipe>/<build-id>`) for the block: what
+    `bake release` holds while it marks a record released and `gc --farm` while it reads
+    a record again and deletes it. Without Redis (`conn` None) nothing is held: gc still
+    reads the record again immediately before it deletes."""
+    if conn is None:
+        yield
+        return
+    lease = Lease(conn, f"build:{recipe}/{build_id}", ttl=120, what=what, extra={"build_id": build_id})
+    lease.acquire(timeout=60)
+    try:
+        yield
+    finally:
+        lease.release()
+
+
+def mark_released(store, recipe: str, build_id: str, released: dict[str, Any], conn=None) -> dict[str, Any]:
+    """Write `released` into the build's durable record (so `gc --farm` keeps it and `ls
+    --farm` says released), under the build's lease; a BakeError when the store has no
+    record of it. Returns the record as written."""
+    name = record_name(recipe, build_id)
+    with build_lease(conn, recipe, build_id, f"releasing {recipe}/{build_id}"):
+        data = store.get_json(name)
+        if not isinstance(data, dict) or data.get("build_id") != build_id:
+            raise BakeError(f"the farm's store {store.url} has no record of {recipe}/{build_id} ({name}): is it "
+                            "the store of the farm that made it?")
+        data["released"] = released
+        store.put_json(name, data)
+    return data

@@ -32,6 +32,7 @@ from builder.core.atomic import write_text
 from builder.core.errors import BakeError
 from builder.core.log import step
 from builder.core.record import Build, and_list, sha256_file
+from builder.operations.buildlock import name_lock
 from builder.operations.packages import package_changes
 from builder.operations.records import find_builds, image_ids, load_build
 from builder.operations.sbom import sbom
@@ -202,13 +203,16 @@ def put_release_marker(build: Build, creds, marker: Path) -> str:
     # the cloud's clients import boto3: only a release of a published build loads it
     from builder.cloud.clients import make_clients  # noqa: PLC0415
     from builder.cloud.publish import PublishOptions  # noqa: PLC0415
+    from builder.cloud.names import OWNER_META  # noqa: PLC0415
     from builder.cloud.store import upload_file  # noqa: PLC0415
 
     cloud = build.data.get("cloud") or {}
     bucket, prefix = cloud["bucket"], str(cloud.get("prefix") or "").strip("/")
     key = f"{prefix}/{marker.name}" if prefix else marker.name
+    owner = build.data.get("publish_owner")
     with step(f"Putting the release marker at {bucket}/{key}"):
-        upload_file(make_clients(creds), marker, bucket, key, PublishOptions(), creds)
+        upload_file(make_clients(creds), marker, bucket, key, PublishOptions(), creds,
+                    metadata={OWNER_META: owner} if isinstance(owner, str) else None)
     return f"{bucket}/{key}"
 
 
@@ -236,8 +240,12 @@ def make_public(build: Build, creds) -> list[str]:
 
 def release(build: Build, *, public: bool = False, creds=None) -> dict[str, Any]:
     """Release `build` (see the module's description), holding its lock. `creds` (cloud
-    Credentials) are needed with `public`. Returns the build's `released` section."""
-    with build.lock():
+    Credentials) are needed with `public`. Returns the build's `released` section.
+
+    It holds the build by its folder and by its name (`buildlock`), as `bake gc` does
+    before it deletes: a gc that comes after reads the release, one that came before has
+    taken the build away (and the release is refused for a folder that is gone)."""
+    with build.lock(), name_lock(build.dir.parent.name, build.id):
         build.data = Build.load(build.dir).data     # as it is now that nobody else works on it
         check_releasable(build, public=public)
         published = bool((build.data.get("cloud") or {}).get("bucket")) and bool(image_ids(build)["emi"])

@@ -16,7 +16,9 @@ from builder.operations import records
 NAMESPACES = ("bootstrap", "base", "packages")  # the TreeCache namespaces gc looks after
 RELEASE_MARKER = "released.json"                # beside a build's bundles: `<prefix>/released.json`
 IN_USE_STATES = ("pending", "running", "stopping", "stopped")
-BUILD_ID = re.compile(r"^(\d{8}-\d{6})(?:\.(\d+))?$")
+# a bake's id (the time it started, ".N" when two started in the same second) or a farm
+# job's (the time and "-" and a few hex digits, builder.farm.jobs.new_build_id)
+BUILD_ID = re.compile(r"^(\d{8}-\d{6})(?:\.(\d+)|-[0-9a-f]{4,16})?$")
 BUNDLE_FILE = re.compile(r"^(?P<name>.+)\.(?:manifest\.xml|part\.\d+)$")
 _AGE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -97,6 +99,7 @@ class BuildFacts:
     images: list[CloudImage] = field(default_factory=list)
     objects: dict[str, list[str]] = field(default_factory=dict)     # bucket -> keys under its prefix
     released_cloud: bool = False            # the release marker is beside its bundles
+    folders: list[str] = field(default_factory=list)  # "BUCKET/FOLDER" its bundles are under
     record_cloud: dict[str, Any] = field(default_factory=dict, repr=False)  # build.json's "cloud"
 
     @property

@@ -31,6 +31,7 @@ class BuildVerdict:
     deregister: list[str] = field(default_factory=list)     # image ids, machine images first
     keep_images: list[str] = field(default_factory=list)    # its kernel/ramdisk others still use
     delete: dict[str, list[str]] = field(default_factory=dict)  # bucket -> keys
+    folders: list[str] = field(default_factory=list)        # "BUCKET/FOLDER": where a release marker says kept
     notes: list[str] = field(default_factory=list)
     outcome: str | None = None              # after a real run: "removed", or why it was skipped
 
@@ -97,7 +98,8 @@ def plan_gc(survey: Survey, keep: int, older_than: _dt.timedelta | None = None,
             goes = not reasons
             if goes:
                 reasons = [f"{_state_words(b)}, beyond the {keep} newest" if b.failed else f"beyond the {keep} newest"]
-            v = BuildVerdict(recipe, b.build_id, goes, reasons, str(b.dir) if b.dir else None, b.bytes)
+            v = BuildVerdict(recipe, b.build_id, goes, reasons, str(b.dir) if b.dir else None, b.bytes,
+                             folders=list(b.folders))
             verdicts.append(v)
             if goes:
                 pending.append((b, v))

@@ -1,5 +1,11 @@
 """`bake gc`'s removal: each recipe's builds under the recipe lock, each build under its
-own lock, each cache entry under its lock, all taken without waiting and skipped when held."""
+own lock, each cache entry under its lock, all taken without waiting and skipped when held.
+
+A build is held by its folder's lock (when this box has its folder) and by its name's
+(`operations.buildlock`, which `bake release` holds too), and its release state is read
+again under them immediately before anything of it is deleted: its build.json, and on
+the cloud the release marker beside its bundles. A build released since the survey stays.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +16,11 @@ from pathlib import Path
 from builder.core import locks, sh
 from builder.core.cache import TreeCache
 from builder.core.errors import BakeError
-from builder.core.record import Build
+from builder.core.record import RECORD, Build
 from builder.core.removal import remove_tree
+from builder.operations.buildlock import name_lock
 from builder.operations.gc.plan import BuildVerdict, CacheVerdict, GcPlan
-from builder.operations.gc.facts import Survey
+from builder.operations.gc.facts import RELEASE_MARKER, Survey
 from builder.operations.gc.survey import held_by, in_use
 
 log = logging.getLogger("bake.gc")
@@ -73,6 +80,13 @@ def _remove_build(v: BuildVerdict, used: dict[str, list[str]], clients, creds) -
             mounts = sh.mounts_under(build.dir)
             if mounts:
                 return f"skipped: {mounts[0]} is mounted in it (`bake doctor` undoes what a killed bake left)"
+        try:
+            stack.enter_context(name_lock(v.recipe, v.build_id, wait=False))
+        except locks.Busy as e:
+            return f"skipped: {e}"
+        released = _released_now(v, build, clients, creds)
+        if released:
+            return f"skipped: released since the survey ({released})"
         if clients is not None:
             # the cloud's clients import boto3: only a gc that goes to the cloud loads it
             from builder.cloud.images import deregister  # noqa: PLC0415
@@ -92,6 +106,25 @@ def _remove_build(v: BuildVerdict, used: dict[str, list[str]], clients, creds) -
             remove_tree(build.dir)
             build.lock_path.unlink(missing_ok=True)     # held by us: nobody waits on a folder that is gone
     return "removed"
+
+
+def _released_now(v: BuildVerdict, build: Build | None, clients, creds) -> str | None:
+    """What says the build is released now, read again under its locks; None when nothing does."""
+    if build is not None and (build.dir / RECORD).is_file():
+        try:
+            data = Build.load(build.dir).data
+        except BakeError as e:
+            return f"its build.json cannot be read to tell: {e}"
+        if data.get("released"):
+            return "its build.json says so"
+    if clients is not None:
+        from builder.cloud.inventory import has_object  # noqa: PLC0415 (boto3: only when gc goes to the cloud)
+
+        for where in v.folders:
+            bucket, _, folder = where.partition("/")
+            if has_object(clients, bucket, f"{folder}/{RELEASE_MARKER}", creds):
+                return f"the release marker {where}/{RELEASE_MARKER} is beside its bundles"
+    return None
 
 
 def _remove_cache_entry(root: Path, c: CacheVerdict) -> str:

@@ -155,6 +155,7 @@ def survey_cloud(survey: Survey, clients, creds) -> None:
         for bucket, folder in sorted(folders):
             if not folder:
                 continue    # a bundle at the top of a bucket: nothing there says which build it is
+            b.folders.append(f"{bucket}/{folder}")
             keys = inventory.keys_under(clients, bucket, folder, creds)
             if f"{folder}/{RELEASE_MARKER}" in keys:
                 b.released_cloud = True
