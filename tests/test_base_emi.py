@@ -276,6 +276,22 @@ def test_a_damaged_part_is_named_and_nothing_is_left(euca_cloud, creds, publishe
     assert not dest.exists()
 
 
+def test_a_manifest_edited_in_the_bucket_is_refused_by_its_signature(euca_cloud, creds, published, tmp_path):
+    # the parts and their digests untouched: only the signature tells the edit
+    _, cloud = published
+    assert creds.cert is not None and creds.cert.is_file()
+    s3 = make_clients(creds).s3
+    key = cloud["images"]["image"]["manifest_location"].split("/", 1)[1]
+    text = s3.get_object(Bucket=cloud["bucket"], Key=key)["Body"].read()
+    edited = text.replace(b"<architecture>x86_64</architecture>", b"<architecture>i386</architecture>", 1)
+    assert edited != text
+    s3.put_object(Bucket=cloud["bucket"], Key=key, Body=edited)
+    dest = tmp_path / "dest"
+    with pytest.raises(BakeError, match="the manifest's signature does not verify with"):
+        download_image(creds, cloud["image_id"], dest)
+    assert not dest.exists()
+
+
 def test_a_missing_part_is_named(euca_cloud, creds, published, tmp_path):
     _, cloud = published
     key = f"{cloud['prefix']}/base.img.part.02"

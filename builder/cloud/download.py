@@ -10,7 +10,9 @@ cloud's (`ec2_encrypted_key`, which only the cloud can open), so an image bundle
 another account cannot be decrypted here however readable its parts are, and that is
 said before any part is fetched. The parts are then fetched from beside the manifest,
 each part's SHA-1 checked as it arrives, and unbundled by `builder.bundle.reader`, which
-checks the tar stream's digest and the size the manifest declares.
+checks the tar stream's digest and the size the manifest declares, and, when the user's
+certificate (EC2_CERT) is given, the manifest's signature: anyone may seal a bundle to a
+public certificate, only its owner can sign it.
 
 Everything is written in a hidden work folder inside `dest`, removed however the
 download ends; the decrypted files are moved into `dest` only once all are complete,
@@ -309,8 +311,12 @@ def _download_and_unbundle(clients: Clients, creds: Credentials, bundles: list[_
         report(done)
         manifest = folder / Path(b.key).name
         try:
+            # the manifest's signature, when the certificate that pairs with the private key
+            # is at hand: opening the key proves only that the bundle was sealed to this
+            # user's certificate, which is public; the signature, that this user made it
             out[b.role] = unbundle(manifest, private_key=private_key, source_dir=folder,
-                                   destination=work / "out" / b.role)
+                                   destination=work / "out" / b.role,
+                                   cert=creds.cert if creds.cert is not None and creds.cert.is_file() else None)
         except BakeError as e:
             raise BakeError(f"{b.what}: its bundle ({b.location}) does not decode: {e}") from None
         for part in m.parts:
