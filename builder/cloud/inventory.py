@@ -62,14 +62,19 @@ def keys_under(clients: Clients, bucket: str, folder: str, creds: Credentials) -
     return [k for k in keys if "/" not in k[len(prefix):]]
 
 
-def has_object(clients: Clients, bucket: str, key: str, creds: Credentials) -> bool:
-    """Whether bucket/key is there now (False when the bucket is gone)."""
+def head_object(clients: Clients, bucket: str, key: str, creds: Credentials) -> dict | None:
+    """What S3 says of bucket/key (HeadObject), None when it is not there (or the bucket
+    is gone)."""
     try:
-        clients.s3.head_object(Bucket=bucket, Key=key)
+        return clients.s3.head_object(Bucket=bucket, Key=key)
     except ClientError as e:
         if error_code(e) in MISSING_CODES:
-            return False
+            return None
         raise cloud_error(e, f"checking {bucket}/{key}", creds) from None
     except BotoCoreError as e:
         raise cloud_error(e, f"checking {bucket}/{key}", creds) from None
-    return True
+
+
+def has_object(clients: Clients, bucket: str, key: str, creds: Credentials) -> bool:
+    """Whether bucket/key is there now (False when the bucket is gone)."""
+    return head_object(clients, bucket, key, creds) is not None

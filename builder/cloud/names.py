@@ -15,14 +15,12 @@ from __future__ import annotations
 import secrets
 from typing import Iterable
 
-from botocore.exceptions import BotoCoreError, ClientError
 
 from builder.core.errors import BakeError
 from builder.core.record import Build, and_list
-from .calls import MISSING_CODES, cloud_error, error_code
 from .clients import Clients
 from .credentials import Credentials
-from .inventory import keys_under, own_images
+from .inventory import head_object, keys_under, own_images
 
 OWNER_META = "bake-build"       # x-amz-meta-bake-build on every object a publish or release puts
 MAX_NAME = 110
@@ -69,14 +67,9 @@ def owner_of(build: Build) -> str:
 def object_owner(clients: Clients, bucket: str, key: str, creds: Credentials) -> str | None:
     """The owner tag of bucket/key ("" for an object without one), None when there is no
     such object."""
-    try:
-        r = clients.s3.head_object(Bucket=bucket, Key=key)
-    except ClientError as e:
-        if error_code(e) in MISSING_CODES:
-            return None
-        raise cloud_error(e, f"checking {bucket}/{key}", creds) from None
-    except BotoCoreError as e:
-        raise cloud_error(e, f"checking {bucket}/{key}", creds) from None
+    r = head_object(clients, bucket, key, creds)
+    if r is None:
+        return None
     meta = {k.lower(): v for k, v in (r.get("Metadata") or {}).items()}
     return meta.get(OWNER_META, "")
 
