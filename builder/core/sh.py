@@ -364,18 +364,30 @@ def loop_device(image: str | os.PathLike, *, read_only: bool = False) -> Iterato
 # --- chroots --------------------------------------------------------------------------
 
 def chroot_processes(root: str | os.PathLike) -> list[int]:
-    """PIDs of processes whose root directory is `root` (or below it)."""
+    """PIDs of processes whose root directory is `root` (or below it). A process in a
+    mount namespace of its own (a confined command) whose root the kernel cannot name
+    from here (on a build box that is itself a chroot, it names it from the real root) is
+    found by the root folder itself: the same device and inode."""
     real = os.path.realpath(root)
+    try:
+        st = os.stat(real)
+        same = (st.st_dev, st.st_ino)
+    except OSError:
+        same = None
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             r = os.readlink(f"/proc/{entry}/root")
+            if r == real or r.startswith(real.rstrip("/") + "/"):
+                pids.append(int(entry))
+            elif same is not None:
+                s = os.stat(f"/proc/{entry}/root")
+                if (s.st_dev, s.st_ino) == same:
+                    pids.append(int(entry))
         except OSError:
             continue
-        if r == real or r.startswith(real.rstrip("/") + "/"):
-            pids.append(int(entry))
     return pids
 
 
