@@ -165,7 +165,9 @@ def test_an_interrupt_ends_the_command_and_all_it_started_at_once(tree):
         script = "sleep 1000 & setsid sh -c 'trap \"\" TERM; exec sleep 1001' & wait"
         with sh.background(confine.argv(tree, ["sh", "-c", script]), env=ENV, grace=120) as proc:
             # the first process, the shell and its two sleeps, all in the tree
-            wait_for("the command and its children run", lambda: len(processes_in(tree)) >= 4)
+            # the shell and its two sleeps (and the first process, rooted in the tree's /proc,
+            # where the kernel can name that root from here: not on a box that is a chroot)
+            wait_for("the command and its children run", lambda: len(processes_in(tree)) >= 3)
             signalled = time.monotonic()
         took = time.monotonic() - signalled
         assert proc.returncode is not None
@@ -179,7 +181,7 @@ def test_a_hard_kill_of_bakes_side_ends_everything_in_the_tree(tree):
     unshare's --kill-child ends the namespace's first process, and with it the rest."""
     with sh.chroot_mounts(tree):
         with sh.background(confine.argv(tree, ["sh", "-c", "setsid sleep 1000 & wait"]), env=ENV) as proc:
-            wait_for("the command and its child run", lambda: len(processes_in(tree)) >= 3)
+            wait_for("the command and its child run", lambda: len(processes_in(tree)) >= 2)
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
             wait_for("everything in the tree ends", lambda: processes_in(tree) == [], timeout=10)
@@ -273,6 +275,10 @@ work, template, root_of_bake, python = sys.argv[1:5]
 shared = os.path.join(work, "shared")
 box = os.path.join(shared, "box")
 os.makedirs(shared)
+# the test's own mount, private, whatever the mount holding it does (on a build box that is
+# itself a chroot, that mount lies outside and the namespace below could not be made private)
+subprocess.run(["mount", "--bind", work, work], check=True)
+subprocess.run(["mount", "--make-rprivate", work], check=True)
 subprocess.run(["mount", "-t", "tmpfs", "tmpfs", shared], check=True)
 subprocess.run(["mount", "--make-shared", shared], check=True)
 os.makedirs(box)
@@ -319,7 +325,12 @@ def test_in_a_box_whose_root_is_no_mount_and_propagates_nothing_reaches_the_boxs
     without them; the box's host sees nothing of it."""
     helper = tmp_path / "box.py"
     helper.write_text(BOX)
-    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", sys.executable, str(helper),
+    # in a chroot whose root is no mount, unshare cannot make the whole namespace private:
+    # the box script then keeps its mounts on a private mount of its own
+    private = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "true"],
+                             capture_output=True, check=False).returncode == 0
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private" if private else "unchanged", "--",
+                        sys.executable, str(helper),
                         str(tmp_path / "host"), str(template), confine.PACKAGE_PARENT, sys.executable],
                        input=IN_BOX, capture_output=True, text=True, timeout=300, check=False)
     out = r.stdout + r.stderr
