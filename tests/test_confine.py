@@ -282,7 +282,9 @@ subprocess.run(["mount", "--make-rprivate", work], check=True)
 subprocess.run(["mount", "-t", "tmpfs", "tmpfs", shared], check=True)
 subprocess.run(["mount", "--make-shared", shared], check=True)
 os.makedirs(box)
-for name in ("usr", "etc", "dev", "work", "bin", "sbin", "lib", "lib64"):
+# the system's folders, and the top folders holding bake and its Python (wherever the clone is)
+tops = {p.strip("/").split("/")[0] for p in (root_of_bake, python)} - {"tmp", "proc", ""}
+for name in ("usr", "etc", "dev", "bin", "sbin", "lib", "lib64", *sorted(tops - {"usr", "etc", "dev"})):
     top = "/" + name
     if os.path.islink(top):
         os.symlink(os.readlink(top), os.path.join(box, name))
