@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +26,7 @@ from builder.core import confine, mountns, sh
 from builder.core.errors import BakeError
 from builder.recipe import dib
 from builder.recipe.dib.run import DibHookError, DibRunner
+from host_programs import copy_programs
 
 PROGRAMS = ("sh", "ls", "cat", "sleep", "stat", "hostname", "touch", "readlink", "head", "wc", "setsid")
 ENV = dict(sh.IMAGE_ENV)
@@ -48,17 +48,7 @@ def template(tmp_path_factory) -> Path:
         (root / d).mkdir(parents=True)
     for name in ("bin", "sbin", "lib", "lib64"):
         (root / name).symlink_to("usr/lib" if name == "lib" else "usr/lib64" if name == "lib64" else "usr/bin")
-    files = set()
-    for prog in PROGRAMS:
-        path = shutil.which(prog, path="/usr/bin:/bin")
-        assert path, f"the host has no {prog}"
-        files.add(path)
-        files.update(re.findall(r"(/\S+) \(0x", sh.output(["ldd", path])))
-    for f in files:
-        usr = f if f.startswith("/usr/") else "/usr" + f
-        dest = root / usr.lstrip("/")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(os.path.realpath(f), dest)
+    copy_programs(root, PROGRAMS, "/usr/bin:/bin")
     return root
 
 

@@ -25,6 +25,7 @@ from builder.customize import guestfs
 from builder.customize.chroot import ChrootBackend
 from builder.customize.customizer import Customizer, HookError
 from builder.recipe.recipe import load_recipe
+from host_programs import copy_programs
 
 PROGRAMS = ("sh", "env", "mkdir", "cp", "chmod", "chown", "mv", "rm", "cat", "dirname", "id", "getent", "cut", "ls",
             "useradd", "usermod", "dpkg-divert")
@@ -53,17 +54,7 @@ def small_root(root: Path) -> Path:
         (root / d).mkdir(parents=True, exist_ok=True)
     for name in ("bin", "sbin", "lib", "lib64"):
         (root / name).symlink_to(f"usr/{name}")
-    files = set()
-    for prog in PROGRAMS:
-        path = shutil.which(prog, path="/usr/sbin:/usr/bin:/sbin:/bin")
-        assert path, f"the host has no {prog}"
-        files.add(path)
-        files.update(re.findall(r"(/\S+) \(0x", sh.output(["ldd", path])))
-    for f in files:
-        usr = f if f.startswith("/usr/") else "/usr" + f
-        dest = root / usr.lstrip("/")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(os.path.realpath(f), dest)
+    copy_programs(root, PROGRAMS)
     (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (root / "etc/group").write_text("root:x:0:\nadm:x:4:\n")
     (root / "etc/shadow").write_text("root:*:19000:0:99999:7:::\n")
