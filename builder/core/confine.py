@@ -37,7 +37,6 @@ import os
 import signal
 import stat
 import sys
-from pathlib import Path
 
 from builder.core import mountns
 from builder.core.errors import BakeError
@@ -55,14 +54,18 @@ UNSHARE = ["unshare", "--mount", "--uts", "--ipc", "--pid", "--fork", "--kill-ch
            "--"]
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 # where this copy of bake lives, handed to the programs it starts (see `program`)
-PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
 
 def program(module: str) -> list[str]:
     """The argv that runs `main(argv)` of bake's `module`, from this very copy of bake,
-    whatever the environment given (-I: no PYTHONPATH of a recipe's reaches bake's code)."""
+    whatever the environment given (-I: no PYTHONPATH of a recipe's reaches bake's code).
+
+    -S as well: these programs need the standard library and bake alone, and the site
+    module's work (the installed packages' .pth files) was two thirds of every confined
+    command's start, about 70 ms of 100, measured here with `true` in a small tree."""
     boot = f"import sys; sys.path.insert(0, sys.argv.pop(1)); from {module} import main; sys.exit(main(sys.argv[1:]))"
-    return [sys.executable, "-I", "-c", boot, PACKAGE_PARENT]
+    return [sys.executable, "-I", "-S", "-c", boot, PACKAGE_PARENT]
 
 
 def entry(root: str | os.PathLike, command: list[str]) -> list[str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 
 MOUNTINFO = "/proc/self/mountinfo"
 
@@ -28,19 +27,22 @@ def unescape(field: bytes) -> str:
     return os.fsdecode(_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8) & 0xFF]), field))
 
 
-@dataclass(frozen=True)
 class Mount:
     """One line of mountinfo (proc(5)): the mount's id, its parent's, the device, the
-    root of the mount within its filesystem, where it is mounted, its type and source."""
+    root of the mount within its filesystem, where it is mounted, its type and source.
 
-    mount_id: int
-    parent_id: int
-    device: str
-    root: str
-    target: str
-    fstype: str
-    source: str
-    shared: bool
+    A plain class, not a dataclass: this module is imported by the first process of every
+    confined command, and making a dataclass at import was a fifth of that process's start."""
+
+    __slots__ = ("mount_id", "parent_id", "device", "root", "target", "fstype", "source", "shared")
+
+    def __init__(self, *, mount_id: int, parent_id: int, device: str, root: str, target: str, fstype: str,
+                 source: str, shared: bool) -> None:
+        self.mount_id, self.parent_id, self.device, self.root = mount_id, parent_id, device, root
+        self.target, self.fstype, self.source, self.shared = target, fstype, source, shared
+
+    def __repr__(self) -> str:
+        return f"Mount(target={self.target!r}, fstype={self.fstype!r}, source={self.source!r})"
 
 
 def parse(data: bytes) -> list[Mount]:

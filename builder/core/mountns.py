@@ -28,12 +28,16 @@ def make_private() -> bool:
     (the mount holding it lies outside and cannot be named), each mount it can name is
     made private; then False when one of them was shared, a sign that the unnamed one may
     be too, so that no mount may be made on it. True otherwise."""
-    if subprocess.run(["mount", "--make-rprivate", "/"], capture_output=True, check=False).returncode == 0:
+    # mount(2) itself: mount(8) as a program was a tenth of every confined command's start
+    try:
+        sys_mount(None, "/", None, MS_REC | MS_PRIVATE)
         return True
+    except OSError:
+        pass
     was_shared = False
     for target, _fstype, shared in mounts(shared=True):
         was_shared |= shared
-        mount("--make-private", target)
+        sys_mount(None, target, None, MS_PRIVATE)
     return not was_shared
 
 
@@ -49,7 +53,7 @@ def mount(*args: str) -> None:
         raise OSError(f"mount {' '.join(args)}: {r.stderr.strip()}")
 
 
-MS_REMOUNT, MS_BIND, MS_REC = 32, 4096, 16384
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 
 
 def bind_fd(fd: int, target: str) -> None:
