@@ -34,7 +34,7 @@ class Mount:
     A plain class, not a dataclass: this module is imported by the first process of every
     confined command, and making a dataclass at import was a fifth of that process's start."""
 
-    __slots__ = ("mount_id", "parent_id", "device", "root", "target", "fstype", "source", "shared")
+    __slots__ = ("device", "fstype", "mount_id", "parent_id", "root", "shared", "source", "target")
 
     def __init__(self, *, mount_id: int, parent_id: int, device: str, root: str, target: str, fstype: str,
                  source: str, shared: bool) -> None:
