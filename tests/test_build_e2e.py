@@ -8,6 +8,8 @@ import subprocess
 
 import pytest
 
+from builder.core import sh
+
 from builder.core.record import sha256_file
 from builder.recipe.distro import profile_for
 
@@ -47,6 +49,10 @@ def test_build_record_lists_outputs_with_sizes_and_hashes(demo_build):
     assert all(p["version"] and p["arch"] for p in rec["packages"])
     for stage in ("bootstrap", "customize", "image"):
         assert rec["stages"][stage]["seconds"] >= 0
+    # where the work tree was (a tmpfs when the box had the memory), and that it is gone
+    work = rec["work_tree"]
+    assert work["why"] and (work["limit"] > 0 if work["in_memory"] else "limit" not in work), work
+    assert not (demo_build.dir / "work").exists() and sh.mounts_under(demo_build.dir) == []
 
 
 def test_partition_image_is_a_bare_labelled_filesystem_with_the_profiles_features(image):

@@ -5,6 +5,7 @@ what the killed one left (chroot mounts, work tree, overlays), removes it and su
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -87,7 +88,8 @@ def other_recipe(tmp_path: Path) -> Path:
 def test_sigkill_in_customize_leaves_no_process_and_the_next_bake_cleans_up(demo_build, tmp_path, bakes):
     recipe = demo_plus("sleeps-in-install", "killed", tmp_path)
     out = tmp_path / "out"
-    env = dict(os.environ, BAKE_ELEMENTS_PATH=str(TEST_ELEMENTS))
+    # the work tree in memory: the tmpfs is one more mount the next run must undo
+    env = dict(os.environ, BAKE_ELEMENTS_PATH=str(TEST_ELEMENTS), BAKE_TMPFS="yes")
     b = bakes("build", str(recipe), "--output", str(out), "--stop-after", "image", env=env)
     marker = wait_for(lambda: next(iter(out.glob("killed/*/work/rootfs/var/tmp/bake-test-sleeping")), None)
                       or (b.proc.poll() is not None and pytest.fail(b.proc.communicate()[1])),
@@ -98,6 +100,8 @@ def test_sigkill_in_customize_leaves_no_process_and_the_next_bake_cleans_up(demo
     assert processes_of(token, rootfs), "the hook runs in the chroot"
     mounts = sh.mounts_under(rootfs)
     assert mounts, "customize has its chroot mounts"
+    work = build_dir / "work"
+    assert str(work) in sh.mounts_under(work), "the work tree is a tmpfs the bake mounted"
 
     killed_at = b.kill()
     b.proc.wait()
@@ -114,6 +118,8 @@ def test_sigkill_in_customize_leaves_no_process_and_the_next_bake_cleans_up(demo
     assert f"cleaning what bake pid {b.proc.pid}" in said, said
     for m in mounts:
         assert m in said, f"the next bake does not say it unmounted {m}"
+    assert re.search(rf"unmounted .*{re.escape(str(work))}(,|$)", said, re.M), \
+        f"the next bake does not say it unmounted the work tree's tmpfs:\n{said}"
     assert f"removed work tree {build_dir / 'work'}" in said
     assert f"marked build {build_dir} failed" in said
     assert sh.mounts_under(build_dir) == [] and not (build_dir / "work").exists()

@@ -26,6 +26,7 @@ from builder.pipeline.options import BuildOptions
 from builder.pipeline.context import BuildContext
 from builder.pipeline.plan import Plan
 from builder.pipeline.table import plan_build, stages_for
+from builder.pipeline import workspace
 from builder.recipe.recipe import Recipe
 
 log = logging.getLogger("bake")
@@ -69,7 +70,13 @@ def _bake(recipe: Recipe, plan: Plan, options: BuildOptions, output_root: Path) 
 
 def _run_stages(ctx: BuildContext) -> Build:
     """Run the route's stages from the table in order, up to `--stop-after`, leaving out
-    `--skip`ped ones and those the recipe turns off; stop at the first failure."""
+    `--skip`ped ones and those the recipe turns off; stop at the first failure. The work
+    tree is in memory or on disk as `workspace` chooses."""
+    with contextlib.ExitStack() as work_mount:
+        return _run_stages_in(ctx, work_mount)
+
+
+def _run_stages_in(ctx: BuildContext, work_mount: contextlib.ExitStack) -> Build:
     build, recipe, options = ctx.build, ctx.recipe, ctx.options
     ctx.work.mkdir()
     start = time.monotonic()
@@ -79,6 +86,7 @@ def _run_stages(ctx: BuildContext) -> Build:
     events.emit("build", dir=str(build.dir))
     try:
         with step(f"Bake {recipe.name} → {build.dir}"):
+            workspace.place(ctx, work_mount)
             for stage in stages_for(ctx.route):
                 current = stage.name
                 if stage.name in options.skip:
@@ -100,13 +108,16 @@ def _run_stages(ctx: BuildContext) -> Build:
         build.data["result"] = "failed"
         build.data["failed_stage"] = current
         build.data["stages_run"] = stages_run
-        build.data["error"] = (str(e) if isinstance(e, BakeError) else "interrupted" if isinstance(e, KeyboardInterrupt)
-                               else f"{type(e).__name__}: {e}")
+        build.data["error"] = workspace.explain(
+            str(e) if isinstance(e, BakeError) else "interrupted" if isinstance(e, KeyboardInterrupt)
+            else f"{type(e).__name__}: {e}", ctx)
         build.data["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         build.save()
         with deferred():
             _discard(ctx.work)
         _result_event(build)
+        if isinstance(e, BakeError) and build.data["error"] != str(e):
+            raise BakeError(build.data["error"]) from e
         raise
     if build.data.get("result") == "running":
         build.data["result"] = "ok"
