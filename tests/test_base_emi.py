@@ -36,6 +36,7 @@ from builder.core.errors import BakeError
 from eucalyptus_standin import Standin
 from eucalyptus_standin.fixtures import euca3, euca4, euca_cloud  # noqa: F401
 from eucalyptus_standin.keys import TestIdentity
+from eucalyptus_standin.trio import fresh_build_id
 from eucalyptus_standin.trio import bundle_build
 
 pytestmark = pytest.mark.slow
@@ -50,7 +51,7 @@ FOREIGN_REFUSAL = ("only the account that bundled it can decrypt it — ask its 
 def make_base_build(output_root: Path, recipe: str = "base") -> Build:
     """A build whose image is a 16 MiB ext4 filesystem (sparse) holding a tiny tree, with
     a kernel and a ramdisk of random bytes."""
-    build = Build.create(output_root, recipe)
+    build = Build.create(output_root, recipe, fresh_build_id())
     build.set("arch", "x86_64")
     tree = output_root / f"{recipe}-tree"
     (tree / "etc").mkdir(parents=True)

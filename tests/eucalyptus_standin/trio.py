@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from builder.core.record import Build
+from builder.core.record import Build, new_build_id
 
 from . import Standin
 
@@ -15,10 +15,25 @@ ROLES = (("kernel", "kernel", "vmlinuz-2.6.32-test", 3000),
          ("ramdisk", "ramdisk", "initrd.img-2.6.32-test", 5000),
          ("image", "machine", "test.img", 300_000))
 
+# The ids given out in this process. Tests of one worker share one cloud, and the build id
+# names the images: two builds made in the same second would claim the same image names,
+# which a publish rightly refuses as another build's.
+_issued: set[str] = set()
+
+
+def fresh_build_id() -> str:
+    base = new_build_id()
+    build_id, n = base, 1
+    while build_id in _issued:
+        n += 1
+        build_id = f"{base}.{n}"
+    _issued.add(build_id)
+    return build_id
+
 
 def make_build(output_root: Path, recipe: str = "trio") -> Build:
     """A build with kernel, ramdisk and image outputs of a few random bytes (not bundled)."""
-    build = Build.create(output_root, recipe)
+    build = Build.create(output_root, recipe, fresh_build_id())
     build.set("arch", "x86_64")
     for role, _, name, size in ROLES:
         p = build.dir / name
