@@ -138,3 +138,20 @@ def test_bake_plan_lists_the_stage_tables_stages_for_the_recipes_route(tmp_path)
     stages = json.loads(r.stdout)["stages"]
     assert [s["stage"] for s in stages] == ["bootstrap", "customize", "image", "bundle", "publish", "verify"]
     assert stages[0]["action"].startswith("debootstrap --variant=")
+
+
+# --- main() called more than once in one process ----------------------------------------
+
+def test_main_called_twice_in_one_process_prints_each_step_once(capsys):
+    """A program that calls main() again (the farm's worker runs many bakes in one
+    process) must not print every step once per earlier call."""
+    from builder.cli.main import main
+    from builder.core import log as steplog
+
+    for _ in range(3):
+        assert main(["validate", str(DEMO)]) == 0
+    capsys.readouterr()
+    with steplog.step("one step"):
+        pass
+    err = capsys.readouterr().err
+    assert err.count("» one step") == 1 and err.count("✓ one step") == 1, err

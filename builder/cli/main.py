@@ -43,19 +43,29 @@ CLEANS_FIRST = ("build", "bundle", "publish", "unpublish", "verify")
 class _StepPrinter:
     """Renders steps on stderr: one line per step start, its time at the end."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
+    def __init__(self, stream=None):
+        self.stream = stream   # None: sys.stderr as it is when a step is printed
 
     def __call__(self, event: str, rec: steplog.StepRecord) -> None:
         pad = "  " * rec.depth
+        stream = self.stream or sys.stderr
         if event == "start":
-            print(f"{pad}» {rec.name}", file=self.stream, flush=True)
+            print(f"{pad}» {rec.name}", file=stream, flush=True)
         elif rec.depth <= 1:
             mark = "✓" if rec.ok else "✗"
-            print(f"{pad}{mark} {rec.name} ({rec.seconds:.1f} s)", file=self.stream, flush=True)
+            print(f"{pad}{mark} {rec.name} ({rec.seconds:.1f} s)", file=stream, flush=True)
+
+
+_printer: _StepPrinter | None = None
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
+    """Route bake's log and its steps to stderr. Called once per `main()`: a program that
+    calls main() again (the farm's worker, a test) gets one printer, not one per call."""
+    global _printer  # noqa: PLW0603
+    if _printer is not None:
+        steplog.remove_listener(_printer)
+        _printer = None
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.WARNING)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"))
@@ -71,7 +81,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         handler.setStream(_ConsoleStream(term.console))
         atexit.register(term.detach)
     else:
-        steplog.add_listener(_StepPrinter())
+        _printer = _StepPrinter()
+        steplog.add_listener(_printer)
 
 
 class _ConsoleStream:
