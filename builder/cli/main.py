@@ -62,7 +62,7 @@ _printer: _StepPrinter | None = None
 def _setup_logging(verbose: int, quiet: bool) -> None:
     """Route bake's log and its steps to stderr. Called once per `main()`: a program that
     calls main() again (the farm's worker, a test) gets one printer, not one per call."""
-    global _printer  # noqa: PLW0603
+    global _printer
     if _printer is not None:
         steplog.remove_listener(_printer)
         _printer = None
