@@ -14,7 +14,7 @@ import pytest
 from builder.core import sh
 from syncagent_helpers import (PATIENCE, assert_same_tree, attach, kill_group, label_for, listing, lock_free,
                                loop_image, make_rich_root, mounted_volume, move_volume, needs_root_and_tools,
-                               new_instance, run_agent, running_agent, status, wait_for)
+                               new_instance, run_agent, running_agent, start_agent, status, wait_for)
 
 pytestmark = [pytest.mark.usefixtures("needs_root_and_tools"), pytest.mark.slow]
 
@@ -162,22 +162,55 @@ def test_a_new_hard_link_makes_the_watcher_take_a_whole_tree_pass(tmp_path):
         assert os.lstat(b.root / "srv/data/perl-hardlink").st_ino == os.lstat(b.root / "usr/bin/perl").st_ino
 
 
-def test_the_watcher_waits_for_a_paired_volume(tmp_path):
+def test_a_watcher_waiting_at_attach_is_watching_before_the_first_backup_and_makes_no_pass_of_its_own(tmp_path):
+    """The watcher waits for a paired volume; the attach gives it time to set its watches
+    before the first backup, so that backup holds every change made before them and the
+    spool every change after: a change made while the first backup copies is in the next,
+    incremental generation, no second whole-tree pass is made, and a restore of that
+    generation is the tree exactly."""
     a = new_instance(tmp_path / "a", label_for(tmp_path), debounce=str(DEBOUNCE))
-    (a.root / "etc").mkdir(parents=True)
-    with running_agent(a, "watch") as proc:
-        wait_for(lambda: "waiting for a paired volume" in (a.base / "agent.log").read_text(), PATIENCE,
+    b = new_instance(tmp_path / "b", a.label)
+    make_rich_root(a.root)
+    # the first copy slowed down (a 4 MiB file at 1 MiB/s), so that a change lands during it
+    (a.root / "var/lib/app/big.bin").write_bytes(os.urandom(4 << 20))
+    slow = {"ROOTSYNC_TEST_RSYNC_ARGS": "--bwlimit=1024"}
+    log = a.base / "agent.log"
+    with running_agent(a, "watch") as watcher:
+        wait_for(lambda: "waiting for a paired volume" in log.read_text(), PATIENCE,
                  "the watcher to report it is waiting")
-        assert proc.poll() is None
-        with mounted_volume(a):
+        with mounted_volume(a) as dev:
             # Ended while the volume is still mounted (running_agent's own end comes after
             # the unmount, too late to leave it free).
             try:
-                attach(a)
-                wait_for(lambda: status(a)["watcher"]["running"] and len(status(a)["generations"]) >= 2, PATIENCE,
-                         "the watcher's first pass once the volume is there", interval=0.2)
+                # (not running_agent, whose end kills every process of the instance: the watcher too)
+                attaching = start_agent(a, "attach", env_extra=slow, log=a.base / "attach.log")
+                try:
+                    wait_for(lambda: "first backup starts" in (a.base / "attach.log").read_text(), PATIENCE,
+                             "the attach to start the first backup")
+                    during = time.time()
+                    (a.root / "etc/hostname").write_text("changed while the first backup copies\n")
+                    assert attaching.wait(timeout=PATIENCE) == 0, (a.base / "attach.log").read_text()
+                finally:
+                    kill_group(attaching)
+                attached = (a.base / "attach.log").read_text()
+                # the watches were set before the first backup started
+                watching_at = float((a.run_dir / "watching").read_text())
+                first = status(a)["generations"][0]
+                assert first["kind"] == "full" and first["started"] >= watching_at, (first, watching_at)
+                assert attached.index("first backup starts") < attached.index("backup complete")
+                gen = wait_covered(a, during)
+                assert gen["kind"] == "incremental" and gen["base"] == first["name"], gen
+                wait_for(lambda: "no whole-tree pass needed" in log.read_text(), PATIENCE,
+                         "the watcher to say it needs no pass of its own")
+                assert watcher.poll() is None
+                assert [g["kind"] for g in status(a)["generations"]] == ["full", "incremental"]
             finally:
-                kill_group(proc)
+                kill_group(watcher)
+            move_volume(dev, a, b)
+            r = run_agent(b, "restore")
+            assert r.returncode == 0, r.output
+            assert (b.root / "etc/hostname").read_text() == "changed while the first backup copies\n"
+            assert_same_tree(a.root, b.root)
 
 
 def test_changes_under_var_log_wait_for_the_whole_tree_pass(tmp_path):
