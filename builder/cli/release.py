@@ -75,12 +75,13 @@ def cmd_release(args) -> int:
         print(f"released\t{build.dir.parent.name}/{build.id}")
         print(f"farm\t{farm.store.url}{farm.name}")
         return 0
-    check_releasable(build, public=args.public)    # said before the recipe and credentials are read
+    # said before the recipe and credentials are read
+    check_releasable(build, public=args.public, allow_unverified=args.allow_unverified)
     creds = None
     if args.public or image_ids(build)["emi"]:
         recipe = recipe_of(build)
         creds = load_credentials(recipe.publish if recipe is not None else {}, eucarc=args.eucarc)
-    rel = release(build, public=args.public, creds=creds)
+    rel = release(build, public=args.public, creds=creds, allow_unverified=args.allow_unverified)
     if farm is not None:
         mark_released(farm.store, build.dir.parent.name, build.id, rel, farm.conn)
     print(f"released\t{build.dir.parent.name}/{build.id}")
@@ -113,11 +114,14 @@ def register(subparsers) -> None:
         description="Release a build whose verification passed: write SHA256SUMS, an SPDX 2.3 SBOM and release "
                     "notes (packages added, removed, upgraded since the recipe's previous release) into the "
                     "build directory, mark it released (gc keeps it) and rebuild the stream index of released "
-                    "images (OUTPUT/streams/v1, simplestreams). A build never verified, or whose verification "
-                    "failed, is refused.")
+                    "images (OUTPUT/streams/v1, simplestreams). A build never verified, not verified by every "
+                    "check its recipe names, or whose verification failed, is refused.")
     sp.add_argument("build", metavar="BUILD", help="a build directory, RECIPE/BUILD_ID, or a build id")
     sp.add_argument("--public", action="store_true",
                     help="also grant launch permission to all on the build's EMI, EKI and ERI")
+    sp.add_argument("--allow-unverified", action="store_true",
+                    help="release a build never verified, or not by every check its recipe names (never one whose "
+                         "verification failed); its release notes and record say so")
     sp.add_argument("--eucarc", help="for a published build: its cloud's eucarc (default: the recipe's, else the "
                                      "environment)")
     add_output(sp)

@@ -1,8 +1,9 @@
 """Releases: what `bake release BUILD [--public]` and `bake latest RECIPE [--released]`
 do (their command lines are builder/cli/release.py's).
 
-Only a build whose verification passed is released. Releasing it writes, in the build
-directory, what a person or a pipeline takes away with the image:
+Only a build whose verification passed every check its recipe names is released
+(`--allow-unverified` releases another, and its release notes say so). Releasing it
+writes, in the build directory, what a person or a pipeline takes away with the image:
 
 - `SHA256SUMS`: the kernel, ramdisk, partition image, bundle parts and manifests, in
   the format `sha256sum -c` checks (paths relative to the build directory);
@@ -47,36 +48,64 @@ ROLES = ("kernel", "ramdisk", "image")
 
 # --- may this build be released? --------------------------------------------------------
 
-def refusal(build: Build) -> str | None:
-    """Why `build` may not be released (None when it may): it must have finished, and
-    its verification must have run and passed."""
+def not_passed(build: Build) -> list[str]:
+    """The checks the recipe names for `build` (`required_checks`, as its verification
+    recorded them) that passed in neither its last local nor its last cloud
+    verification, in order; all of them when it was never verified."""
+    data = build.data
+    runs = [r for r in (data.get("verifications") or {}).values() if isinstance(r, dict)] \
+        if isinstance(data.get("verifications"), dict) else []
+    if not runs and isinstance(data.get("verify"), dict):
+        runs = [data["verify"]]                 # a build verified before runs were kept by mode
+    required: list[str] = []
+    for run in runs:
+        required += [c for c in run.get("required") or () if isinstance(c, str) and c not in required]
+    if not required:
+        # verified before the required checks were recorded: ask the recipe now
+        from builder.verify import recipe_of, required_checks  # noqa: PLC0415 (the verify package loads the VM layer)
+        required = required_checks(build, recipe_of(build))
+    passed = {name for run in runs for name, status in (run.get("checks") or {}).items() if status == "pass"}
+    return [c for c in required if c not in passed]
+
+
+def refusal(build: Build, *, allow_unverified: bool = False) -> str | None:
+    """Why `build` may not be released (None when it may): it must have finished, its
+    verification must not have failed, and every check its recipe names must have
+    passed; with `allow_unverified`, a build never verified, or not by every check, may
+    be (its release notes say so)."""
     data = build.data
     where = build.dir
     result = data.get("result")
     verify = data.get("verify") if isinstance(data.get("verify"), dict) else None
+    anyway = "; --allow-unverified releases it anyway, and its release notes say so"
     if result in (None, "running"):
         return f"{where} is not a finished build (its bake is running or was killed); only a verified build is released"
-    if verify is None:
+    if verify is None and not allow_unverified:
         return (f"{where} was never verified: run `bake verify {where}` first; only a build whose verification "
-                "passed is released")
-    checks = verify.get("checks") if isinstance(verify.get("checks"), dict) else {}
-    failed = sorted(name for name, status in checks.items() if status == "fail")
-    if verify.get("result") != "passed" or failed:
-        which = f" (failed: {', '.join(failed)})" if failed else ""
-        return (f"{where}: its verification failed{which}; see {where / str(verify.get('report') or 'verify.json')}, "
-                "fix the image and verify it again")
-    if not any(status == "pass" for status in checks.values()):
-        return f"{where}: its verification passed no check; run `bake verify {where}`"
+                f"passed every check its recipe names is released{anyway}")
+    if verify is not None:
+        checks = verify.get("checks") if isinstance(verify.get("checks"), dict) else {}
+        failed = sorted(name for name, status in checks.items() if status == "fail")
+        if verify.get("result") != "passed" or failed:
+            which = f" (failed: {', '.join(failed)})" if failed else ""
+            return (f"{where}: its verification failed{which}; see "
+                    f"{where / str(verify.get('report') or 'verify.json')}, fix the image and verify it again")
     if result == "failed":
         at = f" at {data['failed_stage']}" if data.get("failed_stage") else ""
         return f"{where} failed{at}: {data.get('error', '')}"
+    if verify is not None and not allow_unverified:
+        missing = not_passed(build)
+        if missing:
+            return (f"{where}: its verification did not pass every check its recipe names: {and_list(missing)} "
+                    f"did not pass (skipped, or left out with --checks); run `bake verify {where}` with every "
+                    f"check{anyway}")
     return None
 
 
-def check_releasable(build: Build, *, public: bool = False) -> None:
+def check_releasable(build: Build, *, public: bool = False, allow_unverified: bool = False) -> None:
     """A BakeError saying why `build` may not be released (see `refusal`), or is released
     already (again only to make it public)."""
-    why = refusal(build)
+    why = refusal(build, allow_unverified=allow_unverified)
     if why:
         raise BakeError(why)
     already = build.data.get("released")
@@ -142,8 +171,10 @@ def previous_release(build: Build) -> Build | None:
     return load_build(newest.dir)
 
 
-def release_notes(build: Build, previous: Build | None, *, at: str, public: bool) -> str:
-    """The release notes (Markdown) of `build`, against the `previous` release."""
+def release_notes(build: Build, previous: Build | None, *, at: str, public: bool,
+                  unverified: list[str] | None = None) -> str:
+    """The release notes (Markdown) of `build`, against the `previous` release;
+    `unverified`: the checks it was released without (--allow-unverified)."""
     recipe = build.dir.parent.name
     packages = build.data.get("packages") or []
     verify = build.data.get("verify") or {}
@@ -160,9 +191,15 @@ def release_notes(build: Build, previous: Build | None, *, at: str, public: bool
                   + (" (launchable by every account)." if public else " (private to the publishing account)."), ""]
     else:
         lines += ["Not published to a cloud.", ""]
-    lines += [f"Verified {verify.get('mode', '?')}"
-              + (f" ({verify['accelerator']})" if verify.get("accelerator") else "")
-              + f": {', '.join(passed)} passed" + (f"; {', '.join(skipped)} skipped" if skipped else "") + ".", ""]
+    if not verify:
+        lines += ["**Released unverified** (`--allow-unverified`): this build was never verified.", ""]
+    else:
+        lines += [f"Verified {verify.get('mode', '?')}"
+                  + (f" ({verify['accelerator']})" if verify.get("accelerator") else "")
+                  + f": {', '.join(passed)} passed" + (f"; {', '.join(skipped)} skipped" if skipped else "") + ".", ""]
+        if unverified:
+            lines += [(f"**Released without full verification** (`--allow-unverified`): {', '.join(unverified)} "
+                       "did not pass."), ""]
     if previous is None:
         lines += ["## Packages", "", f"First release of {recipe}: there is no earlier release to compare with.", ""]
         return "\n".join(lines)
@@ -238,16 +275,19 @@ def make_public(build: Build, creds) -> list[str]:
     return ids
 
 
-def release(build: Build, *, public: bool = False, creds=None) -> dict[str, Any]:
+def release(build: Build, *, public: bool = False, creds=None, allow_unverified: bool = False) -> dict[str, Any]:
     """Release `build` (see the module's description), holding its lock. `creds` (cloud
-    Credentials) are needed with `public`. Returns the build's `released` section.
+    Credentials) are needed with `public`; `allow_unverified` releases a build not
+    verified by every check its recipe names (see `refusal`). Returns the build's
+    `released` section.
 
     It holds the build by its folder and by its name (`buildlock`), as `bake gc` does
     before it deletes: a gc that comes after reads the release, one that came before has
     taken the build away (and the release is refused for a folder that is gone)."""
     with build.lock(), name_lock(build.dir.parent.name, build.id):
         build.data = Build.load(build.dir).data     # as it is now that nobody else works on it
-        check_releasable(build, public=public)
+        check_releasable(build, public=public, allow_unverified=allow_unverified)
+        unverified = not_passed(build)
         published = bool((build.data.get("cloud") or {}).get("bucket")) and bool(image_ids(build)["emi"])
         if (public or published) and creds is None:
             why = ("--public grants launch permission on its images" if public else
@@ -264,11 +304,13 @@ def release(build: Build, *, public: bool = False, creds=None) -> dict[str, Any]
             previous = previous_release(build)
             if public:
                 make_public(build, creds)
-            notes = release_notes(build, previous, at=at.isoformat(), public=public)
+            notes = release_notes(build, previous, at=at.isoformat(), public=public, unverified=unverified)
             for name, text in ((SHA256SUMS, sums), (SBOM, json.dumps(doc, indent=2) + "\n"), (NOTES, notes)):
                 write_text(build.dir / name, text)
             released = {"at": at.isoformat(), "public": public, "sha256sums": SHA256SUMS, "sbom": SBOM,
-                        "notes": NOTES, "previous": previous.id if previous else None, "images": image_ids(build)}
+                        "notes": NOTES, "previous": previous.id if previous else None, "images": image_ids(build),
+                        "verified": "never" if not build.data.get("verify") else ("partly" if unverified else "fully"),
+                        "unverified_checks": unverified}
             if published:
                 marker = build.dir / RELEASE_MARKER
                 write_text(marker, json.dumps({"recipe": build.dir.parent.name, "build_id": build.id,

@@ -21,12 +21,13 @@ from builder.core.log import step
 from builder.recipe.recipe import load_recipe
 from .checks import BUILTIN
 from .cloud import CloudOptions, verify_cloud
-from .local import LocalOptions, verify_local
+from .local import LocalOptions, check_names, verify_local
 from .report import REPORT, Report, render_table
 from .result import FAIL, PASS, SKIP, CheckResult
 from .result import event as result_event
 
-__all__ = ["verify", "recipe_of", "Report", "render_table", "CheckResult", "PASS", "FAIL", "SKIP", "REPORT"]
+__all__ = ["verify", "recipe_of", "required_checks", "Report", "render_table", "CheckResult", "PASS", "FAIL", "SKIP",
+           "REPORT"]
 
 
 def recipe_of(build: Build):
@@ -36,6 +37,16 @@ def recipe_of(build: Build):
     if not path or not Path(path).is_file():
         return None
     return load_recipe(path)
+
+
+def required_checks(build: Build, recipe=None) -> list[str]:
+    """The checks the recipe names for this build: those a whole local verification
+    reports on (its built-in checks and the recipe's own, less those its verify section
+    skips), less the sync agent's when the build has no agent; user-data when the image
+    has cloud-init. What a release asks to have passed."""
+    section = recipe.verify if recipe is not None else {}
+    opts = LocalOptions.from_recipe(section, user="", build=build)
+    return [n for n in check_names(opts) if not (n == "sync-agent" and opts.sync_agent_in_image is False)]
 
 
 def verify(build: Build, *, cloud: bool = False, only: set[str] | None = None, recipe=None,
@@ -68,13 +79,21 @@ def verify(build: Build, *, cloud: bool = False, only: set[str] | None = None, r
         report = Report("local")
         with step("Verify locally under QEMU"), _recorded_if_unfinished(build, report):
             report = verify_local(build, opts, report)
-    _record(build, report)
+    _record(build, report, required_checks(build, recipe))
     return report
 
 
-def _record(build: Build, report: Report) -> None:
+def _record(build: Build, report: Report, required: list[str] | None = None) -> None:
+    """verify.json, and build.json's "verify" (this run) and "verifications" (the last
+    run of each mode, local and cloud: a release asks every required check to have
+    passed in one of them)."""
     report.write(build.dir)
-    build.data["verify"] = report.summary()
+    summary = report.summary()
+    if required is not None:
+        summary["required"] = required
+    build.data["verify"] = summary
+    runs = build.data.get("verifications")
+    build.data["verifications"] = {**(runs if isinstance(runs, dict) else {}), report.mode: summary}
     if not report.ok:
         build.data["result"] = "failed"
         failed = [r.name for r in report.results if r.status == FAIL]
