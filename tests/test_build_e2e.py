@@ -12,6 +12,7 @@ from builder.core import sh
 
 from builder.core.record import sha256_file
 from builder.recipe.distro import profile_for
+from conftest import REPO
 
 pytestmark = pytest.mark.bakes
 
@@ -53,6 +54,11 @@ def test_build_record_lists_outputs_with_sizes_and_hashes(demo_build):
     work = rec["work_tree"]
     assert work["why"] and (work["limit"] > 0 if work["in_memory"] else "limit" not in work), work
     assert not (demo_build.dir / "work").exists() and sh.mounts_under(demo_build.dir) == []
+    # what it was made from, by digest: the recipe, bake's version, the host's tools
+    inputs = rec["inputs"]
+    assert inputs["recipe"]["sha256"] == sha256_file(REPO / "recipes" / "debian-demo.yml")
+    assert inputs["files"] == [] and inputs["bake"]
+    assert {"debootstrap", "e2fsprogs", "dpkg"} <= set(inputs["host_tools"]), inputs["host_tools"]
 
 
 def test_partition_image_is_a_bare_labelled_filesystem_with_the_profiles_features(image):
@@ -142,7 +148,7 @@ def test_initramfs_is_generated_once(demo_build):
 def test_plan_says_the_caches_now_hit(demo_build):
     from builder.pipeline.plan import make_plan
     from builder.recipe.recipe import load_recipe
-    from conftest import REPO, TEST_OUTPUT
+    from conftest import TEST_OUTPUT
     plan = make_plan(load_recipe(REPO / "recipes" / "debian-demo.yml"), TEST_OUTPUT)
     assert plan.bootstrap.hit and plan.checkpoint.hit
     assert plan.bootstrap.key == demo_build.data["stages"]["bootstrap"]["key"]

@@ -24,6 +24,7 @@ from builder.core.errors import BakeError
 from builder.core.log import step
 from builder.pipeline.options import BuildOptions
 from builder.pipeline.context import BuildContext
+from builder.pipeline.inputs import record_inputs
 from builder.pipeline.plan import Plan
 from builder.pipeline.table import plan_build, stages_for
 from builder.pipeline import workspace
@@ -59,6 +60,7 @@ def _bake(recipe: Recipe, plan: Plan, options: BuildOptions, output_root: Path) 
         "recipe": {"name": recipe.name, "path": str(recipe.path)},
         "release": str(recipe.release), "arch": recipe.arch, "mirror": plan.mirror,
         "elements": [{"name": u.name, "params": u.params} for u in recipe.elements],
+        "inputs": record_inputs(recipe),
         "result": "running", "pid": os.getpid(),
     })
     build.save()
