@@ -12,6 +12,7 @@ QEMU would prove nothing more about releasing.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -30,6 +31,7 @@ from builder.operations.records import state_of
 from builder.operations.packages import compare_versions, package_changes
 from conftest import BAKE, REPO
 from eucalyptus_standin.fixtures import euca3, euca4  # noqa: F401
+from test_release_signing import make_key
 
 pytestmark = [pytest.mark.e2e, pytest.mark.bakes, pytest.mark.boots]
 
@@ -170,10 +172,20 @@ def released_a(verified):
 
 
 @pytest.fixture(scope="module")
-def released_b(released_a, published_b, euca3, env):
-    """B released with --public after A, on the 3.x stand-in; its requests kept."""
+def release_key(tmp_path_factory) -> tuple[str, Path, Path]:
+    """A signing key of the test's own: (fingerprint, its public key, its GnuPG home)."""
+    home = tmp_path_factory.mktemp("release-gnupg") / "home"
+    fpr, public = make_key(home, "bake release tests <releases@example.invalid>")
+    return fpr, public, home
+
+
+@pytest.fixture(scope="module")
+def released_b(released_a, published_b, euca3, env, release_key):
+    """B released with --public after A, on the 3.x stand-in, signed; its requests kept."""
+    fpr, _, home = release_key
     euca3.clear_log()
-    r = bake("release", str(published_b.dir), "--public", "--eucarc", str(euca3.eucarc), env=env)
+    r = bake("release", str(published_b.dir), "--public", "--eucarc", str(euca3.eucarc), "--sign", fpr,
+             env={**env, "GNUPGHOME": str(home)})
     assert r.returncode == 0, r.stderr[-3000:]
     requests = [rec for rec in euca3.front.requests if rec.operation == "ModifyImageAttribute"]
     return Build.load(published_b.dir), r, requests
@@ -424,6 +436,30 @@ def test_sstream_query_finds_the_released_emi(released_a, released_b, root):
     assert items[0]["endpoint"] == b.data["cloud"]["ec2_url"]
     r = subprocess.run([SSTREAM_QUERY, "--json", str(index), f"id={ids['eki']}"], capture_output=True, text=True)
     assert [i["itype"] for i in json.loads(r.stdout)] == ["kernel"]
+
+
+def test_a_signed_published_release_passes_gpg_sstream_query_and_names_the_trio(released_b, root, release_key):
+    b, r, _ = released_b
+    fpr, public, _ = release_key
+    assert f"signed\t{fpr}" in r.stdout
+    empty = root.parent / "gpg-verify"          # a GnuPG home that knows only the keyring given
+    empty.mkdir(mode=0o700, exist_ok=True)
+    v = subprocess.run(["gpg", "--no-default-keyring", "--keyring", str(public), "--verify", "SHA256SUMS.gpg",
+                        "SHA256SUMS"], cwd=b.dir, capture_output=True, text=True,
+                       env={**os.environ, "GNUPGHOME": str(empty)})
+    assert v.returncode == 0 and "Good signature" in v.stderr, v.stderr
+    ids = b.data["released"]["images"]
+    q = subprocess.run([SSTREAM_QUERY, "--keyring", str(public), "--json", str(root / "streams/v1/index.sjson"),
+                        "itype=machine"], capture_output=True, text=True)
+    assert q.returncode == 0, q.stderr
+    assert [i["id"] for i in json.loads(q.stdout)] == [ids["emi"]]
+    envelope = json.loads((b.dir / "provenance.intoto.jsonl").read_text())
+    statement = json.loads(base64.b64decode(envelope["payload"]))
+    named = {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
+    for role in ("kernel", "ramdisk", "image"):
+        assert named[b.data["outputs"][role]["path"]] == b.data["outputs"][role]["sha256"], role
+    check = bake("release", "verify", str(b.dir), "--keyring", str(public))
+    assert check.returncode == 0 and "FAIL" not in check.stdout, check.stdout + check.stderr
 
 
 # --- the parts, on their own ------------------------------------------------------------------

@@ -14,6 +14,7 @@ import yaml
 
 from builder.cli.main import main as bake_main
 from builder.core.record import Build
+from builder.recipe.recipe import load_recipe
 from builder.verify import required_checks
 from test_gc import make_build
 
@@ -131,8 +132,6 @@ def test_the_required_checks_follow_the_recipe_and_the_build(tmp_path):
     recipe_path.write_text(yaml.safe_dump({
         "name": "r", "release": "debian/bookworm",
         "verify": {"skip": ["volume-hotplug"], "checks": [{"name": "motd", "run": "cat /etc/motd"}]}}))
-    from builder.recipe.recipe import load_recipe
-
     recipe = load_recipe(recipe_path)
     b = make_build(tmp_path / "output", "r", "20261207-100000")
     b.data["elements"] = ["acpiphp"]                                     # no sync agent in this image

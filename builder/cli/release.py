@@ -4,6 +4,7 @@ lines and what they print; the work is builder/operations/release.py's.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ from builder.core.record import Build
 from builder.farm.connect import STORE_ENV, Farm
 from builder.farm.records import FARM_BUILD_ID, mark_released, record_name
 from builder.operations.records import image_ids, resolve_build
+from builder.operations.attest import verify_release
 from builder.operations.release import check_releasable, latest, release
 from builder.operations.streams import STREAMS
 from builder.recipe.recipe import load_recipe, recipe_of
@@ -66,7 +68,29 @@ def _farm_record(args, build: Build) -> FarmEntry | None:
     return FarmEntry(store, conn, name, data)
 
 
+def cmd_release_verify(args) -> int:
+    """`bake release verify DIR --keyring FILE`: check a signed release."""
+    if not args.target or not args.keyring:
+        raise BakeError("usage: bake release verify BUILD --keyring FILE (the public key, or keyring, that signs "
+                        "the releases)")
+    build = resolve_build(args.target, args.output)
+    ok, problems = verify_release(build.dir, Path(args.keyring))
+    for line in ok:
+        print(f"ok\t{line}")
+    for line in problems:
+        print(f"FAIL\t{line}")
+    if problems:
+        print(f"bake: error: the release of {build.dir} does not check out: {len(problems)} problem(s)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_release(args) -> int:
+    if args.build == "verify" and (args.target or args.keyring):
+        return cmd_release_verify(args)
+    if args.target or args.keyring:
+        raise BakeError("bake release takes one BUILD (--keyring is for `bake release verify BUILD`)")
     build = resolve_build(args.build, args.output)
     farm = _farm_record(args, build)
     if farm is not None and build.data.get("released") and not farm.data.get("released") and not args.public:
@@ -81,7 +105,7 @@ def cmd_release(args) -> int:
     if args.public or image_ids(build)["emi"]:
         recipe = recipe_of(build)
         creds = load_credentials(recipe.publish if recipe is not None else {}, eucarc=args.eucarc)
-    rel = release(build, public=args.public, creds=creds, allow_unverified=args.allow_unverified)
+    rel = release(build, public=args.public, creds=creds, allow_unverified=args.allow_unverified, sign=args.sign)
     if farm is not None:
         mark_released(farm.store, build.dir.parent.name, build.id, rel, farm.conn)
     print(f"released\t{build.dir.parent.name}/{build.id}")
@@ -89,6 +113,10 @@ def cmd_release(args) -> int:
         print(f"farm\t{farm.store.url}{farm.name}")
     for key in ("sha256sums", "sbom", "notes"):
         print(f"{key}\t{build.dir / rel[key]}")
+    if rel.get("signed"):
+        print(f"signed\t{rel['signed']['key']}")
+        for key in ("sha256sums_signature", "provenance"):
+            print(f"{key}\t{build.dir / rel['signed'][key]}")
     if rel["public"]:
         print("public\t" + " ".join(i for i in rel["images"].values() if i))
     print(f"stream\t{build.dir.parent.parent / STREAMS / 'index.json'}")
@@ -116,7 +144,17 @@ def register(subparsers) -> None:
                     "build directory, mark it released (gc keeps it) and rebuild the stream index of released "
                     "images (OUTPUT/streams/v1, simplestreams). A build never verified, not verified by every "
                     "check its recipe names, or whose verification failed, is refused.")
-    sp.add_argument("build", metavar="BUILD", help="a build directory, RECIPE/BUILD_ID, or a build id")
+    sp.add_argument("build", metavar="BUILD", help="a build directory, RECIPE/BUILD_ID, or a build id; or `verify` "
+                                                   "to check a signed release (`bake release verify BUILD --keyring "
+                                                   "FILE`)")
+    sp.add_argument("target", metavar="VERIFIED_BUILD", nargs="?", help=argparse.SUPPRESS)
+    sp.add_argument("--sign", metavar="KEY",
+                    help="sign the release with this GnuPG key (its fingerprint; GNUPGHOME is respected): "
+                         "SHA256SUMS.gpg, a signed in-toto SLSA provenance statement (provenance.intoto.jsonl) "
+                         "and the signed stream index (index.sjson)")
+    sp.add_argument("--keyring", metavar="FILE",
+                    help="with `verify`: the public key (armored or binary) or keyring the release must be "
+                         "signed by")
     sp.add_argument("--public", action="store_true",
                     help="also grant launch permission to all on the build's EMI, EKI and ERI")
     sp.add_argument("--allow-unverified", action="store_true",

@@ -33,6 +33,7 @@ from builder.core.atomic import write_text
 from builder.core.errors import BakeError
 from builder.core.log import step
 from builder.core.record import Build, and_list, sha256_file
+from builder.operations import attest
 from builder.operations.buildlock import name_lock
 from builder.operations.packages import package_changes
 from builder.operations.records import find_builds, image_ids, load_build
@@ -275,10 +276,12 @@ def make_public(build: Build, creds) -> list[str]:
     return ids
 
 
-def release(build: Build, *, public: bool = False, creds=None, allow_unverified: bool = False) -> dict[str, Any]:
+def release(build: Build, *, public: bool = False, creds=None, allow_unverified: bool = False,
+            sign: str | None = None) -> dict[str, Any]:
     """Release `build` (see the module's description), holding its lock. `creds` (cloud
     Credentials) are needed with `public`; `allow_unverified` releases a build not
-    verified by every check its recipe names (see `refusal`). Returns the build's
+    verified by every check its recipe names (see `refusal`); `sign` names the GnuPG key
+    that signs the release (builder/operations/attest.py). Returns the build's
     `released` section.
 
     It holds the build by its folder and by its name (`buildlock`), as `bake gc` does
@@ -287,6 +290,7 @@ def release(build: Build, *, public: bool = False, creds=None, allow_unverified:
     with build.lock(), name_lock(build.dir.parent.name, build.id):
         build.data = Build.load(build.dir).data     # as it is now that nobody else works on it
         check_releasable(build, public=public, allow_unverified=allow_unverified)
+        fingerprint = attest.signing_key(sign) if sign else None     # before anything is written
         unverified = not_passed(build)
         published = bool((build.data.get("cloud") or {}).get("bucket")) and bool(image_ids(build)["emi"])
         if (public or published) and creds is None:
@@ -311,6 +315,9 @@ def release(build: Build, *, public: bool = False, creds=None, allow_unverified:
                         "notes": NOTES, "previous": previous.id if previous else None, "images": image_ids(build),
                         "verified": "never" if not build.data.get("verify") else ("partly" if unverified else "fully"),
                         "unverified_checks": unverified}
+            if fingerprint:
+                with step(f"Signing the release with {fingerprint}"):
+                    released["signed"] = attest.sign_release(build, build.dir / SHA256SUMS, fingerprint)
             if published:
                 marker = build.dir / RELEASE_MARKER
                 write_text(marker, json.dumps({"recipe": build.dir.parent.name, "build_id": build.id,
@@ -318,7 +325,8 @@ def release(build: Build, *, public: bool = False, creds=None, allow_unverified:
                 released.update(marker=RELEASE_MARKER, marker_at=put_release_marker(build, creds, marker))
             build.data["released"] = released
             build.save()
-    write_streams(build.dir.parent.parent)
+    signer = (lambda text: attest.clearsign(text, fingerprint)) if fingerprint else None
+    write_streams(build.dir.parent.parent, sign=signer)
     return build.data["released"]
 
 

@@ -9,7 +9,7 @@ import email.utils
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from builder.core import locks
 from builder.core.atomic import write_text
@@ -51,9 +51,14 @@ def stream_products(output_root: Path) -> dict[str, Any]:
     return products
 
 
-def write_streams(output_root: Path) -> Path:
+def write_streams(output_root: Path, sign: Callable[[str], str] | None = None) -> Path:
     """Rebuild the stream index under `output_root` from the build records: `streams/v1/
-    index.json` and its products file, each written atomically. Returns the index."""
+    index.json` and its products file, each written atomically. Returns the index.
+
+    With `sign` (text -> the text clearsigned), also their signed forms as simplestreams'
+    clients read them: `index.sjson`, whose products' paths name their `.sjson`, and the
+    products file's `.sjson`. Without it, signed forms left by an earlier release are
+    removed: they would vouch for an index that is no longer this one."""
     output_root = Path(output_root)
     lock = state_dir() / "streams" / (re.sub(r"[^A-Za-z0-9]", "_", str(output_root.resolve()))[-100:] + ".lock")
     with locks.held(lock, f"the stream index of {output_root}"):
@@ -62,10 +67,24 @@ def write_streams(output_root: Path) -> Path:
         products_path = f"{STREAMS}/{CONTENT_ID}.json"
         doc = {"content_id": CONTENT_ID, "format": "products:1.0", "datatype": "image-ids", "updated": updated,
                "products": products}
-        index = {"format": "index:1.0", "updated": updated,
-                 "index": {CONTENT_ID: {"format": "products:1.0", "datatype": "image-ids", "path": products_path,
-                                        "updated": updated, "products": sorted(products)}}}
-        write_text(output_root / products_path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+        def index(path: str) -> dict[str, Any]:
+            return {"format": "index:1.0", "updated": updated,
+                    "index": {CONTENT_ID: {"format": "products:1.0", "datatype": "image-ids", "path": path,
+                                           "updated": updated, "products": sorted(products)}}}
+
+        def text(data: dict[str, Any]) -> str:
+            return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+        signed_products = products_path.removesuffix(".json") + ".sjson"
         index_path = output_root / STREAMS / "index.json"
-        write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        signed_index = index_path.with_suffix(".sjson")
+        write_text(output_root / products_path, text(doc))
+        write_text(index_path, text(index(products_path)))
+        if sign is not None:
+            write_text(output_root / signed_products, sign(text(doc)))
+            write_text(signed_index, sign(text(index(signed_products))))
+        else:
+            (output_root / signed_products).unlink(missing_ok=True)
+            signed_index.unlink(missing_ok=True)
     return index_path
