@@ -87,7 +87,7 @@ def cmd_release_verify(args) -> int:
 
 
 def cmd_release(args) -> int:
-    if args.build == "verify" and (args.target or args.keyring):
+    if args.build == "verify":
         return cmd_release_verify(args)
     if args.target or args.keyring:
         raise BakeError("bake release takes one BUILD (--keyring is for `bake release verify BUILD`)")
