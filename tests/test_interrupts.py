@@ -3,6 +3,7 @@ a second one, and the process ends within the bound however long cleanup would t
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -156,11 +157,17 @@ def test_only_the_main_thread_can_receive_sigint_and_sigterm(tmp_path, children)
     """)
     children.append(p)
     wait_for(lambda: (tmp_path / "ready").exists() or p.poll() is not None, 60, "the command to start")
-    threads = [int(t) for t in __import__("os").listdir(f"/proc/{p.pid}/task")]
-    others = [t for t in threads if t != p.pid]
-    assert len(others) >= 4, f"the child should run its output reader and three more threads: {threads}"
+
+    def others() -> list[int]:
+        return [int(t) for t in os.listdir(f"/proc/{p.pid}/task") if int(t) != p.pid]
+
+    # the command can write its file before the output reader's thread has started (seen
+    # on a busy box): wait for the reader and the three others
+    wait_for(lambda: len(others()) >= 4 or p.poll() is not None, 60,
+             "the child's output reader and three more threads")
+    assert p.poll() is None, p.communicate()
     assert not blocked_signals(p.pid, p.pid) & {signal.SIGINT, signal.SIGTERM}
-    for t in others:
+    for t in others():
         assert {signal.SIGINT, signal.SIGTERM} <= blocked_signals(p.pid, t), f"thread {t} can receive them"
     p.send_signal(signal.SIGINT)
     p.send_signal(signal.SIGTERM)
@@ -190,4 +197,4 @@ def test_a_signal_handled_on_another_thread_still_wakes_a_waiting_command(tmp_pa
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130 and out == "interrupted\n", err
     sleeper = int((tmp_path / "ready").read_text())
-    wait_for(lambda: not __import__("os").path.exists(f"/proc/{sleeper}"), 30, "the command's process to end")
+    wait_for(lambda: not os.path.exists(f"/proc/{sleeper}"), 30, "the command's process to end")
