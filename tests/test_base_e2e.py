@@ -24,6 +24,7 @@ import yaml
 from builder.base.extfs import list_dir, read_file
 from builder.core import sh
 from builder.core.record import Build
+from builder.customize import scrub
 from conftest import BAKE, TEST_OUTPUT
 from eucalyptus_standin.fixtures import euca4  # noqa: F401  (a fixture)
 from vm_builds import kill_qemu_under, leftovers
@@ -71,8 +72,24 @@ def handmade_base(tmp_path_factory) -> Build:
     """A plain bookworm image: bake's base and kernel elements only, label uec-rootfs."""
     folder = tmp_path_factory.mktemp("handmade")
     recipe = write_recipe(folder, {"name": "handmade-base", "release": "debian/bookworm", "variant": "minbase",
-                                   "label": "uec-rootfs", "size": "auto", "headroom": "128M"})
+                                   "label": "uec-rootfs", "size": "auto", "headroom": "128M",
+                                   "commands": BOOTED, "scrub": {"skip": list(BOOTED_BY)}})
     return bake_image(recipe)
+
+
+# What a base that has booted and been logged into carries, and the scrub operations
+# that remove each (the handmade base skips them, so that it keeps what the commands left)
+BOOTED = ["mkdir -p /etc/ssh && echo 'the base host key' > /etc/ssh/ssh_host_ed25519_key",
+          "echo 0123456789abcdef0123456789abcdef > /etc/machine-id",
+          "mkdir -p /var/lib/cloud/instances/i-base && echo '#!/bin/sh' > /var/lib/cloud/instances/i-base/user-data.txt",
+          "echo 'cat /etc/shadow' > /root/.bash_history"]
+BOOTED_BY = {"ssh-hostkeys": "/etc/ssh/ssh_host_ed25519_key", "machine-id": "/etc/machine-id",
+             "cloud-init-state": "/var/lib/cloud/instances/i-base/user-data.txt", "shell-history": "/root/.bash_history"}
+
+
+def debugfs(image: Path, request: str, path: str) -> str:
+    """What debugfs's `request` (cat, stat) of `path` prints, read-only."""
+    return subprocess.run(["debugfs", "-R", f"{request} {path}", str(image)], capture_output=True, text=True).stdout
 
 
 def image_file(image: Path, path: str) -> str:
@@ -90,6 +107,10 @@ def test_the_evolved_base_passes_every_check_and_holds_the_sync_agent(handmade_b
         "elements": ["acpiphp", "ec2-metadata", {"name": "sync-agent", "with": {"label": "rootsync", "interval": 5}}],
     })
     build = bake_image(recipe)
+    skipped = handmade_base.data["stages"]["customize"]["scrub"]["skipped"]
+    assert skipped == dict.fromkeys(BOOTED_BY, "skipped by the recipe")
+    for path in BOOTED_BY.values():   # the base carries them: its recipe skipped what removes them
+        assert debugfs(handmade_base.output_path("image"), "cat", path).strip(), path
     base = build.data["base"]
     assert base["type"] == "build" and base["source"] == str(handmade_base.dir)
     assert (base["distro"], base["release"]) == ("debian", "bookworm")
@@ -103,6 +124,13 @@ def test_the_evolved_base_passes_every_check_and_holds_the_sync_agent(handmade_b
     names = {p["name"] for p in build.data["packages"]}
     assert {"openssh-server", "rsync", "inotify-tools"} <= names
     assert "openssh-server" not in {p["name"] for p in handmade_base.data["packages"]}
+
+    assert build.data["stages"]["customize"]["scrub"] == {"ran": list(scrub.NAMES), "skipped": {}}
+    # read with e2fsprogs' debugfs, not bake's own reader
+    assert "Inode:" in debugfs(image, "stat", "/etc/machine-id") and debugfs(image, "cat", "/etc/machine-id") == ""
+    for path in (p for p in BOOTED_BY.values() if p != "/etc/machine-id"):
+        assert "Inode:" not in debugfs(image, "stat", path), f"{path} is still in the evolved image"
+    assert "Inode:" not in debugfs(image, "stat", "/var/lib/cloud/instances")
 
     conf = image_file(image, "/etc/rootsync.conf").splitlines()
     assert {"label=rootsync", "interval=5"} <= set(conf), conf
@@ -206,6 +234,10 @@ def test_an_emi_published_from_a_build_is_evolved_in_place_and_boots(demo_build,
         "verify": {"checks": [{"name": "evolved", "run": "cat /etc/from-the-cloud.txt", "expect": "from an EMI"}]},
     })
     build = bake_image(recipe)
+    skipped = handmade_base.data["stages"]["customize"]["scrub"]["skipped"]
+    assert skipped == dict.fromkeys(BOOTED_BY, "skipped by the recipe")
+    for path in BOOTED_BY.values():   # the base carries them: its recipe skipped what removes them
+        assert debugfs(handmade_base.output_path("image"), "cat", path).strip(), path
     base = build.data["base"]
     assert (base["source"], base["emi"]) == (f"emi:{emi}", emi)
     assert base["sha256"] == demo_build.data["outputs"]["image"]["sha256"]

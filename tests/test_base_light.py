@@ -23,7 +23,7 @@ import yaml
 
 from builder.core import sh
 from builder.base import appliance
-from builder.customize import inplace
+from builder.customize import inplace, scrub
 from builder.core.errors import BakeError
 from builder.recipe.recipe import load_recipe
 from conftest import REPO
@@ -40,9 +40,9 @@ import json, os, sys
 from pathlib import Path
 from builder.customize import inplace
 from builder.recipe.recipe import load_recipe
-notes = inplace.apply(load_recipe(sys.argv[1]), Path(sys.argv[2]), init_system=sys.argv[3])
+notes, scrubbed = inplace.apply(load_recipe(sys.argv[1]), Path(sys.argv[2]), init_system=sys.argv[3])
 status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-print(json.dumps({"notes": notes, "euid": os.geteuid(), "capeff": status["CapEff"].strip()}))
+print(json.dumps({"notes": notes, "scrubbed": scrubbed, "euid": os.geteuid(), "capeff": status["CapEff"].strip()}))
 """
 
 
@@ -188,6 +188,14 @@ def test_an_unprivileged_user_adds_files_users_and_the_acpiphp_line(base, user, 
     for p in [work, *work.rglob("*")]:
         shutil.chown(p, user, user)
     image = copy_for(user, base, work / "image.img")
+    with appliance.opened([image], readonly=False) as g:   # what a base that has booted carries
+        g.write("/etc/ssh/ssh_host_ed25519_key", b"the base's host key\n")
+        g.write("/etc/machine-id", b"0123456789abcdef0123456789abcdef\n")
+        g.mkdir_p("/var/lib/cloud/instances/i-base")
+        g.write("/var/lib/cloud/instances/i-base/user-data.txt", b"#!/bin/sh\n")
+        g.mkdir_p("/var/lib/cloud/seed/nocloud")
+        g.write("/var/lib/cloud/seed/nocloud/meta-data", b"instance-id: seed\n")
+        g.write("/root/.bash_history", b"cat /etc/shadow\n")
     assert sh.run(["runuser", "-u", user, "--", "test", "-w", "/dev/loop-control"], check=False).returncode != 0
 
     ran = run_as(user, scratch_dir, recipe, image, "systemd")
@@ -221,6 +229,15 @@ def test_an_unprivileged_user_adds_files_users_and_the_acpiphp_line(base, user, 
         assert not (root / "usr/sbin/policy-rc.d").exists()
         assert not (root / "usr/sbin/update-initramfs.distrib").exists()
         assert b"bake" not in (root / "usr/sbin/update-initramfs").read_bytes()
+
+        # the scrub ran in the image: nothing of the base's boots is left but cloud-init's seed
+        assert not (root / "etc/ssh/ssh_host_ed25519_key").exists()
+        assert (root / "etc/machine-id").read_text() == ""
+        assert not (root / "var/lib/cloud/instances").exists()
+        assert (root / "var/lib/cloud/seed/nocloud/meta-data").read_text() == "instance-id: seed\n"
+        assert not (root / "root/.bash_history").exists()
+    assert ran["scrubbed"]["ran"] == [n for n in scrub.NAMES if n != "apt-sources"]
+    assert list(ran["scrubbed"]["skipped"]) == ["apt-sources"]
 
 
 def test_an_upstart_image_gets_the_acpiphp_line_in_etc_modules(base, user, scratch_dir):

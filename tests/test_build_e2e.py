@@ -11,6 +11,7 @@ import pytest
 from builder.core import sh
 
 from builder.core.record import sha256_file
+from builder.customize import scrub
 from builder.recipe.distro import profile_for
 from conftest import REPO
 
@@ -20,6 +21,13 @@ pytestmark = pytest.mark.bakes
 def debugfs_cat(image, path) -> str:
     r = subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True, text=True)
     return r.stdout
+
+
+def debugfs_ls(image, path) -> list[str]:
+    """The names in folder `path` of the image, "." and ".." left out."""
+    r = subprocess.run(["debugfs", "-R", f"ls -p {path}", str(image)], capture_output=True, text=True)
+    names = [line.strip("/").split("/")[4] for line in r.stdout.splitlines() if line.startswith("/")]
+    return [n for n in names if n not in (".", "..")]
 
 
 def debugfs_exists(image, path) -> bool:
@@ -90,8 +98,17 @@ def test_image_mounts_root_by_label_and_gets_dhcp_on_eth0(image):
     assert debugfs_exists(image, "/etc/systemd/system/getty.target.wants/serial-getty@ttyS0.service")
 
 
-def test_image_carries_nothing_of_the_build(image):
+def test_image_carries_nothing_of_the_build(image, demo_build):
+    assert demo_build.data["stages"]["customize"]["scrub"] == {"ran": list(scrub.NAMES), "skipped": {}}
+    assert demo_build.data["image_mirror"] == demo_build.data["mirror"]   # no BAKE_MIRROR in this run
     assert debugfs_cat(image, "/etc/machine-id") == ""
+    assert debugfs_ls(image, "/tmp") == debugfs_ls(image, "/var/tmp") == []
+    assert debugfs_ls(image, "/var/lib/apt/lists") == ["partial"]
+    assert [n for n in debugfs_ls(image, "/var/cache/apt/archives") if n.endswith(".deb")] == []
+    assert not debugfs_exists(image, "/root/.bash_history") and not debugfs_exists(image, "/home/debian/.bash_history")
+    assert debugfs_ls(image, "/var/lib/cloud") == []  # the demo has no cloud-init: none of its state either
+    sources = debugfs_cat(image, "/etc/apt/sources.list")
+    assert sources.startswith(f"deb {demo_build.data['image_mirror']} bookworm "), sources
     for leftover in ("/usr/sbin/policy-rc.d", "/usr/sbin/update-initramfs.distrib", "/tmp/bake",
                      "/etc/ssh/ssh_host_ed25519_key", "/etc/ssh/ssh_host_rsa_key"):
         assert not debugfs_exists(image, leftover), leftover

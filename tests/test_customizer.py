@@ -7,6 +7,7 @@ tree, leaves the same tree behind."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -21,14 +22,14 @@ import yaml
 
 from builder.core import sh
 from builder.core.errors import BakeError
-from builder.customize import guestfs
+from builder.customize import guestfs, scrub
 from builder.customize.chroot import ChrootBackend
 from builder.customize.customizer import Customizer, HookError
 from builder.recipe.recipe import load_recipe
 from host_programs import copy_programs
 
 PROGRAMS = ("sh", "env", "mkdir", "cp", "chmod", "chown", "mv", "rm", "cat", "dirname", "id", "getent", "cut", "ls",
-            "useradd", "usermod", "dpkg-divert")
+            "useradd", "usermod", "dpkg-divert", "find", "truncate", "sort")
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBakeCustomizerTestKeyOnlyNotARealOne000000 alice@test"
 
 HOOK = """#!/bin/sh
@@ -221,6 +222,77 @@ def test_a_failing_hook_is_named_by_element_phase_and_hook(tmp_path, recipe):
         c.run_phase("install.d")
     assert str(e.value) == ("element 'probe', phase install.d, hook 10-probe failed (exit 3)\n"
                             "--- last lines of its output ---\nchecking\nbroken")
+
+
+DIRT = {  # what a tree that has booted, been logged into and been built on carries
+    "etc/ssh/ssh_host_ed25519_key": "a host key\n", "etc/ssh/ssh_host_ed25519_key.pub": "ssh-ed25519 AAAA\n",
+    "etc/machine-id": "0123456789abcdef0123456789abcdef\n", "var/lib/dbus/machine-id": "0123\n",
+    "var/lib/bake/firstboot-done": "", "var/lib/bake/instance-id": "i-12345678\n",
+    "var/lib/cloud/instances/i-1/user-data.txt": "#!/bin/sh\n", "var/lib/cloud/data/previous-hostname": "old\n",
+    "var/lib/cloud/.instance-id": "i-1\n", "var/log/cloud-init.log": "ran\n",
+    "root/.bash_history": "cat /etc/shadow\n", "home/alice/.zsh_history": "ls\n", "home/alice/.lesshst": ".\n",
+    "var/lib/dhcp/dhclient.eth0.leases": "lease {}\n", "var/lib/systemd/random-seed": "seed",
+    "etc/udev/rules.d/70-persistent-net.rules": "# eth0\n", "var/crash/a.crash": "core\n",
+    "var/log/syslog": "boot\n", "var/log/syslog.1": "older\n", "var/log/dpkg.log.2.gz": "gz",
+    "var/log/journal/0123/system.journal": "journal", "tmp/build-left": "x", "var/tmp/x/y": "y",
+    "var/lib/apt/lists/archive_dists_bookworm_InRelease": "lists", "var/cache/apt/pkgcache.bin": "cache",
+    "etc/apt/sources.list": "deb http://build-proxy.internal:3142/debian bookworm main\n",
+}
+KEPT = {"var/lib/cloud/seed/nocloud/meta-data": "instance-id: seed\n", "home/alice/notes.txt": "mine\n",
+        "etc/ssh/sshd_config": "PermitRootLogin no\n"}
+
+
+def planted(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_the_scrub_runs_every_named_operation_but_those_the_recipe_skips(tmp_path, recipe):
+    root = planted(small_root(tmp_path / "root"), {**DIRT, **KEPT})
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n")
+    recipe.data["scrub"] = {"skip": ["random-seed"]}
+    c = customizer(ChrootBackend(root), recipe)
+    sources = "deb http://archive.example/debian bookworm main\n"
+    with sh.chroot_mounts(root):
+        c.scrub(sources)
+
+    assert c.scrubbed == {"ran": [n for n in scrub.NAMES if n != "random-seed"],
+                          "skipped": {"random-seed": "skipped by the recipe"}}
+    left = {name for name in DIRT if (root / name).exists()}
+    emptied = {"etc/machine-id", "var/log/syslog", "etc/apt/sources.list"}
+    assert left == emptied | {"var/lib/systemd/random-seed"}
+    assert (root / "etc/machine-id").read_text() == "" and (root / "var/log/syslog").read_text() == ""
+    assert (root / "etc/apt/sources.list").read_text() == sources
+    assert (root / "var/lib/systemd/random-seed").read_text() == "seed"
+    assert {name: (root / name).read_text() for name in KEPT} == KEPT
+    assert sorted(p.name for p in (root / "var/lib/cloud").iterdir()) == ["seed"]
+    assert list((root / "tmp").iterdir()) == list((root / "var/tmp").iterdir()) == []
+    assert list((root / "var/log/journal").iterdir()) == []
+    assert (root / "var/lib/apt/lists/partial").is_dir()
+
+
+def test_the_scrubs_names_are_the_schemas_and_without_sources_the_images_own_stay(tmp_path, recipe):
+    schema = json.loads((Path(scrub.__file__).parents[1] / "schema/recipe.schema.json").read_text())
+    assert schema["properties"]["scrub"]["properties"]["skip"]["items"]["enum"] == list(scrub.NAMES)
+    root = planted(small_root(tmp_path / "root"), {"etc/apt/sources.list": "deb http://its-own/debian sid main\n"})
+    c = customizer(ChrootBackend(root), recipe)
+    with sh.chroot_mounts(root):
+        c.scrub()
+    assert (root / "etc/apt/sources.list").read_text() == "deb http://its-own/debian sid main\n"
+    assert "apt-sources" in c.scrubbed["skipped"] and "apt-sources" not in c.scrubbed["ran"]
+    with pytest.raises(BakeError, match="scrub.skip: no operation named history"):
+        scrub.chosen(["history"], sources=True)
+
+
+def test_a_failing_scrub_operation_is_named(tmp_path, recipe):
+    root = small_root(tmp_path / "root")
+    (root / "usr/bin/truncate").unlink()
+    planted(root, {"var/log/syslog": "boot\n"})
+    c = customizer(ChrootBackend(root), recipe)
+    with sh.chroot_mounts(root), pytest.raises(BakeError, match=r"^scrub operation logfiles failed in the chroot"):
+        c.scrub()
 
 
 def snapshot(root: Path) -> dict[str, tuple]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from builder.core import sh
 from builder.core.errors import BakeError
 from builder.core.log import step
+from builder.customize import scrub as scrubbing
 from builder.customize.backend import Backend, tail
 from builder.recipe.distro import DEB_ARCH
 from builder.recipe.elements import CHROOT_PHASES, Hook, ordered_hooks, parameter_env
@@ -60,6 +61,7 @@ class Customizer:
         self.init_system = init_system
         self.root_label = root_label
         self.notes: list[str] = []
+        self.scrubbed: dict[str, object] = {}   # build.json's record of the scrub, once done
 
     def note(self, note: str) -> None:
         """Keep `note` for build.json's notes, and say it."""
@@ -261,3 +263,17 @@ class Customizer:
             text = ("# bake: the recipe has no users; the instance's SSH key goes to root\n"
                     "disable_root: false\n")
         self.backend.write(f"{folder}/89-bake-default-user.cfg", text.encode())
+
+    # --- the end ----------------------------------------------------------------------
+    def scrub(self, image_sources: str | None = None) -> None:
+        """The named scrub operations (`scrub.OPERATIONS`, less the recipe's
+        `scrub.skip`), after every hook; `image_sources` is the sources.list the image
+        ships, where this route wrote its own for the build. `self.scrubbed` says what
+        ran and what did not, and why."""
+        skip = (self.recipe.data.get("scrub") or {}).get("skip") or []
+        ops, why = scrubbing.chosen(skip, sources=image_sources is not None)
+        env = self.base_env()
+        if image_sources is not None:
+            env["BAKE_IMAGE_APT_SOURCES"] = image_sources
+        ran = scrubbing.scrub(self.backend, ops, env)
+        self.scrubbed = {"ran": ran, "skipped": why}

@@ -32,7 +32,7 @@ DPKG_STATUS = "/var/lib/dpkg/status"
 
 
 def apply(recipe: Recipe, image: Path, *, init_system: str, lucid: bool = False,
-          root_label: str | None = None) -> list[str]:
+          root_label: str | None = None) -> tuple[list[str], dict[str, object]]:
     """Make the recipe's changes inside the bare filesystem image `image` (bake's own
     copy, changed in place) through libguestfs, without root: the elements' static files
     and install.d, post-install.d and finalise.d hooks, users, files and commands, as the
@@ -44,7 +44,8 @@ def apply(recipe: Recipe, image: Path, *, init_system: str, lucid: bool = False,
     image lacks, elements with hooks in other phases, an explicitly named `kernel`
     element, users the image already has. A failed hook, command or copy is a BakeError
     saying which and with its output's tail; the image is then half changed (bake's copy:
-    a failed build drops it). Returns the hooks' `bake-note:` lines as notes."""
+    a failed build drops it). Returns the hooks' `bake-note:` lines as notes, and what
+the scrub did (`Customizer.scrubbed`)."""
     uses = elements(recipe)
     with guestfs.opened(image, lucid=lucid) as backend:
         c = Customizer(backend, recipe, init_system=init_system, uses=uses, root_label=root_label)
@@ -66,7 +67,8 @@ def apply(recipe: Recipe, image: Path, *, init_system: str, lucid: bool = False,
                    "the image's initramfs (method: unpack makes a new one)")
         c.run_phase("finalise.d")
         c.remove_elements()
-    return c.notes
+        c.scrub()
+    return c.notes, c.scrubbed
 
 
 def elements(recipe: Recipe) -> list[ElementUse]:

@@ -36,9 +36,10 @@ APT_OPTS = ["-y", "-q", "-o", "Dpkg::Options::=--force-confold", "-o", "Dpkg::Op
 class Packages:
     """What apt installs into the tree, as the plan resolved it."""
 
-    sources: str        # the tree's sources.list
+    sources: str        # the tree's sources.list while it is built
     names: list[str]
     archives: Path      # the .debs of this distro, suite and arch, shared between bakes
+    image_sources: str = ""   # the sources.list the image ships (the build's, when empty)
 
 
 class TreeCustomizer(Customizer):
@@ -111,6 +112,7 @@ class TreeCustomizer(Customizer):
                 self.make_initramfs()
                 self.run_phase("finalise.d")
                 self.remove_elements()
+                self.scrub(self.packages.image_sources or self.packages.sources)
             self.run_phase("cleanup.d")
             self.dib_phase("cleanup.d")
         finally:

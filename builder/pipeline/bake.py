@@ -59,6 +59,7 @@ def _bake(recipe: Recipe, plan: Plan, options: BuildOptions, output_root: Path) 
     build.data.update({
         "recipe": {"name": recipe.name, "path": str(recipe.path)},
         "release": str(recipe.release), "arch": recipe.arch, "mirror": plan.mirror,
+        "image_mirror": plan.image_mirror,
         "elements": [{"name": u.name, "params": u.params} for u in recipe.elements],
         "inputs": record_inputs(recipe),
         "result": "running", "pid": os.getpid(),

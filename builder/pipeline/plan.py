@@ -72,6 +72,8 @@ class Plan:
     stages: list[tuple[str, str]] = field(default_factory=list)  # (stage, what happens)
     dib: Any = None                          # builder.dib.DibPlan when the recipe has DIB elements
     route: Route = Route("debootstrap", "chroot")
+    image_mirror: str = ""                   # the archive the shipped image's apt sources name
+    image_sources: str = ""                  # its sources.list (scrub's apt-sources writes it)
 
     @property
     def package_names(self) -> list[str]:
@@ -82,6 +84,7 @@ class Plan:
         return {
             "recipe": str(r.path), "name": r.name, "release": str(r.release), "arch": r.arch,
             "init_system": r.profile.init_system, "mirror": self.mirror, "security_mirror": self.security_mirror,
+            "image_mirror": self.image_mirror,
             "elements": [{"name": u.name, "explicit": u.explicit, "params": u.params} for u in r.elements],
             "hooks": {ph: [{"hook": h, "element": e} for h, e in hs] for ph, hs in self.hooks.items()},
             "packages": [{"name": p, "from": why} for p, why in self.packages],
@@ -212,6 +215,20 @@ def make_plan(recipe: Recipe, output_root: Path) -> Plan:
     if prof.security_suite() is None:
         security = None  # sid: no security suite to read, whatever archive would serve it
     apt_sources = prof.apt_sources(mirror, security, d["components"])
+    try:
+        image_mirror, image_security = resolve_mirrors(recipe.release.distro, d.get("image_mirror") or d.get("mirror"),
+                                                       d.get("security_mirror"), "security_mirror" in recipe.given,
+                                                       use_env=False)
+    except BakeError:
+        # nothing but BAKE_MIRROR names an archive: the image can only name that one
+        image_mirror, image_security = mirror, security
+        note = (f"the image's apt sources name {mirror} (BAKE_MIRROR): this build host has no "
+                f"{recipe.release.distro} source of its own; set image_mirror to name another")
+        if note not in recipe.notes:
+            recipe.notes.append(note)
+    if prof.security_suite() is None:
+        image_security = None
+    image_sources = prof.apt_sources(image_mirror, image_security, d["components"])
     packages = collect_packages(recipe)
     elements = [u.element for u in recipe.elements]
     hooks = {ph: [(h.name, h.element) for h in ordered_hooks(elements, ph)] for ph in PHASES}
@@ -249,6 +266,7 @@ def make_plan(recipe: Recipe, output_root: Path) -> Plan:
     chit = bhit and ccache.has(ckey)
     check = CacheEntry("packages", ckey, chit, "root tree after package installation" if chit else "")
 
-    plan = Plan(recipe, mirror, security, apt_sources, packages, hooks, boot, check, dib=dplan, route=Route.of(recipe))
+    plan = Plan(recipe, mirror, security, apt_sources, packages, hooks, boot, check, dib=dplan, route=Route.of(recipe),
+                image_mirror=image_mirror, image_sources=image_sources)
     return plan
 

@@ -297,12 +297,13 @@ def check_mirror_url(value: str, origin: str) -> None:
 
 
 def resolve_mirrors(distro: str, recipe_mirror: str | None, recipe_security: str | None,
-                    security_given: bool, root: str = "/") -> tuple[str, str | None]:
-    """The archive to use: BAKE_MIRROR, else the recipe's, else the host's own source.
+                    security_given: bool, root: str = "/", *, use_env: bool = True) -> tuple[str, str | None]:
+    """The archive to use: BAKE_MIRROR (unless not `use_env`: the image's own sources
+    never name it), else the recipe's, else the host's own source.
 
     The security archive: the recipe's (null means none), else the host's, else the main
     mirror's sibling `<mirror>-security` (how Debian mirrors lay it out)."""
-    env = os.environ.get("BAKE_MIRROR")
+    env = os.environ.get("BAKE_MIRROR") if use_env else None
     if env:
         check_mirror_url(env, "BAKE_MIRROR")
     host_main, host_security = default_mirrors(distro, root)

@@ -56,7 +56,7 @@ def in_chroot(build: Build, recipe: Recipe, plan: Plan, work: Path, fresh_tree: 
         f"{recipe.release.distro}-{recipe.release.suite}-{recipe.arch}"
     with step("Customize"):
         c = TreeCustomizer(ChrootBackend(root), recipe, init_system=recipe.profile.init_system,
-                           packages=Packages(plan.apt_sources, plan.package_names, archives),
+                           packages=Packages(plan.apt_sources, plan.package_names, archives, plan.image_sources),
                            logs=build.dir, dib_work=work)
         cached = _to_checkpoint(c, ckpt, plan, output_root, fresh_tree)
         deferred = c.finish()
@@ -65,7 +65,7 @@ def in_chroot(build: Build, recipe: Recipe, plan: Plan, work: Path, fresh_tree: 
         extra["dib"] = {"phases": c.dib.ran, "elements": recipe.dib.names, "env": recipe.dib_env.public(),
                         "notes": c.notes_dib}
     build.record_stage("customize", cached_packages=cached, checkpoint_key=plan.checkpoint.key,
-                       init_system=c.init_system, initramfs_deferred=deferred, **extra)
+                       init_system=c.init_system, initramfs_deferred=deferred, scrub=c.scrubbed, **extra)
     if c.notes or recipe.notes:
         build.set("notes", [*recipe.notes, *c.notes])
     return root
@@ -108,8 +108,8 @@ def in_appliance(build: Build, recipe: Recipe, opened: Any) -> None:
     # Lucid-era glibc calls into the vsyscall page, which the appliance's kernel lacks
     old_glibc = recipe.release.distro == "ubuntu" and not suite_at_least("ubuntu", recipe.release.suite, "precise")
     with step("Customize in place (libguestfs)"):
-        notes = inplace.apply(recipe, opened.unpacked.image, init_system=init, lucid=old_glibc,
-                              root_label=recipe.data["label"])
-    build.record_stage("customize", method="guestfs", init_system=init)
+        notes, scrubbed = inplace.apply(recipe, opened.unpacked.image, init_system=init, lucid=old_glibc,
+                                        root_label=recipe.data["label"])
+    build.record_stage("customize", method="guestfs", init_system=init, scrub=scrubbed)
     if notes:
         build.set("notes", notes)
