@@ -18,3 +18,12 @@ def test_every_schema_key_is_in_the_reference():
     doc = (REPO / "docs" / "recipe-reference.md").read_text()
     for key in schema["properties"]:
         assert f"| `{key}` |" in doc
+
+
+def test_the_readme_names_every_scrub_operation_in_order():
+    import re
+    from builder.customize.scrub import NAMES
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("by named operations:")
+    listed = re.findall(r"`([a-z-]+)`", readme[start:readme.index("(each explained", start)])
+    assert listed == list(NAMES)

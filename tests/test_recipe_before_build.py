@@ -124,8 +124,8 @@ def test_a_key_given_twice_in_an_element_with_mapping_is_refused(tmp_path):
 
 def test_an_unknown_check_in_verify_skip_is_refused_with_the_known_ones(tmp_path):
     assert refused(tmp_path, HEAD + "verify:\n  skip: [metadata, bootz]\n") == (
-        "4: verify.skip[1]: expected one of boots, metadata, user-data, acpiphp, volume-hotplug, sync-agent, "
-        "found \"bootz\" (a string) (did you mean 'boots'?)")
+        "4: verify.skip[1]: expected one of boots, metadata, user-data, acpiphp, volume-hotplug, hygiene, "
+        "sync-agent, found \"bootz\" (a string) (did you mean 'boots'?)")
 
 
 def test_every_built_in_check_can_be_skipped(tmp_path):

@@ -18,7 +18,7 @@ from builder.recipe.recipe import load_recipe
 from builder.verify import required_checks
 from test_gc import make_build
 
-REQUIRED = ["boots", "metadata", "acpiphp", "volume-hotplug", "sync-agent"]
+REQUIRED = ["boots", "metadata", "acpiphp", "volume-hotplug", "hygiene", "sync-agent"]
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_a_verification_of_some_checks_only_is_refused_naming_the_others(isolate
     b = verified(isolated / "output", run("local", {"boots": "pass", "metadata": "pass"}))
     status, out = release(capsys, b)
     assert status == 1
-    assert "did not pass every check its recipe names: acpiphp, volume-hotplug and sync-agent did not pass" in out
+    assert "did not pass every check its recipe names: acpiphp, volume-hotplug, hygiene and sync-agent did not pass" in out
     assert "--allow-unverified" in out
     assert not (b.dir / "SHA256SUMS").exists() and "released" not in Build.load(b.dir).data
 
@@ -90,9 +90,10 @@ def test_allow_unverified_releases_a_partly_verified_build_and_says_so(isolated,
     assert status == 0, out
     released = Build.load(b.dir).data["released"]
     assert (released["verified"], released["unverified_checks"]) == ("partly", ["acpiphp", "volume-hotplug",
-                                                                                 "sync-agent"])
+                                                                                 "hygiene", "sync-agent"])
     notes = (b.dir / "RELEASE-NOTES.md").read_text()
-    assert ("**Released without full verification** (`--allow-unverified`): acpiphp, volume-hotplug, sync-agent "
+    assert ("**Released without full verification** (`--allow-unverified`): acpiphp, volume-hotplug, hygiene, "
+            "sync-agent "
             "did not pass.") in notes
     assert (b.dir / "SHA256SUMS").exists()
 
@@ -124,7 +125,7 @@ def test_a_build_verified_before_runs_recorded_what_was_required_asks_its_recipe
     del b.data["verifications"]
     b.save()
     status, out = release(capsys, b)
-    assert status == 1 and "metadata, acpiphp, volume-hotplug and sync-agent did not pass" in out
+    assert status == 1 and "metadata, acpiphp, volume-hotplug, hygiene and sync-agent did not pass" in out
 
 
 def test_the_required_checks_follow_the_recipe_and_the_build(tmp_path):
@@ -136,9 +137,9 @@ def test_the_required_checks_follow_the_recipe_and_the_build(tmp_path):
     b = make_build(tmp_path / "output", "r", "20261207-100000")
     b.data["elements"] = ["acpiphp"]                                     # no sync agent in this image
     b.data["packages"] = [{"name": "cloud-init", "version": "22.4"}]     # user data is checked
-    assert required_checks(b, recipe) == ["boots", "metadata", "user-data", "acpiphp", "recipe:motd"]
+    assert required_checks(b, recipe) == ["boots", "metadata", "user-data", "acpiphp", "recipe:motd", "hygiene"]
     b.data["elements"] = ["acpiphp", {"name": "sync-agent", "with": {}}]
     b.data["packages"] = [{"name": "less", "version": "590"}]
-    assert required_checks(b, recipe) == ["boots", "metadata", "acpiphp", "recipe:motd", "sync-agent"]
-    assert required_checks(b, None) == ["boots", "metadata", "acpiphp", "volume-hotplug", "sync-agent"]
+    assert required_checks(b, recipe) == ["boots", "metadata", "acpiphp", "recipe:motd", "hygiene", "sync-agent"]
+    assert required_checks(b, None) == ["boots", "metadata", "acpiphp", "volume-hotplug", "hygiene", "sync-agent"]
     assert json.loads((b.dir / "build.json").read_text())["recipe"] == {"name": "r"}

@@ -50,7 +50,7 @@ def verified_build(output: Path, recipe: str, build_id: str, cloud) -> Build:
     b = make_build(output, recipe, build_id)
     bundle_build(b, cloud)
     b = Build.load(b.dir)
-    checks = ("boots", "metadata", "acpiphp", "volume-hotplug", "sync-agent")
+    checks = ("boots", "metadata", "acpiphp", "volume-hotplug", "hygiene", "sync-agent")
     b.set("verify", {"result": "passed", "mode": "local", "checks": dict.fromkeys(checks, "pass"),
                      "required": list(checks)})
     return b

@@ -28,7 +28,7 @@ from builder.recipe.recipe import load_recipe
 from test_gc import make_build
 
 SSTREAM_QUERY = str(Path(sys.executable).parent / "sstream-query")
-CHECKS = ["boots", "metadata", "acpiphp", "volume-hotplug", "sync-agent"]
+CHECKS = ["boots", "metadata", "acpiphp", "volume-hotplug", "hygiene", "sync-agent"]
 
 
 def gpg(home: Path, *args: str, **kw) -> subprocess.CompletedProcess:

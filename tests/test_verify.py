@@ -51,14 +51,15 @@ def test_every_check_passes_on_the_demo_build(request, build):
     say(request, "\n" + render_table(report))
     results = by_name(report)
     assert [r.name for r in report.results] == ["boots", "metadata", "acpiphp", "volume-hotplug",
-                                                "recipe:os-release", "recipe:ephemeral-partition", "sync-agent"]
+                                                "recipe:os-release", "recipe:ephemeral-partition", "hygiene",
+                                                "sync-agent"]
     failed = {n: r.summary for n, r in results.items() if r.status != PASS}
     assert not failed
     assert report.ok and build.data["verify"]["result"] == "passed" and build.data.get("result") != "failed"
     # what a release asks to have passed: the checks the recipe names (this run's
     # ephemeral-partition check is the test's own, not the recipe's)
     assert build.data["verify"]["required"] == ["boots", "metadata", "acpiphp", "volume-hotplug",
-                                                 "recipe:os-release", "sync-agent"]
+                                                 "recipe:os-release", "hygiene", "sync-agent"]
     assert build.data["verifications"] == {"local": build.data["verify"]}
     on_disk = json.loads((build.dir / "verify.json").read_text())
     assert on_disk["result"] == "passed" and on_disk["info"]["accelerator"] in ("kvm", "tcg")

@@ -70,7 +70,7 @@ def test_options_follow_the_recipes_verify_section_and_elements(tmp_path):
                "checks": [{"name": "hello", "run": "echo hi", "expect": "hi"}]}
     o = LocalOptions.from_recipe(section, user="debian", build=b)
     assert (o.user, o.instance_type, o.boot_timeout, o.sync_agent_in_image) == ("debian", "c1.medium", 90.0, False)
-    assert check_names(o) == ["boots", "metadata", "volume-hotplug", "recipe:hello", "sync-agent"]
+    assert check_names(o) == ["boots", "metadata", "volume-hotplug", "recipe:hello", "hygiene", "sync-agent"]
     assert LocalOptions.from_recipe({}, user="").user == "root"
     only = LocalOptions.from_recipe(section, user="debian", only={"recipe:hello"})
     assert check_names(only) == ["recipe:hello"]

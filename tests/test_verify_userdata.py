@@ -225,7 +225,7 @@ def _build(tmp_path: Path, packages: list[str] | None) -> Build:
 def test_an_image_with_cloud_init_gets_the_user_data_check_after_metadata(tmp_path):
     o = LocalOptions.from_recipe({}, user="debian", build=_build(tmp_path, ["openssh-server", "cloud-init"]))
     assert o.cloud_init_in_image is True and o.serves_user_data()
-    assert check_names(o) == ["boots", "metadata", "user-data", "acpiphp", "volume-hotplug", "sync-agent"]
+    assert check_names(o) == ["boots", "metadata", "user-data", "acpiphp", "volume-hotplug", "hygiene", "sync-agent"]
 
 
 def test_an_image_without_cloud_init_has_no_user_data_check_and_is_served_none(tmp_path):

@@ -19,7 +19,7 @@ from ..vm.console import GuestTimeout
 from ..vm.guest import SSH, GuestCommandError
 from .result import CheckFailed, CheckResult, CheckSkipped
 
-BUILTIN = ("boots", "metadata", "user-data", "acpiphp", "volume-hotplug", "sync-agent")
+BUILTIN = ("boots", "metadata", "user-data", "acpiphp", "volume-hotplug", "hygiene", "sync-agent")
 MiB = 1 << 20
 # cloud-init's console lines that bear on a login: which stages ran, its warnings and
 # errors, and what it says of users and keys (not its network tables or randomart)

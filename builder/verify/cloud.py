@@ -411,8 +411,9 @@ def _run(cloud: _Cloud, section: dict, opts: CloudOptions, results: list[CheckRe
     for spec in opts.recipe_checks:
         if opts.wants(f"recipe:{spec['name']}"):
             skipped(f"recipe:{spec['name']}", NEEDS_SHELL if booted else "the instance did not boot", results)
-    if opts.wants("sync-agent"):
-        skipped("sync-agent", NEEDS_SHELL if booted else "the instance did not boot", results)
+    for name in ("hygiene", "sync-agent"):
+        if opts.wants(name):
+            skipped(name, NEEDS_SHELL if booted else "the instance did not boot", results)
 
 
 def _launch(cloud: _Cloud, section: dict, opts: CloudOptions) -> None:

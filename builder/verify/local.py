@@ -1,8 +1,9 @@
 """Local verification: boot a build's trio under QEMU and run the checks on it.
 
 One instance (A) carries the checks that need a single running guest (boots, metadata,
-user-data, acpiphp, volume-hotplug, the recipe's own checks); the sync-agent check then
-goes on to kill A and boot a second instance (B). User data (a script cloud-init runs)
+user-data, acpiphp, volume-hotplug, the recipe's own checks); a second fresh instance (B)
+of the same trio is booted once, for the hygiene check (A and B must differ as machines)
+and the sync-agent check (which kills A and restores its root onto B). User data (a script cloud-init runs)
 is served only when the user-data check runs, that is when the image has cloud-init.
 Evidence (console logs, QEMU messages, QMP events, metadata requests) is kept under
 `<build>/verify/`; the node-style disk is kept under `<build>/vm/` (one file per layout)
@@ -29,6 +30,7 @@ from builder import vm
 from builder.recipe.schemaerrors import size_mib
 from . import checks
 from .report import Report
+from .hygiene import BuildHost, hygiene
 from .syncagent import sync_agent
 from .result import CheckFailed, CheckResult, CheckSkipped, checking, skipped
 
@@ -102,7 +104,7 @@ def check_names(opts: LocalOptions) -> list[str]:
     """The checks a verification with `opts` reports on, in order."""
     recipe = [f"recipe:{c['name']}" for c in opts.recipe_checks]
     user_data = ["user-data"] if opts.lists_user_data() else []
-    names = ["boots", "metadata", *user_data, "acpiphp", "volume-hotplug", *recipe, "sync-agent"]
+    names = ["boots", "metadata", *user_data, "acpiphp", "volume-hotplug", *recipe, "hygiene", "sync-agent"]
     return [n for n in names if opts.wants(n)]
 
 
@@ -114,6 +116,7 @@ class Session:
         self.opts = opts
         self.stack = stack
         self.trio = trio
+        self.b: vm.Instance | None = None
         self.workdir = build.dir / WORKDIR
         self.scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".scratch-", dir=self.workdir)))
         stack.enter_context(lifetime.tracked("path", self.scratch, what="verification scratch folder"))
@@ -129,6 +132,13 @@ class Session:
         with step(f"Assembling the {itype.name} disk (MBR: {layout})"):
             self.base = vm.node_disk(self.trio.image, build.dir / "vm" / vm.disk.node_disk_name(itype, free), itype,
                                      free_after_root=free)
+
+    def second(self) -> vm.Instance:
+        """Instance b, a second fresh instance of the trio: started on first call, up until
+        the session ends."""
+        if self.b is None:
+            self.b = self.boot("b")
+        return self.b
 
     def boot(self, name: str, stack: contextlib.ExitStack | None = None) -> vm.Instance:
         """Start instance `name`; it stays up until `stack` (default: the session's) closes."""
@@ -240,6 +250,14 @@ def _run_checks(s: Session, results: list[CheckResult], report: Report) -> None:
             continue
         with step(f"Check {name}"), checking(name, results) as r:
             fn(r)
+
+    if opts.wants("hygiene"):
+        if not channel:
+            skipped("hygiene", why, results)
+        else:
+            with step("Check hygiene (a second instance b, and what a has of the build host)"), \
+                    checking("hygiene", results) as r:
+                hygiene(a, s.second, r, host=BuildHost.of(s.build), timeout=opts.boot_timeout)
 
     if opts.wants("sync-agent"):
         explicit = opts.only is not None and "sync-agent" in opts.only

@@ -157,8 +157,9 @@ def sync_agent(session, a: Instance, result: CheckResult, *, timeout: float) -> 
     mark = a.console.mark()
     a.attach_volume(volume, serial=f"rootsync{nonce}")
     # b boots from the trio while a's agent makes its first full backup (the longest
-    # step), on the host's other core; b gets the volume only after a is dead
-    b = session.boot("b") if session.opts.overlap_instances else None
+    # step), on the host's other core, unless the hygiene check booted it already; b gets
+    # the volume only after a is dead
+    b = session.second() if session.opts.overlap_instances or session.b is not None else None
     m = a.console.wait_for(BACKUP_DONE, since=mark, timeout=timeout,
                            what="the agent on instance a to finish its first backup to the hot-plugged volume")
     if not m["gen"]:
@@ -190,7 +191,7 @@ def sync_agent(session, a: Instance, result: CheckResult, *, timeout: float) -> 
     ev["a_killed"] = "QMP quit"
 
     # --- instance b: fresh boot, attach, restore + reboot, markers, backups resume -------
-    b = b or session.boot("b")
+    b = b or session.second()
     ready = b.wait_ready(timeout=session.opts.boot_timeout)
     ev["b_first_boot"] = ready.first_boot
     mark = b.console.mark()
