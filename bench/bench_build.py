@@ -543,6 +543,11 @@ def run_bake(tmp: Path) -> list[Result]:
                                  + f" ({(recs[-1].parent / outs['image']['path']).stat().st_blocks * 512 / MiB:.0f} MiB"
                                    " of the image allocated)",
                       "packages": f"{pkgs}; {len(rec.get('packages') or [])} installed in the image (build.json)"})
+        scrubbed = stages.get("customize", {}).get("scrub") or {}
+        if "seconds" not in scrubbed:
+            raise BenchError(f"bake build ({name}): build.json says nothing of the scrub's time: {recs[-1]}")
+        res.details["scrub"] = (f"{scrubbed['seconds']:.2f} s for {len(scrubbed['ran'])} operations = "
+                                f"{100 * scrubbed['seconds'] / wall:.2f} % of the bake (goal: under 5 %)")
         say(f"    {wall:.1f} s, peak {peak:.0f} MiB (largest process {maxproc:.0f} MiB); stages: {timing}")
         results.append(res)
         shutil.rmtree(out, ignore_errors=True)

@@ -125,7 +125,8 @@ def test_the_evolved_base_passes_every_check_and_holds_the_sync_agent(handmade_b
     assert {"openssh-server", "rsync", "inotify-tools"} <= names
     assert "openssh-server" not in {p["name"] for p in handmade_base.data["packages"]}
 
-    assert build.data["stages"]["customize"]["scrub"] == {"ran": list(scrub.NAMES), "skipped": {}}
+    scrubbed = build.data["stages"]["customize"]["scrub"]
+    assert (scrubbed["ran"], scrubbed["skipped"]) == (list(scrub.NAMES), {})
     # read with e2fsprogs' debugfs, not bake's own reader
     assert "Inode:" in debugfs(image, "stat", "/etc/machine-id") and debugfs(image, "cat", "/etc/machine-id") == ""
     for path in (p for p in BOOTED_BY.values() if p != "/etc/machine-id"):

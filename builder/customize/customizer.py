@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from builder.core import sh
@@ -275,5 +276,6 @@ class Customizer:
         env = self.base_env()
         if image_sources is not None:
             env["BAKE_IMAGE_APT_SOURCES"] = image_sources
+        t0 = time.monotonic()
         ran = scrubbing.scrub(self.backend, ops, env)
-        self.scrubbed = {"ran": ran, "skipped": why}
+        self.scrubbed = {"ran": ran, "skipped": why, "seconds": round(time.monotonic() - t0, 2)}

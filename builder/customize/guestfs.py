@@ -28,7 +28,7 @@ from builder.customize.backend import IMAGE_ENV, resolve_in_image, split_leaf, t
 
 log = logging.getLogger("bake.customize")
 
-# Under /tmp/bake, which hooks that empty /tmp leave alone (base's finalise.d/90-cleanup)
+# Under /tmp/bake, which the scrub's tmp-files leaves to the customizer's remove_elements
 SCRATCH = "/tmp/bake/.appliance"
 
 # Runs "$@" with its output in the file $1 and prints its exit status: the output comes

@@ -5,7 +5,7 @@ The same operations as the chroot route's second half (`customizer.Customizer`),
 the same hook environment and the same guard, but every command runs inside the image
 in libguestfs's appliance: the recipe's elements are copied to /tmp/bake/elements, their
 static files into the image, then install.d hooks, users, files, commands, post-install.d
-and finalise.d hooks, and /tmp/bake goes.
+and finalise.d hooks, the scrub, and /tmp/bake goes.
 
 What it does not do: install packages (an element's packages must already be in the
 image, which is checked first), make an initramfs (the implied `kernel` element is left
@@ -66,8 +66,8 @@ the scrub did (`Customizer.scrubbed`)."""
             c.note(f"initramfs: update-initramfs was called {calls} time(s) and skipped: the guestfs method keeps "
                    "the image's initramfs (method: unpack makes a new one)")
         c.run_phase("finalise.d")
-        c.remove_elements()
         c.scrub()
+        c.remove_elements()
     return c.notes, c.scrubbed
 
 

@@ -72,9 +72,12 @@ OPERATIONS: tuple[Operation, ...] = (
               "  find /var/log -type f \\( -name '*.gz' -o -name '*.[0-9]' -o -name '*.old' \\) -exec rm -f {} +\n"
               "  find /var/log -type f -exec truncate -s 0 {} +\n"
               "fi"),
+    # /tmp/bake is bake's own, removed by the customizer right after the scrub: the
+    # elements' copy and, on the appliance route, the folder this very command writes its
+    # output to
     Operation("tmp-files", "everything in /tmp and /var/tmp",
               "for d in /tmp /var/tmp; do\n"
-              '  if [ -d "$d" ]; then find "$d" -mindepth 1 -maxdepth 1 -exec rm -rf {} +; fi\n'
+              '  if [ -d "$d" ]; then find "$d" -mindepth 1 -maxdepth 1 ! -path /tmp/bake -exec rm -rf {} +; fi\n'
               "done"),
 )
 

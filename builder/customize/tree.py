@@ -111,8 +111,8 @@ class TreeCustomizer(Customizer):
                 self.backend.hand_over_resolver()
                 self.make_initramfs()
                 self.run_phase("finalise.d")
-                self.remove_elements()
                 self.scrub(self.packages.image_sources or self.packages.sources)
+                self.remove_elements()
             self.run_phase("cleanup.d")
             self.dib_phase("cleanup.d")
         finally:
