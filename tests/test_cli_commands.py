@@ -140,6 +140,19 @@ def test_bake_plan_lists_the_stage_tables_stages_for_the_recipes_route(tmp_path)
     assert stages[0]["action"].startswith("debootstrap --variant=")
 
 
+def test_bake_plan_says_which_scrub_operations_run(tmp_path):
+    from builder.customize.scrub import NAMES
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(DEMO.read_text() + "scrub:\n  skip: [random-seed, logfiles]\n")
+    r = subprocess.run([BAKE, "plan", "--json", str(recipe), "--output", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    scrub = json.loads(r.stdout)["scrub"]
+    assert scrub == {"run": [n for n in NAMES if n not in ("random-seed", "logfiles")],
+                     "skipped": {"random-seed": "skipped by the recipe", "logfiles": "skipped by the recipe"}}
+    text = subprocess.run([BAKE, "plan", str(recipe), "--output", str(tmp_path)], capture_output=True, text=True)
+    assert "\nscrub\n  apt-sources apt-cache " in text.stdout and "  not logfiles: skipped by the recipe" in text.stdout
+
+
 # --- main() called more than once in one process ----------------------------------------
 
 def test_main_called_twice_in_one_process_prints_each_step_once(capsys):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.core import cache as cache_mod
+from builder.customize import scrub as scrubbing
 from builder.recipe.distro import resolve_mirrors
 from builder.recipe.dib import CHROOT as DIB_CHROOT
 from builder.recipe.elements import PHASES, ordered_hooks, package_applies
@@ -91,6 +92,7 @@ class Plan:
             "cache": {c.namespace: {"key": c.key, "hit": c.hit, "note": c.note}
                       for c in (self.bootstrap, self.checkpoint)},
             "stages": [{"stage": s, "action": a} for s, a in self.stages],
+            "scrub": self.scrub(),
             "notes": list(r.notes),
             "dib": None if self.dib is None else {
                 "version": self.dib.version,
@@ -102,6 +104,12 @@ class Plan:
                              for ph, acts in self.dib.packages.items()},
             },
         }
+
+    def scrub(self) -> dict[str, Any]:
+        """The scrub operations the customize stage will run, and why the others will not."""
+        ops, why = scrubbing.chosen((self.recipe.data.get("scrub") or {}).get("skip") or [],
+                                    sources=self.route.backend == "chroot")
+        return {"run": [op.name for op in ops], "skipped": why}
 
     def render(self) -> str:
         r = self.recipe
@@ -116,6 +124,9 @@ class Plan:
             how = "" if u.explicit else " (implied)" if u.name in ("base", "kernel") else " (dependency)"
             params = " ".join(f"{k}={v!r}" for k, v in u.params.items())
             out.append(f"  {u.name}{how}{': ' + params if params else ''}")
+        scrub = self.scrub()
+        out += ["", "scrub", "  " + " ".join(scrub["run"])]
+        out += [f"  not {name}: {why}" for name, why in scrub["skipped"].items()]
         out += ["", "hooks"]
         for ph in PHASES:
             for h, e in self.hooks.get(ph, []):
