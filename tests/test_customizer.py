@@ -291,10 +291,14 @@ def test_the_scrubs_names_are_the_schemas_and_without_sources_the_images_own_sta
 def test_a_failing_scrub_operation_is_named(tmp_path, recipe):
     root = small_root(tmp_path / "root")
     (root / "usr/bin/truncate").unlink()
-    planted(root, {"var/log/syslog": "boot\n"})
+    planted(root, {"var/log/syslog": "boot\n", "tmp/later": "x", "root/.bash_history": "ls\n"})
     c = customizer(ChrootBackend(root), recipe)
-    with sh.chroot_mounts(root), pytest.raises(BakeError, match=r"^scrub operation logfiles failed in the chroot"):
+    with sh.chroot_mounts(root), pytest.raises(BakeError, match=r"^scrub operation logfiles failed in the chroot") as e:
         c.scrub()
+    said = str(e.value).split("--- last lines of its output ---\n", 1)[1]
+    assert "truncate" in said and "bake-scrub:" not in said, said     # its own output, not the others' names
+    # the operations before it ran, those after it did not
+    assert not (root / "root/.bash_history").exists() and (root / "tmp/later").exists()
 
 
 def snapshot(root: Path) -> dict[str, tuple]:

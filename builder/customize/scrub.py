@@ -97,14 +97,33 @@ def chosen(skip: list[str] | tuple[str, ...], *, sources: bool) -> tuple[list[Op
     return [op for op in OPERATIONS if op.name not in why], why
 
 
+MARK = "bake-scrub:"
+
+
+def script(operations: list[Operation]) -> str:
+    """One POSIX shell script running `operations` in order, each in a subshell of its
+    own with `set -eu`, after a line naming it; the first that fails ends the script with
+    its exit status. One command in the image, not one per operation: each command run
+    in a tree is a confined process of its own, which costs more than the work here."""
+    parts = []
+    for op in operations:
+        parts.append(f"echo '{MARK} {op.name}'\n(\nset -eu\n{op.script}\n)\n"
+                     "rc=$?; if [ $rc -ne 0 ]; then exit $rc; fi\n")
+    return "".join(parts)
+
+
 def scrub(backend: Backend, operations: list[Operation], env: dict[str, str]) -> list[str]:
     """Run `operations` in the image through `backend`, in order; returns their names.
     A failed one is a BakeError naming it, with its output's tail."""
+    if not operations:
+        return []
     with step(f"Scrubbing ({len(operations)} operations)"):
-        for op in operations:
-            r = backend.run(["/bin/sh", "-c", "set -eu\n" + op.script], env=env, what=f"scrub {op.name}",
-                            quiet=True)
-            if r.returncode != 0:
-                raise BakeError(f"scrub operation {op.name} failed in {backend.where} (exit {r.returncode})\n"
-                                f"--- last lines of its output ---\n{tail(r.output)}")
+        r = backend.run(["/bin/sh", "-c", script(operations)], env=env, what="the scrub", quiet=True)
+    if r.returncode != 0:
+        lines = r.output.splitlines()
+        marks = [i for i, line in enumerate(lines) if line.startswith(MARK + " ")]
+        name = lines[marks[-1]].split(None, 1)[1] if marks else operations[0].name
+        said = "\n".join(lines[marks[-1] + 1:] if marks else lines)
+        raise BakeError(f"scrub operation {name} failed in {backend.where} (exit {r.returncode})\n"
+                        f"--- last lines of its output ---\n{tail(said)}")
     return [op.name for op in operations]
