@@ -4,8 +4,8 @@ Each operation is a short POSIX shell script run inside the image (a Lucid guest
 dash and no python) at the end of customizing, after every element's finalise.d hook,
 on both routes. A recipe switches one off by name (`scrub: {skip: [NAME]}`); build.json
 records which ran and which were skipped. `OPERATIONS` is the one list; the recipe
-schema's enum names the same operations (a test keeps the two equal) and docs/recipes.md
-says what each does.
+schema's enum and the README name the same operations (tests keep them equal), and the
+schema's description of `scrub` (so docs/recipe-reference.md) says what each does.
 """
 
 from __future__ import annotations
