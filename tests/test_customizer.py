@@ -278,6 +278,8 @@ def test_the_scrub_runs_every_named_operation_but_those_the_recipe_skips(tmp_pat
 def test_the_scrubs_names_are_the_schemas_and_without_sources_the_images_own_stay(tmp_path, recipe):
     schema = json.loads((Path(scrub.__file__).parents[1] / "schema/recipe.schema.json").read_text())
     assert schema["properties"]["scrub"]["properties"]["skip"]["items"]["enum"] == list(scrub.NAMES)
+    described = schema["properties"]["scrub"]["description"]
+    assert [op.name for op in scrub.OPERATIONS if f"`{op.name}`: {op.what}" not in described] == []
     root = planted(small_root(tmp_path / "root"), {"etc/apt/sources.list": "deb http://its-own/debian sid main\n"})
     c = customizer(ChrootBackend(root), recipe)
     with sh.chroot_mounts(root):
